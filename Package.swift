@@ -1,0 +1,70 @@
+// swift-tools-version:6.0
+// EdgeKey: device identity for Linux IoT and edge devices, with private keys held in a TPM 2.0.
+import PackageDescription
+
+let package = Package(
+  name: "EdgeKey",
+  products: [
+    .library(name: "EdgeKeyTPM", targets: ["EdgeKeyTPM"]),
+    .library(name: "EdgeKeyCore", targets: ["EdgeKeyCore"]),
+    .executable(name: "edgekey", targets: ["edgekey"]),
+  ],
+  targets: [
+    // System libraries from Debian's -dev packages: module maps only.
+    .systemLibrary(
+      name: "CTSS2", path: "Sources/CTSS2", pkgConfig: "tss2-esys",
+      providers: [.apt(["libtss2-dev"])]),
+    .systemLibrary(
+      name: "COpenSSL", path: "Sources/COpenSSL", pkgConfig: "openssl",
+      providers: [.apt(["libssl-dev"])]),
+    .systemLibrary(
+      name: "CMosquitto", path: "Sources/CMosquitto", pkgConfig: "libmosquitto",
+      providers: [.apt(["libmosquitto-dev"])]),
+    .systemLibrary(
+      name: "CCurl", path: "Sources/CCurl", pkgConfig: "libcurl",
+      providers: [.apt(["libcurl4-openssl-dev"])]),
+
+    // The C core shared by the OpenSSL provider, the C API and the Swift TPM layer:
+    // the process's ESAPI context, key load and sign, TSS2 PRIVATE KEY files.
+    .target(
+      name: "CEdgeKeyProvider",
+      dependencies: ["CTSS2", "COpenSSL"],
+      path: "Sources/CEdgeKeyProvider",
+      // A C target does not import its dependencies' module maps, so it names their libraries.
+      linkerSettings: [
+        .linkedLibrary("tss2-esys"), .linkedLibrary("tss2-tctildr"), .linkedLibrary("tss2-mu"),
+        .linkedLibrary("tss2-rc"), .linkedLibrary("ssl"), .linkedLibrary("crypto"),
+      ]
+    ),
+
+    .target(name: "EdgeKeyCore", path: "Sources/EdgeKeyCore"),
+    .target(
+      name: "EdgeKeyTPM",
+      dependencies: ["CTSS2", "CEdgeKeyProvider", "EdgeKeyCore"],
+      path: "Sources/EdgeKeyTPM"
+    ),
+    .executableTarget(
+      name: "edgekey",
+      dependencies: ["EdgeKeyTPM", "EdgeKeyCore"],
+      path: "Sources/edgekey"
+    ),
+
+    // Test harness: starts swtpm (and later mosquitto, the RA) on free loopback ports.
+    .target(
+      name: "EdgeKeyTestSupport",
+      dependencies: ["EdgeKeyCore"],
+      path: "Tests/Support"
+    ),
+    .testTarget(
+      name: "EdgeKeyTPMTests",
+      dependencies: ["EdgeKeyTPM", "EdgeKeyTestSupport"],
+      path: "Tests/EdgeKeyTPMTests"
+    ),
+    .testTarget(
+      name: "EdgeKeyCLITests",
+      dependencies: ["EdgeKeyTestSupport"],
+      path: "Tests/EdgeKeyCLITests"
+    ),
+  ],
+  swiftLanguageModes: [.v6]
+)

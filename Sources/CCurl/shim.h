@@ -1,0 +1,4 @@
+#ifndef EDGEKEY_CCURL_SHIM_H
+#define EDGEKEY_CCURL_SHIM_H
+#include <curl/curl.h>
+#endif

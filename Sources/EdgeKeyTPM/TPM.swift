@@ -1,0 +1,118 @@
+import CEdgeKeyProvider
+import CTSS2
+import EdgeKeyCore
+import Synchronization
+
+/// A TPM 2.0, reached through one TCTI: the process's one ESAPI context for it.
+///
+/// ESAPI is neither thread-safe nor fork-safe, so there is exactly one `TPM` per TCTI per
+/// process (``open(tcti:logger:)`` hands out the same instance while it lives), every
+/// operation takes its lock, and a child process re-creates the context on first use.
+/// Operations block their thread for one or more TPM round trips (about a millisecond on
+/// swtpm, up to seconds on a real chip for RSA key creation): call them off the cooperative
+/// pool for long operations.
+public final class TPM: @unchecked Sendable {
+  // @unchecked: all mutable state is behind the C core's mutex (edgekey_tpm_acquire).
+  let raw: OpaquePointer
+  /// The TCTI this context talks through, e.g. `swtpm:host=127.0.0.1,port=2321`.
+  public let tcti: String
+  /// True when there is no resource manager between us and the TPM (swtpm, mssim, /dev/tpm0):
+  /// the TPM's few object slots are then shared with every other process.
+  public let isDirect: Bool
+  /// Transient objects leaked by dead processes that were flushed when this context opened.
+  public let leakedObjectsFlushed: Int
+  let logger: Logger
+
+  private static let registry = Mutex<[String: WeakTPM]>([:])
+
+  private init(raw: OpaquePointer, logger: Logger) {
+    self.raw = raw
+    self.tcti = String(cString: edgekey_tpm_tcti(raw))
+    self.isDirect = edgekey_tpm_is_direct(raw) != 0
+    self.leakedObjectsFlushed = Int(edgekey_tpm_leaked_flushed(raw))
+    self.logger = logger
+  }
+
+  deinit {
+    edgekey_tpm_unref(raw)
+  }
+
+  /// Opens the TPM, or returns the process's open context for the same TCTI.
+  ///
+  /// Resolution: `tcti` when given, then `EDGEKEY_TCTI`, then `TPM2TOOLS_TCTI`, then
+  /// `device:/dev/tpmrm0`; each is tried until one answers, and the error names every one
+  /// tried. Costs TPM2_Startup (tolerated when already started) and, over a TCTI without a
+  /// resource manager, a flush of objects leaked by dead processes.
+  public static func open(tcti: String? = nil, logger: Logger = .disabled) throws(TPMError) -> TPM {
+    let logger = logger.labeled("edgekey.tpm")
+    var candidates: [String] = []
+    withUnsafeTemporaryAllocation(of: UnsafePointer<CChar>?.self, capacity: 4) { out in
+      let n: Int32 =
+        if let tcti { tcti.withCString { edgekey_tcti_candidates($0, out.baseAddress!) } } else {
+          edgekey_tcti_candidates(nil, out.baseAddress!)
+        }
+      // The explicit string is ours and only valid inside withCString: take it from `tcti`.
+      for i in 0..<Int(n) {
+        if i == 0, let tcti, !tcti.isEmpty {
+          candidates.append(tcti)
+        } else {
+          candidates.append(String(cString: out[i]!))
+        }
+      }
+    }
+    var failures: [String] = []
+    var lastCode: UInt32 = 0
+    for candidate in candidates {
+      if let existing = registry.withLock({ $0[candidate]?.tpm }) { return existing }
+      var raw: OpaquePointer? = nil
+      var why = [CChar](repeating: 0, count: 512)
+      let rc = edgekey_tpm_open_exact(candidate, &raw, &why, why.count)
+      if rc == 0, let raw {
+        let tpm = TPM(raw: raw, logger: logger)
+        // Two threads may have raced to open the same TCTI: keep the first, drop ours.
+        let winner = registry.withLock { table -> TPM in
+          if let existing = table[candidate]?.tpm { return existing }
+          table[candidate] = WeakTPM(tpm: tpm)
+          return tpm
+        }
+        if winner === tpm {
+          if tpm.leakedObjectsFlushed > 0 {
+            logger.warning(
+              "flushed \(tpm.leakedObjectsFlushed) transient objects leaked by a process that died",
+              metadata: ["tcti": candidate])
+          }
+          logger.debug("opened TPM", metadata: ["tcti": candidate, "direct": "\(tpm.isDirect)"])
+        }
+        return winner
+      }
+      let reason = String(decoding: why.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+      failures.append("\(candidate): \(reason)")
+      logger.debug("TCTI did not answer", metadata: ["tcti": candidate, "reason": reason])
+      lastCode = rc
+    }
+    throw TPMError(
+      .unreachable, responseCode: ResponseCode(rawValue: lastCode), command: "open",
+      reason: "no TPM answered; tried " + failures.joined(separator: "; "))
+  }
+
+  /// Runs `body` with the ESAPI context, holding the process-wide lock for this TPM.
+  /// `body` must not call back into this `TPM` (the lock is not recursive).
+  func withESYS<T>(_ body: (OpaquePointer) throws(TPMError) -> T) throws(TPMError) -> T {
+    var rc: UInt32 = 0
+    guard let ctx = edgekey_tpm_acquire(raw, &rc) else {
+      throw TPMError(responseCode: rc, command: "Esys_Initialize", context: "re-creating the ESAPI context")
+    }
+    defer { edgekey_tpm_release(raw) }
+    return try body(ctx)
+  }
+}
+
+private struct WeakTPM {
+  weak var tpm: TPM?
+}
+
+/// The ESAPI lifetime rules say outputs are freed with Esys_Free.
+@inline(__always)
+func esysFree<T>(_ p: UnsafeMutablePointer<T>?) {
+  Esys_Free(p)
+}

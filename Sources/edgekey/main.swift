@@ -1,0 +1,252 @@
+import EdgeKeyCore
+import EdgeKeyTPM
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Exit codes, documented in `edgekey --help`.
+enum ExitCode: Int32 {
+  case ok = 0
+  case failure = 1
+  case usage = 2
+  case tpmUnreachable = 3
+}
+
+let usage = """
+  edgekey: device identity with keys held in a TPM 2.0
+
+  Usage:
+    edgekey tpm info [--json]                 the TPM: vendor, firmware, algorithms, curves, lockout
+    edgekey key create [--algorithm A] (--out FILE | --handle H) [--auth-env VAR]
+                                              create a non-exportable signing key in the TPM
+    edgekey key show (--file FILE | --handle H) [--json]
+                                              the key's type, attributes, fingerprint, public key
+    edgekey key list                          keys persisted in the TPM
+    edgekey key delete (--file FILE | --handle H)
+                                              evict a persistent key, or remove a key file
+    edgekey srk persist                       persist the storage root key at 0x81000001
+
+  Options:
+    --tcti T        TCTI: device:/dev/tpmrm0, tabrmd, swtpm:host=127.0.0.1,port=2321
+                    (default: $EDGEKEY_TCTI, then $TPM2TOOLS_TCTI, then device:/dev/tpmrm0)
+    -a, --algorithm ecc-p256 (default) | ecc-p384 | rsa-2048 | rsa-3072
+    -o, --out FILE  TSS2 PRIVATE KEY file (readable by tpm2-openssl and tpm2-tss-engine)
+    -c, --handle H  persistent handle, e.g. 0x81000002
+    --auth-env VAR  take the key's auth value from environment variable VAR (never argv)
+    -v, --verbose   log to stderr
+    -h, --help      this text
+
+  Exit codes: 0 success, 1 failure, 2 usage error, 3 no TPM reachable.
+
+  """
+
+func fail(_ message: String, _ code: ExitCode) -> Never {
+  var text = "edgekey: \(message)\n"
+  text.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+  exit(code.rawValue)
+}
+
+func out(_ text: String) {
+  print(text)
+}
+
+func jsonString(_ s: String) -> String {
+  var r = "\""
+  for c in s.unicodeScalars {
+    switch c {
+    case "\"": r += "\\\""
+    case "\\": r += "\\\\"
+    case "\n": r += "\\n"
+    case "\r": r += "\\r"
+    case "\t": r += "\\t"
+    default:
+      if c.value < 0x20 { r += "\\u" + String(c.value, radix: 16).leftPad(4) } else { r.unicodeScalars.append(c) }
+    }
+  }
+  return r + "\""
+}
+
+extension String {
+  func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
+}
+
+func authValue(_ args: Arguments) -> [UInt8] {
+  guard let variable = args.option("auth-env") else { return [] }
+  guard let value = getenv(variable) else { fail("environment variable \(variable) is not set", .usage) }
+  return Array(String(cString: value).utf8)
+}
+
+func openTPM(_ args: Arguments, logger: Logger) -> TPM {
+  do {
+    return try TPM.open(tcti: args.option("tcti"), logger: logger)
+  } catch {
+    fail(error.description, error.code == .unreachable ? .tpmUnreachable : .failure)
+  }
+}
+
+func handleOption(_ args: Arguments) -> PersistentHandle? {
+  guard let text = args.option("handle") else { return nil }
+  guard let handle = PersistentHandle(text) else {
+    fail("\(text) is not a persistent handle (0x81000000-0x81ffffff)", .usage)
+  }
+  return handle
+}
+
+func describe(_ key: PublicKey, storage: String, json: Bool) {
+  if json {
+    out(
+      "{\"algorithm\":\(jsonString(key.algorithm?.rawValue ?? "unknown")),\"storage\":\(jsonString(storage)),"
+        + "\"fingerprint\":\(jsonString("sha256:" + key.fingerprint)),\"attributes\":\(jsonString(key.attributes.description)),"
+        + "\"nonExportable\":\(key.attributes.isNonExportable),\"publicKey\":\(jsonString(key.pem))}")
+  } else {
+    out("algorithm:    \(key.algorithm?.rawValue ?? "unknown")")
+    out("storage:      \(storage)")
+    out("fingerprint:  sha256:\(key.fingerprint)")
+    out("attributes:   \(key.attributes)")
+    out("exportable:   \(key.attributes.isNonExportable ? "no (the private key cannot leave this TPM)" : "YES")")
+    out(key.pem, terminator: "")
+  }
+}
+
+func out(_ text: String, terminator: String) { print(text, terminator: terminator) }
+
+func run(_ argv: [String]) throws {
+  let args: Arguments
+  do {
+    args = try Arguments(
+      argv, booleans: ["json", "verbose", "help"],
+      aliases: ["-a": "--algorithm", "-o": "--out", "-c": "--handle", "-v": "--verbose", "-h": "--help"])
+  } catch {
+    fail("\(error)\n\(usage)", .usage)
+  }
+  if args.flag("help") || args.words.isEmpty {
+    print(usage, terminator: "")
+    exit(args.words.isEmpty && !args.flag("help") ? ExitCode.usage.rawValue : 0)
+  }
+  let logger =
+    args.flag("verbose") ? Logger(label: "edgekey", level: .debug, handler: StandardErrorLogHandler()) : .disabled
+  let command = args.words.joined(separator: " ")
+  switch command {
+  case "tpm info":
+    let tpm = openTPM(args, logger: logger)
+    let info = try tpm.info()
+    if args.flag("json") {
+      out(
+        "{\"tcti\":\(jsonString(info.tcti)),\"resourceManager\":\(info.hasResourceManager),"
+          + "\"manufacturer\":\(jsonString(info.manufacturer)),\"vendor\":\(jsonString(info.vendor)),"
+          + "\"firmware\":\(jsonString(info.firmwareVersion)),\"specRevision\":\(jsonString(info.specRevision)),"
+          + "\"algorithms\":[\(info.algorithms.map(jsonString).joined(separator: ","))],"
+          + "\"curves\":[\(info.curves.map(jsonString).joined(separator: ","))],"
+          + "\"supportedKeys\":[\(info.supportedKeys.map { jsonString($0.rawValue) }.joined(separator: ","))],"
+          + "\"inLockout\":\(info.inLockout),\"lockoutCounter\":\(info.lockoutCounter),\"maxAuthFail\":\(info.maxAuthFail),"
+          + "\"transientSlots\":\(info.transientSlots),"
+          + "\"persistentHandles\":[\(info.persistentHandles.map { jsonString($0.description) }.joined(separator: ","))]}"
+      )
+    } else {
+      out("TCTI:              \(info.tcti)\(info.hasResourceManager ? "" : " (no resource manager)")")
+      out("manufacturer:      \(info.manufacturer)  \(info.vendor)")
+      out("firmware:          \(info.firmwareVersion)  (TPM 2.0 revision \(info.specRevision))")
+      out("key types:         \(info.supportedKeys.map(\.rawValue).joined(separator: ", "))")
+      out("curves:            \(info.curves.joined(separator: ", "))")
+      out("algorithms:        \(info.algorithms.joined(separator: ", "))")
+      out(
+        "lockout:           \(info.inLockout ? "IN LOCKOUT" : "not in lockout") (\(info.lockoutCounter)/\(info.maxAuthFail) failures, interval \(info.lockoutInterval) s)"
+      )
+      out("transient slots:   \(info.transientSlots)")
+      out(
+        "persistent:        \(info.persistentHandles.isEmpty ? "none" : info.persistentHandles.map(\.description).joined(separator: ", "))"
+      )
+    }
+
+  case "key create":
+    let algorithm: KeyAlgorithm
+    if let text = args.option("algorithm") {
+      guard let a = KeyAlgorithm(rawValue: text) else {
+        fail(
+          "unknown algorithm \(text); one of \(KeyAlgorithm.allCases.map(\.rawValue).joined(separator: ", "))", .usage)
+      }
+      algorithm = a
+    } else {
+      algorithm = .eccP256
+    }
+    let path = args.option("out")
+    let handle = handleOption(args)
+    guard (path == nil) != (handle == nil) else {
+      fail("key create needs exactly one of --out FILE or --handle H", .usage)
+    }
+    let tpm = openTPM(args, logger: logger)
+    if !algorithm.isECC {
+      // RSA keys take seconds on a real TPM: say so before the wait.
+      var note = "edgekey: creating \(algorithm) in the TPM (up to several seconds on real chips)...\n"
+      note.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+    }
+    let file = try tpm.createKey(algorithm, authValue: authValue(args))
+    if let path {
+      try file.write(to: path)
+      describe(try file.publicKey(), storage: "file \(path)", json: args.flag("json"))
+    } else if let handle {
+      try tpm.persist(file, at: handle)
+      describe(try file.publicKey(), storage: "persistent \(handle)", json: args.flag("json"))
+    }
+
+  case "key show":
+    if let path = args.option("file") {
+      let file = try TSS2PrivateKey(contentsOf: path)
+      describe(
+        try file.publicKey(), storage: "file \(path) (parent 0x\(String(file.parent, radix: 16)))",
+        json: args.flag("json"))
+    } else if let handle = handleOption(args) {
+      let key = try openTPM(args, logger: logger).loadKey(at: handle)
+      describe(key.publicKey, storage: "persistent \(handle)", json: args.flag("json"))
+    } else {
+      fail("key show needs --file FILE or --handle H", .usage)
+    }
+
+  case "key list":
+    let tpm = openTPM(args, logger: logger)
+    for handle in try tpm.persistentHandles() {
+      if handle == .storageRootKey {
+        out("\(handle)  storage root key")
+        continue
+      }
+      if let key = try? tpm.loadKey(at: handle) {
+        out("\(handle)  \(key.algorithm?.rawValue ?? "other")  sha256:\(key.publicKey.fingerprint)")
+      } else {
+        out("\(handle)  (not a signing key)")
+      }
+    }
+
+  case "key delete":
+    if let path = args.option("file") {
+      _ = try TSS2PrivateKey(contentsOf: path)  // refuse to delete something that is not a key file
+      guard unlink(path) == 0 else { fail("cannot remove \(path): \(String(cString: strerror(errno)))", .failure) }
+      out("removed \(path)")
+    } else if let handle = handleOption(args) {
+      try openTPM(args, logger: logger).evict(handle)
+      out("evicted \(handle)")
+    } else {
+      fail("key delete needs --file FILE or --handle H", .usage)
+    }
+
+  case "srk persist":
+    let created = try openTPM(args, logger: logger).persistStorageRootKey()
+    out(created ? "persisted the storage root key at 0x81000001" : "the storage root key is already at 0x81000001")
+
+  default:
+    fail("unknown command '\(command)'\n\(usage)", .usage)
+  }
+}
+
+// tpm2-tss prints its own errors to stderr; ours say the same, typed. Keep them for -v.
+if !CommandLine.arguments.contains("-v") && !CommandLine.arguments.contains("--verbose") {
+  setenv("TSS2_LOG", "all+none", 0)
+}
+
+do {
+  try run(Array(CommandLine.arguments.dropFirst()))
+} catch let error as TPMError {
+  fail(error.description, error.code == .unreachable ? .tpmUnreachable : .failure)
+} catch {
+  fail("\(error)", .failure)
+}

@@ -1,0 +1,83 @@
+import EdgeKeyTestSupport
+import Foundation
+import Testing
+
+/// The built `edgekey` binary, next to this test bundle.
+func edgekeyBinary() throws -> String {
+  let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent()
+  for configuration in ["debug", "release"] {
+    let path = root.appendingPathComponent(".build/\(configuration)/edgekey").path
+    if FileManager.default.isExecutableFile(atPath: path) { return path }
+  }
+  throw HarnessError("edgekey is not built (swift build --build-tests builds it)")
+}
+
+@Suite("edgekey command line")
+struct CLITests {
+  func run(_ args: [String], tcti: String?) throws -> (status: Int32, stdout: String, stderr: String) {
+    var env = ProcessInfo.processInfo.environment
+    env["EDGEKEY_TCTI"] = tcti
+    env["TPM2TOOLS_TCTI"] = nil
+    return try Command.runCapturing(try edgekeyBinary(), args, environment: env)
+  }
+
+  @Test("key create, show, list and delete round trip through the binary")
+  func keyLifecycle() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    let keyPath = dir.appendingPathComponent("device.key").path
+
+    let created = try run(["key", "create", "--out", keyPath, "--json"], tcti: swtpm.tcti)
+    #expect(created.status == 0, "\(created.stderr)")
+    #expect(created.stdout.contains("\"algorithm\":\"ecc-p256\""))
+    #expect(created.stdout.contains("\"nonExportable\":true"))
+    let mode = try FileManager.default.attributesOfItem(atPath: keyPath)[.posixPermissions] as? Int
+    #expect(mode == 0o600)
+
+    let shown = try run(["key", "show", "--file", keyPath], tcti: swtpm.tcti)
+    #expect(shown.status == 0)
+    #expect(shown.stdout.contains("fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|sign"))
+
+    let persisted = try run(["key", "create", "-a", "rsa-2048", "-c", "0x81000005"], tcti: swtpm.tcti)
+    #expect(persisted.status == 0, "\(persisted.stderr)")
+    #expect(persisted.stderr.contains("several seconds"))
+    let listed = try run(["key", "list"], tcti: swtpm.tcti)
+    #expect(listed.stdout.contains("0x81000005  rsa-2048"))
+    #expect(try run(["key", "delete", "-c", "0x81000005"], tcti: swtpm.tcti).status == 0)
+    #expect(try !run(["key", "list"], tcti: swtpm.tcti).stdout.contains("0x81000005"))
+    #expect(try run(["key", "delete", "--file", keyPath], tcti: swtpm.tcti).status == 0)
+    #expect(!FileManager.default.fileExists(atPath: keyPath))
+  }
+
+  @Test("tpm info reports the simulator, as text and JSON")
+  func tpmInfo() throws {
+    let swtpm = try SoftwareTPM()
+    let text = try run(["tpm", "info"], tcti: swtpm.tcti)
+    #expect(text.status == 0)
+    #expect(text.stdout.contains("IBM"))
+    #expect(text.stdout.contains("no resource manager"))
+    let json = try run(["tpm", "info", "--json"], tcti: swtpm.tcti)
+    let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
+    #expect((object?["supportedKeys"] as? [String])?.contains("ecc-p384") == true)
+  }
+
+  @Test("exit codes: 2 for usage errors, 3 when no TPM answers, errors on stderr")
+  func exitCodes() throws {
+    let usage = try run(["key", "frobnicate"], tcti: nil)
+    #expect(usage.status == 2)
+    #expect(usage.stderr.contains("unknown command"))
+    #expect(usage.stdout.isEmpty)
+    let badHandle = try run(["key", "show", "--handle", "0x01000000"], tcti: nil)
+    #expect(badHandle.status == 2)
+    let port = try PortFinder.freePair()
+    let unreachable = try run(["tpm", "info"], tcti: "swtpm:host=127.0.0.1,port=\(port)")
+    #expect(unreachable.status == 3)
+    #expect(unreachable.stderr.contains("no TPM answered"))
+    // The TSS's own logging is kept off stderr unless -v.
+    #expect(!unreachable.stderr.contains("ERROR:tcti"))
+    let help = try run(["--help"], tcti: nil)
+    #expect(help.status == 0 && help.stdout.contains("Exit codes"))
+  }
+}

@@ -1,0 +1,430 @@
+import EdgeKeyTPM
+import EdgeKeyTestSupport
+import Foundation
+import Testing
+
+/// A fresh directory for one test's files.
+func scratchDirectory() throws -> URL {
+  let url = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-test-\(UUID().uuidString)")
+  try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+  return url
+}
+
+func randomDigest(_ hash: HashAlgorithm) -> [UInt8] {
+  (0..<hash.digestLength).map { _ in UInt8.random(in: 0...255) }
+}
+
+/// Verifies `signature` over `digest` with OpenSSL's command line: an independent verifier.
+func verifyWithOpenSSL(
+  publicKeyPEM: String, digest: [UInt8], signature: Signature, in dir: URL
+) throws -> Bool {
+  let pub = dir.appendingPathComponent("verify-pub.pem")
+  let dig = dir.appendingPathComponent("verify-digest.bin")
+  let sig = dir.appendingPathComponent("verify-sig.bin")
+  try publicKeyPEM.write(to: pub, atomically: true, encoding: .utf8)
+  try Data(digest).write(to: dig)
+  try Data(signature.bytes).write(to: sig)
+  var args = ["pkeyutl", "-verify", "-pubin", "-inkey", pub.path, "-in", dig.path, "-sigfile", sig.path]
+  if let padding = signature.padding {
+    args += ["-pkeyopt", "digest:\(signature.hash.rawValue)"]
+    if padding == .pss {
+      args += ["-pkeyopt", "rsa_padding_mode:pss", "-pkeyopt", "rsa_pss_saltlen:digest"]
+    }
+  }
+  let result = try Command.runCapturing("openssl", args)
+  return result.status == 0 && result.stdout.contains("Signature Verified Successfully")
+}
+
+@Suite("TPM layer on swtpm")
+struct TPMTests {
+  @Test("a TPM that is not there gives a typed error naming every TCTI tried")
+  func unreachableTPMNamesWhatWasTried() throws {
+    let port = try PortFinder.freePair()
+    let tcti = "swtpm:host=127.0.0.1,port=\(port)"
+    do {
+      _ = try TPM.open(tcti: tcti)
+      Issue.record("opened a TPM on a port where nothing listens")
+    } catch {
+      #expect(error.code == .unreachable)
+      #expect(error.reason.contains(tcti))
+      #expect(error.reason.contains("device:/dev/tpmrm0"))
+      #expect(error.description.contains("unreachable"))
+    }
+  }
+
+  @Test("every key type is created, signs, and verifies in software", arguments: KeyAlgorithm.allCases)
+  func everyKeyTypeSigns(_ algorithm: KeyAlgorithm) throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let file = try tpm.createKey(algorithm)
+    let key = try tpm.loadKey(file)
+    #expect(key.algorithm == algorithm)
+    #expect(key.publicKey.attributes == .deviceKey)
+    let paddings: [RSAPadding] = algorithm.isECC ? [.pkcs1] : [.pkcs1, .pss]
+    for padding in paddings {
+      let digest = randomDigest(algorithm.preferredHash)
+      let signature = try key.sign(digest: digest, hash: algorithm.preferredHash, padding: padding)
+      #expect(try verifyWithOpenSSL(publicKeyPEM: key.publicKey.pem, digest: digest, signature: signature, in: dir))
+      // A signature over another digest must not verify: the check above can fail.
+      #expect(
+        try !verifyWithOpenSSL(
+          publicKeyPEM: key.publicKey.pem, digest: randomDigest(algorithm.preferredHash), signature: signature, in: dir)
+      )
+    }
+    #expect(key.loadCount == 1)
+  }
+
+  @Test("keys persisted or kept as files survive a power cycle", arguments: KeyAlgorithm.allCases)
+  func keysSurvivePowerCycle(_ algorithm: KeyAlgorithm) throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let handle = PersistentHandle(rawValue: 0x8100_0010)!
+    let keyPath = dir.appendingPathComponent("device.key").path
+    do {
+      let tpm = try TPM.open(tcti: swtpm.tcti)
+      let file = try tpm.createKey(algorithm)
+      try file.write(to: keyPath)
+      try tpm.persist(file, at: handle)
+      #expect(try tpm.persistentHandles().contains(handle))
+    }
+    try swtpm.powerCycle()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let fromFile = try tpm.loadKey(try TSS2PrivateKey(contentsOf: keyPath))
+    let persisted = try tpm.loadKey(at: handle)
+    #expect(fromFile.publicKey == persisted.publicKey)
+    for key in [fromFile, persisted] {
+      let digest = randomDigest(algorithm.preferredHash)
+      let signature = try key.sign(digest: digest, hash: algorithm.preferredHash)
+      #expect(try verifyWithOpenSSL(publicKeyPEM: key.publicKey.pem, digest: digest, signature: signature, in: dir))
+    }
+    try tpm.evict(handle)
+    #expect(try !tpm.persistentHandles().contains(handle))
+    #expect(throws: TPMError.self) { try tpm.loadKey(at: handle) }
+  }
+
+  @Test("a loaded key is loaded again after the TPM resets under it")
+  func keyReloadsAfterReset() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let key = try tpm.loadKey(try tpm.createKey())
+    _ = try key.sign(digest: randomDigest(.sha256), hash: .sha256)
+    #expect(key.loadCount == 1)
+    try swtpm.powerCycle()
+    let digest = randomDigest(.sha256)
+    let signature = try key.sign(digest: digest, hash: .sha256)
+    #expect(key.loadCount == 2)
+    #expect(try verifyWithOpenSSL(publicKeyPEM: key.publicKey.pem, digest: digest, signature: signature, in: dir))
+  }
+
+  @Test("tpm2-openssl loads and signs with a key file we wrote")
+  func tpm2OpensslReadsOurKeyFile() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let file = try tpm.createKey(.eccP256)
+    let keyPath = dir.appendingPathComponent("ours.pem")
+    try file.write(to: keyPath.path)
+    let digest = randomDigest(.sha256)
+    try Data(digest).write(to: dir.appendingPathComponent("digest.bin"))
+    try swtpm.run(
+      "openssl",
+      [
+        "pkeyutl", "-provider", "tpm2", "-provider", "default", "-sign", "-inkey", keyPath.path, "-in",
+        dir.appendingPathComponent("digest.bin").path, "-out", dir.appendingPathComponent("sig.der").path,
+      ])
+    let sig = try [UInt8](Data(contentsOf: dir.appendingPathComponent("sig.der")))
+    let publicKey = try file.publicKey()
+    #expect(
+      try verifyWithOpenSSL(
+        publicKeyPEM: publicKey.pem, digest: digest, signature: Signature(bytes: sig, hash: .sha256, padding: nil),
+        in: dir))
+    // And tpm2-openssl derives the same public key from our file.
+    let theirs = try swtpm.run(
+      "openssl", ["pkey", "-provider", "tpm2", "-provider", "default", "-in", keyPath.path, "-pubout"])
+    #expect(theirs == publicKey.pem)
+  }
+
+  @Test("a key file tpm2-openssl wrote loads and signs through our layer")
+  func ourLayerReadsTpm2OpensslKeyFile() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let keyPath = dir.appendingPathComponent("theirs.pem").path
+    try swtpm.run(
+      "openssl", ["genpkey", "-provider", "tpm2", "-algorithm", "EC", "-pkeyopt", "group:P-256", "-out", keyPath])
+    let theirPublic = try swtpm.run(
+      "openssl", ["pkey", "-provider", "tpm2", "-provider", "default", "-in", keyPath, "-pubout"])
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let key = try tpm.loadKey(try TSS2PrivateKey(contentsOf: keyPath))
+    #expect(key.publicKey.pem == theirPublic)
+    let digest = randomDigest(.sha256)
+    let signature = try key.sign(digest: digest, hash: .sha256)
+    #expect(try verifyWithOpenSSL(publicKeyPEM: theirPublic, digest: digest, signature: signature, in: dir))
+    // The file decodes and re-encodes to the same bytes.
+    let text = try String(contentsOfFile: keyPath, encoding: .utf8)
+    #expect(try TSS2PrivateKey(pem: try TSS2PrivateKey(pem: text).pem) == TSS2PrivateKey(pem: text))
+  }
+
+  @Test("tpm2_readpublic shows our key cannot leave the TPM")
+  func readPublicShowsNonExportable() throws {
+    let swtpm = try SoftwareTPM()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let handle = PersistentHandle(rawValue: 0x8100_0020)!
+    try tpm.persist(try tpm.createKey(.eccP256), at: handle)
+    let output = try swtpm.run("tpm2_readpublic", ["-c", handle.description])
+    let attributes = output.split(separator: "\n").first { $0.contains("value:") && output.contains("attributes") }
+    #expect(output.contains("fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|sign"))
+    #expect(attributes != nil)
+    #expect(!output.contains("decrypt"))
+    // Persisting twice at the same handle is a typed error.
+    do {
+      try tpm.persist(try tpm.createKey(.eccP256), at: handle)
+      Issue.record("persisted over an occupied handle")
+    } catch {
+      #expect(error.code == .handleInUse)
+    }
+  }
+
+  @Test("objects leaked by a dead process are flushed when the TPM is opened")
+  func leakedTransientsAreRecovered() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    // tpm2-tools over a direct TCTI leaves each primary loaded when it exits: a real leak.
+    for i in 0..<3 {
+      try swtpm.run("tpm2_createprimary", ["-C", "o", "-c", dir.appendingPathComponent("p\(i).ctx").path])
+    }
+    #expect(try swtpm.run("tpm2_getcap", ["handles-transient"]).split(separator: "\n").count == 3)
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    #expect(tpm.leakedObjectsFlushed == 3)
+    let key = try tpm.loadKey(try tpm.createKey())
+    _ = try key.sign(digest: randomDigest(.sha256), hash: .sha256)
+  }
+
+  @Test("a full slot table reads clearly")
+  func fullSlotTableIsTyped() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    for i in 0..<3 {
+      try swtpm.run("tpm2_createprimary", ["-C", "o", "-c", dir.appendingPathComponent("p\(i).ctx").path])
+    }
+    do {
+      _ = try tpm.createKey()
+      Issue.record("created a key with every slot taken")
+    } catch {
+      #expect(error.code == .objectSlotsFull)
+      #expect(error.responseCode == .objectMemory)
+      #expect(error.command == "TPM2_CreatePrimary")
+      #expect(error.description.contains("slots are full"))
+    }
+    #expect(try tpm.flushAllTransientObjects() == 3)
+    _ = try tpm.createKey()
+  }
+
+  @Test("a wrong auth value and a TPM in lockout each read clearly")
+  func wrongAuthAndLockout() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    // Our keys: an auth value is enforced; noDA keeps them out of lockout.
+    let secret = Array("s3cret".utf8)
+    let file = try tpm.createKey(.eccP256, authValue: secret)
+    #expect(!file.emptyAuth)
+    let right = try tpm.loadKey(file, authValue: secret)
+    _ = try right.sign(digest: randomDigest(.sha256), hash: .sha256)
+    let wrong = try tpm.loadKey(file, authValue: Array("guess".utf8))
+    for _ in 0..<3 {
+      #expect(throws: TPMError.self) { try wrong.sign(digest: randomDigest(.sha256), hash: .sha256) }
+    }
+    do {
+      _ = try wrong.sign(digest: randomDigest(.sha256), hash: .sha256)
+    } catch {
+      #expect(error.code == .authFailed)
+      #expect(error.command == "TPM2_Sign")
+    }
+    // tpm2-openssl's keys are DA-protected: with a threshold of 2, wrong guesses lock the TPM out.
+    let theirs = dir.appendingPathComponent("da.pem").path
+    // Over a direct TCTI there are 3 slots: make room for tpm2-openssl's primary and key.
+    right.unload()
+    wrong.unload()
+    try swtpm.run(
+      "openssl", ["genpkey", "-provider", "tpm2", "-algorithm", "EC", "-pkeyopt", "group:P-256", "-out", theirs])
+    try swtpm.run("tpm2_dictionarylockout", ["-s", "-n", "2", "-t", "600", "-l", "600"])
+    let guessed = try tpm.loadKey(try TSS2PrivateKey(contentsOf: theirs), authValue: Array("guess".utf8))
+    var codes: [TPMError.Code] = []
+    for _ in 0..<3 {
+      do { _ = try guessed.sign(digest: randomDigest(.sha256), hash: .sha256) } catch { codes.append(error.code) }
+    }
+    #expect(codes.first == .authFailed)
+    #expect(codes.last == .lockout)
+    #expect(try tpm.info().inLockout)
+    let lockout = TPMError(responseCode: 0x921, command: "TPM2_Sign")
+    #expect(lockout.description.contains("dictionary-attack lockout"))
+  }
+
+  @Test("concurrent signatures from many threads against one key all verify")
+  func concurrentSignatures() async throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let key = try tpm.loadKey(try tpm.createKey())
+    let results = await withTaskGroup(of: (digest: [UInt8], signature: Signature?).self) { group in
+      for _ in 0..<8 {
+        group.addTask {
+          // Each task signs several times on its own thread from the pool.
+          var last: ([UInt8], Signature?) = ([], nil)
+          for _ in 0..<10 {
+            let digest = randomDigest(.sha256)
+            last = (digest, try? key.sign(digest: digest, hash: .sha256))
+            if last.1 == nil { break }
+          }
+          return last
+        }
+      }
+      var all: [(digest: [UInt8], signature: Signature?)] = []
+      for await r in group { all.append(r) }
+      return all
+    }
+    #expect(results.count == 8)
+    for r in results {
+      let signature = try #require(r.signature)
+      #expect(try verifyWithOpenSSL(publicKeyPEM: key.publicKey.pem, digest: r.digest, signature: signature, in: dir))
+    }
+    #expect(key.loadCount == 1)
+  }
+
+  @Test("one TPM context per TCTI per process")
+  func oneContextPerTCTI() throws {
+    let swtpm = try SoftwareTPM()
+    let a = try TPM.open(tcti: swtpm.tcti)
+    let b = try TPM.open(tcti: swtpm.tcti)
+    #expect(a === b)
+    #expect(a.isDirect)
+  }
+
+  @Test("the storage root key persists at 0x81000001 and matches tpm2-openssl's")
+  func storageRootKeyPersists() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let theirs = dir.appendingPathComponent("theirs.pem").path
+    try swtpm.run(
+      "openssl", ["genpkey", "-provider", "tpm2", "-algorithm", "EC", "-pkeyopt", "group:P-256", "-out", theirs])
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    #expect(try tpm.persistStorageRootKey() == true)
+    #expect(try tpm.persistStorageRootKey() == false)
+    #expect(try tpm.persistentHandles().contains(.storageRootKey))
+    // A key created under the transient primary loads under the persisted SRK: same key.
+    let key = try tpm.loadKey(try TSS2PrivateKey(contentsOf: theirs))
+    _ = try key.sign(digest: randomDigest(.sha256), hash: .sha256)
+  }
+
+  @Test("diagnostics: identity, algorithms, curves, random, PCRs")
+  func diagnostics() throws {
+    let swtpm = try SoftwareTPM()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let info = try tpm.info()
+    #expect(info.manufacturer == "IBM")
+    #expect(info.curves.contains("nist_p256"))
+    #expect(info.algorithms.contains("ecdsa"))
+    #expect(Set(info.supportedKeys) == Set(KeyAlgorithm.allCases))
+    #expect(info.transientSlots >= 3)
+    #expect(!info.inLockout)
+    #expect(info.hasResourceManager == false)
+    let r1 = try tpm.randomBytes(100)
+    let r2 = try tpm.randomBytes(100)
+    #expect(r1.count == 100 && r2.count == 100 && r1 != r2)
+    let pcrs = try tpm.readPCRs(bank: .sha256)
+    #expect(pcrs.count == 24)
+    #expect(pcrs.values.allSatisfy { $0.count == 32 })
+    #expect(pcrs[0] == [UInt8](repeating: 0, count: 32))
+  }
+}
+
+@Suite("TSS2 PRIVATE KEY files")
+struct KeyFileTests {
+  /// Written by tpm2-openssl 1.1.1 (`openssl genpkey -provider tpm2`): an independent fixture.
+  static let tpm2OpensslKey = """
+    -----BEGIN TSS2 PRIVATE KEY-----
+    MIHwBgZngQUKAQOgAwEBAQIEQAAAAQRYAFYAIwALAAYAcgAAABAAEAADABAAIITl
+    4IcW6GT+1X8drC2P4pA2stTmL2w/XbIApnR0nq6tACBY/Gk/RjJnHNLk0MCnVvz3
+    xgbeACvMSMP4iFvo0+QvJgSBgAB+ACDOrU64dPh43qCVhLsFOlOaFXJF+IM2sOAh
+    x50I9MUSPwAQvmzQCqCDuGK7qpM6mJxliK1L6vdtBbi/j+QaqGldiC2hWokIZaML
+    9SwIRe8nHwh0WFfSVbD0DkAEH2tLKd+sO2mqi7JtVpMofWeLa93ompo2rXL973w0
+    dAIn
+    -----END TSS2 PRIVATE KEY-----
+
+    """
+
+  @Test("a tpm2-openssl key file decodes field by field and re-encodes to the same text")
+  func decodesIndependentFixture() throws {
+    let file = try TSS2PrivateKey(pem: Self.tpm2OpensslKey)
+    #expect(file.parent == 0x4000_0001)
+    #expect(file.emptyAuth)
+    #expect(file.publicBlob.count == 88)
+    #expect(file.privateBlob.count == 128)
+    // tpm2-openssl encodes TRUE as 0x01; we write DER's 0xFF. Everything else is identical.
+    var ours = file.der
+    let theirs = try #require(Base64Fixture.decode(Self.tpm2OpensslKey))
+    #expect(ours[15] == 0xFF && theirs[15] == 0x01)
+    ours[15] = 0x01
+    #expect(ours == theirs)
+    #expect(try TSS2PrivateKey(der: theirs) == file)
+    let publicKey = try file.publicKey()
+    #expect(publicKey.algorithm == .eccP256)
+    // tpm2-openssl makes sign|decrypt keys without noDA: exportable it is not, DA-protected it is.
+    #expect(publicKey.attributes.isNonExportable)
+    #expect(!publicKey.attributes.contains(.noDA))
+  }
+
+  @Test("malformed key files are refused with a typed error, never a crash")
+  func malformedKeyFiles() throws {
+    #expect(throws: TPMError.self) { try TSS2PrivateKey(pem: "not a key") }
+    #expect(throws: TPMError.self) { try TSS2PrivateKey(der: [0x30, 0x03, 0x02, 0x01, 0x01]) }
+    #expect(throws: TPMError.self) { try TSS2PrivateKey(der: []) }
+    let good = try TSS2PrivateKey(pem: Self.tpm2OpensslKey)
+    var der = good.der
+    der.append(0)
+    do {
+      _ = try TSS2PrivateKey(der: der)
+      Issue.record("accepted trailing bytes")
+    } catch {
+      #expect(error.code == .invalidKeyFile)
+      #expect(error.reason.contains("trailing"))
+    }
+    for n in 0..<good.der.count {
+      #expect(throws: TPMError.self) { try TSS2PrivateKey(der: Array(good.der.prefix(n))) }
+    }
+    // Flip each byte of the public blob's size field and of the OID: refused, not crashed.
+    for i in 0..<20 {
+      var bad = good.der
+      bad[i] ^= 0xFF
+      _ = try? TSS2PrivateKey(der: bad)
+    }
+    var sealed = good.der
+    sealed[10] = 0x05  // 2.23.133.10.1.5: a sealed object, not a signing key
+    do {
+      _ = try TSS2PrivateKey(der: sealed)
+      Issue.record("accepted a sealed-data object")
+    } catch {
+      #expect(error.reason.contains("not a loadable key"))
+    }
+  }
+
+  @Test("PEM round trip keeps every field")
+  func pemRoundTrip() throws {
+    var file = try TSS2PrivateKey(pem: Self.tpm2OpensslKey)
+    file.parent = 0x8100_0001
+    file.emptyAuth = false
+    let back = try TSS2PrivateKey(pem: file.pem)
+    #expect(back == file)
+    #expect(file.pem.hasPrefix("-----BEGIN TSS2 PRIVATE KEY-----\n"))
+  }
+}
+
+enum Base64Fixture {
+  static func decode(_ pem: String) -> [UInt8]? {
+    let body = pem.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
+    return Data(base64Encoded: body).map { [UInt8]($0) }
+  }
+}

@@ -1,0 +1,230 @@
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Failures of the test harness itself: a missing binary fails the run, never skips it.
+public struct HarnessError: Error, CustomStringConvertible {
+  public var description: String
+  public init(_ description: String) { self.description = description }
+}
+
+/// A swtpm process of the test's own, on free loopback ports, with a temporary state
+/// directory. Restart it on the same state to simulate a power cycle. Stopped on `deinit`.
+public final class SoftwareTPM: @unchecked Sendable {
+  // @unchecked: mutated only by the test that owns it, one call at a time.
+  public let stateDirectory: URL
+  public private(set) var port: UInt16
+  private var process: ChildProcess?
+
+  /// The TCTI string for EdgeKey, tpm2-tools (`TPM2TOOLS_TCTI`) and tpm2-openssl.
+  public var tcti: String { "swtpm:host=127.0.0.1,port=\(port)" }
+
+  /// Environment for independent tools (tpm2-tools, tpm2-openssl) talking to this TPM.
+  public var toolEnvironment: [String: String] {
+    var env = ProcessInfo.processInfo.environment
+    env["TPM2TOOLS_TCTI"] = tcti
+    env["TPM2OPENSSL_TCTI"] = tcti
+    env["TSS2_LOG"] = "all+none"
+    return env
+  }
+
+  public init() throws {
+    stateDirectory = FileManager.default.temporaryDirectory.appendingPathComponent(
+      "edgekey-swtpm-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: stateDirectory, withIntermediateDirectories: true)
+    port = 0
+    try start()
+  }
+
+  deinit {
+    stop()
+    try? FileManager.default.removeItem(at: stateDirectory)
+  }
+
+  /// Starts swtpm on the current state; picks new ports when the old pair is taken.
+  public func start() throws {
+    guard let swtpm = findExecutable("swtpm") else {
+      throw HarnessError("swtpm is not installed (apt-get install swtpm swtpm-tools)")
+    }
+    var lastError = "no attempt"
+    for _ in 0..<20 {
+      if port == 0 || !PortFinder.isFree(port) || !PortFinder.isFree(port + 1) {
+        port = try PortFinder.freePair()
+      }
+      let log = stateDirectory.appendingPathComponent("swtpm.log")
+      let p = try ChildProcess(
+        swtpm,
+        [
+          "socket", "--tpm2", "--tpmstate", "dir=\(stateDirectory.path)",
+          "--server", "type=tcp,port=\(port),bindaddr=127.0.0.1",
+          "--ctrl", "type=tcp,port=\(port + 1),bindaddr=127.0.0.1",
+          "--flags", "not-need-init,startup-clear",
+        ], logPath: log.path)
+      if PortFinder.waitUntilListening(port, timeout: 5), p.isRunning {
+        process = p
+        return
+      }
+      p.stop()
+      lastError = (try? String(contentsOf: log, encoding: .utf8)) ?? "swtpm exited"
+      port = 0
+    }
+    throw HarnessError("swtpm did not start: \(lastError)")
+  }
+
+  /// Stops swtpm (SIGTERM: swtpm saves its state, as at a clean power-down).
+  public func stop() {
+    process?.stop()
+    process = nil
+  }
+
+  /// A power cycle: stop, start again on the same state and ports. Transient objects are
+  /// gone; persistent ones and the seeds remain.
+  public func powerCycle() throws {
+    stop()
+    try start()
+  }
+
+  /// Runs an independent tool against this TPM and returns its output; throws on failure.
+  @discardableResult
+  public func run(_ tool: String, _ arguments: [String], input: Data? = nil, in directory: URL? = nil)
+    throws -> String
+  {
+    try Command.run(tool, arguments, environment: toolEnvironment, input: input, in: directory)
+  }
+}
+
+/// Runs programs for tests and reports their output.
+public enum Command {
+  /// Runs `tool` and returns stdout; throws with stdout and stderr when it exits non-zero.
+  @discardableResult
+  public static func run(
+    _ tool: String, _ arguments: [String], environment: [String: String]? = nil, input: Data? = nil,
+    in directory: URL? = nil
+  ) throws -> String {
+    let result = try runCapturing(tool, arguments, environment: environment, input: input, in: directory)
+    guard result.status == 0 else {
+      throw HarnessError(
+        "\(tool) \(arguments.joined(separator: " ")) exited \(result.status)\n\(result.stdout)\n\(result.stderr)")
+    }
+    return result.stdout
+  }
+
+  /// Runs `tool` and returns its exit status and output, whatever the status.
+  public static func runCapturing(
+    _ tool: String, _ arguments: [String], environment: [String: String]? = nil, input: Data? = nil,
+    in directory: URL? = nil
+  ) throws -> (status: Int32, stdout: String, stderr: String) {
+    guard let path = tool.hasPrefix("/") ? tool : findExecutable(tool) else {
+      throw HarnessError("\(tool) is not installed")
+    }
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: path)
+    p.arguments = arguments
+    if let environment { p.environment = environment }
+    if let directory { p.currentDirectoryURL = directory }
+    let out = Pipe()
+    let err = Pipe()
+    let inp = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    p.standardInput = inp
+    try p.run()
+    if let input { inp.fileHandleForWriting.write(input) }
+    try inp.fileHandleForWriting.close()
+    // Read both pipes concurrently so a chatty tool cannot fill one and block.
+    nonisolated(unsafe) var errData = Data()
+    let group = DispatchGroup()
+    group.enter()
+    DispatchQueue.global().async {
+      errData = err.fileHandleForReading.readDataToEndOfFile()
+      group.leave()
+    }
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    group.wait()
+    p.waitUntilExit()
+    return (
+      p.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self)
+    )
+  }
+}
+
+/// Finds `name` on PATH.
+public func findExecutable(_ name: String) -> String? {
+  let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+  let directories: [String] = path.split(separator: ":").map(String.init) + ["/usr/sbin", "/sbin"]
+  for dir in directories {
+    let candidate = "\(dir)/\(name)"
+    if access(candidate, X_OK) == 0 { return candidate }
+  }
+  return nil
+}
+
+/// Free loopback TCP ports.
+public enum PortFinder {
+  /// A free port chosen by the kernel.
+  public static func free() throws -> UInt16 {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw HarnessError("socket: \(errno)") }
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = 0
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let ok = withUnsafeMutablePointer(to: &addr) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0
+      }
+    }
+    guard ok else { throw HarnessError("bind: \(errno)") }
+    return UInt16(bigEndian: addr.sin_port)
+  }
+
+  /// A port p with p+1 also free (swtpm's server and control ports).
+  public static func freePair() throws -> UInt16 {
+    for _ in 0..<100 {
+      let p = try free()
+      if p < 65535, isFree(p + 1) { return p }
+    }
+    throw HarnessError("no free pair of loopback ports")
+  }
+
+  /// True when nothing listens on the port and it can be bound.
+  public static func isFree(_ port: UInt16) -> Bool {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = port.bigEndian
+    return withUnsafePointer(to: &addr) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
+      }
+    }
+  }
+
+  /// Waits until something accepts connections on the port.
+  public static func waitUntilListening(_ port: UInt16, timeout: TimeInterval) -> Bool {
+    let deadline = Date().addingTimeInterval(timeout)
+    while Date() < deadline {
+      let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+      var addr = sockaddr_in()
+      addr.sin_family = sa_family_t(AF_INET)
+      addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+      addr.sin_port = port.bigEndian
+      let connected = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+          connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
+        }
+      }
+      close(fd)
+      if connected { return true }
+      usleep(20_000)
+    }
+    return false
+  }
+}
