@@ -98,10 +98,7 @@ extension TPM {
       if file.parent == EDGEKEY_PARENT_OWNER {
         try check("getting the storage root key") { edgekey_tpm_srk_locked(raw, ctx, &parent, &parentTransient, $0) }
       } else {
-        try esys(
-          "TPM2_ReadPublic", "opening the parent",
-          Esys_TR_FromTPMPublic(
-            ctx, file.parent, ESYS_TR(ESYS_TR_NONE), ESYS_TR(ESYS_TR_NONE), ESYS_TR(ESYS_TR_NONE), &parent))
+        parent = try object(ctx, at: file.parent, "opening the parent")
       }
       var loaded = ESYS_TR(ESYS_TR_NONE)
       let rc = Esys_Load(
@@ -114,13 +111,7 @@ extension TPM {
       }
       try esys("TPM2_Load", "loading the key to persist it", rc)
       defer { Esys_FlushContext(ctx, loaded) }
-      var persistent = ESYS_TR(ESYS_TR_NONE)
-      try esys(
-        "TPM2_EvictControl", "persisting at \(handle)",
-        Esys_EvictControl(
-          ctx, ESYS_TR(ESYS_TR_RH_OWNER), loaded, ESYS_TR(ESYS_TR_PASSWORD), ESYS_TR(ESYS_TR_NONE),
-          ESYS_TR(ESYS_TR_NONE), handle.rawValue, &persistent))
-      Esys_TR_Close(ctx, &persistent)
+      try evictControl(ctx, loaded, handle.rawValue, "persisting at \(handle)")
     }
     logger.info("persisted key", metadata: ["handle": "\(handle)"])
   }
@@ -129,17 +120,13 @@ extension TPM {
   /// The key is gone for good unless a key file of it exists.
   public func evict(_ handle: PersistentHandle) throws(TPMError) {
     try withESYS { ctx throws(TPMError) in
-      var object = ESYS_TR(ESYS_TR_NONE)
-      try esys(
-        "TPM2_ReadPublic", "opening \(handle)",
-        Esys_TR_FromTPMPublic(
-          ctx, handle.rawValue, ESYS_TR(ESYS_TR_NONE), ESYS_TR(ESYS_TR_NONE), ESYS_TR(ESYS_TR_NONE), &object))
-      var out = ESYS_TR(ESYS_TR_NONE)
-      let rc = Esys_EvictControl(
-        ctx, ESYS_TR(ESYS_TR_RH_OWNER), object, ESYS_TR(ESYS_TR_PASSWORD), ESYS_TR(ESYS_TR_NONE),
-        ESYS_TR(ESYS_TR_NONE), handle.rawValue, &out)
-      if rc != 0 { Esys_TR_Close(ctx, &object) }
-      try esys("TPM2_EvictControl", "evicting \(handle)", rc)
+      var persisted = try object(ctx, at: handle.rawValue, "opening \(handle)")
+      do throws(TPMError) {
+        try evictControl(ctx, persisted, handle.rawValue, "evicting \(handle)")
+      } catch {
+        Esys_TR_Close(ctx, &persisted)
+        throw error
+      }
     }
     logger.info("evicted persistent object", metadata: ["handle": "\(handle)"])
   }
@@ -168,13 +155,7 @@ extension TPM {
           .srkMismatch,
           reason: "0x81000001 holds a key that is not the standard ECC P-256 SRK; evict it or use key files")
       }
-      var persistent = ESYS_TR(ESYS_TR_NONE)
-      try esys(
-        "TPM2_EvictControl", "persisting the SRK",
-        Esys_EvictControl(
-          ctx, ESYS_TR(ESYS_TR_RH_OWNER), srk, ESYS_TR(ESYS_TR_PASSWORD), ESYS_TR(ESYS_TR_NONE),
-          ESYS_TR(ESYS_TR_NONE), EDGEKEY_SRK_HANDLE, &persistent))
-      Esys_TR_Close(ctx, &persistent)
+      try evictControl(ctx, srk, EDGEKEY_SRK_HANDLE, "persisting the SRK")
       return true
     }
   }
@@ -189,6 +170,27 @@ extension TPM {
         "TPM2_FlushContext", "flushing transient objects", edgekey_tpm_flush_all_transients_locked(raw, ctx, &flushed))
       return Int(flushed)
     }
+  }
+
+  /// An ESYS_TR for the object at a TPM handle (one TPM2_ReadPublic).
+  func object(_ ctx: OpaquePointer, at handle: UInt32, _ context: String) throws(TPMError) -> ESYS_TR {
+    var tr = ESYS_TR(ESYS_TR_NONE)
+    try esys(
+      "TPM2_ReadPublic", context,
+      Esys_TR_FromTPMPublic(ctx, handle, ESYS_TR(ESYS_TR_NONE), ESYS_TR(ESYS_TR_NONE), ESYS_TR(ESYS_TR_NONE), &tr))
+    return tr
+  }
+
+  /// TPM2_EvictControl under the owner hierarchy: persists a transient object at `handle`, or
+  /// evicts the persistent object at `handle` (then `object` is consumed).
+  func evictControl(_ ctx: OpaquePointer, _ object: ESYS_TR, _ handle: UInt32, _ context: String) throws(TPMError) {
+    var result = ESYS_TR(ESYS_TR_NONE)
+    try esys(
+      "TPM2_EvictControl", context,
+      Esys_EvictControl(
+        ctx, ESYS_TR(ESYS_TR_RH_OWNER), object, ESYS_TR(ESYS_TR_PASSWORD), ESYS_TR(ESYS_TR_NONE),
+        ESYS_TR(ESYS_TR_NONE), handle, &result))
+    if result != ESYS_TR(ESYS_TR_NONE) { Esys_TR_Close(ctx, &result) }
   }
 
   func handles(_ ctx: OpaquePointer, from first: UInt32, count: UInt32 = 254) throws(TPMError) -> [UInt32] {
