@@ -55,9 +55,15 @@ let package = Package(
       dependencies: ["EdgeKeyCore"],
       path: "Tests/Support"
     ),
+    // C helpers for what Swift cannot do safely itself (fork in a threaded test process).
+    .target(
+      name: "CEdgeKeyTestHelpers",
+      dependencies: ["CEdgeKeyProvider"],
+      path: "Tests/CHelpers"
+    ),
     .testTarget(
       name: "EdgeKeyTPMTests",
-      dependencies: ["EdgeKeyTPM", "EdgeKeyTestSupport"],
+      dependencies: ["EdgeKeyTPM", "EdgeKeyTestSupport", "CEdgeKeyTestHelpers"],
       path: "Tests/EdgeKeyTPMTests"
     ),
     .testTarget(

@@ -25,6 +25,8 @@ struct edgekey_tpm {
   /* Keys of ours currently loaded as transient objects, for eviction when slots run out. */
   edgekey_tpm_key *loaded;
   uint64_t use_clock;
+  /* In the list of open contexts that the fork handlers lock (tpm_context.c). */
+  edgekey_tpm *next_open;
 };
 
 struct edgekey_tpm_key {

@@ -12,6 +12,57 @@
 
 #define DEFAULT_TCTI "device:/dev/tpmrm0"
 
+/*
+ * Every open context, so that fork() cannot copy a context's lock while another thread holds
+ * it (the child would block forever on its first TPM command). The prepare handler takes every
+ * context's lock — waiting for a TPM command in flight to finish — and both sides release them
+ * after the fork. The child re-creates its ESAPI context on first use (the pid changed).
+ * Lock order: `registry_lock` before any context's lock; no code holding a context's lock
+ * takes `registry_lock`.
+ */
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static edgekey_tpm *registry_head;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void atfork_prepare(void) {
+  pthread_mutex_lock(&registry_lock);
+  for (edgekey_tpm *t = registry_head; t != NULL; t = t->next_open) pthread_mutex_lock(&t->lock);
+}
+
+static void atfork_parent(void) {
+  for (edgekey_tpm *t = registry_head; t != NULL; t = t->next_open)
+    pthread_mutex_unlock(&t->lock);
+  pthread_mutex_unlock(&registry_lock);
+}
+
+static void atfork_child(void) {
+  /* The child's only thread is the one that took these locks in prepare: it may release them. */
+  for (edgekey_tpm *t = registry_head; t != NULL; t = t->next_open)
+    pthread_mutex_unlock(&t->lock);
+  pthread_mutex_unlock(&registry_lock);
+}
+
+static void install_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+
+static void registry_add(edgekey_tpm *tpm) {
+  pthread_once(&atfork_once, install_atfork);
+  pthread_mutex_lock(&registry_lock);
+  tpm->next_open = registry_head;
+  registry_head = tpm;
+  pthread_mutex_unlock(&registry_lock);
+}
+
+static void registry_remove(edgekey_tpm *tpm) {
+  pthread_mutex_lock(&registry_lock);
+  for (edgekey_tpm **p = &registry_head; *p != NULL; p = &(*p)->next_open) {
+    if (*p == tpm) {
+      *p = tpm->next_open;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&registry_lock);
+}
+
 TSS2_RC edgekey_rc_base(TSS2_RC rc) {
   /* Only TPM-layer format-one codes carry a parameter/handle/session number (bits 8-11). */
   if ((rc & TSS2_RC_LAYER_MASK) == 0 && (rc & TPM2_RC_FMT1)) return rc & 0xBF;
@@ -157,6 +208,7 @@ TSS2_RC edgekey_tpm_open_exact(const char *tcti, edgekey_tpm **out, char *why, s
      * the same time, so anything loaded now is a leak. */
     edgekey_tpm_flush_all_transients_locked(tpm, esys, &tpm->leaked_flushed);
   }
+  registry_add(tpm);
   *out = tpm;
   return TSS2_RC_SUCCESS;
 }
@@ -188,6 +240,7 @@ edgekey_tpm *edgekey_tpm_ref(edgekey_tpm *tpm) {
 
 void edgekey_tpm_unref(edgekey_tpm *tpm) {
   if (tpm == NULL || atomic_fetch_sub(&tpm->refs, 1) != 1) return;
+  registry_remove(tpm);
   if (tpm->esys != NULL && tpm->pid == getpid() && tpm->srk != ESYS_TR_NONE)
     Esys_TR_Close(tpm->esys, &tpm->srk);
   close_esys(&tpm->tcti_ctx, &tpm->esys);

@@ -274,3 +274,5 @@ TSS2_RC edgekey_tpm_key_sign(edgekey_tpm_key *key, TPMI_ALG_SIG_SCHEME scheme, T
   edgekey_tpm_release(key->tpm);
   return rc;
 }
+
+edgekey_tpm *edgekey_tpm_key_context(const edgekey_tpm_key *key) { return key->tpm; }

@@ -13,7 +13,7 @@ import Synchronization
 /// pool for long operations.
 public final class TPM: @unchecked Sendable {
   // @unchecked: all mutable state is behind the C core's mutex (edgekey_tpm_acquire).
-  let raw: OpaquePointer
+  package let raw: OpaquePointer
   /// The TCTI this context talks through, e.g. `swtpm:host=127.0.0.1,port=2321`.
   public let tcti: String
   /// True when there is no resource manager between us and the TPM (swtpm, mssim, /dev/tpm0):

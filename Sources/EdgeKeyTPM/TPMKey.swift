@@ -10,7 +10,7 @@ import CTSS2
 /// Thread-safe: signatures from several threads are serialized on the TPM's lock.
 public final class TPMKey: @unchecked Sendable {
   // @unchecked: the C key is only touched under the TPM's lock (edgekey_tpm_key_* take it).
-  let raw: OpaquePointer
+  package let raw: OpaquePointer
   /// The TPM this key lives in.
   public let tpm: TPM
   /// The public half, read once when the key was opened.

@@ -1,3 +1,4 @@
+import CEdgeKeyTestHelpers
 import EdgeKeyTPM
 import EdgeKeyTestSupport
 import Foundation
@@ -294,6 +295,32 @@ struct TPMTests {
     #expect(key.loadCount == 1)
   }
 
+  @Test(
+    "a forked child re-creates the ESAPI context and signs, even when another thread held the TPM at fork",
+    arguments: [0, 300])
+  func forkedChildSigns(holdMilliseconds: Int32) throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let key = try tpm.loadKey(try tpm.createKey())
+    _ = try key.sign(digest: randomDigest(.sha256), hash: .sha256)  // loaded in the parent
+    let digest = randomDigest(.sha256)
+    var signature = [UInt8](repeating: 0, count: 256)
+    var length = 0
+    let status = edgekey_test_sign_in_child(
+      key.raw, 0x0018 /* ECDSA */, 0x000B /* SHA-256 */, digest, digest.count, &signature, signature.count,
+      &length, holdMilliseconds)
+    #expect(status == 0, "child wait status \(status) (14 = SIGALRM: the child deadlocked)")
+    let childSignature = Signature(bytes: Array(signature[..<length]), hash: .sha256, padding: nil)
+    #expect(
+      try verifyWithOpenSSL(publicKeyPEM: key.publicKey.pem, digest: digest, signature: childSignature, in: dir))
+    // The parent's context and loaded key are untouched by the child.
+    let after = randomDigest(.sha256)
+    let parentSignature = try key.sign(digest: after, hash: .sha256)
+    #expect(key.loadCount == 1)
+    #expect(try verifyWithOpenSSL(publicKeyPEM: key.publicKey.pem, digest: after, signature: parentSignature, in: dir))
+  }
+
   @Test("one TPM context per TCTI per process")
   func oneContextPerTCTI() throws {
     let swtpm = try SoftwareTPM()
@@ -426,5 +453,51 @@ enum Base64Fixture {
   static func decode(_ pem: String) -> [UInt8]? {
     let body = pem.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
     return Data(base64Encoded: body).map { [UInt8]($0) }
+  }
+}
+
+@Suite("TPM layer through tpm2-abrmd (tabrmd TCTI)")
+struct AccessBrokerTests {
+  @Test("keys are created, persisted, loaded and sign through the resource manager")
+  func signsThroughBroker() throws {
+    let swtpm = try SoftwareTPM()
+    let broker = try AccessBroker(over: swtpm)
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: broker.tcti)
+    #expect(!tpm.isDirect)
+    #expect(tpm.leakedObjectsFlushed == 0)
+    let file = try tpm.createKey()
+    let key = try tpm.loadKey(file)
+    let digest = randomDigest(.sha256)
+    let signature = try key.sign(digest: digest, hash: .sha256)
+    #expect(try verifyWithOpenSSL(publicKeyPEM: key.publicKey.pem, digest: digest, signature: signature, in: dir))
+    let handle = PersistentHandle(rawValue: 0x8100_0030)!
+    try tpm.persist(try tpm.createKey(.eccP384), at: handle)
+    let persisted = try tpm.loadKey(at: handle)
+    let digest384 = randomDigest(.sha384)
+    let signature384 = try persisted.sign(digest: digest384, hash: .sha384)
+    #expect(
+      try verifyWithOpenSSL(publicKeyPEM: persisted.publicKey.pem, digest: digest384, signature: signature384, in: dir))
+    // An independent reader sees the persisted key through the same broker.
+    let readPublic = try broker.run("tpm2_readpublic", ["-c", String(format: "0x%08x", handle.rawValue)])
+    #expect(readPublic.contains("fixedtpm"))
+  }
+
+  @Test("the broker virtualises the slots: other clients' objects do not evict our loaded key")
+  func brokerVirtualisesSlots() throws {
+    let swtpm = try SoftwareTPM()
+    let broker = try AccessBroker(over: swtpm)
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: broker.tcti)
+    let key = try tpm.loadKey(try tpm.createKey())
+    try key.load()
+    // Five primaries from other processes: on bare swtpm the third would fail with 0x902.
+    for i in 0..<5 {
+      try broker.run("tpm2_createprimary", ["-C", "o", "-c", "p\(i).ctx"], in: dir)
+    }
+    let digest = randomDigest(.sha256)
+    let signature = try key.sign(digest: digest, hash: .sha256)
+    #expect(key.loadCount == 1)
+    #expect(try verifyWithOpenSSL(publicKeyPEM: key.publicKey.pem, digest: digest, signature: signature, in: dir))
   }
 }

@@ -113,6 +113,9 @@ TSS2_RC edgekey_tpm_key_from_persistent(edgekey_tpm *tpm, uint32_t handle, const
 
 void edgekey_tpm_key_free(edgekey_tpm_key *key);
 
+/* The context the key belongs to (borrowed, lives as long as `key`). */
+edgekey_tpm *edgekey_tpm_key_context(const edgekey_tpm_key *key);
+
 /* The key's public area (borrowed, lives as long as `key`). No TPM traffic. */
 const TPM2B_PUBLIC *edgekey_tpm_key_public(const edgekey_tpm_key *key);
 
