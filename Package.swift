@@ -7,6 +7,7 @@ let package = Package(
   products: [
     .library(name: "EdgeKeyTPM", targets: ["EdgeKeyTPM"]),
     .library(name: "EdgeKeyCore", targets: ["EdgeKeyCore"]),
+    .library(name: "EdgeKeyTLS", targets: ["EdgeKeyTLS"]),
     .executable(name: "edgekey", targets: ["edgekey"]),
   ],
   targets: [
@@ -43,6 +44,11 @@ let package = Package(
       dependencies: ["CTSS2", "CEdgeKeyProvider", "EdgeKeyCore"],
       path: "Sources/EdgeKeyTPM"
     ),
+    .target(
+      name: "EdgeKeyTLS",
+      dependencies: ["COpenSSL", "CEdgeKeyProvider", "EdgeKeyTPM", "EdgeKeyCore"],
+      path: "Sources/EdgeKeyTLS"
+    ),
     .executableTarget(
       name: "edgekey",
       dependencies: ["EdgeKeyTPM", "EdgeKeyCore"],
@@ -52,7 +58,7 @@ let package = Package(
     // Test harness: starts swtpm (and later mosquitto, the RA) on free loopback ports.
     .target(
       name: "EdgeKeyTestSupport",
-      dependencies: ["EdgeKeyCore"],
+      dependencies: ["EdgeKeyCore", "COpenSSL"],
       path: "Tests/Support"
     ),
     // C helpers for what Swift cannot do safely itself (fork in a threaded test process).
@@ -65,6 +71,11 @@ let package = Package(
       name: "EdgeKeyTPMTests",
       dependencies: ["EdgeKeyTPM", "EdgeKeyTestSupport", "CEdgeKeyTestHelpers"],
       path: "Tests/EdgeKeyTPMTests"
+    ),
+    .testTarget(
+      name: "EdgeKeyTLSTests",
+      dependencies: ["EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyTestSupport", "COpenSSL", "CEdgeKeyProvider"],
+      path: "Tests/EdgeKeyTLSTests"
     ),
     .testTarget(
       name: "EdgeKeyCLITests",

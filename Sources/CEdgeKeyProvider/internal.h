@@ -6,13 +6,17 @@
 #include <stdatomic.h>
 #include <sys/types.h>
 
+#include <openssl/evp.h>
+
 #include "edgekey.h"
 
 struct edgekey_tpm {
   pthread_mutex_t lock;
   atomic_int refs;
   char *tcti;
-  TSS2_TCTI_CONTEXT *tcti_ctx;
+  TSS2_TCTI_CONTEXT *tcti_ctx; /* the real TCTI, from tctildr */
+  TSS2_TCTI_CONTEXT *counting; /* the counting TCTI in front of it, which ESAPI uses */
+  atomic_uint_fast64_t commands;
   ESYS_CONTEXT *esys;
   pid_t pid;
   /* Bumped whenever ESYS_TR values become meaningless (context re-created after fork). */
@@ -29,7 +33,13 @@ struct edgekey_tpm {
   edgekey_tpm *next_open;
 };
 
+#define EDGEKEY_KEY_MAGIC 0x45444b59u /* "EDKY": checked where a key arrives as a raw pointer */
+
 struct edgekey_tpm_key {
+  uint32_t magic;
+  atomic_int refs;
+  /* Set once the key's RSA-PSS signatures were checked to use salt = digest length. */
+  atomic_int pss_checked;
   edgekey_tpm *tpm;
   uint32_t parent;     /* EDGEKEY_PARENT_OWNER, a persistent parent, or 0 for a persistent key */
   uint32_t persistent; /* the key's own persistent handle, or 0 */
@@ -47,6 +57,13 @@ struct edgekey_tpm_key {
 int edgekey_rc_is_missing_object(TSS2_RC rc);
 /* Strips the parameter/handle/session number from a format-one TPM response code. */
 TSS2_RC edgekey_rc_base(TSS2_RC rc);
+/* The public area as a software EVP_PKEY of the default provider (NULL if unsupported). */
+EVP_PKEY *edgekey_public_to_evp(const TPM2B_PUBLIC *pub);
+/* Number of TPM commands sent through the context's TCTI (tcti_count.c). */
+TSS2_RC edgekey_tcti_counting_wrap(TSS2_TCTI_CONTEXT *inner, TSS2_TCTI_CONTEXT **out,
+                                   atomic_uint_fast64_t *counter);
+void edgekey_tcti_counting_free(TSS2_TCTI_CONTEXT *wrapper);
+
 /* Flushes the least recently used loaded key other than `keep`; 0 when there was none. */
 int edgekey_tpm_evict_lru_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys, edgekey_tpm_key *keep);
 

@@ -9,9 +9,9 @@
 #include <openssl/param_build.h>
 #include <openssl/x509.h>
 
-#include "edgekey.h"
+#include "internal.h"
 
-static EVP_PKEY *public_to_evp(const TPM2B_PUBLIC *pub) {
+EVP_PKEY *edgekey_public_to_evp(const TPM2B_PUBLIC *pub) {
   const TPMT_PUBLIC *p = &pub->publicArea;
   EVP_PKEY *pkey = NULL;
   EVP_PKEY_CTX *ctx = NULL;
@@ -39,7 +39,7 @@ static EVP_PKEY *public_to_evp(const TPM2B_PUBLIC *pub) {
     if (!OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_GROUP_NAME, group, 0) ||
         !OSSL_PARAM_BLD_push_octet_string(bld, OSSL_PKEY_PARAM_PUB_KEY, point, 1 + 2 * field))
       goto out;
-    ctx = EVP_PKEY_CTX_new_from_name(NULL, "EC", NULL);
+    ctx = EVP_PKEY_CTX_new_from_name(NULL, "EC", "provider=default");
   } else if (p->type == TPM2_ALG_RSA) {
     UINT32 exponent = p->parameters.rsaDetail.exponent ? p->parameters.rsaDetail.exponent : 65537;
     n = BN_bin2bn(p->unique.rsa.buffer, p->unique.rsa.size, NULL);
@@ -48,7 +48,7 @@ static EVP_PKEY *public_to_evp(const TPM2B_PUBLIC *pub) {
         !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, n) ||
         !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, e))
       goto out;
-    ctx = EVP_PKEY_CTX_new_from_name(NULL, "RSA", NULL);
+    ctx = EVP_PKEY_CTX_new_from_name(NULL, "RSA", "provider=default");
   } else {
     goto out;
   }
@@ -67,7 +67,7 @@ out:
 
 TSS2_RC edgekey_public_to_spki(const TPM2B_PUBLIC *pub, uint8_t **der, size_t *der_len) {
   if (pub == NULL || der == NULL || der_len == NULL) return EDGEKEY_RC_BAD_ARGUMENT;
-  EVP_PKEY *pkey = public_to_evp(pub);
+  EVP_PKEY *pkey = edgekey_public_to_evp(pub);
   if (pkey == NULL) return EDGEKEY_RC_NOT_A_SIGNING_KEY;
   TSS2_RC rc = EDGEKEY_RC_MEMORY;
   unsigned char *buf = NULL;

@@ -102,31 +102,48 @@ static int tcti_is_direct(const char *tcti) {
   return 0;
 }
 
-/* Opens the TCTI and ESAPI context; the caller decides what a failure means. */
-static TSS2_RC open_esys(const char *tcti, TSS2_TCTI_CONTEXT **tcti_ctx, ESYS_CONTEXT **esys) {
-  TSS2_RC rc = Tss2_TctiLdr_Initialize(tcti, tcti_ctx);
+/* The TCTI (tctildr), the counting TCTI in front of it, and the ESAPI context on top. */
+typedef struct {
+  TSS2_TCTI_CONTEXT *tcti;
+  TSS2_TCTI_CONTEXT *counting;
+  ESYS_CONTEXT *esys;
+} esys_stack;
+
+/* Opens the stack; the caller decides what a failure means. */
+static TSS2_RC open_esys(const char *tcti, esys_stack *st, atomic_uint_fast64_t *counter) {
+  st->tcti = NULL;
+  st->counting = NULL;
+  st->esys = NULL;
+  TSS2_RC rc = Tss2_TctiLdr_Initialize(tcti, &st->tcti);
   if (rc != TSS2_RC_SUCCESS) return rc;
-  rc = Esys_Initialize(esys, *tcti_ctx, NULL);
-  if (rc != TSS2_RC_SUCCESS) Tss2_TctiLdr_Finalize(tcti_ctx);
+  rc = edgekey_tcti_counting_wrap(st->tcti, &st->counting, counter);
+  if (rc == TSS2_RC_SUCCESS) rc = Esys_Initialize(&st->esys, st->counting, NULL);
+  if (rc != TSS2_RC_SUCCESS) {
+    edgekey_tcti_counting_free(st->counting);
+    st->counting = NULL;
+    Tss2_TctiLdr_Finalize(&st->tcti);
+  }
   return rc;
 }
 
-static void close_esys(TSS2_TCTI_CONTEXT **tcti_ctx, ESYS_CONTEXT **esys) {
-  if (*esys != NULL) Esys_Finalize(esys);
-  if (*tcti_ctx != NULL) Tss2_TctiLdr_Finalize(tcti_ctx);
+static void close_esys(esys_stack *st) {
+  if (st->esys != NULL) Esys_Finalize(&st->esys);
+  edgekey_tcti_counting_free(st->counting);
+  st->counting = NULL;
+  if (st->tcti != NULL) Tss2_TctiLdr_Finalize(&st->tcti);
 }
 
 /* One candidate: open and start up. The TPM answering with any TPM-layer code counts as up. */
-static TSS2_RC try_candidate(const char *tcti, TSS2_TCTI_CONTEXT **tcti_ctx, ESYS_CONTEXT **esys,
+static TSS2_RC try_candidate(const char *tcti, esys_stack *st, atomic_uint_fast64_t *counter,
                              const char **stage) {
   *stage = "opening the TCTI";
-  TSS2_RC rc = open_esys(tcti, tcti_ctx, esys);
+  TSS2_RC rc = open_esys(tcti, st, counter);
   if (rc != TSS2_RC_SUCCESS) return rc;
   *stage = "TPM2_Startup";
-  rc = Esys_Startup(*esys, TPM2_SU_CLEAR);
+  rc = Esys_Startup(st->esys, TPM2_SU_CLEAR);
   if (rc == TSS2_RC_SUCCESS || rc == TPM2_RC_INITIALIZE) return TSS2_RC_SUCCESS;
   if ((rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER) return TSS2_RC_SUCCESS;
-  close_esys(tcti_ctx, esys);
+  close_esys(st);
   return rc;
 }
 
@@ -177,26 +194,29 @@ TSS2_RC edgekey_tpm_open_exact(const char *tcti, edgekey_tpm **out, char *why, s
   if (why != NULL && why_len > 0) why[0] = '\0';
   if (out == NULL || tcti == NULL) return EDGEKEY_RC_BAD_ARGUMENT;
   *out = NULL;
-  TSS2_TCTI_CONTEXT *tcti_ctx = NULL;
-  ESYS_CONTEXT *esys = NULL;
-  const char *stage = "";
-  TSS2_RC rc = try_candidate(tcti, &tcti_ctx, &esys, &stage);
-  if (rc != TSS2_RC_SUCCESS) {
-    append_why(why, why_len, "%s failed: %s", stage, Tss2_RC_Decode(rc));
-    return rc;
-  }
   edgekey_tpm *tpm = calloc(1, sizeof(*tpm));
   char *name = strdup(tcti);
   if (tpm == NULL || name == NULL) {
     free(tpm);
     free(name);
-    close_esys(&tcti_ctx, &esys);
     return EDGEKEY_RC_MEMORY;
   }
+  atomic_init(&tpm->commands, 0);
+  esys_stack st;
+  const char *stage = "";
+  TSS2_RC rc = try_candidate(tcti, &st, &tpm->commands, &stage);
+  if (rc != TSS2_RC_SUCCESS) {
+    append_why(why, why_len, "%s failed: %s", stage, Tss2_RC_Decode(rc));
+    free(tpm);
+    free(name);
+    return rc;
+  }
+  ESYS_CONTEXT *esys = st.esys;
   pthread_mutex_init(&tpm->lock, NULL);
   atomic_init(&tpm->refs, 1);
   tpm->tcti = name;
-  tpm->tcti_ctx = tcti_ctx;
+  tpm->tcti_ctx = st.tcti;
+  tpm->counting = st.counting;
   tpm->esys = esys;
   tpm->pid = getpid();
   tpm->generation = 1;
@@ -243,7 +263,8 @@ void edgekey_tpm_unref(edgekey_tpm *tpm) {
   registry_remove(tpm);
   if (tpm->esys != NULL && tpm->pid == getpid() && tpm->srk != ESYS_TR_NONE)
     Esys_TR_Close(tpm->esys, &tpm->srk);
-  close_esys(&tpm->tcti_ctx, &tpm->esys);
+  esys_stack st = {tpm->tcti_ctx, tpm->counting, tpm->esys};
+  close_esys(&st);
   pthread_mutex_destroy(&tpm->lock);
   free(tpm->tcti);
   free(tpm);
@@ -252,6 +273,9 @@ void edgekey_tpm_unref(edgekey_tpm *tpm) {
 const char *edgekey_tpm_tcti(const edgekey_tpm *tpm) { return tpm->tcti; }
 int edgekey_tpm_is_direct(const edgekey_tpm *tpm) { return tpm->direct; }
 int edgekey_tpm_leaked_flushed(const edgekey_tpm *tpm) { return tpm->leaked_flushed; }
+uint64_t edgekey_tpm_command_count(const edgekey_tpm *tpm) {
+  return atomic_load(&((edgekey_tpm *)tpm)->commands);
+}
 
 ESYS_CONTEXT *edgekey_tpm_acquire(edgekey_tpm *tpm, TSS2_RC *rc) {
   pthread_mutex_lock(&tpm->lock);
@@ -259,15 +283,17 @@ ESYS_CONTEXT *edgekey_tpm_acquire(edgekey_tpm *tpm, TSS2_RC *rc) {
   if (tpm->pid != getpid() || tpm->esys == NULL) {
     /* After fork() the parent's ESAPI state (sessions, TCTI socket) is not ours: start over.
      * The parent's objects stay loaded for the parent; ours are loaded again on use. */
-    close_esys(&tpm->tcti_ctx, &tpm->esys);
+    esys_stack st = {tpm->tcti_ctx, tpm->counting, tpm->esys};
+    close_esys(&st);
     tpm->pid = getpid();
     tpm->generation++;
     tpm->srk = ESYS_TR_NONE;
     tpm->loaded = NULL;
-    TSS2_RC r = open_esys(tpm->tcti, &tpm->tcti_ctx, &tpm->esys);
+    TSS2_RC r = open_esys(tpm->tcti, &st, &tpm->commands);
+    tpm->tcti_ctx = st.tcti;
+    tpm->counting = st.counting;
+    tpm->esys = st.esys;
     if (r != TSS2_RC_SUCCESS) {
-      tpm->esys = NULL;
-      tpm->tcti_ctx = NULL;
       if (rc != NULL) *rc = r;
       pthread_mutex_unlock(&tpm->lock);
       return NULL;

@@ -13,6 +13,9 @@ static int auth_ok(const uint8_t *auth, size_t auth_len) {
 static edgekey_tpm_key *key_new(edgekey_tpm *tpm, const uint8_t *auth, size_t auth_len) {
   edgekey_tpm_key *key = calloc(1, sizeof(*key));
   if (key == NULL) return NULL;
+  key->magic = EDGEKEY_KEY_MAGIC;
+  atomic_init(&key->refs, 1);
+  atomic_init(&key->pss_checked, 0);
   key->tpm = edgekey_tpm_ref(tpm);
   key->handle = ESYS_TR_NONE;
   key->auth.size = (UINT16)auth_len;
@@ -212,8 +215,14 @@ void edgekey_tpm_key_unload(edgekey_tpm_key *key) {
   }
 }
 
+edgekey_tpm_key *edgekey_tpm_key_ref(edgekey_tpm_key *key) {
+  atomic_fetch_add(&key->refs, 1);
+  return key;
+}
+
 void edgekey_tpm_key_free(edgekey_tpm_key *key) {
-  if (key == NULL) return;
+  if (key == NULL || atomic_fetch_sub(&key->refs, 1) != 1) return;
+  key->magic = 0;
   if (key->handle != ESYS_TR_NONE) edgekey_tpm_key_unload(key);
   edgekey_tpm *tpm = key->tpm;
   memset(&key->auth, 0, sizeof(key->auth));

@@ -21,6 +21,10 @@ public final class TPM: @unchecked Sendable {
   public let isDirect: Bool
   /// Transient objects leaked by dead processes that were flushed when this context opened.
   public let leakedObjectsFlushed: Int
+
+  /// TPM commands this process has sent to this TPM so far, counted at the TCTI. The
+  /// difference across an operation is its cost (a TLS handshake: 1, TPM2_Sign).
+  public var commandCount: UInt64 { edgekey_tpm_command_count(raw) }
   let logger: Logger
 
   private static let registry = Mutex<[String: WeakTPM]>([:])

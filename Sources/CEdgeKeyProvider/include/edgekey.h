@@ -63,6 +63,9 @@ edgekey_tpm *edgekey_tpm_ref(edgekey_tpm *tpm);
 /* Drops a reference; the last one finalizes the ESAPI context and the TCTI. */
 void edgekey_tpm_unref(edgekey_tpm *tpm);
 
+/* Number of TPM commands this context has sent since it was opened (counted at the TCTI). */
+uint64_t edgekey_tpm_command_count(const edgekey_tpm *tpm);
+
 /* The TCTI string this context was opened with (borrowed, lives as long as `tpm`). */
 const char *edgekey_tpm_tcti(const edgekey_tpm *tpm);
 /* 1 when the TCTI talks to the TPM without a resource manager (3 object slots on swtpm). */
@@ -111,6 +114,8 @@ TSS2_RC edgekey_tpm_key_from_persistent(edgekey_tpm *tpm, uint32_t handle, const
                                         size_t auth_len, edgekey_tpm_key **out,
                                         const char **cmd);
 
+/* Keys are reference-counted: ref adds one, free drops one; the last flushes and frees. */
+edgekey_tpm_key *edgekey_tpm_key_ref(edgekey_tpm_key *key);
 void edgekey_tpm_key_free(edgekey_tpm_key *key);
 
 /* The context the key belongs to (borrowed, lives as long as `key`). */

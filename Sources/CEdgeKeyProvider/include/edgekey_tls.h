@@ -1,0 +1,88 @@
+/*
+ * EdgeKey TLS client contexts: a certificate chain plus a TPM-held key, and the peer policy
+ * of mutual TLS, as one SSL_CTX that libssl, libmosquitto (MOSQ_OPT_SSL_CTX) and libcurl
+ * (CURLOPT_SSL_CTX_FUNCTION) use unchanged. The same code serves the Swift library and C
+ * daemons.
+ */
+#ifndef EDGEKEY_TLS_H
+#define EDGEKEY_TLS_H
+
+#include <openssl/ssl.h>
+
+#include "edgekey.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+  const char *chain_pem;   /* our certificate first, then intermediates (PEM text) */
+  edgekey_tpm_key *key;    /* the TPM key the certificate is for (borrowed; the ctx refs it) */
+  const char *trust_pem;   /* the CA certificates we trust for servers (PEM text), required */
+  const char *crl_pem;     /* CRLs to check the server's certificate against, or NULL */
+  const char *server_name; /* host name or IP literal the server's certificate must name */
+  int min_version;         /* TLS1_2_VERSION when 0 */
+  int max_version;         /* TLS1_3_VERSION when 0 */
+  int allow_missing_server_auth_eku; /* 0: the server's certificate must say serverAuth */
+  int allow_unverified_name;         /* 0: server_name is required */
+} edgekey_tls_config;
+
+/* Why a context could not be made; the first few concern our own certificate. */
+typedef enum {
+  EDGEKEY_TLS_OK = 0,
+  EDGEKEY_TLS_BAD_CHAIN,         /* no certificate, or not PEM */
+  EDGEKEY_TLS_CERT_EXPIRED,      /* our certificate's notAfter has passed */
+  EDGEKEY_TLS_CERT_NOT_YET_VALID,
+  EDGEKEY_TLS_CERT_NO_CLIENT_AUTH, /* EKU present without clientAuth */
+  EDGEKEY_TLS_CERT_KEY_MISMATCH,   /* the certificate is for another key */
+  EDGEKEY_TLS_BAD_TRUST,           /* no trust anchors, or not PEM */
+  EDGEKEY_TLS_BAD_CRL,
+  EDGEKEY_TLS_NO_SERVER_NAME,
+  EDGEKEY_TLS_BAD_KEY,  /* the TPM key cannot be used by OpenSSL */
+  EDGEKEY_TLS_INTERNAL, /* OpenSSL refused a setting; `why` has its error */
+} edgekey_tls_status;
+
+/*
+ * A client SSL_CTX: TLS 1.2 minimum, forward-secret AEAD suites only, client signature
+ * algorithms limited to what the key signs, the server verified against `trust_pem` only (not
+ * the system store), its name checked, serverAuth EKU required, CRLs checked when given.
+ * Our certificate is checked first (dates, clientAuth, matches the key); `why` says what is
+ * wrong. Returns NULL with a status other than OK on failure.
+ */
+SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *config, edgekey_tls_status *status,
+                                char *why, size_t why_len);
+
+/* What a failed handshake or read/write reports, by layer. */
+typedef enum {
+  EDGEKEY_LAYER_NONE = 0,
+  EDGEKEY_LAYER_NETWORK,            /* connection refused, reset, closed, timed out */
+  EDGEKEY_LAYER_PROTOCOL,           /* version or cipher suites not agreed */
+  EDGEKEY_LAYER_SERVER_CERTIFICATE, /* we did not accept the server's certificate */
+  EDGEKEY_LAYER_CLIENT_CERTIFICATE, /* the server did not accept ours */
+  EDGEKEY_LAYER_TPM,                /* the TPM did not sign */
+  EDGEKEY_LAYER_TLS,                /* anything else libssl reported */
+} edgekey_tls_layer;
+
+typedef struct {
+  edgekey_tls_layer layer;
+  long verify_error; /* X509_V_ERR_* for the server's certificate, else 0 */
+  int depth;         /* chain depth of the certificate at fault (0 = leaf), -1 if none */
+  int alert;         /* TLS alert the server sent, or -1 */
+  char subject[256]; /* the certificate at fault (the server's, or ours) */
+  char issuer[256];
+  char not_before[40];
+  char not_after[40];
+  char reason[512];
+} edgekey_tls_failure;
+
+/*
+ * Explains why SSL_connect/SSL_read/SSL_write on `ssl` (made from a context of
+ * edgekey_tls_client_ctx) failed with `ssl_error` (SSL_get_error()). Consumes the thread's
+ * OpenSSL error queue. Returns the layer.
+ */
+edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_failure *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,427 @@
+/* Client SSL_CTX for mutual TLS with a TPM-held key, and handshake failure diagnosis. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509v3.h>
+
+#include "edgekey_provider.h"
+#include "edgekey_tls.h"
+
+/* ---- Per-connection record of what went wrong, kept in the SSL's ex_data ------------------- */
+
+typedef struct {
+  long verify_error;
+  int depth;
+  int alert_received;
+  char subject[256], issuer[256], not_before[40], not_after[40];
+} failure_record;
+
+static int ssl_index = -1;
+static int ctx_index = -1;
+static pthread_once_t index_once = PTHREAD_ONCE_INIT;
+
+static void free_record(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                        void *argp) {
+  (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+  free(ptr);
+}
+
+static void make_indexes(void) {
+  ssl_index = SSL_get_ex_new_index(0, "edgekey failure", NULL, NULL, free_record);
+  ctx_index = SSL_CTX_get_ex_new_index(0, "edgekey policy", NULL, NULL, free_record);
+}
+
+typedef struct {
+  int require_server_auth_eku;
+} ctx_policy;
+
+static failure_record *record_for(SSL *ssl, int create) {
+  failure_record *r = SSL_get_ex_data(ssl, ssl_index);
+  if (r == NULL && create) {
+    r = calloc(1, sizeof(*r));
+    if (r == NULL) return NULL;
+    r->depth = -1;
+    r->alert_received = -1;
+    SSL_set_ex_data(ssl, ssl_index, r);
+  }
+  return r;
+}
+
+static void print_name(const X509_NAME *name, char *out, size_t cap) {
+  out[0] = '\0';
+  BIO *b = BIO_new(BIO_s_mem());
+  if (b == NULL) return;
+  X509_NAME_print_ex(b, name, 0, XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB);
+  int n = BIO_read(b, out, (int)cap - 1);
+  out[n > 0 ? n : 0] = '\0';
+  BIO_free(b);
+}
+
+static void print_time(const ASN1_TIME *t, char *out, size_t cap) {
+  out[0] = '\0';
+  BIO *b = BIO_new(BIO_s_mem());
+  if (b == NULL) return;
+  ASN1_TIME_print(b, t);
+  int n = BIO_read(b, out, (int)cap - 1);
+  out[n > 0 ? n : 0] = '\0';
+  BIO_free(b);
+}
+
+static void describe_cert(X509 *cert, char *subject, char *issuer, char *nb, char *na) {
+  if (cert == NULL) return;
+  print_name(X509_get_subject_name(cert), subject, 256);
+  print_name(X509_get_issuer_name(cert), issuer, 256);
+  print_time(X509_get0_notBefore(cert), nb, 40);
+  print_time(X509_get0_notAfter(cert), na, 40);
+}
+
+static int verify_callback(int ok, X509_STORE_CTX *store) {
+  SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
+  int depth = X509_STORE_CTX_get_error_depth(store);
+  X509 *cert = X509_STORE_CTX_get_current_cert(store);
+  if (ok && depth == 0 && ssl != NULL) {
+    ctx_policy *policy = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_index);
+    int has_eku = (X509_get_extension_flags(cert) & EXFLAG_XKUSAGE) != 0;
+    int server_auth = has_eku && (X509_get_extended_key_usage(cert) & XKU_SSL_SERVER);
+    if (policy != NULL && policy->require_server_auth_eku && !server_auth) {
+      X509_STORE_CTX_set_error(store, X509_V_ERR_INVALID_PURPOSE);
+      ok = 0;
+    }
+  }
+  if (!ok && ssl != NULL) {
+    failure_record *r = record_for(ssl, 1);
+    if (r != NULL && r->verify_error == 0) {
+      r->verify_error = X509_STORE_CTX_get_error(store);
+      r->depth = depth;
+      describe_cert(cert, r->subject, r->issuer, r->not_before, r->not_after);
+    }
+  }
+  return ok;
+}
+
+static void info_callback(const SSL *ssl, int where, int ret) {
+  if ((where & SSL_CB_ALERT) && (where & SSL_CB_READ)) {
+    failure_record *r = record_for((SSL *)ssl, 1);
+    /* close_notify (0) is not a failure; keep the first real alert. */
+    if (r != NULL && (ret & 0xff) != 0 && r->alert_received < 0) r->alert_received = ret & 0xff;
+  }
+}
+
+/* ---- Building the context ------------------------------------------------------------------ */
+
+static void set_why(char *why, size_t why_len, const char *fmt, ...) {
+  if (why == NULL || why_len == 0) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(why, why_len, fmt, ap);
+  va_end(ap);
+}
+
+static void append_openssl_error(char *why, size_t why_len) {
+  unsigned long e = ERR_peek_last_error();
+  if (e == 0 || why == NULL) return;
+  size_t used = strnlen(why, why_len);
+  char buf[256];
+  ERR_error_string_n(e, buf, sizeof(buf));
+  if (used + 3 < why_len) snprintf(why + used, why_len - used, ": %s", buf);
+}
+
+static STACK_OF(X509) *read_certs(const char *pem) {
+  STACK_OF(X509) *certs = sk_X509_new_null();
+  BIO *b = BIO_new_mem_buf(pem, -1);
+  X509 *x;
+  while (certs != NULL && b != NULL && (x = PEM_read_bio_X509(b, NULL, NULL, NULL)) != NULL) {
+    if (!sk_X509_push(certs, x)) X509_free(x);
+  }
+  BIO_free(b);
+  ERR_clear_error(); /* the loop ends on "no start line" */
+  return certs;
+}
+
+static const char *client_sigalgs(const TPMT_PUBLIC *p) {
+  if (p->type == TPM2_ALG_ECC) {
+    /* TLS 1.3 ties the hash to the curve; TLS 1.2 takes any. */
+    return p->parameters.eccDetail.curveID == TPM2_ECC_NIST_P384 ? "ECDSA+SHA384:ECDSA+SHA256"
+                                                                 : "ECDSA+SHA256:ECDSA+SHA384";
+  }
+  return "rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512:"
+         "rsa_pkcs1_sha256:rsa_pkcs1_sha384:rsa_pkcs1_sha512";
+}
+
+SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_status *status,
+                                char *why, size_t why_len) {
+  pthread_once(&index_once, make_indexes);
+  edgekey_tls_status st = EDGEKEY_TLS_INTERNAL;
+  SSL_CTX *ctx = NULL;
+  EVP_PKEY *pkey = NULL;
+  STACK_OF(X509) *chain = NULL, *anchors = NULL;
+  if (why != NULL && why_len > 0) why[0] = '\0';
+  ERR_clear_error();
+
+  if (cfg == NULL || cfg->chain_pem == NULL || cfg->key == NULL) {
+    st = EDGEKEY_TLS_BAD_CHAIN;
+    set_why(why, why_len, "a certificate chain and a TPM key are required");
+    goto out;
+  }
+  chain = read_certs(cfg->chain_pem);
+  if (chain == NULL || sk_X509_num(chain) == 0) {
+    st = EDGEKEY_TLS_BAD_CHAIN;
+    set_why(why, why_len, "our certificate chain holds no PEM certificate");
+    goto out;
+  }
+  X509 *leaf = sk_X509_value(chain, 0);
+  char subject[256], issuer[256], nb[40], na[40];
+  describe_cert(leaf, subject, issuer, nb, na);
+  if (X509_cmp_current_time(X509_get0_notAfter(leaf)) < 0) {
+    st = EDGEKEY_TLS_CERT_EXPIRED;
+    set_why(why, why_len, "our certificate %s (issuer %s) expired on %s", subject, issuer, na);
+    goto out;
+  }
+  if (X509_cmp_current_time(X509_get0_notBefore(leaf)) > 0) {
+    st = EDGEKEY_TLS_CERT_NOT_YET_VALID;
+    set_why(why, why_len, "our certificate %s (issuer %s) is not valid before %s (check the clock)",
+            subject, issuer, nb);
+    goto out;
+  }
+  if ((X509_get_extension_flags(leaf) & EXFLAG_XKUSAGE) &&
+      !(X509_get_extended_key_usage(leaf) & XKU_SSL_CLIENT)) {
+    st = EDGEKEY_TLS_CERT_NO_CLIENT_AUTH;
+    set_why(why, why_len,
+            "our certificate %s (issuer %s) has an extended key usage without clientAuth", subject,
+            issuer);
+    goto out;
+  }
+  pkey = edgekey_evp_pkey(cfg->key);
+  if (pkey == NULL) {
+    st = EDGEKEY_TLS_BAD_KEY;
+    set_why(why, why_len, "the TPM key cannot be used through OpenSSL");
+    append_openssl_error(why, why_len);
+    goto out;
+  }
+  if (X509_check_private_key(leaf, pkey) != 1) {
+    ERR_clear_error();
+    st = EDGEKEY_TLS_CERT_KEY_MISMATCH;
+    set_why(why, why_len, "our certificate %s (issuer %s) is for another key than the TPM key",
+            subject, issuer);
+    goto out;
+  }
+  if (cfg->trust_pem == NULL || (anchors = read_certs(cfg->trust_pem)) == NULL ||
+      sk_X509_num(anchors) == 0) {
+    st = EDGEKEY_TLS_BAD_TRUST;
+    set_why(why, why_len, "no trust anchor: give the CA certificate(s) the broker's chain ends in");
+    goto out;
+  }
+  if ((cfg->server_name == NULL || cfg->server_name[0] == '\0') && !cfg->allow_unverified_name) {
+    st = EDGEKEY_TLS_NO_SERVER_NAME;
+    set_why(why, why_len, "the server's host name or IP address is required to verify it");
+    goto out;
+  }
+
+  st = EDGEKEY_TLS_INTERNAL;
+  ctx = SSL_CTX_new(TLS_client_method());
+  if (ctx == NULL) goto fail;
+  int min = cfg->min_version ? cfg->min_version : TLS1_2_VERSION;
+  int max = cfg->max_version ? cfg->max_version : TLS1_3_VERSION;
+  if (!SSL_CTX_set_min_proto_version(ctx, min) || !SSL_CTX_set_max_proto_version(ctx, max))
+    goto fail;
+  /* TLS 1.2: ECDHE with AEAD only (forward secret); TLS 1.3 suites are all forward secret. */
+  if (!SSL_CTX_set_cipher_list(ctx, "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL")) goto fail;
+  SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
+  if (!SSL_CTX_set1_client_sigalgs_list(
+          ctx, client_sigalgs(&edgekey_tpm_key_public(cfg->key)->publicArea)))
+    goto fail;
+
+  if (SSL_CTX_use_certificate(ctx, leaf) != 1 || SSL_CTX_use_PrivateKey(ctx, pkey) != 1 ||
+      SSL_CTX_check_private_key(ctx) != 1)
+    goto fail;
+  for (int i = 1; i < sk_X509_num(chain); i++)
+    if (!SSL_CTX_add1_chain_cert(ctx, sk_X509_value(chain, i))) goto fail;
+
+  X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+  for (int i = 0; i < sk_X509_num(anchors); i++)
+    if (!X509_STORE_add_cert(store, sk_X509_value(anchors, i))) goto fail;
+  if (cfg->crl_pem != NULL) {
+    BIO *b = BIO_new_mem_buf(cfg->crl_pem, -1);
+    X509_CRL *crl;
+    int n = 0;
+    while (b != NULL && (crl = PEM_read_bio_X509_CRL(b, NULL, NULL, NULL)) != NULL) {
+      X509_STORE_add_crl(store, crl);
+      X509_CRL_free(crl);
+      n++;
+    }
+    BIO_free(b);
+    ERR_clear_error();
+    if (n == 0) {
+      st = EDGEKEY_TLS_BAD_CRL;
+      set_why(why, why_len, "the CRL text holds no PEM CRL");
+      goto out_free_ctx;
+    }
+    /* The server's own certificate is checked against its issuer's CRL. */
+    X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK);
+  }
+
+  X509_VERIFY_PARAM *param = SSL_CTX_get0_param(ctx);
+  if (cfg->server_name != NULL && cfg->server_name[0] != '\0') {
+    unsigned char addr[16];
+    int is_ip = inet_pton(AF_INET, cfg->server_name, addr) == 1 ||
+                inet_pton(AF_INET6, cfg->server_name, addr) == 1;
+    int ok = is_ip ? X509_VERIFY_PARAM_set1_ip_asc(param, cfg->server_name)
+                   : X509_VERIFY_PARAM_set1_host(param, cfg->server_name, 0);
+    if (!ok) goto fail;
+    X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+  }
+  X509_VERIFY_PARAM_set_purpose(param, X509_PURPOSE_SSL_SERVER);
+  ctx_policy *policy = calloc(1, sizeof(*policy));
+  if (policy == NULL) goto fail;
+  policy->require_server_auth_eku = !cfg->allow_missing_server_auth_eku;
+  SSL_CTX_set_ex_data(ctx, ctx_index, policy);
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, verify_callback);
+  SSL_CTX_set_info_callback(ctx, info_callback);
+  st = EDGEKEY_TLS_OK;
+  goto out;
+
+fail:
+  set_why(why, why_len, "OpenSSL refused a setting");
+  append_openssl_error(why, why_len);
+out_free_ctx:
+  SSL_CTX_free(ctx);
+  ctx = NULL;
+out:
+  EVP_PKEY_free(pkey);
+  sk_X509_pop_free(chain, X509_free);
+  sk_X509_pop_free(anchors, X509_free);
+  if (status != NULL) *status = st;
+  return ctx;
+}
+
+/* ---- Diagnosis ------------------------------------------------------------------------------ */
+
+static edgekey_tls_layer layer_of_alert(int alert) {
+  switch (alert) {
+  case SSL_AD_BAD_CERTIFICATE:
+  case SSL_AD_UNSUPPORTED_CERTIFICATE:
+  case SSL_AD_CERTIFICATE_REVOKED:
+  case SSL_AD_CERTIFICATE_EXPIRED:
+  case SSL_AD_CERTIFICATE_UNKNOWN:
+  case SSL_AD_UNKNOWN_CA:
+  case SSL_AD_ACCESS_DENIED:
+  case SSL_AD_DECRYPT_ERROR:
+  case 116: /* certificate_required (TLS 1.3) */
+    return EDGEKEY_LAYER_CLIENT_CERTIFICATE;
+  case SSL_AD_PROTOCOL_VERSION:
+  case SSL_AD_INSUFFICIENT_SECURITY:
+  case SSL_AD_HANDSHAKE_FAILURE:
+  case SSL_AD_ILLEGAL_PARAMETER:
+    return EDGEKEY_LAYER_PROTOCOL;
+  default:
+    return EDGEKEY_LAYER_TLS;
+  }
+}
+
+static int is_protocol_reason(int reason) {
+  switch (reason) {
+  case SSL_R_UNSUPPORTED_PROTOCOL:
+  case SSL_R_NO_PROTOCOLS_AVAILABLE:
+  case SSL_R_WRONG_VERSION_NUMBER:
+  case SSL_R_NO_SHARED_CIPHER:
+  case SSL_R_NO_CIPHERS_AVAILABLE:
+  case SSL_R_NO_SUITABLE_SIGNATURE_ALGORITHM:
+  case SSL_R_NO_SHARED_SIGNATURE_ALGORITHMS:
+  case SSL_R_UNKNOWN_PROTOCOL:
+  case SSL_R_VERSION_TOO_LOW:
+  case SSL_R_VERSION_TOO_HIGH:
+    return 1;
+  default:
+    return 0;
+  }
+}
+
+edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_failure *out) {
+  memset(out, 0, sizeof(*out));
+  out->depth = -1;
+  out->alert = -1;
+  int saved_errno = errno;
+  pthread_once(&index_once, make_indexes);
+  failure_record *rec = ssl != NULL ? record_for(ssl, 0) : NULL;
+
+  /* The OpenSSL error queue: our provider's entries (TPM), and libssl's first reason. */
+  char tpm_reason[256] = "", first[256] = "";
+  int ssl_reason = 0;
+  unsigned long e;
+  const char *func = NULL, *data = NULL;
+  int flags = 0;
+  while ((e = ERR_get_error_all(NULL, NULL, &func, &data, &flags)) != 0) {
+    if (func != NULL && strcmp(func, "edgekey") == 0 && tpm_reason[0] == '\0') {
+      snprintf(tpm_reason, sizeof(tpm_reason), "%s",
+               (data != NULL && (flags & ERR_TXT_STRING)) ? data : ERR_reason_error_string(e));
+    }
+    if (ERR_GET_LIB(e) == ERR_LIB_SSL && ssl_reason == 0) ssl_reason = ERR_GET_REASON(e);
+    if (first[0] == '\0') ERR_error_string_n(e, first, sizeof(first));
+  }
+  int alert = rec != NULL ? rec->alert_received : -1;
+  if (alert < 0 && ssl_reason >= SSL_AD_REASON_OFFSET && ssl_reason < SSL_AD_REASON_OFFSET + 256)
+    alert = ssl_reason - SSL_AD_REASON_OFFSET;
+  out->alert = alert;
+
+  if (rec != NULL && rec->verify_error != 0) {
+    out->layer = EDGEKEY_LAYER_SERVER_CERTIFICATE;
+    out->verify_error = rec->verify_error;
+    out->depth = rec->depth;
+    memcpy(out->subject, rec->subject, sizeof(out->subject));
+    memcpy(out->issuer, rec->issuer, sizeof(out->issuer));
+    memcpy(out->not_before, rec->not_before, sizeof(out->not_before));
+    memcpy(out->not_after, rec->not_after, sizeof(out->not_after));
+    const char *what = X509_verify_cert_error_string(rec->verify_error);
+    if (rec->verify_error == X509_V_ERR_INVALID_PURPOSE)
+      what = "the server's certificate is not for serverAuth (extended key usage)";
+    snprintf(out->reason, sizeof(out->reason), "%s", what);
+    if (rec->verify_error == X509_V_ERR_HOSTNAME_MISMATCH ||
+        rec->verify_error == X509_V_ERR_IP_ADDRESS_MISMATCH) {
+      const char *peer = SSL_get0_peername(ssl);
+      X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
+      char *host = param != NULL ? X509_VERIFY_PARAM_get0_host(param, 0) : NULL;
+      char *ip = param != NULL ? X509_VERIFY_PARAM_get1_ip_asc(param) : NULL;
+      size_t used = strlen(out->reason);
+      snprintf(out->reason + used, sizeof(out->reason) - used, " (expected %s)",
+               host ? host : ip ? ip : peer ? peer : "?");
+      OPENSSL_free(ip);
+    }
+  } else if (tpm_reason[0] != '\0') {
+    out->layer = EDGEKEY_LAYER_TPM;
+    snprintf(out->reason, sizeof(out->reason), "the TPM did not sign: %s", tpm_reason);
+  } else if (alert >= 0 && layer_of_alert(alert) != EDGEKEY_LAYER_TLS) {
+    out->layer = layer_of_alert(alert);
+    if (out->layer == EDGEKEY_LAYER_CLIENT_CERTIFICATE && ssl != NULL) {
+      describe_cert(SSL_get_certificate(ssl), out->subject, out->issuer, out->not_before,
+                    out->not_after);
+      snprintf(out->reason, sizeof(out->reason), "the server refused our certificate: %s",
+               SSL_alert_desc_string_long(alert));
+    } else {
+      snprintf(out->reason, sizeof(out->reason), "the server ended the handshake: %s",
+               SSL_alert_desc_string_long(alert));
+    }
+  } else if (is_protocol_reason(ssl_reason)) {
+    out->layer = EDGEKEY_LAYER_PROTOCOL;
+    snprintf(out->reason, sizeof(out->reason), "no TLS version or cipher suite agreed: %s",
+             ERR_reason_error_string(ERR_PACK(ERR_LIB_SSL, 0, ssl_reason)));
+  } else if (ssl_error == SSL_ERROR_SYSCALL || ssl_error == SSL_ERROR_ZERO_RETURN ||
+             ssl_reason == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+    out->layer = EDGEKEY_LAYER_NETWORK;
+    if (ssl_error == SSL_ERROR_ZERO_RETURN || ssl_reason == SSL_R_UNEXPECTED_EOF_WHILE_READING ||
+        saved_errno == 0)
+      snprintf(out->reason, sizeof(out->reason), "the server closed the connection");
+    else
+      snprintf(out->reason, sizeof(out->reason), "%s", strerror(saved_errno));
+  } else {
+    out->layer = EDGEKEY_LAYER_TLS;
+    snprintf(out->reason, sizeof(out->reason), "%s", first[0] ? first : "unknown TLS failure");
+  }
+  return out->layer;
+}

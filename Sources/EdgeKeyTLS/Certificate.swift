@@ -1,0 +1,284 @@
+import COpenSSL
+import Foundation
+
+/// An X.509 certificate, parsed by OpenSSL; everything a log, a store or a policy asks of it.
+public final class Certificate: @unchecked Sendable, CustomStringConvertible {
+  // @unchecked: the X509 is never mutated after parsing; OpenSSL's getters are thread-safe.
+  package let x509: OpaquePointer
+
+  /// Takes ownership of `x509`.
+  package init(owning x509: OpaquePointer) { self.x509 = x509 }
+
+  deinit { X509_free(x509) }
+
+  /// Parses one DER certificate; trailing bytes are refused.
+  public convenience init(der: [UInt8]) throws(TLSError) {
+    var parsed: OpaquePointer?
+    let consumed = der.withUnsafeBufferPointer { buffer -> Int in
+      var p: UnsafePointer<UInt8>? = buffer.baseAddress
+      parsed = d2i_X509(nil, &p, buffer.count)
+      guard let p, let base = buffer.baseAddress else { return -1 }
+      return p - base
+    }
+    ERR_clear_error()
+    guard let parsed else { throw TLSError(.configuration, .badCertificateChain, "not a DER certificate") }
+    guard consumed == der.count else {
+      X509_free(parsed)
+      throw TLSError(.configuration, .badCertificateChain, "\(der.count - consumed) bytes after the certificate")
+    }
+    self.init(owning: parsed)
+  }
+
+  /// Parses the first PEM certificate in `pem`.
+  public convenience init(pem: String) throws(TLSError) {
+    let all = try Certificate.chain(pem: pem)
+    self.init(owning: X509_dup(all[0].x509))
+  }
+
+  /// Every PEM certificate in `pem`, in order; throws when there is none or one is damaged.
+  public static func chain(pem: String) throws(TLSError) -> [Certificate] {
+    var result: [Certificate] = []
+    // BIO_new_mem_buf does not copy: read everything while `text` is alive.
+    let text = Array(pem.utf8)
+    let copy = text.withUnsafeBufferPointer { BIO_new_mem_buf($0.baseAddress, Int32($0.count)) }
+    defer { BIO_free(copy) }
+    while let x = PEM_read_bio_X509(copy, nil, nil, nil) {
+      result.append(Certificate(owning: x))
+    }
+    let error = ERR_peek_last_error()
+    ERR_clear_error()
+    // "no start line" ends the loop normally; anything else is damage.
+    let noStartLine = Int32(108)  // PEM_R_NO_START_LINE
+    if error != 0 && ERR_GET_REASON_swift(error) != noStartLine {
+      throw TLSError(.configuration, .badCertificateChain, "a PEM certificate is damaged")
+    }
+    if result.isEmpty && pem.contains("-----BEGIN CERTIFICATE-----") {
+      throw TLSError(.configuration, .badCertificateChain, "a PEM certificate is damaged")
+    }
+    guard !result.isEmpty else { throw TLSError(.configuration, .badCertificateChain, "no PEM certificate") }
+    return result
+  }
+
+  /// DER encoding.
+  public var der: [UInt8] {
+    var out: UnsafeMutablePointer<UInt8>?
+    let n = i2d_X509(x509, &out)
+    defer { CRYPTO_free(out, #file, #line) }
+    guard n > 0, let out else { return [] }
+    return Array(UnsafeBufferPointer(start: out, count: Int(n)))
+  }
+
+  /// PEM encoding.
+  public var pem: String {
+    let bio = BIO_new(BIO_s_mem())
+    defer { BIO_free(bio) }
+    PEM_write_bio_X509(bio, x509)
+    return bioString(bio)
+  }
+
+  /// The subject as RFC 2253 text (`CN=device-1,O=Example`).
+  public var subject: String { nameString(X509_get_subject_name(x509)) }
+  /// The issuer as RFC 2253 text.
+  public var issuer: String { nameString(X509_get_issuer_name(x509)) }
+  /// The subject's common name, if any.
+  public var commonName: String? {
+    let name = X509_get_subject_name(x509)
+    let index = X509_NAME_get_index_by_NID(name, NID_commonName, -1)
+    guard index >= 0, let entry = X509_NAME_get_entry(name, index),
+      let data = X509_NAME_ENTRY_get_data(entry)
+    else { return nil }
+    return asn1String(data)
+  }
+
+  /// Serial number, upper-case hex.
+  public var serialNumber: String {
+    guard let bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x509), nil) else { return "" }
+    defer { BN_free(bn) }
+    guard let hex = BN_bn2hex(bn) else { return "" }
+    defer { CRYPTO_free(hex, #file, #line) }
+    return String(cString: hex)
+  }
+
+  public var notBefore: Date { date(X509_get0_notBefore(x509)) }
+  public var notAfter: Date { date(X509_get0_notAfter(x509)) }
+
+  /// True when `date` lies within the validity period.
+  public func isValid(at date: Date = Date()) -> Bool { date >= notBefore && date <= notAfter }
+
+  /// Subject alternative names.
+  public var subjectAlternativeNames: [SubjectAlternativeName] {
+    guard let raw = X509_get_ext_d2i(x509, NID_subject_alt_name, nil, nil) else { return [] }
+    let names = OpaquePointer(raw)
+    defer { GENERAL_NAMES_free(names) }
+    var result: [SubjectAlternativeName] = []
+    for i in 0..<OPENSSL_sk_num(names) {
+      guard let element = OPENSSL_sk_value(names, i) else { continue }
+      let name = element.assumingMemoryBound(to: GENERAL_NAME.self).pointee
+      switch name.type {
+      case GEN_DNS: result.append(.dns(asn1String(name.d.dNSName)))
+      case GEN_URI: result.append(.uri(asn1String(name.d.uniformResourceIdentifier)))
+      case GEN_EMAIL: result.append(.email(asn1String(name.d.rfc822Name)))
+      case GEN_IPADD:
+        let bytes = asn1Bytes(name.d.iPAddress)
+        result.append(.ip(ipText(bytes)))
+      default: continue
+      }
+    }
+    return result
+  }
+
+  /// Extended key usages; empty when the extension is absent (which permits every usage).
+  public var extendedKeyUsage: Set<ExtendedKeyUsage> {
+    guard X509_get_extension_flags(x509) & UInt32(EXFLAG_XKUSAGE) != 0 else { return [] }
+    let flags = X509_get_extended_key_usage(x509)
+    var result: Set<ExtendedKeyUsage> = []
+    if flags & UInt32(XKU_SSL_SERVER) != 0 { result.insert(.serverAuth) }
+    if flags & UInt32(XKU_SSL_CLIENT) != 0 { result.insert(.clientAuth) }
+    if flags & UInt32(XKU_CODE_SIGN) != 0 { result.insert(.codeSigning) }
+    if flags & UInt32(XKU_SMIME) != 0 { result.insert(.emailProtection) }
+    if flags & UInt32(XKU_ANYEKU) != 0 { result.insert(.any) }
+    return result
+  }
+
+  /// True when the certificate may be used for TLS client authentication.
+  public var allowsClientAuth: Bool {
+    let eku = extendedKeyUsage
+    return X509_get_extension_flags(x509) & UInt32(EXFLAG_XKUSAGE) == 0 || eku.contains(.clientAuth)
+      || eku.contains(.any)
+  }
+
+  /// True for a CA certificate (basicConstraints cA).
+  public var isCA: Bool { X509_check_ca(x509) > 0 }
+
+  /// The SubjectPublicKeyInfo, DER.
+  public var publicKeyDER: [UInt8] {
+    guard let key = X509_get0_pubkey(x509) else { return [] }
+    var out: UnsafeMutablePointer<UInt8>?
+    let n = i2d_PUBKEY(key, &out)
+    defer { CRYPTO_free(out, #file, #line) }
+    guard n > 0, let out else { return [] }
+    return Array(UnsafeBufferPointer(start: out, count: Int(n)))
+  }
+
+  /// "EC P-256", "RSA 2048", ...
+  public var keyType: String {
+    guard let key = X509_get0_pubkey(x509) else { return "unknown" }
+    let bits = EVP_PKEY_get_bits(key)
+    if EVP_PKEY_is_a(key, "EC") == 1 {
+      var group = [CChar](repeating: 0, count: 64)
+      var length = 0
+      if EVP_PKEY_get_group_name(key, &group, group.count, &length) == 1 {
+        let name = String(cString: group)
+        switch name {
+        case "prime256v1": return "EC P-256"
+        case "secp384r1": return "EC P-384"
+        case "secp521r1": return "EC P-521"
+        default: return "EC \(name)"
+        }
+      }
+      return "EC \(bits)"
+    }
+    if EVP_PKEY_is_a(key, "RSA") == 1 { return "RSA \(bits)" }
+    return String(cString: EVP_PKEY_get0_type_name(key))
+  }
+
+  /// SHA-256 of the DER certificate, lower-case hex (what `openssl x509 -fingerprint -sha256`
+  /// prints, without the colons).
+  public var fingerprint: String {
+    let bytes = der
+    var digest = [UInt8](repeating: 0, count: 32)
+    var length: UInt32 = 32
+    EVP_Digest(bytes, bytes.count, &digest, &length, EVP_sha256(), nil)
+    return digest.map { String(format: "%02x", $0) }.joined()
+  }
+
+  /// A summary for logs and errors.
+  public var summary: TLSError.CertificateSummary {
+    TLSError.CertificateSummary(
+      subject: subject, issuer: issuer, notBefore: Certificate.format(notBefore),
+      notAfter: Certificate.format(notAfter))
+  }
+
+  public var description: String { summary.description }
+
+  static func format(_ date: Date) -> String {
+    let f = DateFormatter()
+    f.locale = Locale(identifier: "en_US_POSIX")
+    f.timeZone = TimeZone(identifier: "UTC")
+    f.dateFormat = "yyyy-MM-dd'T'HH:mm:ss'Z'"
+    return f.string(from: date)
+  }
+}
+
+/// A subject alternative name.
+public enum SubjectAlternativeName: Hashable, Sendable, CustomStringConvertible {
+  case dns(String)
+  case ip(String)
+  case uri(String)
+  case email(String)
+
+  public var description: String {
+    switch self {
+    case .dns(let v): return "DNS:\(v)"
+    case .ip(let v): return "IP:\(v)"
+    case .uri(let v): return "URI:\(v)"
+    case .email(let v): return "email:\(v)"
+    }
+  }
+}
+
+/// Extended key usages EdgeKey cares about.
+public enum ExtendedKeyUsage: String, Hashable, Sendable {
+  case serverAuth, clientAuth, codeSigning, emailProtection, any
+}
+
+// MARK: - OpenSSL helpers
+
+// ERR_GET_REASON is a static inline function in OpenSSL 3; Swift does not always import it.
+func ERR_GET_REASON_swift(_ e: UInt) -> Int32 { Int32(e & 0x7FFFFF) }
+
+func bioString(_ bio: OpaquePointer?) -> String {
+  var bytes: [UInt8] = []
+  var chunk = [UInt8](repeating: 0, count: 4096)
+  while true {
+    let n = BIO_read(bio, &chunk, Int32(chunk.count))
+    if n <= 0 { break }
+    bytes += chunk[0..<Int(n)]
+  }
+  return String(decoding: bytes, as: UTF8.self)
+}
+
+func nameString(_ name: OpaquePointer?) -> String {
+  let bio = BIO_new(BIO_s_mem())
+  defer { BIO_free(bio) }
+  // XN_FLAG_RFC2253 without ASN1_STRFLGS_ESC_MSB, so UTF-8 stays readable (the macro is
+  // computed, so Swift does not import it).
+  let rfc2253Readable: UInt = 0x111_0313
+  X509_NAME_print_ex(bio, name, 0, rfc2253Readable)
+  return bioString(bio)
+}
+
+func asn1Bytes(_ s: UnsafePointer<ASN1_STRING>?) -> [UInt8] {
+  guard let s, let data = ASN1_STRING_get0_data(s) else { return [] }
+  return Array(UnsafeBufferPointer(start: data, count: Int(ASN1_STRING_length(s))))
+}
+
+func asn1String(_ s: UnsafePointer<ASN1_STRING>?) -> String { String(decoding: asn1Bytes(s), as: UTF8.self) }
+
+func ipText(_ bytes: [UInt8]) -> String {
+  if bytes.count == 4 { return bytes.map(String.init).joined(separator: ".") }
+  if bytes.count == 16 {
+    var buffer = [CChar](repeating: 0, count: 64)
+    var addr = in6_addr()
+    withUnsafeMutableBytes(of: &addr) { $0.copyBytes(from: bytes) }
+    inet_ntop(AF_INET6, &addr, &buffer, socklen_t(buffer.count))
+    return String(cString: buffer)
+  }
+  return bytes.map { String(format: "%02x", $0) }.joined()
+}
+
+func date(_ t: UnsafePointer<ASN1_TIME>?) -> Date {
+  var tm = tm()
+  guard let t, ASN1_TIME_to_tm(t, &tm) == 1 else { return Date(timeIntervalSince1970: 0) }
+  return Date(timeIntervalSince1970: TimeInterval(timegm(&tm)))
+}

@@ -1,0 +1,109 @@
+import CEdgeKeyProvider
+import COpenSSL
+import EdgeKeyCore
+import EdgeKeyTPM
+
+/// A PKCS#10 certificate signing request, signed inside the TPM by the key it is for.
+public struct CertificateSigningRequest: Sendable {
+  /// DER encoding (what EST's simpleenroll carries, base64-encoded).
+  public let der: [UInt8]
+
+  /// PEM encoding (`-----BEGIN CERTIFICATE REQUEST-----`).
+  public var pem: String { PEM.encode(der, label: "CERTIFICATE REQUEST") }
+
+  /// Builds and signs a request.
+  ///
+  /// - Parameters:
+  ///   - subject: relative distinguished names in order, e.g. `[("O", "Acme"), ("CN", "dev-1")]`.
+  ///   - subjectAlternativeNames: DNS names, IP addresses, URIs, e-mail addresses.
+  ///   - requestClientAuth: ask for the clientAuth extended key usage (and digitalSignature).
+  ///   - challengePassword: the PKCS#9 challengePassword attribute (EST servers use it for
+  ///     one-time enrollment secrets).
+  public init(
+    key: TPMKey, subject: [(String, String)], subjectAlternativeNames: [SubjectAlternativeName] = [],
+    requestClientAuth: Bool = true, challengePassword: String? = nil
+  ) throws(TLSError) {
+    guard let pkey = edgekey_evp_pkey(key.raw) else {
+      throw TLSError(.configuration, .unusableKey, "the TPM key cannot be used through OpenSSL")
+    }
+    defer { EVP_PKEY_free(pkey) }
+    guard let req = X509_REQ_new() else { throw TLSError(.tls, .other, "out of memory") }
+    defer { X509_REQ_free(req) }
+    X509_REQ_set_version(req, 0)
+    let name = X509_REQ_get_subject_name(req)
+    for (field, value) in subject {
+      let ok = X509_NAME_add_entry_by_txt(name, field, MBSTRING_UTF8, value, -1, -1, 0)
+      guard ok == 1 else {
+        ERR_clear_error()
+        throw TLSError(.configuration, .other, "subject field \(field)=\(value) is not valid")
+      }
+    }
+    X509_REQ_set_pubkey(req, pkey)
+
+    var extensions: [OpaquePointer] = []
+    defer { extensions.forEach { X509_EXTENSION_free($0) } }
+    func addExtension(_ nid: Int32, _ value: String) throws(TLSError) {
+      guard let ext = X509V3_EXT_conf_nid(nil, nil, nid, value) else {
+        ERR_clear_error()
+        throw TLSError(.configuration, .other, "extension value \(value) is not valid")
+      }
+      extensions.append(ext)
+    }
+    if !subjectAlternativeNames.isEmpty {
+      for san in subjectAlternativeNames where san.value.contains(",") || san.value.contains(where: \.isNewline) {
+        throw TLSError(.configuration, .other, "subject alternative name \(san) contains a comma or newline")
+      }
+      try addExtension(NID_subject_alt_name, subjectAlternativeNames.map(\.opensslText).joined(separator: ","))
+    }
+    if requestClientAuth {
+      try addExtension(NID_key_usage, "critical,digitalSignature")
+      try addExtension(NID_ext_key_usage, "clientAuth")
+    }
+    if !extensions.isEmpty {
+      let stack = OPENSSL_sk_new_null()
+      defer { OPENSSL_sk_free(stack) }
+      for ext in extensions { OPENSSL_sk_push(stack, UnsafeRawPointer(ext)) }
+      guard X509_REQ_add_extensions(req, stack) == 1 else {
+        throw TLSError(.tls, .other, "cannot add extensions to the request")
+      }
+    }
+    if let challengePassword {
+      guard
+        X509_REQ_add1_attr_by_NID(req, NID_pkcs9_challengePassword, MBSTRING_UTF8, challengePassword, -1) == 1
+      else {
+        ERR_clear_error()
+        throw TLSError(.configuration, .other, "the challenge password is not valid")
+      }
+    }
+    let digest = key.algorithm == .eccP384 ? EVP_sha384() : EVP_sha256()
+    ERR_clear_error()
+    guard X509_REQ_sign(req, pkey, digest) > 0 else {
+      var failure = edgekey_tls_failure()
+      edgekey_tls_diagnose(nil, 0, &failure)
+      let error = TLSError(failure: failure)
+      throw error.layer == .tpm ? error : TLSError(.tls, .other, "signing the request failed: \(error.reason)")
+    }
+    var out: UnsafeMutablePointer<UInt8>?
+    let n = i2d_X509_REQ(req, &out)
+    defer { CRYPTO_free(out, #file, #line) }
+    guard n > 0, let out else { throw TLSError(.tls, .other, "cannot encode the request") }
+    der = Array(UnsafeBufferPointer(start: out, count: Int(n)))
+  }
+}
+
+extension SubjectAlternativeName {
+  var value: String {
+    switch self {
+    case .dns(let v), .ip(let v), .uri(let v), .email(let v): return v
+    }
+  }
+  /// The form of OpenSSL's extension configuration language.
+  var opensslText: String {
+    switch self {
+    case .dns(let v): return "DNS:\(v)"
+    case .ip(let v): return "IP:\(v)"
+    case .uri(let v): return "URI:\(v)"
+    case .email(let v): return "email:\(v)"
+    }
+  }
+}

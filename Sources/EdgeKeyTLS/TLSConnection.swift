@@ -1,0 +1,162 @@
+import CEdgeKeyProvider
+import COpenSSL
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// One blocking mutual-TLS connection over TCP: for `doctor`, enrollment probes and tests.
+/// (MQTT and HTTPS hand the `TLSClientContext` to libmosquitto and libcurl instead.)
+///
+/// Every failure is a `TLSError` naming the layer. With TLS 1.3 the server judges our
+/// certificate after our side of the handshake has finished, so its refusal arrives on the
+/// first read; `read` and `write` diagnose it the same way.
+public final class TLSConnection {
+  private let ssl: OpaquePointer
+  private let fd: Int32
+  public let context: TLSClientContext
+
+  /// Connects to `host:port` and completes the handshake within `timeout` seconds.
+  public init(context: TLSClientContext, host: String, port: UInt16, timeout: Double = 10) throws(TLSError) {
+    TLSConnection.ignoreSIGPIPE
+    self.context = context
+    fd = try TLSConnection.connectTCP(host: host, port: port, timeout: timeout)
+    guard let ssl = SSL_new(context.sslContext) else {
+      close(fd)
+      throw TLSError(.tls, .other, "SSL_new failed")
+    }
+    self.ssl = ssl
+    SSL_set_fd(ssl, fd)
+    var scratch = in6_addr()
+    let isIP = inet_pton(AF_INET, host, &scratch) == 1 || inet_pton(AF_INET6, host, &scratch) == 1
+    if !isIP {
+      // SSL_set_tlsext_host_name is a macro: SSL_ctrl(SSL_CTRL_SET_TLSEXT_HOSTNAME, host_name).
+      _ = host.withCString { SSL_ctrl(ssl, 55, 0, UnsafeMutableRawPointer(mutating: $0)) }
+    }
+    ERR_clear_error()
+    let rc = SSL_connect(ssl)
+    if rc != 1 {
+      let error = diagnose(rc)
+      SSL_free(ssl)
+      close(fd)
+      throw error
+    }
+  }
+
+  deinit {
+    SSL_shutdown(ssl)
+    SSL_free(ssl)
+    close(fd)
+  }
+
+  /// "TLSv1.3", "TLSv1.2".
+  public var protocolVersion: String { String(cString: SSL_get_version(ssl)) }
+  /// The negotiated cipher suite, e.g. "TLS_AES_256_GCM_SHA384".
+  public var cipherSuite: String { String(cString: SSL_CIPHER_get_name(SSL_get_current_cipher(ssl))) }
+  /// The server's certificate.
+  public var peerCertificate: Certificate? { SSL_get1_peer_certificate(ssl).map { Certificate(owning: $0) } }
+
+  /// Sends all of `bytes`.
+  public func write(_ bytes: [UInt8]) throws(TLSError) {
+    var offset = 0
+    while offset < bytes.count {
+      ERR_clear_error()
+      let n = bytes[offset...].withUnsafeBytes { SSL_write(ssl, $0.baseAddress, Int32($0.count)) }
+      if n <= 0 { throw diagnose(n) }
+      offset += Int(n)
+    }
+  }
+
+  /// Reads up to `maximum` bytes; an empty result means the server closed the connection.
+  public func read(maximum: Int = 16384) throws(TLSError) -> [UInt8] {
+    var buffer = [UInt8](repeating: 0, count: maximum)
+    ERR_clear_error()
+    let n = SSL_read(ssl, &buffer, Int32(maximum))
+    if n > 0 { return Array(buffer[0..<Int(n)]) }
+    if SSL_get_error(ssl, n) == SSL_ERROR_ZERO_RETURN {
+      // A clean close_notify, unless an alert came first.
+      var failure = edgekey_tls_failure()
+      if edgekey_tls_diagnose(ssl, SSL_ERROR_ZERO_RETURN, &failure) != EDGEKEY_LAYER_NETWORK {
+        throw TLSError(failure: failure)
+      }
+      return []
+    }
+    throw diagnose(n)
+  }
+
+  /// Reads until the server closes the connection or `limit` bytes have arrived.
+  public func readAll(limit: Int = 1 << 20) throws(TLSError) -> [UInt8] {
+    var all: [UInt8] = []
+    while all.count < limit {
+      let chunk = try read()
+      if chunk.isEmpty { break }
+      all += chunk
+    }
+    return all
+  }
+
+  private func diagnose(_ rc: Int32) -> TLSError {
+    let sslError = SSL_get_error(ssl, rc)
+    if sslError == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK) {
+      ERR_clear_error()
+      return TLSError(.network, .timedOut, "the server did not answer in time")
+    }
+    var failure = edgekey_tls_failure()
+    edgekey_tls_diagnose(ssl, sslError, &failure)
+    return TLSError(failure: failure)
+  }
+
+  private static let ignoreSIGPIPE: Void = {
+    // A peer that closes mid-write must produce an error, not kill the process.
+    signal(SIGPIPE, SIG_IGN)
+  }()
+
+  /// A TCP connection with a connect timeout; reads and writes then time out after `timeout`.
+  static func connectTCP(host: String, port: UInt16, timeout: Double) throws(TLSError) -> Int32 {
+    var hints = addrinfo()
+    hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+    hints.ai_family = AF_UNSPEC
+    var result: UnsafeMutablePointer<addrinfo>?
+    let rc = getaddrinfo(host, String(port), &hints, &result)
+    guard rc == 0, let first = result else {
+      throw TLSError(.network, .connectionFailed, "cannot resolve \(host): \(String(cString: gai_strerror(rc)))")
+    }
+    defer { freeaddrinfo(result) }
+    var lastError = "no address"
+    var candidate: UnsafeMutablePointer<addrinfo>? = first
+    while let info = candidate {
+      candidate = info.pointee.ai_next
+      let fd = socket(info.pointee.ai_family, info.pointee.ai_socktype, info.pointee.ai_protocol)
+      if fd < 0 { continue }
+      let flags = fcntl(fd, F_GETFL)
+      _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+      var ok = connect(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) == 0
+      if !ok && errno == EINPROGRESS {
+        var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+        if poll(&pfd, 1, Int32(timeout * 1000)) == 1 {
+          var soError: Int32 = 0
+          var length = socklen_t(MemoryLayout<Int32>.size)
+          getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &length)
+          ok = soError == 0
+          if !ok { lastError = String(cString: strerror(soError)) }
+        } else {
+          lastError = "connection timed out after \(timeout) s"
+        }
+      } else if !ok {
+        lastError = String(cString: strerror(errno))
+      }
+      if ok {
+        _ = fcntl(fd, F_SETFL, flags)
+        var tv = timeval(tv_sec: Int(timeout), tv_usec: Int((timeout - timeout.rounded(.down)) * 1_000_000))
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        return fd
+      }
+      close(fd)
+    }
+    throw TLSError(.network, .connectionFailed, "cannot connect to \(host):\(port): \(lastError)")
+  }
+}

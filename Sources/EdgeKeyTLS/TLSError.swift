@@ -1,0 +1,117 @@
+import CEdgeKeyProvider
+
+/// A TLS failure, with the layer that failed and the certificate at fault.
+///
+/// The mTLS guide's first advice: when a handshake fails, say which layer failed and name the
+/// certificate's subject, issuer and dates and the reason. `description` does exactly that.
+public struct TLSError: Error, CustomStringConvertible, Sendable, Equatable {
+  /// Where the failure happened.
+  public enum Layer: String, Sendable, Equatable {
+    /// Our own setup: certificate, key or trust anchors, found before any connection.
+    case configuration
+    /// Our certificate, refused locally before connecting (expired, wrong EKU, wrong key).
+    case clientCertificate = "client certificate"
+    /// The server's certificate did not pass our checks.
+    case serverCertificate = "server certificate"
+    /// The server refused our certificate (an alert during or right after the handshake).
+    case rejectedByServer = "rejected by server"
+    /// No TLS version, cipher suite or signature algorithm in common.
+    case `protocol`
+    /// The TPM did not sign.
+    case tpm = "TPM"
+    /// Connection refused, reset, closed or timed out.
+    case network
+    /// Anything else libssl reported.
+    case tls = "TLS"
+  }
+
+  /// What exactly, for code that reacts differently (backoff, fall back to bootstrap, ...).
+  public enum Code: Sendable, Equatable {
+    case badCertificateChain
+    case certificateExpired
+    case certificateNotYetValid
+    case missingClientAuth
+    case certificateKeyMismatch
+    case noTrustAnchor
+    case badCRL
+    case noServerName
+    case unusableKey
+    /// The server's certificate failed verification with this `X509_V_ERR_*` code.
+    case serverVerification(Int)
+    /// The server sent this TLS alert (e.g. 42 bad_certificate, 48 unknown_ca).
+    case alert(Int)
+    case protocolMismatch
+    case tpmSigningFailed
+    case connectionFailed
+    case timedOut
+    case other
+  }
+
+  /// A certificate's identity as the log should show it.
+  public struct CertificateSummary: Sendable, Equatable, CustomStringConvertible {
+    public var subject: String
+    public var issuer: String
+    public var notBefore: String
+    public var notAfter: String
+    public var description: String {
+      "subject \"\(subject)\", issuer \"\(issuer)\", valid \(notBefore) to \(notAfter)"
+    }
+  }
+
+  public var layer: Layer
+  public var code: Code
+  public var reason: String
+  /// The certificate at fault: the server's (at `depth`), or ours when the server refused it.
+  public var certificate: CertificateSummary?
+  /// Chain depth of the server certificate at fault (0 = the server's own).
+  public var depth: Int?
+
+  public init(
+    _ layer: Layer, _ code: Code, _ reason: String, certificate: CertificateSummary? = nil, depth: Int? = nil
+  ) {
+    self.layer = layer
+    self.code = code
+    self.reason = reason
+    self.certificate = certificate
+    self.depth = depth
+  }
+
+  public var description: String {
+    var text = "TLS failed at the \(layer.rawValue) layer: \(reason)"
+    if let certificate {
+      text += depth.map { " [depth \($0)]" } ?? ""
+      text += "; \(certificate)"
+    }
+    return text
+  }
+}
+
+extension TLSError {
+  /// From the C core's verdict on a failed connection.
+  init(failure f: edgekey_tls_failure) {
+    var copy = f
+    let reason = withUnsafeBytes(of: &copy.reason) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    let subject = withUnsafeBytes(of: &copy.subject) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    let issuer = withUnsafeBytes(of: &copy.issuer) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    let notBefore = withUnsafeBytes(of: &copy.not_before) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    let notAfter = withUnsafeBytes(of: &copy.not_after) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    let summary =
+      subject.isEmpty
+      ? nil : CertificateSummary(subject: subject, issuer: issuer, notBefore: notBefore, notAfter: notAfter)
+    switch f.layer {
+    case EDGEKEY_LAYER_SERVER_CERTIFICATE:
+      self.init(
+        .serverCertificate, .serverVerification(f.verify_error), reason, certificate: summary, depth: Int(f.depth))
+    case EDGEKEY_LAYER_CLIENT_CERTIFICATE:
+      self.init(.rejectedByServer, .alert(Int(f.alert)), reason, certificate: summary)
+    case EDGEKEY_LAYER_PROTOCOL:
+      self.init(.protocol, f.alert >= 0 ? .alert(Int(f.alert)) : .protocolMismatch, reason)
+    case EDGEKEY_LAYER_TPM:
+      self.init(.tpm, .tpmSigningFailed, reason)
+    case EDGEKEY_LAYER_NETWORK:
+      self.init(.network, .connectionFailed, reason)
+    default:
+      self.init(.tls, f.alert >= 0 ? .alert(Int(f.alert)) : .other, reason)
+    }
+  }
+}
