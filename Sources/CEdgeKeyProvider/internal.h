@@ -31,6 +31,7 @@ struct edgekey_tpm {
   uint64_t use_clock;
   /* In the list of open contexts that the fork handlers lock (tpm_context.c). */
   edgekey_tpm *next_open;
+  int fork_locked;
 };
 
 #define EDGEKEY_KEY_MAGIC 0x45444b59u /* "EDKY": checked where a key arrives as a raw pointer */

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/err.h>
 #include <openssl/pem.h>
@@ -64,14 +65,12 @@ static void print_name(const X509_NAME *name, char *out, size_t cap) {
   BIO_free(b);
 }
 
+/* ISO 8601 in UTC, as the Swift side prints dates. */
 static void print_time(const ASN1_TIME *t, char *out, size_t cap) {
+  struct tm tm;
   out[0] = '\0';
-  BIO *b = BIO_new(BIO_s_mem());
-  if (b == NULL) return;
-  ASN1_TIME_print(b, t);
-  int n = BIO_read(b, out, (int)cap - 1);
-  out[n > 0 ? n : 0] = '\0';
-  BIO_free(b);
+  if (t == NULL || ASN1_TIME_to_tm(t, &tm) != 1) return;
+  strftime(out, cap, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
 static void describe_cert(X509 *cert, char *subject, char *issuer, char *nb, char *na) {
@@ -381,6 +380,13 @@ edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_fail
     const char *what = X509_verify_cert_error_string(rec->verify_error);
     if (rec->verify_error == X509_V_ERR_INVALID_PURPOSE)
       what = "the server's certificate is not for serverAuth (extended key usage)";
+    else if (rec->verify_error == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY ||
+             rec->verify_error == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT)
+      what = "its issuer was neither sent by the server nor is it a trust anchor (a missing "
+             "intermediate certificate, or a CA we do not trust)";
+    else if (rec->verify_error == X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN ||
+             rec->verify_error == X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT)
+      what = "the chain ends in a CA that is not among our trust anchors";
     snprintf(out->reason, sizeof(out->reason), "%s", what);
     if (rec->verify_error == X509_V_ERR_HOSTNAME_MISMATCH ||
         rec->verify_error == X509_V_ERR_IP_ADDRESS_MISMATCH) {

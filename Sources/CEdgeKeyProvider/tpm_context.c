@@ -1,5 +1,7 @@
 /* The process's ESAPI context for one TPM: TCTI resolution, lock, fork, SRK, leak recovery. */
 #include <stdarg.h>
+#include <stdint.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,21 +26,37 @@ static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static edgekey_tpm *registry_head;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
+/* How long fork() waits for a TPM command in flight on another thread before going ahead. */
+#define FORK_WAIT_SECONDS 5
+
 static void atfork_prepare(void) {
   pthread_mutex_lock(&registry_lock);
-  for (edgekey_tpm *t = registry_head; t != NULL; t = t->next_open) pthread_mutex_lock(&t->lock);
+  struct timespec deadline;
+  clock_gettime(CLOCK_REALTIME, &deadline);
+  deadline.tv_sec += FORK_WAIT_SECONDS;
+  for (edgekey_tpm *t = registry_head; t != NULL; t = t->next_open) {
+    /* A TPM that hangs (until the ESAPI timeout) must not hang fork() with it: after the
+     * deadline the child gets a fresh lock instead (atfork_child). */
+    t->fork_locked = pthread_mutex_timedlock(&t->lock, &deadline) == 0;
+  }
 }
 
 static void atfork_parent(void) {
   for (edgekey_tpm *t = registry_head; t != NULL; t = t->next_open)
-    pthread_mutex_unlock(&t->lock);
+    if (t->fork_locked) pthread_mutex_unlock(&t->lock);
   pthread_mutex_unlock(&registry_lock);
 }
 
 static void atfork_child(void) {
-  /* The child's only thread is the one that took these locks in prepare: it may release them. */
-  for (edgekey_tpm *t = registry_head; t != NULL; t = t->next_open)
-    pthread_mutex_unlock(&t->lock);
+  /* The child's only thread is the one that took these locks in prepare: it may release them.
+   * A lock that another (now absent) thread held is replaced; the ESAPI context under it is
+   * re-created on first use anyway, because the pid changed. */
+  for (edgekey_tpm *t = registry_head; t != NULL; t = t->next_open) {
+    if (t->fork_locked)
+      pthread_mutex_unlock(&t->lock);
+    else
+      pthread_mutex_init(&t->lock, NULL);
+  }
   pthread_mutex_unlock(&registry_lock);
 }
 
@@ -102,6 +120,12 @@ static int tcti_is_direct(const char *tcti) {
   return 0;
 }
 
+int32_t edgekey_tpm_timeout_ms(void) {
+  const char *env = getenv("EDGEKEY_TPM_TIMEOUT_MS");
+  long v = env != NULL ? strtol(env, NULL, 10) : 0;
+  return v > 0 && v < INT32_MAX ? (int32_t)v : EDGEKEY_DEFAULT_TPM_TIMEOUT_MS;
+}
+
 /* The TCTI (tctildr), the counting TCTI in front of it, and the ESAPI context on top. */
 typedef struct {
   TSS2_TCTI_CONTEXT *tcti;
@@ -118,6 +142,7 @@ static TSS2_RC open_esys(const char *tcti, esys_stack *st, atomic_uint_fast64_t 
   if (rc != TSS2_RC_SUCCESS) return rc;
   rc = edgekey_tcti_counting_wrap(st->tcti, &st->counting, counter);
   if (rc == TSS2_RC_SUCCESS) rc = Esys_Initialize(&st->esys, st->counting, NULL);
+  if (rc == TSS2_RC_SUCCESS) Esys_SetTimeout(st->esys, edgekey_tpm_timeout_ms());
   if (rc != TSS2_RC_SUCCESS) {
     edgekey_tcti_counting_free(st->counting);
     st->counting = NULL;

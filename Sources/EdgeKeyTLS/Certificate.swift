@@ -168,7 +168,7 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
       var group = [CChar](repeating: 0, count: 64)
       var length = 0
       if EVP_PKEY_get_group_name(key, &group, group.count, &length) == 1 {
-        let name = String(cString: group)
+        let name = cString(group)
         switch name {
         case "prime256v1": return "EC P-256"
         case "secp384r1": return "EC P-384"
@@ -272,7 +272,7 @@ func ipText(_ bytes: [UInt8]) -> String {
     var addr = in6_addr()
     withUnsafeMutableBytes(of: &addr) { $0.copyBytes(from: bytes) }
     inet_ntop(AF_INET6, &addr, &buffer, socklen_t(buffer.count))
-    return String(cString: buffer)
+    return cString(buffer)
   }
   return bytes.map { String(format: "%02x", $0) }.joined()
 }
@@ -281,4 +281,9 @@ func date(_ t: UnsafePointer<ASN1_TIME>?) -> Date {
   var tm = tm()
   guard let t, ASN1_TIME_to_tm(t, &tm) == 1 else { return Date(timeIntervalSince1970: 0) }
   return Date(timeIntervalSince1970: TimeInterval(timegm(&tm)))
+}
+
+/// A NUL-terminated C buffer as a String.
+func cString(_ buffer: [CChar]) -> String {
+  String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }

@@ -75,7 +75,7 @@ public final class TLSClientContext: @unchecked Sendable {
       }
     }
     guard let context else {
-      let reason = String(cString: why)
+      let reason = cString(why)
       let summary = leaf.summary
       switch status {
       case EDGEKEY_TLS_CERT_EXPIRED:

@@ -37,15 +37,16 @@ public final class TLSConnection {
     ERR_clear_error()
     let rc = SSL_connect(ssl)
     if rc != 1 {
-      let error = diagnose(rc)
-      SSL_free(ssl)
-      close(fd)
-      throw error
+      // Every stored property is set, so deinit runs after this throw and frees ssl and fd.
+      throw diagnose(rc)
     }
+    connected = true
   }
 
+  private var connected = false
+
   deinit {
-    SSL_shutdown(ssl)
+    if connected { SSL_shutdown(ssl) }
     SSL_free(ssl)
     close(fd)
   }

@@ -10,11 +10,11 @@ public struct TLSError: Error, CustomStringConvertible, Sendable, Equatable {
     /// Our own setup: certificate, key or trust anchors, found before any connection.
     case configuration
     /// Our certificate, refused locally before connecting (expired, wrong EKU, wrong key).
-    case clientCertificate = "client certificate"
+    case clientCertificate = "our certificate"
     /// The server's certificate did not pass our checks.
     case serverCertificate = "server certificate"
     /// The server refused our certificate (an alert during or right after the handshake).
-    case rejectedByServer = "rejected by server"
+    case rejectedByServer = "our certificate, refused by the server"
     /// No TLS version, cipher suite or signature algorithm in common.
     case `protocol`
     /// The TPM did not sign.
@@ -36,7 +36,22 @@ public struct TLSError: Error, CustomStringConvertible, Sendable, Equatable {
     case badCRL
     case noServerName
     case unusableKey
-    /// The server's certificate failed verification with this `X509_V_ERR_*` code.
+    /// The server's chain ends in a self-signed certificate we do not trust (unknown CA).
+    case untrustedRoot
+    /// An issuer in the server's chain was neither sent by the server nor trusted by us: a
+    /// missing intermediate, or a chain from a CA we do not know.
+    case issuerNotFound
+    case serverCertificateExpired
+    case serverCertificateNotYetValid
+    /// The server's certificate does not name the host or IP address we connected to.
+    case nameMismatch
+    /// The server's certificate is not for serverAuth (extended key usage).
+    case notForServerAuth
+    /// The server's certificate is revoked by the CRL we were given.
+    case revoked
+    /// CRL checking was asked for but no valid CRL from the issuer is at hand.
+    case crlUnavailable
+    /// Any other verification failure, with its `X509_V_ERR_*` code.
     case serverVerification(Int)
     /// The server sent this TLS alert (e.g. 42 bad_certificate, 48 unknown_ca).
     case alert(Int)
@@ -77,7 +92,7 @@ public struct TLSError: Error, CustomStringConvertible, Sendable, Equatable {
   }
 
   public var description: String {
-    var text = "TLS failed at the \(layer.rawValue) layer: \(reason)"
+    var text = "TLS failed (\(layer.rawValue)): \(reason)"
     if let certificate {
       text += depth.map { " [depth \($0)]" } ?? ""
       text += "; \(certificate)"
@@ -87,6 +102,21 @@ public struct TLSError: Error, CustomStringConvertible, Sendable, Equatable {
 }
 
 extension TLSError {
+  /// X509_V_ERR_* values (x509_vfy.h).
+  static func serverCode(_ error: Int) -> Code {
+    switch error {
+    case 18, 19: return .untrustedRoot  // DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN
+    case 2, 20, 21: return .issuerNotFound  // UNABLE_TO_GET_ISSUER_CERT(_LOCALLY), UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    case 10: return .serverCertificateExpired
+    case 9: return .serverCertificateNotYetValid
+    case 62, 64: return .nameMismatch  // HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH
+    case 26: return .notForServerAuth  // INVALID_PURPOSE
+    case 23: return .revoked
+    case 3, 11, 12: return .crlUnavailable  // UNABLE_TO_GET_CRL, CRL_NOT_YET_VALID, CRL_HAS_EXPIRED
+    default: return .serverVerification(error)
+    }
+  }
+
   /// From the C core's verdict on a failed connection.
   init(failure f: edgekey_tls_failure) {
     var copy = f
@@ -101,7 +131,7 @@ extension TLSError {
     switch f.layer {
     case EDGEKEY_LAYER_SERVER_CERTIFICATE:
       self.init(
-        .serverCertificate, .serverVerification(f.verify_error), reason, certificate: summary, depth: Int(f.depth))
+        .serverCertificate, TLSError.serverCode(f.verify_error), reason, certificate: summary, depth: Int(f.depth))
     case EDGEKEY_LAYER_CLIENT_CERTIFICATE:
       self.init(.rejectedByServer, .alert(Int(f.alert)), reason, certificate: summary)
     case EDGEKEY_LAYER_PROTOCOL:

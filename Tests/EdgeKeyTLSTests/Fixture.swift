@@ -6,9 +6,11 @@ import Testing
 
 /// One device (swtpm + a TPM key + a certificate for it) and one PKI, per test.
 final class Fixture: @unchecked Sendable {
-  let swtpm: SoftwareTPM
-  let tpm: TPM
+  // Declared in the order they are torn down: the key (flushed) before the TPM context before
+  // swtpm, so that no TPM command goes to a port another test's swtpm may have taken since.
   let key: TPMKey
+  let tpm: TPM
+  let swtpm: SoftwareTPM
   let ca: TestCA
   let clientCertificatePEM: String
   let clientSerial: Int
@@ -72,6 +74,7 @@ func tlsError(_ body: () throws -> Void, sourceLocation: SourceLocation = #_sour
     Issue.record("expected a TLSError, got success", sourceLocation: sourceLocation)
     return nil
   } catch let error as TLSError {
+    if ProcessInfo.processInfo.environment["EDGEKEY_PRINT_ERRORS"] != nil { print("TLSError:", error) }
     return error
   } catch {
     Issue.record("expected a TLSError, got \(error)", sourceLocation: sourceLocation)

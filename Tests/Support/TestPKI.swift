@@ -182,7 +182,7 @@ public final class TestCA: @unchecked Sendable {
     return read(bio)
   }
 
-  static func privateKeyPEM(_ key: OpaquePointer) -> String {
+  public static func privateKeyPEM(_ key: OpaquePointer) -> String {
     let bio = BIO_new(BIO_s_mem())
     defer { BIO_free(bio) }
     PEM_write_bio_PrivateKey(bio, key, nil, nil, 0, nil, nil)
@@ -210,7 +210,7 @@ public final class OpenSSLServer: @unchecked Sendable {
   private let process: ChildProcess
 
   /// - Parameters:
-  ///   - extraArguments: e.g. `["-tls1_3"]`, `["-tls1_2"]`, `["-CRLfile", path, "-crl_check"]`.
+  ///   - extraArguments: e.g. `["-tls1_3"]`, `["-tls1_2"]`, `["-CRL", path, "-crl_check"]`.
   public init(
     certificatePEM: String, keyPEM: String, chainPEM: String? = nil, clientCAPEM: String,
     extraArguments: [String] = []
@@ -239,13 +239,18 @@ public final class OpenSSLServer: @unchecked Sendable {
       let log = directory.appendingPathComponent("s_server.log")
       let p = try ChildProcess(
         openssl, arguments + ["-accept", "127.0.0.1:\(port)"] + extraArguments, logPath: log.path)
-      if PortFinder.waitUntilListening(port, timeout: 5), p.isRunning {
-        self.port = port
-        self.process = p
-        return
+      let deadline = Date().addingTimeInterval(5)
+      while p.isRunning && Date() < deadline {
+        if PortFinder.waitUntilListening(port, timeout: 0.1) {
+          self.port = port
+          self.process = p
+          return
+        }
       }
       p.stop()
       lastLog = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+      // Only a port taken in the meantime is worth another try.
+      if !lastLog.contains("in use") { break }
     }
     throw HarnessError("s_server did not start: \(lastLog)")
   }

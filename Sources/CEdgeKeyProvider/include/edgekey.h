@@ -58,6 +58,14 @@ int edgekey_tcti_candidates(const char *tcti, const char *out[4]);
 /* Opens exactly `tcti`, with no fallback (see edgekey_tpm_open() for what opening does). */
 TSS2_RC edgekey_tpm_open_exact(const char *tcti, edgekey_tpm **out, char *why, size_t why_len);
 
+/*
+ * How long one TPM command may take before ESAPI gives up (TSS2_TCTI_RC_TRY_AGAIN / IO error):
+ * EDGEKEY_TPM_TIMEOUT_MS, else 60 s. A hung TPM or simulator must not hold the lock forever;
+ * the longest legitimate command (RSA key creation on a slow chip) takes ~10 s.
+ */
+#define EDGEKEY_DEFAULT_TPM_TIMEOUT_MS 60000
+int32_t edgekey_tpm_timeout_ms(void);
+
 /* Adds a reference. */
 edgekey_tpm *edgekey_tpm_ref(edgekey_tpm *tpm);
 /* Drops a reference; the last one finalizes the ESAPI context and the TCTI. */
