@@ -15,11 +15,13 @@ final class Fixture: @unchecked Sendable {
   let clientCertificatePEM: String
   let clientSerial: Int
 
-  init(_ algorithm: KeyAlgorithm = .eccP256, commonName: String = "device-0001", clientEKU: String? = "clientAuth")
-    throws
-  {
+  /// - Parameter tctiPrefix: put in front of the swtpm TCTI string, e.g. `"pcap:"`.
+  init(
+    _ algorithm: KeyAlgorithm = .eccP256, commonName: String = "device-0001", clientEKU: String? = "clientAuth",
+    tctiPrefix: String = ""
+  ) throws {
     swtpm = try SoftwareTPM()
-    tpm = try TPM.open(tcti: swtpm.tcti)
+    tpm = try TPM.open(tcti: tctiPrefix + swtpm.tcti)
     key = try tpm.loadKey(try tpm.createKey(algorithm))
     ca = try TestCA()
     let issued = try ca.issueClient(

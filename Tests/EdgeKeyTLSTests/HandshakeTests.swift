@@ -47,4 +47,26 @@ struct HandshakeTests {
     }
     #expect(f.key.loadCount == 1)
   }
+
+  // Serialized: the pcap TCTI keeps one recording per process, named by the environment.
+  @Test(
+    "an independent recorder (the pcap TCTI) sees exactly one TPM command, TPM2_Sign, per handshake",
+    .serialized, arguments: [TLSVersion.tls12, .tls13])
+  func pcapCountsOneCommand(_ version: TLSVersion) throws {
+    let file = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-\(UUID().uuidString).pcap")
+    defer { try? FileManager.default.removeItem(at: file) }
+    // tpm2-tss's pcap TCTI takes its file from the environment when it is first opened.
+    setenv("TCTI_PCAP_FILE", file.path, 1)
+    let f = try Fixture(tctiPrefix: "pcap:")
+    let server = try f.server([version == .tls13 ? "-tls1_3" : "-tls1_2"])
+    let context = try f.context(maximumVersion: version)
+    _ = try f.fetchPage(context, port: server.port)  // loads the key
+    let before = try PcapRecord.commands(in: file)
+    let handshakes = 5
+    for _ in 0..<handshakes { _ = try f.fetchPage(context, port: server.port) }
+    let after = try PcapRecord.commands(in: file)
+    let during = Array(after.dropFirst(before.count))
+    #expect(during.count == handshakes, "commands recorded: \(during.map { String($0, radix: 16) })")
+    #expect(during.allSatisfy { $0 == PcapRecord.sign })
+  }
 }
