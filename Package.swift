@@ -55,6 +55,13 @@ let package = Package(
       path: "Sources/edgekey"
     ),
 
+    // Benchmarks: figures side by side with their anchors in one run.
+    .executableTarget(
+      name: "edgekey-bench",
+      dependencies: ["EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyCore", "EdgeKeyTestSupport", "COpenSSL"],
+      path: "Benchmarks/EdgeKeyBench"
+    ),
+
     // Test harness: starts swtpm (and later mosquitto, the RA) on free loopback ports.
     .target(
       name: "EdgeKeyTestSupport",

@@ -144,11 +144,10 @@ static STACK_OF(X509) *read_certs(const char *pem) {
   return certs;
 }
 
-static const char *client_sigalgs(const TPMT_PUBLIC *p) {
-  if (p->type == TPM2_ALG_ECC) {
+static const char *client_sigalgs(EVP_PKEY *pkey) {
+  if (EVP_PKEY_is_a(pkey, "EC")) {
     /* TLS 1.3 ties the hash to the curve; TLS 1.2 takes any. */
-    return p->parameters.eccDetail.curveID == TPM2_ECC_NIST_P384 ? "ECDSA+SHA384:ECDSA+SHA256"
-                                                                 : "ECDSA+SHA256:ECDSA+SHA384";
+    return EVP_PKEY_get_bits(pkey) == 384 ? "ECDSA+SHA384:ECDSA+SHA256" : "ECDSA+SHA256:ECDSA+SHA384";
   }
   return "rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512:"
          "rsa_pkcs1_sha256:rsa_pkcs1_sha384:rsa_pkcs1_sha512";
@@ -164,9 +163,9 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
   if (why != NULL && why_len > 0) why[0] = '\0';
   ERR_clear_error();
 
-  if (cfg == NULL || cfg->chain_pem == NULL || cfg->key == NULL) {
+  if (cfg == NULL || cfg->chain_pem == NULL || (cfg->key == NULL) == (cfg->software_key == NULL)) {
     st = EDGEKEY_TLS_BAD_CHAIN;
-    set_why(why, why_len, "a certificate chain and a TPM key are required");
+    set_why(why, why_len, "a certificate chain and one key (TPM or software) are required");
     goto out;
   }
   chain = read_certs(cfg->chain_pem);
@@ -197,7 +196,10 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
             issuer);
     goto out;
   }
-  pkey = edgekey_evp_pkey(cfg->key);
+  if (cfg->software_key != NULL && EVP_PKEY_up_ref(cfg->software_key))
+    pkey = cfg->software_key;
+  else if (cfg->key != NULL)
+    pkey = edgekey_evp_pkey(cfg->key);
   if (pkey == NULL) {
     st = EDGEKEY_TLS_BAD_KEY;
     set_why(why, why_len, "the TPM key cannot be used through OpenSSL");
@@ -233,9 +235,7 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
   /* TLS 1.2: ECDHE with AEAD only (forward secret); TLS 1.3 suites are all forward secret. */
   if (!SSL_CTX_set_cipher_list(ctx, "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL")) goto fail;
   SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
-  if (!SSL_CTX_set1_client_sigalgs_list(
-          ctx, client_sigalgs(&edgekey_tpm_key_public(cfg->key)->publicArea)))
-    goto fail;
+  if (!SSL_CTX_set1_client_sigalgs_list(ctx, client_sigalgs(pkey))) goto fail;
 
   if (SSL_CTX_use_certificate(ctx, leaf) != 1 || SSL_CTX_use_PrivateKey(ctx, pkey) != 1 ||
       SSL_CTX_check_private_key(ctx) != 1)

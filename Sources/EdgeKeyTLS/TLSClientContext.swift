@@ -46,10 +46,25 @@ public final class TLSClientContext: @unchecked Sendable {
   /// The `SSL_CTX *`, borrowed for as long as this object lives.
   public let sslContext: OpaquePointer
   public let certificateChain: [Certificate]
-  public let key: TPMKey
+  /// The TPM key (nil for a context made with a software key).
+  public let key: TPMKey?
   public let policy: TLSPolicy
 
-  public init(certificateChain: [Certificate], key: TPMKey, policy: TLSPolicy) throws(TLSError) {
+  public convenience init(certificateChain: [Certificate], key: TPMKey, policy: TLSPolicy) throws(TLSError) {
+    try self.init(certificateChain: certificateChain, tpmKey: key, softwareKey: nil, policy: policy)
+  }
+
+  /// The same policy with a software key (an `EVP_PKEY *`, referenced, not taken): the floor a
+  /// benchmark compares the TPM against, or a developer's stand-in. Devices use TPM keys.
+  public convenience init(certificateChain: [Certificate], softwareKey: OpaquePointer, policy: TLSPolicy)
+    throws(TLSError)
+  {
+    try self.init(certificateChain: certificateChain, tpmKey: nil, softwareKey: softwareKey, policy: policy)
+  }
+
+  private init(certificateChain: [Certificate], tpmKey key: TPMKey?, softwareKey: OpaquePointer?, policy: TLSPolicy)
+    throws(TLSError)
+  {
     guard let leaf = certificateChain.first else {
       throw TLSError(.configuration, .badCertificateChain, "no certificate")
     }
@@ -57,7 +72,8 @@ public final class TLSClientContext: @unchecked Sendable {
     var status = EDGEKEY_TLS_OK
     var why = [CChar](repeating: 0, count: 512)
     var config = edgekey_tls_config()
-    config.key = key.raw
+    config.key = key?.raw
+    config.software_key = softwareKey
     config.min_version = policy.minimumVersion.rawValue
     config.max_version = policy.maximumVersion.rawValue
     config.allow_missing_server_auth_eku = policy.requireServerAuth ? 0 : 1

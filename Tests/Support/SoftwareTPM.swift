@@ -182,11 +182,13 @@ public enum PortFinder {
     return UInt16(bigEndian: addr.sin_port)
   }
 
-  /// A port p with p+1 also free (swtpm's server and control ports).
+  /// A port p with p+1 also free (swtpm's server and control ports). Chosen below the
+  /// kernel's ephemeral range, where outgoing connections (the swtpm TCTI opens one per TPM
+  /// command) never leave ports in TIME_WAIT, so pairs stay easy to find on a busy machine.
   public static func freePair() throws -> UInt16 {
-    for _ in 0..<100 {
-      let p = try free()
-      if p < 65535, isFree(p + 1) { return p }
+    for _ in 0..<500 {
+      let p = UInt16.random(in: 20000..<32700)
+      if isFree(p), isFree(p + 1) { return p }
     }
     throw HarnessError("no free pair of loopback ports")
   }
@@ -196,6 +198,10 @@ public enum PortFinder {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     guard fd >= 0 else { return false }
     defer { close(fd) }
+    // As the servers do (swtpm, mosquitto, s_server): a port whose last connection lingers in
+    // TIME_WAIT is free to listen on.
+    var one: Int32 = 1
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
     var addr = sockaddr_in()
     addr.sin_family = sa_family_t(AF_INET)
     addr.sin_addr.s_addr = inet_addr("127.0.0.1")

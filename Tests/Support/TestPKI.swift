@@ -121,7 +121,7 @@ public final class TestCA: @unchecked Sendable {
 
   // MARK: - OpenSSL
 
-  static func generateKey(_ type: String = "EC") throws -> OpaquePointer {
+  public static func generateKey(_ type: String = "EC") throws -> OpaquePointer {
     guard let ctx = EVP_PKEY_CTX_new_from_name(nil, type == "EC" ? "EC" : "RSA", nil) else {
       throw HarnessError("EVP_PKEY_CTX_new_from_name")
     }

@@ -18,6 +18,7 @@ extern "C" {
 typedef struct {
   const char *chain_pem;   /* our certificate first, then intermediates (PEM text) */
   edgekey_tpm_key *key;    /* the TPM key the certificate is for (borrowed; the ctx refs it) */
+  EVP_PKEY *software_key;  /* instead of `key`: a software key (benchmark floor, development) */
   const char *trust_pem;   /* the CA certificates we trust for servers (PEM text), required */
   const char *crl_pem;     /* CRLs to check the server's certificate against, or NULL */
   const char *server_name; /* host name or IP literal the server's certificate must name */

@@ -1,0 +1,220 @@
+// edgekey-bench: full mTLS handshakes per second to mosquitto on loopback, side by side:
+// EdgeKey (TPM key on swtpm through the provider), the same client with a software key (the
+// floor), and Debian's tpm2-openssl through tpm2-abrmd (the anchor). Each handshake ends with
+// MQTT CONNECT/CONNACK, so the broker has verified the client certificate. TPM commands per
+// handshake are counted at the TCTI: our counter for EdgeKey, the pcap TCTI for tpm2-openssl.
+//
+//   swift run -c release edgekey-bench [--handshakes N] [--anchor-seconds S]
+import COpenSSL
+import EdgeKeyCore
+import EdgeKeyTLS
+import EdgeKeyTPM
+import EdgeKeyTestSupport
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+struct Options {
+  var handshakes = 300
+  var anchorSeconds = 5
+  init(_ args: [String]) {
+    var i = 1
+    while i < args.count {
+      switch args[i] {
+      case "--handshakes": i += 1; handshakes = Int(args[i]) ?? handshakes
+      case "--anchor-seconds": i += 1; anchorSeconds = Int(args[i]) ?? anchorSeconds
+      case "-h", "--help":
+        print("usage: edgekey-bench [--handshakes N] [--anchor-seconds S]")
+        exit(0)
+      default:
+        FileHandle.standardError.write("unknown option \(args[i])\n".data(using: .utf8)!)
+        exit(2)
+      }
+      i += 1
+    }
+  }
+}
+
+struct Row {
+  var name: String
+  var perSecond: Double
+  var commandsPerHandshake: Double?
+  var note: String
+}
+
+/// MQTT 3.1.1 CONNECT and its CONNACK over an established TLS connection.
+func mqttConnect(_ connection: TLSConnection) throws {
+  let id = Array("edgekey-bench".utf8)
+  let variable: [UInt8] = [0, 4] + Array("MQTT".utf8) + [4, 0x02, 0, 60]
+  try connection.write([0x10, UInt8(variable.count + 2 + id.count)] + variable + [0, UInt8(id.count)] + id)
+  let connack = try connection.read()
+  guard connack == [0x20, 0x02, 0x00, 0x00] else { throw HarnessError("CONNACK refused: \(connack)") }
+}
+
+func measure(_ count: Int, _ body: () throws -> Void) rethrows -> Double {
+  let start = Date()
+  for _ in 0..<count { try body() }
+  return Double(count) / Date().timeIntervalSince(start)
+}
+
+/// Full handshakes per second reported by `openssl s_time -new`.
+func sTimeRate(_ arguments: [String], environment: [String: String]?) throws -> Double {
+  let result = try Command.runCapturing("openssl", arguments, environment: environment)
+  // "123 connections in 5.01 real seconds, 0 bytes read per connection"
+  for line in result.stdout.split(separator: "\n") where line.contains("connections in") && line.contains("real") {
+    let words = line.split(separator: " ")
+    if let count = Double(words[0]), let i = words.firstIndex(of: "in"), let secs = Double(words[i + 1]), secs > 0 {
+      return count / secs
+    }
+  }
+  throw HarnessError("s_time printed no rate: \(result.stdout) \(result.stderr)")
+}
+
+func run() throws {
+  let options = Options(CommandLine.arguments)
+  let work = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-bench-\(getpid())")
+  try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+  defer { try? FileManager.default.removeItem(at: work) }
+
+  let ca = try TestCA()
+  let serverCert = try ca.issueServer()
+  // set_tcp_nodelay: without it Nagle's algorithm on the broker adds ~40 ms to every handshake
+  // and hides the client's own cost.
+  let broker = try MosquittoBroker(
+    certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM,
+    extraConfig: ["set_tcp_nodelay true"])
+  print("mosquitto with require_certificate on 127.0.0.1:\(broker.port); TLS 1.3; ECDSA P-256 client keys")
+  var rows: [Row] = []
+
+  // EdgeKey: TPM key on swtpm, one TLSClientContext reused for every connection.
+  do {
+    let swtpm = try SoftwareTPM()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let key = try tpm.loadKey(try tpm.createKey())
+    let cert = try ca.issueClient(publicKeyDER: key.publicKey.spki, commonName: "bench-tpm")
+    let context = try TLSClientContext(
+      certificateChain: try Certificate.chain(pem: cert.certificate), key: key,
+      policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: "127.0.0.1"))
+    try mqttConnect(try TLSConnection(context: context, host: "127.0.0.1", port: broker.port))  // warm up, load
+    let before = tpm.commandCount
+    let rate = try measure(options.handshakes) {
+      try mqttConnect(try TLSConnection(context: context, host: "127.0.0.1", port: broker.port))
+    }
+    let commands = Double(tpm.commandCount - before) / Double(options.handshakes)
+    rows.append(Row(name: "EdgeKey, TPM key (swtpm)", perSecond: rate, commandsPerHandshake: commands, note: ""))
+    _ = swtpm
+  }
+
+  // The floor: the same client and policy with a software key.
+  do {
+    let key = try TestCA.generateKey()
+    defer { EVP_PKEY_free(key) }
+    var spki: UnsafeMutablePointer<UInt8>?
+    let n = i2d_PUBKEY(key, &spki)
+    let der = Array(UnsafeBufferPointer(start: spki, count: Int(n)))
+    CRYPTO_free(spki, #file, #line)
+    let cert = try ca.issueClient(publicKeyDER: der, commonName: "bench-software")
+    let context = try TLSClientContext(
+      certificateChain: try Certificate.chain(pem: cert.certificate), softwareKey: key,
+      policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: "127.0.0.1"))
+    try mqttConnect(try TLSConnection(context: context, host: "127.0.0.1", port: broker.port))
+    let rate = try measure(options.handshakes) {
+      try mqttConnect(try TLSConnection(context: context, host: "127.0.0.1", port: broker.port))
+    }
+    rows.append(Row(name: "software key (same client)", perSecond: rate, commandsPerHandshake: 0, note: ""))
+  }
+
+  // The anchor: tpm2-openssl (openssl s_client -provider tpm2) through tpm2-abrmd.
+  var anchorNote = ""
+  if findExecutable("tpm2-abrmd") != nil,
+    FileManager.default.fileExists(atPath: "/usr/lib/x86_64-linux-gnu/ossl-modules/tpm2.so")
+  {
+    let swtpm = try SoftwareTPM()
+    let abrmd = try AccessBroker(over: swtpm)
+    let env = abrmd.toolEnvironment
+    let keyFile = work.appendingPathComponent("anchor-key.pem").path
+    try Command.run(
+      "openssl", ["genpkey", "-provider", "tpm2", "-algorithm", "EC", "-pkeyopt", "group:P-256", "-out", keyFile],
+      environment: env)
+    let pubPEM = try Command.run(
+      "openssl", ["pkey", "-provider", "tpm2", "-provider", "default", "-in", keyFile, "-pubout"], environment: env)
+    guard let pubDER = PEM.decode(pubPEM, label: "PUBLIC KEY") else { throw HarnessError("no public key") }
+    let cert = try ca.issueClient(publicKeyDER: pubDER, commonName: "bench-tpm2-openssl")
+    let certFile = work.appendingPathComponent("anchor-cert.pem")
+    let caFile = work.appendingPathComponent("ca.pem")
+    try cert.certificate.write(to: certFile, atomically: true, encoding: .utf8)
+    try ca.certificatePEM.write(to: caFile, atomically: true, encoding: .utf8)
+    // openssl s_time: repeated full handshakes in one process (no process start per handshake).
+    let seconds = String(options.anchorSeconds)
+    let timeArgs: [String] = [
+      "s_time", "-connect", "127.0.0.1:\(broker.port)", "-new", "-time", seconds, "-CAfile", caFile.path,
+      "-verify", "4", "-cert", certFile.path,
+    ]
+    let tpmArgs = timeArgs + ["-provider", "tpm2", "-provider", "default", "-key", keyFile]
+    // TPM commands of one handshake, recorded by the pcap TCTI inside s_client.
+    let pcap = work.appendingPathComponent("anchor.pcap")
+    var pcapEnv = env
+    pcapEnv["TPM2OPENSSL_TCTI"] = "pcap:" + abrmd.tcti
+    pcapEnv["TCTI_PCAP_FILE"] = pcap.path
+    let startup = try Command.runCapturing(
+      "openssl", ["pkey", "-provider", "tpm2", "-provider", "default", "-in", keyFile, "-noout"], environment: pcapEnv)
+    guard startup.status == 0 else { throw HarnessError("tpm2-openssl cannot load its key: \(startup.stderr)") }
+    let loadOnly = try PcapRecord.commands(in: pcap).count
+    try? FileManager.default.removeItem(at: pcap)
+    let one = try Command.runCapturing(
+      "openssl",
+      [
+        "s_client", "-connect", "127.0.0.1:\(broker.port)", "-CAfile", caFile.path, "-verify_return_error",
+        "-cert", certFile.path, "-brief", "-provider", "tpm2", "-provider", "default", "-key", keyFile,
+      ], environment: pcapEnv, input: Data())
+    guard one.status == 0 else { throw HarnessError("tpm2-openssl s_client failed: \(one.stderr)") }
+    let perHandshake = try PcapRecord.commands(in: pcap).count - loadOnly
+    let anchorRate = try sTimeRate(tpmArgs, environment: env)
+    rows.append(
+      Row(
+        name: "tpm2-openssl 1.1.1 + tpm2-abrmd", perSecond: anchorRate, commandsPerHandshake: Double(perHandshake),
+        note: "openssl s_time"))
+    // OpenSSL's own client with a software key, measured the same way.
+    let softKey = work.appendingPathComponent("soft.key")
+    try TestCA.privateKeyPEM(try TestCA.generateKey()).write(to: softKey, atomically: true, encoding: .utf8)
+    let softPub = try Command.run("openssl", ["pkey", "-in", softKey.path, "-pubout"])
+    let softCert = try ca.issueClient(publicKeyDER: PEM.decode(softPub, label: "PUBLIC KEY")!, commonName: "bench-sc")
+    let softCertFile = work.appendingPathComponent("soft-cert.pem")
+    try softCert.certificate.write(to: softCertFile, atomically: true, encoding: .utf8)
+    var softArgs = timeArgs + ["-key", softKey.path]
+    softArgs[softArgs.firstIndex(of: certFile.path)!] = softCertFile.path
+    rows.append(
+      Row(
+        name: "software key, openssl s_time", perSecond: try sTimeRate(softArgs, environment: nil),
+        commandsPerHandshake: 0, note: ""))
+  } else {
+    anchorNote = "tpm2-openssl or tpm2-abrmd not installed: the anchor was not measured"
+  }
+
+  let floor = rows.first { $0.name == "software key (same client)" }?.perSecond ?? 0
+  let ours = rows.first?.perSecond ?? 0
+  print("")
+  print("client".padding(toLength: 34, withPad: " ", startingAt: 0) + "handshakes/s   TPM cmds/handshake   vs software")
+  for row in rows {
+    let commands = row.commandsPerHandshake.map { String(format: "%.2f", $0) } ?? "-"
+    print(
+      row.name.padding(toLength: 34, withPad: " ", startingAt: 0)
+        + String(format: "%10.1f", row.perSecond) + "   " + commands.padding(toLength: 18, withPad: " ", startingAt: 0)
+        + " " + String(format: "%5.2f×", floor > 0 ? row.perSecond / floor : 0)
+        + (row.note.isEmpty ? "" : "  " + row.note))
+  }
+  if let anchor = rows.first(where: { $0.name.hasPrefix("tpm2-openssl") }) {
+    print(String(format: "EdgeKey / tpm2-openssl: %.0f×", ours / anchor.perSecond))
+  }
+  print(anchorNote)
+  print(String(format: "EdgeKey / software key: %.2f× (goal ≥ 0.8×)", floor > 0 ? ours / floor : 0))
+}
+
+do {
+  try run()
+} catch {
+  FileHandle.standardError.write("edgekey-bench: \(error)\n".data(using: .utf8)!)
+  exit(1)
+}
