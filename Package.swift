@@ -65,7 +65,7 @@ let package = Package(
     // Test harness: starts swtpm (and later mosquitto, the RA) on free loopback ports.
     .target(
       name: "EdgeKeyTestSupport",
-      dependencies: ["EdgeKeyCore", "COpenSSL"],
+      dependencies: ["EdgeKeyCore", "COpenSSL", "CEdgeKeyTestHelpers"],
       path: "Tests/Support"
     ),
     // C helpers for what Swift cannot do safely itself (fork in a threaded test process).

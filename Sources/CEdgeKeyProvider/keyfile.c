@@ -4,7 +4,9 @@
 #include <string.h>
 
 #include <openssl/asn1t.h>
+#include <openssl/err.h>
 #include <openssl/objects.h>
+#include <openssl/pem.h>
 #include <tss2/tss2_mu.h>
 
 #include "edgekey.h"
@@ -115,5 +117,40 @@ TSS2_RC edgekey_keyfile_encode(const edgekey_keyfile *in, uint8_t **der, size_t 
 out:
   OPENSSL_free(buf);
   EDGEKEY_TSSPRIVKEY_free(k);
+  return rc;
+}
+
+TSS2_RC edgekey_tpm_key_from_file(edgekey_tpm *tpm, const char *path, const uint8_t *auth,
+                                  size_t auth_len, edgekey_tpm_key **out, char *why,
+                                  size_t why_len) {
+  if (why != NULL && why_len > 0) why[0] = '\0';
+  if (tpm == NULL || path == NULL || out == NULL) return EDGEKEY_RC_BAD_ARGUMENT;
+  *out = NULL;
+  BIO *bio = BIO_new_file(path, "r");
+  if (bio == NULL) {
+    if (why != NULL) snprintf(why, why_len, "cannot open %s", path);
+    ERR_clear_error();
+    return EDGEKEY_RC_BAD_KEYFILE;
+  }
+  char *name = NULL, *header = NULL;
+  unsigned char *der = NULL;
+  long len = 0;
+  TSS2_RC rc = EDGEKEY_RC_BAD_KEYFILE;
+  if (PEM_read_bio(bio, &name, &header, &der, &len) != 1) {
+    if (why != NULL) snprintf(why, why_len, "%s holds no PEM block", path);
+  } else if (strcmp(name, "TSS2 PRIVATE KEY") != 0) {
+    if (why != NULL) snprintf(why, why_len, "%s holds a %s, not a TSS2 PRIVATE KEY", path, name);
+  } else {
+    edgekey_keyfile kf;
+    rc = edgekey_keyfile_decode(der, (size_t)len, &kf, why, why_len);
+    if (rc == TSS2_RC_SUCCESS)
+      rc = edgekey_tpm_key_from_blobs(tpm, kf.parent, kf.pub, kf.pub_len, kf.priv, kf.priv_len,
+                                      auth, auth_len, out);
+  }
+  ERR_clear_error();
+  OPENSSL_free(name);
+  OPENSSL_free(header);
+  OPENSSL_free(der);
+  BIO_free(bio);
   return rc;
 }

@@ -759,6 +759,16 @@ static void load_provider(void) {
   /* retain_fallbacks = 1: loading a provider explicitly must not switch the default off. */
   OSSL_PROVIDER *ours = OSSL_PROVIDER_try_load(NULL, PROVIDER_NAME, 1);
   load_ok = ours != NULL;
+  /* Our keymgmt answers to "EC" and "RSA" (libssl recognises keys by those names), so an
+   * unqualified fetch - EVP_PKEY_CTX_new_from_name(NULL, "EC", NULL) to generate a software
+   * key, say - could land on it and fail. A preference (optional, "?") for the default
+   * provider keeps every unqualified fetch where it was; our own fetches ask for
+   * provider=edgekey explicitly, which overrides a preference. */
+  if (load_ok && getenv("EDGEKEY_KEEP_DEFAULT_PROPERTIES") == NULL) {
+    const char *props = EVP_default_properties_is_fips_enabled(NULL) ? "fips=yes,?provider=default"
+                                                                     : "?provider=default";
+    EVP_set_default_properties(NULL, props);
+  }
 }
 
 int edgekey_provider_load(void) {

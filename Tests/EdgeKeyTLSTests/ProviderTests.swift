@@ -81,6 +81,19 @@ struct ProviderTests {
       #expect(String(cString: OSSL_PROVIDER_get0_name(EVP_KEYMGMT_get0_provider(keymgmt))) == "default")
       EVP_KEYMGMT_free(keymgmt)
     }
+    // Software key generation by name, as any other code in the process may do, still works.
+    for _ in 0..<20 {
+      let ctx = try #require(EVP_PKEY_CTX_new_from_name(nil, "EC", nil))
+      defer { EVP_PKEY_CTX_free(ctx) }
+      #expect(EVP_PKEY_keygen_init(ctx) == 1)
+      EVP_PKEY_CTX_set_group_name(ctx, "P-256")
+      var key: OpaquePointer?
+      #expect(EVP_PKEY_generate(ctx, &key) == 1)
+      if let key {
+        #expect(edgekey_evp_pkey_is_tpm(key) == 0)
+        EVP_PKEY_free(key)
+      }
+    }
     for name in ["ECDSA", "RSA"] {
       let signature = try #require(EVP_SIGNATURE_fetch(nil, name, nil))
       #expect(String(cString: OSSL_PROVIDER_get0_name(EVP_SIGNATURE_get0_provider(signature))) == "default")
@@ -143,15 +156,53 @@ struct ProviderTests {
     #expect(f.tpm.commandCount - before == UInt64(threads * perThread))
   }
 
+  @Test("the C API: a key file opened in C signs through EVP_DigestSign and verifies in software")
+  func cAPISignsFromFile() throws {
+    let f = try Fixture()
+    let path = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-c-\(UUID().uuidString).pem")
+    defer { try? FileManager.default.removeItem(at: path) }
+    let file = try f.tpm.createKey()
+    try file.write(to: path.path)
+    var key: OpaquePointer?
+    var why = [CChar](repeating: 0, count: 256)
+    #expect(edgekey_tpm_key_from_file(f.tpm.raw, path.path, nil, 0, &key, &why, why.count) == 0)
+    let pkey = try #require(edgekey_evp_pkey(try #require(key)))
+    edgekey_tpm_key_free(key)  // the EVP_PKEY holds its own reference
+    defer { EVP_PKEY_free(pkey) }
+    let message = Array("telemetry frame 42".utf8)
+    let sign = EVP_MD_CTX_new()
+    defer { EVP_MD_CTX_free(sign) }
+    #expect(EVP_DigestSignInit_ex(sign, nil, "SHA256", nil, nil, pkey, nil) == 1)
+    var length = 0
+    #expect(EVP_DigestSign(sign, nil, &length, message, message.count) == 1)
+    var signature = [UInt8](repeating: 0, count: length)
+    #expect(EVP_DigestSign(sign, &signature, &length, message, message.count) == 1)
+    // Verify with a software copy of the public key: OpenSSL's default provider, not ours.
+    let spki = try file.publicKey().spki
+    let pub = try #require(
+      spki.withUnsafeBufferPointer { buffer -> OpaquePointer? in
+        var p = buffer.baseAddress
+        return d2i_PUBKEY(nil, &p, buffer.count)
+      })
+    defer { EVP_PKEY_free(pub) }
+    let verify = EVP_MD_CTX_new()
+    defer { EVP_MD_CTX_free(verify) }
+    #expect(EVP_DigestVerifyInit_ex(verify, nil, "SHA256", nil, nil, pub, nil) == 1)
+    #expect(EVP_DigestVerify(verify, signature, length, message, message.count) == 1)
+    // A damaged path reads clearly.
+    #expect(edgekey_tpm_key_from_file(f.tpm.raw, "/nonexistent/key.pem", nil, 0, &key, &why, why.count) != 0)
+    #expect(cStringOf(why).contains("cannot open"))
+  }
+
   @Test(
-    "mosquitto with require_certificate accepts us over TLS 1.2 and 1.3 and sees our identity",
-    arguments: ["tlsv1.2", "tlsv1.3"])
-  func mosquittoAcceptsUs(_ version: String) throws {
-    let f = try Fixture(commonName: "device-0007")
+    "mosquitto with require_certificate accepts us and sees our identity",
+    arguments: [KeyAlgorithm.eccP256, .eccP384, .rsa2048], [TLSVersion.tls12, .tls13])
+  func mosquittoAcceptsUs(_ algorithm: KeyAlgorithm, _ version: TLSVersion) throws {
+    let f = try Fixture(algorithm, commonName: "device-0007")
     let serverCert = try f.ca.issueServer()
     let broker = try MosquittoBroker(
       certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: f.ca.certificatePEM)
-    let context = try f.context(serverName: "127.0.0.1", maximumVersion: version == "tlsv1.3" ? .tls13 : .tls12)
+    let context = try f.context(serverName: "127.0.0.1", maximumVersion: version)
     let connection = try TLSConnection(context: context, host: "127.0.0.1", port: broker.port)
     // MQTT 3.1.1 CONNECT, clean session, keepalive 60, client id "edgekey-test".
     let clientID = Array("edgekey-test".utf8)
@@ -160,9 +211,13 @@ struct ProviderTests {
     try connection.write([0x10, UInt8(variable.count + payload.count)] + variable + payload)
     let connack = try connection.read()
     #expect(connack == [0x20, 0x02, 0x00, 0x00], "CONNACK accepted")
-    #expect(connection.protocolVersion == (version == "tlsv1.3" ? "TLSv1.3" : "TLSv1.2"))
+    #expect(connection.protocolVersion == (version == .tls13 ? "TLSv1.3" : "TLSv1.2"))
     #expect(broker.log.contains("u'device-0007'"))
   }
+}
+
+func cStringOf(_ buffer: [CChar]) -> String {
+  String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
 extension KeyAlgorithm {

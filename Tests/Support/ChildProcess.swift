@@ -1,3 +1,4 @@
+import CEdgeKeyTestHelpers
 import Foundation
 
 #if canImport(Glibc)
@@ -22,6 +23,10 @@ public final class ChildProcess: @unchecked Sendable {
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
     posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
     posix_spawn_file_actions_adddup2(&actions, 1, 2)
+    // Nothing else of ours may leak into the child: a TPM command in flight on another thread
+    // has the swtpm TCTI's socket open (without close-on-exec), and a long-lived child holding
+    // a copy keeps that swtpm busy with a dead connection forever.
+    edgekey_test_spawn_closefrom(&actions, 3)
 
     var attributes = posix_spawnattr_t()
     posix_spawnattr_init(&attributes)

@@ -164,7 +164,29 @@ public func findExecutable(_ name: String) -> String? {
 /// Free loopback TCP ports.
 public enum PortFinder {
   /// A free port chosen by the kernel.
+  /// Ports handed out in this process: never handed out twice, so that two tests running in
+  /// parallel cannot both start a server on the same port before either binds it (the second
+  /// would then talk to the first one's swtpm and wait forever behind its connection).
+  nonisolated(unsafe) private static var handedOut: Set<UInt16> = []
+  private static let lock = NSLock()
+
+  private static func claim(_ ports: [UInt16]) -> Bool {
+    lock.lock()
+    defer { lock.unlock() }
+    guard ports.allSatisfy({ !handedOut.contains($0) }) else { return false }
+    handedOut.formUnion(ports)
+    return true
+  }
+
   public static func free() throws -> UInt16 {
+    for _ in 0..<100 {
+      let port = try kernelChosenPort()
+      if claim([port]) { return port }
+    }
+    throw HarnessError("no free loopback port")
+  }
+
+  private static func kernelChosenPort() throws -> UInt16 {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     guard fd >= 0 else { throw HarnessError("socket: \(errno)") }
     defer { close(fd) }
@@ -188,7 +210,7 @@ public enum PortFinder {
   public static func freePair() throws -> UInt16 {
     for _ in 0..<500 {
       let p = UInt16.random(in: 20000..<32700)
-      if isFree(p), isFree(p + 1) { return p }
+      if isFree(p), isFree(p + 1), claim([p, p + 1]) { return p }
     }
     throw HarnessError("no free pair of loopback ports")
   }

@@ -59,9 +59,10 @@ int edgekey_tcti_candidates(const char *tcti, const char *out[4]);
 TSS2_RC edgekey_tpm_open_exact(const char *tcti, edgekey_tpm **out, char *why, size_t why_len);
 
 /*
- * How long one TPM command may take before ESAPI gives up (TSS2_TCTI_RC_TRY_AGAIN / IO error):
- * EDGEKEY_TPM_TIMEOUT_MS, else 60 s. A hung TPM or simulator must not hold the lock forever;
- * the longest legitimate command (RSA key creation on a slow chip) takes ~10 s.
+ * The ESAPI timeout set on every context (EDGEKEY_TPM_TIMEOUT_MS, else 60 s). Note: ESAPI's
+ * synchronous calls, which EdgeKey uses, block until the TPM answers whatever this says; it
+ * bounds only asynchronous calls. A TPM that never answers blocks the calling thread; fork()
+ * waits at most 5 s for it (see tpm_context.c).
  */
 #define EDGEKEY_DEFAULT_TPM_TIMEOUT_MS 60000
 int32_t edgekey_tpm_timeout_ms(void);
@@ -173,6 +174,14 @@ typedef struct {
 /* Decodes DER. Returns 0 on success or EDGEKEY_RC_BAD_KEYFILE; `why` says what was wrong. */
 TSS2_RC edgekey_keyfile_decode(const uint8_t *der, size_t der_len, edgekey_keyfile *out,
                                char *why, size_t why_len);
+
+/*
+ * Opens a TSS2 PRIVATE KEY PEM file (EdgeKey's, tpm2-openssl's or tpm2-tss-engine's) as a key
+ * of `tpm`, for C daemons. No TPM traffic until first use. On failure `why` says what was wrong.
+ */
+TSS2_RC edgekey_tpm_key_from_file(edgekey_tpm *tpm, const char *path, const uint8_t *auth,
+                                  size_t auth_len, edgekey_tpm_key **out, char *why,
+                                  size_t why_len);
 
 /* Encodes DER into a buffer the caller frees with free(). */
 TSS2_RC edgekey_keyfile_encode(const edgekey_keyfile *in, uint8_t **der, size_t *der_len);

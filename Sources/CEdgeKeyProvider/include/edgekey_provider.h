@@ -20,8 +20,15 @@ extern "C" {
 
 #define EDGEKEY_VERSION "0.3.0"
 
-/* Registers and activates the provider in the default library context (once per process;
- * later calls are free). Returns 1 on success. */
+/*
+ * Registers and activates the provider in the default library context (once per process;
+ * later calls are free). Returns 1 on success.
+ *
+ * It also sets the default property query to "?provider=default" (keeping fips=yes if FIPS
+ * mode was on): our keymgmt answers to "EC" and "RSA", and without that preference an
+ * unqualified fetch elsewhere in the process (a software key generation, say) could land on
+ * it. Set EDGEKEY_KEEP_DEFAULT_PROPERTIES in the environment to leave the query alone.
+ */
 int edgekey_provider_load(void);
 
 /*

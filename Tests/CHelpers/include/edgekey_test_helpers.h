@@ -2,6 +2,7 @@
 #ifndef EDGEKEY_TEST_HELPERS_H
 #define EDGEKEY_TEST_HELPERS_H
 
+#include <spawn.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -19,5 +20,8 @@
 int edgekey_test_sign_in_child(edgekey_tpm_key *key, TPMI_ALG_SIG_SCHEME scheme, TPMI_ALG_HASH hash,
                                const uint8_t *digest, size_t digest_len, uint8_t *sig, size_t cap,
                                size_t *sig_len, int hold_ms);
+
+/* posix_spawn_file_actions_addclosefrom_np, which Swift's Glibc module does not expose. */
+int edgekey_test_spawn_closefrom(posix_spawn_file_actions_t *actions, int from);
 
 #endif
