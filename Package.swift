@@ -51,7 +51,7 @@ let package = Package(
     ),
     .executableTarget(
       name: "edgekey",
-      dependencies: ["EdgeKeyTPM", "EdgeKeyCore"],
+      dependencies: ["EdgeKeyTPM", "EdgeKeyTLS", "EdgeKeyCore"],
       path: "Sources/edgekey"
     ),
 

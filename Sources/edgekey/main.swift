@@ -1,4 +1,5 @@
 import EdgeKeyCore
+import EdgeKeyTLS
 import EdgeKeyTPM
 
 #if canImport(Glibc)
@@ -26,6 +27,14 @@ let usage = """
     edgekey key delete (--file FILE | --handle H)
                                               evict a persistent key, or remove a key file
     edgekey srk persist                       persist the storage root key at 0x81000001
+    edgekey csr (--file FILE | --handle H) --subject "O=Acme,CN=device-1" [--san DNS:x,IP:y]
+                [--challenge-env VAR] [--out FILE]
+                                              a PKCS#10 request signed inside the TPM
+    edgekey doctor --host H --port P --cafile CA --cert CERT (--file FILE | --handle H)
+                [--server-name N] [--crl FILE] [--tls-max 1.2|1.3] [--protocol mqtt|tls]
+                                              walk the mTLS layers to a broker: TPM and key, our
+                                              certificate, the server's chain, protocol, the
+                                              server's verdict on us, MQTT CONNECT; ✓/✗ each
 
   Options:
     --tcti T        TCTI: device:/dev/tpmrm0, tabrmd, swtpm:host=127.0.0.1,port=2321
@@ -37,7 +46,7 @@ let usage = """
     -v, --verbose   log to stderr
     -h, --help      this text
 
-  Exit codes: 0 success, 1 failure, 2 usage error, 3 no TPM reachable.
+  Exit codes: 0 success, 1 failure (doctor: a layer failed), 2 usage error, 3 no TPM reachable.
 
   """
 
@@ -229,6 +238,12 @@ func run(_ argv: [String]) throws {
       fail("key delete needs --file FILE or --handle H", .usage)
     }
 
+  case "csr":
+    try csrCommand(args, logger: logger)
+
+  case "doctor":
+    try doctorCommand(args, logger: logger)
+
   case "srk persist":
     let created = try openTPM(args, logger: logger).persistStorageRootKey()
     out(created ? "persisted the storage root key at 0x81000001" : "the storage root key is already at 0x81000001")
@@ -247,6 +262,8 @@ do {
   try run(Array(CommandLine.arguments.dropFirst()))
 } catch let error as TPMError {
   fail(error.description, error.code == .unreachable ? .tpmUnreachable : .failure)
+} catch let error as TLSError {
+  fail(error.description, .failure)
 } catch {
   fail("\(error)", .failure)
 }

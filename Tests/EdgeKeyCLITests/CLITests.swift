@@ -80,4 +80,81 @@ struct CLITests {
     let help = try run(["--help"], tcti: nil)
     #expect(help.status == 0 && help.stdout.contains("Exit codes"))
   }
+
+  @Test("csr writes a request that openssl req -verify accepts")
+  func csr() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: dir) }
+    let key = dir.appendingPathComponent("device.key").path
+    let csr = dir.appendingPathComponent("device.csr").path
+    #expect(try run(["key", "create", "--out", key], tcti: swtpm.tcti).status == 0)
+    let made = try run(
+      [
+        "csr", "--file", key, "--subject", "O=Fleet,CN=device-9", "--san", "DNS:device-9.local,IP:10.0.0.9", "--out",
+        csr,
+      ],
+      tcti: swtpm.tcti)
+    #expect(made.status == 0, "\(made.stderr)")
+    let verified = try Command.runCapturing("openssl", ["req", "-in", csr, "-verify", "-noout", "-subject"])
+    #expect(verified.status == 0)
+    #expect((verified.stdout + verified.stderr).contains("verify OK"))
+    #expect(verified.stdout.contains("CN = device-9"))
+    #expect(try run(["csr", "--file", key], tcti: swtpm.tcti).status == 2)  // no subject: usage
+  }
+
+  @Test("doctor walks the layers to a broker: all pass, then the server chain fails with the reason")
+  func doctor() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: dir) }
+    let key = dir.appendingPathComponent("device.key").path
+    let created = try run(["key", "create", "--out", key, "--json"], tcti: swtpm.tcti)
+    #expect(created.status == 0)
+    // The device's certificate, issued for the public key tpm2-openssl reads from the file.
+    let ca = try TestCA()
+    let spkiPEM = try Command.run(
+      "openssl", ["pkey", "-provider", "tpm2", "-provider", "default", "-in", key, "-pubout"],
+      environment: swtpm.toolEnvironment)
+    let der = try #require(PEMText.decode(spkiPEM))
+    let cert = try ca.issueClient(publicKeyDER: der, commonName: "device-9")
+    let certPath = dir.appendingPathComponent("device.pem").path
+    let caPath = dir.appendingPathComponent("ca.pem").path
+    try cert.certificate.write(toFile: certPath, atomically: true, encoding: .utf8)
+    try ca.certificatePEM.write(toFile: caPath, atomically: true, encoding: .utf8)
+    let server = try ca.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: server.certificate, keyPEM: server.key, clientCAPEM: ca.certificatePEM)
+    let args = [
+      "doctor", "--host", "127.0.0.1", "--port", String(broker.port), "--cafile", caPath, "--cert", certPath,
+      "--file", key,
+    ]
+    let good = try run(args, tcti: swtpm.tcti)
+    #expect(good.status == 0, "\(good.stdout)\(good.stderr)")
+    for layer in [
+      "TPM and key", "our certificate", "server certificate", "protocol", "server accepted us", "MQTT connect",
+    ] {
+      #expect(good.stdout.contains("✓ \(layer)"), "\(layer) in \(good.stdout)")
+    }
+    let stranger = try TestCA(name: "Stranger CA")
+    let strangerPath = dir.appendingPathComponent("stranger.pem").path
+    try stranger.certificatePEM.write(toFile: strangerPath, atomically: true, encoding: .utf8)
+    var wrongCA = args
+    wrongCA[wrongCA.firstIndex(of: caPath)!] = strangerPath
+    let bad = try run(wrongCA, tcti: swtpm.tcti)
+    #expect(bad.status == 1)
+    #expect(bad.stdout.contains("✓ our certificate"))
+    #expect(bad.stdout.contains("✗ server certificate"))
+    #expect(bad.stdout.contains("issuer \"CN=EdgeKey Test Root CA\""))
+  }
+}
+
+/// The DER inside a PEM text (first block).
+enum PEMText {
+  static func decode(_ text: String) -> [UInt8]? {
+    let body = text.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
+    return Data(base64Encoded: body).map { [UInt8]($0) }
+  }
 }

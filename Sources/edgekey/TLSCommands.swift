@@ -1,0 +1,211 @@
+import EdgeKeyCore
+import EdgeKeyTLS
+import EdgeKeyTPM
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// The key named by `--file FILE` or `--handle H`.
+func loadKeyOption(_ args: Arguments, tpm: TPM) throws -> TPMKey {
+  if let path = args.option("file") {
+    return try tpm.loadKey(try TSS2PrivateKey(contentsOf: path), authValue: authValue(args))
+  }
+  if let handle = handleOption(args) { return try tpm.loadKey(at: handle, authValue: authValue(args)) }
+  fail("name the key with --file FILE or --handle H", .usage)
+}
+
+func readText(_ path: String) -> String {
+  guard let f = fopen(path, "r") else { fail("cannot read \(path): \(String(cString: strerror(errno)))", .failure) }
+  defer { fclose(f) }
+  var bytes: [UInt8] = []
+  var buffer = [UInt8](repeating: 0, count: 65536)
+  while true {
+    let n = fread(&buffer, 1, buffer.count, f)
+    if n <= 0 { break }
+    bytes += buffer[0..<n]
+  }
+  return String(decoding: bytes, as: UTF8.self)
+}
+
+/// `CN=device-1,O=Acme` → [("CN","device-1"),("O","Acme")].
+func parseSubject(_ text: String) -> [(String, String)] {
+  text.split(separator: ",").map { part in
+    guard let eq = part.firstIndex(of: "=") else { fail("subject part '\(part)' is not NAME=value", .usage) }
+    return (
+      String(part[..<eq]).trimmingSpaces, String(part[part.index(after: eq)...]).trimmingSpaces
+    )
+  }
+}
+
+/// `DNS:a.example,IP:10.0.0.1,URI:urn:x` → SANs.
+func parseSANs(_ text: String) -> [SubjectAlternativeName] {
+  text.split(separator: ",").map { part in
+    let s = String(part).trimmingSpaces
+    if s.hasPrefix("DNS:") { return .dns(String(s.dropFirst(4))) }
+    if s.hasPrefix("IP:") { return .ip(String(s.dropFirst(3))) }
+    if s.hasPrefix("URI:") { return .uri(String(s.dropFirst(4))) }
+    if s.hasPrefix("email:") { return .email(String(s.dropFirst(6))) }
+    fail("subject alternative name '\(s)' needs a DNS:, IP:, URI: or email: prefix", .usage)
+  }
+}
+
+extension String {
+  var trimmingSpaces: String {
+    var s = Substring(self)
+    while s.first == " " { s = s.dropFirst() }
+    while s.last == " " { s = s.dropLast() }
+    return String(s)
+  }
+}
+
+func csrCommand(_ args: Arguments, logger: Logger) throws {
+  guard let subject = args.option("subject") else { fail("csr needs --subject \"CN=...\"", .usage) }
+  let tpm = openTPM(args, logger: logger)
+  let key = try loadKeyOption(args, tpm: tpm)
+  var challenge: String? = nil
+  if let variable = args.option("challenge-env") {
+    guard let value = getenv(variable) else { fail("environment variable \(variable) is not set", .usage) }
+    challenge = String(cString: value)
+  }
+  let csr = try CertificateSigningRequest(
+    key: key, subject: parseSubject(subject), subjectAlternativeNames: args.option("san").map(parseSANs) ?? [],
+    challengePassword: challenge)
+  if let path = args.option("out") {
+    try AtomicFile.write(Array(csr.pem.utf8), to: path, mode: 0o644)
+    out("wrote \(path)")
+  } else {
+    out(csr.pem, terminator: "")
+  }
+}
+
+/// One line of the doctor's walk.
+func report(_ ok: Bool, _ layer: String, _ detail: String) {
+  out("\(ok ? "✓" : "✗") \(layer.padding(toLength: 22, withPad: " ", startingAt: 0)) \(detail)")
+}
+
+func days(until date: Double) -> String {
+  let d = Int((date - Double(time(nil))) / 86400)
+  return d >= 0 ? "expires in \(d) days" : "expired \(-d) days ago"
+}
+
+/// Walks the layers the mTLS guide names and stops at the first that fails.
+func doctorCommand(_ args: Arguments, logger: Logger) throws {
+  guard let host = args.option("host"), let portText = args.option("port"), let port = UInt16(portText) else {
+    fail("doctor needs --host H and --port P", .usage)
+  }
+  guard let caFile = args.option("cafile"), let certFile = args.option("cert") else {
+    fail("doctor needs --cafile CA.pem and --cert CERT.pem", .usage)
+  }
+  // 1. The TPM and the key.
+  let (tpm, key) = doctorKey(args, logger: logger)
+  report(
+    true, "TPM and key",
+    "\(tpm.tcti): \(key.algorithm?.rawValue ?? "key") sha256:\(key.publicKey.fingerprint.prefix(16))…, loaded")
+
+  // 2. Our certificate, and the policy for the server.
+  let (chain, context) = doctorContext(args, key: key, host: host, caFile: caFile, certFile: certFile)
+  let leaf = chain[0]
+  report(
+    true, "our certificate",
+    "\(leaf.subject) from \(leaf.issuer), clientAuth, matches the key, \(days(until: leaf.notAfter.timeIntervalSince1970))"
+  )
+
+  // 3-5. The connection: server chain, protocol, the server's verdict on us.
+  let connection = doctorConnect(context, host: host, port: port)
+  if let peer = connection.peerCertificate {
+    report(
+      true, "server certificate",
+      "\(peer.subject) from \(peer.issuer), trusted, names \(args.option("server-name") ?? host), serverAuth, \(days(until: peer.notAfter.timeIntervalSince1970))"
+    )
+  }
+  report(true, "protocol", "\(connection.protocolVersion), \(connection.cipherSuite)")
+  guard args.option("protocol") != "tls" else {
+    report(true, "server accepted us", "handshake complete (TLS only: no MQTT CONNECT sent)")
+    return
+  }
+  // An MQTT CONNECT: with TLS 1.3 the server's verdict on our certificate arrives here.
+  let connack = doctorMQTTConnect(connection, clientID: args.option("client-id") ?? "edgekey-doctor")
+  guard connack.count >= 4, connack[0] == 0x20 else {
+    report(false, "server accepted us", "the server closed the connection after CONNECT (no CONNACK)")
+    exit(ExitCode.failure.rawValue)
+  }
+  report(true, "server accepted us", "TLS client authentication passed")
+  let reasons = [
+    1: "unacceptable protocol version", 2: "client identifier rejected", 3: "server unavailable",
+    4: "bad user name or password", 5: "not authorized",
+  ]
+  if connack[3] == 0 {
+    report(true, "MQTT connect", "CONNACK accepted")
+  } else {
+    report(false, "MQTT connect", "CONNACK refused: \(reasons[Int(connack[3])] ?? "code \(connack[3])")")
+    exit(ExitCode.failure.rawValue)
+  }
+}
+
+/// MQTT 3.1.1 CONNECT (clean session, keepalive 30); returns the CONNACK bytes.
+func doctorMQTTConnect(_ connection: TLSConnection, clientID: String) -> [UInt8] {
+  let id = Array(clientID.utf8)
+  let variable: [UInt8] = [0, 4] + Array("MQTT".utf8) + [4, 0x02, 0, 30]
+  let payload: [UInt8] = [UInt8(id.count >> 8), UInt8(id.count & 0xFF)] + id
+  do {
+    try connection.write([0x10, UInt8(variable.count + payload.count)] + variable + payload)
+    return try connection.read()
+  } catch {
+    report(false, error.layer == .rejectedByServer ? "server accepted us" : error.layer.rawValue, error.description)
+    exit(ExitCode.failure.rawValue)
+  }
+}
+
+func doctorKey(_ args: Arguments, logger: Logger) -> (TPM, TPMKey) {
+  do {
+    let tpm = try TPM.open(tcti: args.option("tcti"), logger: logger)
+    let key = try loadKeyOption(args, tpm: tpm)
+    try key.load()
+    return (tpm, key)
+  } catch {
+    report(false, "TPM and key", "\(error)")
+    exit(ExitCode.failure.rawValue)
+  }
+}
+
+func doctorContext(_ args: Arguments, key: TPMKey, host: String, caFile: String, certFile: String) -> (
+  [Certificate], TLSClientContext
+) {
+  do {
+    let chain = try Certificate.chain(pem: readText(certFile))
+    var maximum = TLSVersion.tls13
+    if let text = args.option("tls-max") {
+      guard let v = ["1.2": TLSVersion.tls12, "1.3": .tls13][text] else { fail("--tls-max 1.2 or 1.3", .usage) }
+      maximum = v
+    }
+    let context = try TLSClientContext(
+      certificateChain: chain, key: key,
+      policy: TLSPolicy(
+        trustAnchorsPEM: readText(caFile), serverName: args.option("server-name") ?? host,
+        crlPEM: args.option("crl").map(readText), maximumVersion: maximum))
+    return (chain, context)
+  } catch {
+    report(false, error.layer == .clientCertificate ? "our certificate" : "configuration", error.description)
+    exit(ExitCode.failure.rawValue)
+  }
+}
+
+func doctorConnect(_ context: TLSClientContext, host: String, port: UInt16) -> TLSConnection {
+  do {
+    return try TLSConnection(context: context, host: host, port: port)
+  } catch {
+    let layer =
+      switch error.layer {
+      case .serverCertificate: "server certificate"
+      case .protocol: "protocol"
+      case .rejectedByServer: "server accepted us"
+      case .tpm: "TPM signature"
+      case .network: "network"
+      default: "TLS"
+      }
+    report(false, layer, error.description)
+    exit(ExitCode.failure.rawValue)
+  }
+}
