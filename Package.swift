@@ -8,6 +8,7 @@ let package = Package(
     .library(name: "EdgeKeyTPM", targets: ["EdgeKeyTPM"]),
     .library(name: "EdgeKeyCore", targets: ["EdgeKeyCore"]),
     .library(name: "EdgeKeyTLS", targets: ["EdgeKeyTLS"]),
+    .library(name: "EdgeKeyMQTT", targets: ["EdgeKeyMQTT"]),
     .executable(name: "edgekey", targets: ["edgekey"]),
   ],
   targets: [
@@ -49,6 +50,11 @@ let package = Package(
       dependencies: ["COpenSSL", "CEdgeKeyProvider", "EdgeKeyTPM", "EdgeKeyCore"],
       path: "Sources/EdgeKeyTLS"
     ),
+    .target(
+      name: "EdgeKeyMQTT",
+      dependencies: ["CMosquitto", "EdgeKeyTLS", "EdgeKeyCore"],
+      path: "Sources/EdgeKeyMQTT"
+    ),
     .executableTarget(
       name: "edgekey",
       dependencies: ["EdgeKeyTPM", "EdgeKeyTLS", "EdgeKeyCore"],
@@ -81,7 +87,9 @@ let package = Package(
     ),
     .testTarget(
       name: "EdgeKeyTLSTests",
-      dependencies: ["EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyTestSupport", "COpenSSL", "CEdgeKeyProvider"],
+      dependencies: [
+        "EdgeKeyTLS", "EdgeKeyMQTT", "EdgeKeyTPM", "EdgeKeyTestSupport", "COpenSSL", "CEdgeKeyProvider",
+      ],
       path: "Tests/EdgeKeyTLSTests"
     ),
     .testTarget(
