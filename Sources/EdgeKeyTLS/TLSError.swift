@@ -117,14 +117,19 @@ extension TLSError {
     }
   }
 
+  /// A NUL-terminated C char array (imported as a tuple) as text.
+  static func text(_ bytes: UnsafeRawBufferPointer) -> String {
+    String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+  }
+
   /// From the C core's verdict on a failed connection.
   init(failure f: edgekey_tls_failure) {
     var copy = f
-    let reason = withUnsafeBytes(of: &copy.reason) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-    let subject = withUnsafeBytes(of: &copy.subject) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-    let issuer = withUnsafeBytes(of: &copy.issuer) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-    let notBefore = withUnsafeBytes(of: &copy.not_before) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-    let notAfter = withUnsafeBytes(of: &copy.not_after) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    let reason = withUnsafeBytes(of: &copy.reason, TLSError.text)
+    let subject = withUnsafeBytes(of: &copy.subject, TLSError.text)
+    let issuer = withUnsafeBytes(of: &copy.issuer, TLSError.text)
+    let notBefore = withUnsafeBytes(of: &copy.not_before, TLSError.text)
+    let notAfter = withUnsafeBytes(of: &copy.not_after, TLSError.text)
     let summary =
       subject.isEmpty
       ? nil : CertificateSummary(subject: subject, issuer: issuer, notBefore: notBefore, notAfter: notAfter)
