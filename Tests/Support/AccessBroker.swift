@@ -19,12 +19,12 @@ public final class AccessBroker: @unchecked Sendable {
   /// The TCTI string for EdgeKey and tpm2-tools.
   public var tcti: String { "tabrmd:bus_name=\(busName),bus_type=session" }
 
-  /// Environment for independent tools talking to the TPM through this broker.
+  /// Environment for independent tools talking to the TPM through this broker: the
+  /// simulator's, with the TCTI pointed at the broker and the private bus added.
   public var toolEnvironment: [String: String] {
-    var env = ProcessInfo.processInfo.environment
+    var env = tpm.toolEnvironment
     env["TPM2TOOLS_TCTI"] = tcti
     env["TPM2OPENSSL_TCTI"] = tcti
-    env["TSS2_LOG"] = "all+none"
     env["DBUS_SESSION_BUS_ADDRESS"] = busAddress
     return env
   }

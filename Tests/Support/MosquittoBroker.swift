@@ -104,7 +104,9 @@ public final class MosquittoBroker: @unchecked Sendable {
   /// The log file, created writable for the `mosquitto` user that a root-started broker becomes.
   private static func logFile(_ dir: URL) throws -> String {
     let path = dir.appendingPathComponent("mosquitto.log").path
-    FileManager.default.createFile(atPath: path, contents: nil)
+    guard FileManager.default.createFile(atPath: path, contents: nil) else {
+      throw HarnessError("cannot create \(path)")
+    }
     chmod(path, 0o666)
     return path
   }
