@@ -23,6 +23,9 @@ let package = Package(
       name: "CMosquitto", path: "Sources/CMosquitto", pkgConfig: "libmosquitto",
       providers: [.apt(["libmosquitto-dev"])]),
     .systemLibrary(
+      name: "CSQLite", path: "Sources/CSQLite", pkgConfig: "sqlite3",
+      providers: [.apt(["libsqlite3-dev"])]),
+    .systemLibrary(
       name: "CCurl", path: "Sources/CCurl", pkgConfig: "libcurl",
       providers: [.apt(["libcurl4-openssl-dev"])]),
 
@@ -52,7 +55,7 @@ let package = Package(
     ),
     .target(
       name: "EdgeKeyMQTT",
-      dependencies: ["CMosquitto", "EdgeKeyTLS", "EdgeKeyCore"],
+      dependencies: ["CMosquitto", "CSQLite", "EdgeKeyTLS", "EdgeKeyCore"],
       path: "Sources/EdgeKeyMQTT"
     ),
     .executableTarget(

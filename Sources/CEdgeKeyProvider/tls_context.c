@@ -22,26 +22,58 @@ typedef struct {
   int depth;
   int alert_received;
   char subject[256], issuer[256], not_before[40], not_after[40];
+  /* Filled when the record outlives its SSL (see keep_last_failure). */
+  char own_subject[256], own_issuer[256], own_not_before[40], own_not_after[40];
+  char expected_name[256];
 } failure_record;
+
+typedef struct {
+  int require_server_auth_eku;
+  /* The last failed connection of this context, kept after its SSL is freed: libraries that
+   * free the SSL before telling us (libmosquitto 2.0 on a lost connection) still get a reason. */
+  pthread_mutex_t lock;
+  int has_last;
+  failure_record last;
+} ctx_policy;
 
 static int ssl_index = -1;
 static int ctx_index = -1;
 static pthread_once_t index_once = PTHREAD_ONCE_INIT;
 
+static void describe_cert(X509 *cert, char *subject, char *issuer, char *nb, char *na);
+
+/* Runs inside SSL_free, while the SSL and its context are still whole. */
+static void keep_last_failure(SSL *ssl, failure_record *r) {
+  if (ssl == NULL || r == NULL || (r->verify_error == 0 && r->alert_received <= 0)) return;
+  /* SSL_free has already freed the SSL's verify parameters: only the context is used here. */
+  ctx_policy *policy = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_index);
+  if (policy == NULL) return;
+  pthread_mutex_lock(&policy->lock);
+  policy->last = *r;
+  policy->has_last = 1;
+  pthread_mutex_unlock(&policy->lock);
+}
+
 static void free_record(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
                         void *argp) {
-  (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+  (void)ad, (void)argl, (void)argp;
+  if (ptr != NULL && idx == ssl_index) keep_last_failure(parent, ptr);
   free(ptr);
+}
+
+static void free_policy(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                        void *argp) {
+  (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+  ctx_policy *policy = ptr;
+  if (policy == NULL) return;
+  pthread_mutex_destroy(&policy->lock);
+  free(policy);
 }
 
 static void make_indexes(void) {
   ssl_index = SSL_get_ex_new_index(0, "edgekey failure", NULL, NULL, free_record);
-  ctx_index = SSL_CTX_get_ex_new_index(0, "edgekey policy", NULL, NULL, free_record);
+  ctx_index = SSL_CTX_get_ex_new_index(0, "edgekey policy", NULL, NULL, free_policy);
 }
-
-typedef struct {
-  int require_server_auth_eku;
-} ctx_policy;
 
 static failure_record *record_for(SSL *ssl, int create) {
   failure_record *r = SSL_get_ex_data(ssl, ssl_index);
@@ -100,6 +132,11 @@ static int verify_callback(int ok, X509_STORE_CTX *store) {
       r->verify_error = X509_STORE_CTX_get_error(store);
       r->depth = depth;
       describe_cert(cert, r->subject, r->issuer, r->not_before, r->not_after);
+      X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
+      char *host = param != NULL ? X509_VERIFY_PARAM_get0_host(param, 0) : NULL;
+      char *ip = param != NULL ? X509_VERIFY_PARAM_get1_ip_asc(param) : NULL;
+      snprintf(r->expected_name, sizeof(r->expected_name), "%s", host ? host : ip ? ip : "?");
+      OPENSSL_free(ip);
     }
   }
   return ok;
@@ -109,7 +146,11 @@ static void info_callback(const SSL *ssl, int where, int ret) {
   if ((where & SSL_CB_ALERT) && (where & SSL_CB_READ)) {
     failure_record *r = record_for((SSL *)ssl, 1);
     /* close_notify (0) is not a failure; keep the first real alert. */
-    if (r != NULL && (ret & 0xff) != 0 && r->alert_received < 0) r->alert_received = ret & 0xff;
+    if (r != NULL && (ret & 0xff) != 0 && r->alert_received < 0) {
+      r->alert_received = ret & 0xff;
+      describe_cert(SSL_get_certificate(ssl), r->own_subject, r->own_issuer, r->own_not_before,
+                    r->own_not_after);
+    }
   }
 }
 
@@ -279,6 +320,7 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
   X509_VERIFY_PARAM_set_purpose(param, X509_PURPOSE_SSL_SERVER);
   ctx_policy *policy = calloc(1, sizeof(*policy));
   if (policy == NULL) goto fail;
+  pthread_mutex_init(&policy->lock, NULL);
   policy->require_server_auth_eku = !cfg->allow_missing_server_auth_eku;
   SSL_CTX_set_ex_data(ctx, ctx_index, policy);
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, verify_callback);
@@ -428,6 +470,53 @@ edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_fail
   } else {
     out->layer = EDGEKEY_LAYER_TLS;
     snprintf(out->reason, sizeof(out->reason), "%s", first[0] ? first : "unknown TLS failure");
+  }
+  return out->layer;
+}
+
+edgekey_tls_layer edgekey_tls_last_failure(SSL_CTX *ctx, edgekey_tls_failure *out) {
+  memset(out, 0, sizeof(*out));
+  out->depth = -1;
+  out->alert = -1;
+  pthread_once(&index_once, make_indexes);
+  ctx_policy *policy = ctx != NULL ? SSL_CTX_get_ex_data(ctx, ctx_index) : NULL;
+  if (policy == NULL) return EDGEKEY_LAYER_NONE;
+  pthread_mutex_lock(&policy->lock);
+  failure_record r = policy->last;
+  int has = policy->has_last;
+  policy->has_last = 0;
+  pthread_mutex_unlock(&policy->lock);
+  if (!has) return EDGEKEY_LAYER_NONE;
+  if (r.verify_error != 0) {
+    out->layer = EDGEKEY_LAYER_SERVER_CERTIFICATE;
+    out->verify_error = r.verify_error;
+    out->depth = r.depth;
+    memcpy(out->subject, r.subject, sizeof(out->subject));
+    memcpy(out->issuer, r.issuer, sizeof(out->issuer));
+    memcpy(out->not_before, r.not_before, sizeof(out->not_before));
+    memcpy(out->not_after, r.not_after, sizeof(out->not_after));
+    snprintf(out->reason, sizeof(out->reason), "%s",
+             X509_verify_cert_error_string(r.verify_error));
+    if (r.verify_error == X509_V_ERR_HOSTNAME_MISMATCH ||
+        r.verify_error == X509_V_ERR_IP_ADDRESS_MISMATCH) {
+      size_t used = strlen(out->reason);
+      snprintf(out->reason + used, sizeof(out->reason) - used, " (expected %s)",
+               r.expected_name);
+    }
+    return out->layer;
+  }
+  out->alert = r.alert_received;
+  out->layer = layer_of_alert(r.alert_received);
+  if (out->layer == EDGEKEY_LAYER_CLIENT_CERTIFICATE) {
+    memcpy(out->subject, r.own_subject, sizeof(out->subject));
+    memcpy(out->issuer, r.own_issuer, sizeof(out->issuer));
+    memcpy(out->not_before, r.own_not_before, sizeof(out->not_before));
+    memcpy(out->not_after, r.own_not_after, sizeof(out->not_after));
+    snprintf(out->reason, sizeof(out->reason), "the server refused our certificate: %s",
+             SSL_alert_desc_string_long(r.alert_received));
+  } else {
+    snprintf(out->reason, sizeof(out->reason), "the server ended the connection: %s",
+             SSL_alert_desc_string_long(r.alert_received));
   }
   return out->layer;
 }

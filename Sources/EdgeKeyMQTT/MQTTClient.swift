@@ -3,282 +3,584 @@ import EdgeKeyCore
 import EdgeKeyTLS
 import Foundation
 
-/// A message received on a subscription.
-public struct MQTTMessage: Sendable, Equatable {
-  public var topic: String
-  public var payload: [UInt8]
-  public var qos: MQTTQoS
-  public var retain: Bool
-}
+#if canImport(Glibc)
+  import Glibc
+#endif
 
-public enum MQTTQoS: Int32, Sendable, Equatable {
-  case atMostOnce = 0
-  case atLeastOnce = 1
-  case exactlyOnce = 2
-}
-
-public enum MQTTProtocolVersion: Int32, Sendable {
-  case v311 = 4
-  case v5 = 5
-}
-
-/// A failure of the MQTT layer: libmosquitto's error or the broker's reason code.
-public struct MQTTError: Error, CustomStringConvertible, Sendable, Equatable {
-  public enum Kind: Sendable, Equatable {
-    /// The broker refused the connection (CONNACK return/reason code).
-    case connectionRefused(Int32)
-    /// The connection could not be made or was lost (libmosquitto error code).
-    case connectionFailed(Int32)
-    /// The broker answered an operation with a failure reason code (MQTT 5).
-    case rejected(Int32)
-    case timedOut
-    case notConnected
-    case invalidArgument
-  }
-  public var kind: Kind
-  public var reason: String
-  public var description: String { "MQTT: \(reason)" }
-}
-
-/// Options for `MQTTClient`.
-public struct MQTTConfiguration: Sendable {
-  public var host: String
-  public var port: UInt16
-  /// Defaults to the common name of the TLS identity's certificate.
-  public var clientID: String?
-  public var protocolVersion: MQTTProtocolVersion = .v5
-  public var keepAlive: Int32 = 60
-  public var cleanSession = true
-
-  public init(host: String, port: UInt16 = 8883, clientID: String? = nil) {
-    self.host = host
-    self.port = port
-    self.clientID = clientID
-  }
-}
-
-/// An MQTT client over libmosquitto, authenticated by mutual TLS with a TPM-held key.
+/// An MQTT client over libmosquitto, authenticated by mutual TLS with a TPM-held key, that
+/// never loses a message it accepted.
 ///
-/// The `TLSClientContext`'s `SSL_CTX` is handed to libmosquitto (`MOSQ_OPT_SSL_CTX`, defaults
-/// off), so the key is never reloaded per connect and the host name is still verified (it is
-/// set on the context's verify parameters). libmosquitto runs on its own network thread
-/// (`mosquitto_loop_start`); the calls made from other threads are the ones libmosquitto
-/// documents as thread-safe with that loop (publish, subscribe, disconnect).
-///
-/// This slice reconnects with libmosquitto's exponential back-off; EdgeKey's jittered
-/// reconnect, endpoint rotation and the durable outbox come on top of it.
-public final class MQTTClient: @unchecked Sendable {
-  // @unchecked: `mosq` is used as libmosquitto allows; all other state is behind `lock`.
-  private let mosq: OpaquePointer
+/// - The `TLSClientContext`'s `SSL_CTX` is handed to libmosquitto (`MOSQ_OPT_SSL_CTX`, defaults
+///   off): the key is never reloaded per connect, and the host name is verified through the
+///   context's verify parameters.
+/// - QoS 1 and 2 messages go into the `Outbox` first (on disk when it has a path) and leave it
+///   only when the broker has acknowledged them, in order, across reconnects and restarts.
+///   QoS 0 messages are never stored: offline, they are refused with `.notConnected`.
+/// - One network thread, owned by the client, makes every libmosquitto call (its documented
+///   external-loop API: `mosquitto_socket`, `loop_read`, `loop_write`, `loop_misc`); the
+///   other methods only queue work for it and wake it. A new libmosquitto handle is made for
+///   every connection, with the TLS identity current at that moment, so a reconnect can never
+///   keep an old context.
+/// - Reconnects by `ReconnectPolicy` (full jitter, a long wait after a refusal), trying the
+///   endpoints in turn.
+public final class MQTTClient: Sendable {
   public let configuration: MQTTConfiguration
-  public let tls: TLSClientContext
+  public let outbox: Outbox
   /// Messages on our subscriptions, in arrival order.
   public let messages: AsyncStream<MQTTMessage>
-  private let messageSink: AsyncStream<MQTTMessage>.Continuation
-  private let lock = NSLock()
-  private var state = State()
+  /// Every change of `state`, in order.
+  public let stateChanges: AsyncStream<MQTTConnectionState>
+  private let engine: Engine
 
-  private struct State {
-    var connect: CheckedContinuation<Void, any Error>?
-    var connected = false
-    var publishes: [Int32: CheckedContinuation<Void, any Error>] = [:]
-    var finishedPublishes: [Int32: Int32] = [:]
-    var subscribes: [Int32: CheckedContinuation<[Int32], any Error>] = [:]
-    var finishedSubscribes: [Int32: [Int32]] = [:]
-    var loopStarted = false
+  /// - Parameter outbox: where QoS ≥ 1 messages wait; `Outbox.memory()` when nil.
+  public init(
+    _ configuration: MQTTConfiguration, tls: TLSClientContext, outbox: Outbox? = nil, logger: Logger = .disabled
+  ) throws(MQTTError) {
+    guard !configuration.endpoints.isEmpty else {
+      throw MQTTError(kind: .invalidArgument, reason: "no broker endpoint configured")
+    }
+    self.configuration = configuration
+    self.outbox = outbox ?? Outbox.memory()
+    let (messages, messageSink) = AsyncStream.makeStream(of: MQTTMessage.self, bufferingPolicy: .unbounded)
+    let (states, stateSink) = AsyncStream.makeStream(of: MQTTConnectionState.self, bufferingPolicy: .unbounded)
+    self.messages = messages
+    self.stateChanges = states
+    engine = try Engine(
+      configuration: configuration, tls: tls, outbox: self.outbox, messageSink: messageSink, stateSink: stateSink,
+      logger: logger.labeled("edgekey.mqtt"))
+  }
+
+  deinit { engine.stop() }
+
+  /// The TLS identity the next connection uses.
+  public var tls: TLSClientContext { engine.currentTLS }
+  public var state: MQTTConnectionState { engine.state }
+  /// True while the broker has accepted us and the connection is up.
+  public var isConnected: Bool {
+    if case .connected = state { return true }
+    return false
+  }
+  public var metrics: MQTTMetrics { engine.metricsSnapshot() }
+
+  /// Starts connecting in the background (and reconnecting, until `stop()`); returns at once.
+  public func start() { engine.start() }
+
+  /// Starts, and waits until the broker has accepted us. Throws the first failed attempt's
+  /// error (`TLSError` with its layer, or `MQTTError`); the client keeps retrying in the
+  /// background by its `ReconnectPolicy` until `stop()`.
+  public func connect(timeout: Double = 15) async throws {
+    try await engine.connect(timeout: timeout)
+  }
+
+  /// Accepts a message. QoS 1 and 2: stored in the outbox, then returns once the broker has
+  /// acknowledged it (PUBACK / PUBCOMP). QoS 0: sent if connected, else `.notConnected`.
+  /// - Parameter expiry: seconds after which an unsent message is dropped (and counted); also
+  ///   sent as the MQTT 5 message expiry interval.
+  public func publish(
+    topic: String, payload: [UInt8], qos: MQTTQoS = .atLeastOnce, retain: Bool = false, expiry: Double? = nil
+  ) async throws {
+    let message = MQTTMessage(topic: topic, payload: payload, qos: qos, retain: retain)
+    if qos == .atMostOnce {
+      try engine.sendAtMostOnce(message)
+      return
+    }
+    try await engine.publishAndWait(message, expiry: expiry)
+  }
+
+  /// Accepts messages into the outbox in one transaction and returns their outbox ids at once;
+  /// delivery happens in the background. (`waitUntilDelivered` waits for the outbox to drain.)
+  @discardableResult
+  public func enqueue(_ messages: [MQTTMessage], expiry: Double? = nil) throws(MQTTError) -> [Int64] {
+    try engine.enqueue(messages, expiry: expiry)
+  }
+
+  /// Waits until the outbox is empty (every accepted message acknowledged or dropped).
+  public func waitUntilDelivered(timeout: Double = 30) async throws {
+    let deadline = Date().addingTimeInterval(timeout)
+    while outbox.count > 0 {
+      if Date() >= deadline {
+        throw MQTTError(kind: .timedOut, reason: "\(outbox.count) message(s) still unacknowledged after \(timeout) s")
+      }
+      try await Task.sleep(nanoseconds: 5_000_000)
+    }
+  }
+
+  /// Subscribes (now if connected, else on connecting) and after every reconnect; returns the
+  /// QoS the broker granted.
+  @discardableResult
+  public func subscribe(_ filter: String, qos: MQTTQoS = .atLeastOnce) async throws -> MQTTQoS {
+    try await engine.subscribe(filter, qos: qos)
+  }
+
+  public func unsubscribe(_ filter: String) { engine.unsubscribe(filter) }
+
+  /// Uses `tls` from the next connection on (certificate renewal, key rotation). With
+  /// `reconnect`, the current connection is closed cleanly at once and a new one made; queued
+  /// and unacknowledged messages stay in the outbox and go out on the new connection.
+  public func replaceCredentials(_ tls: TLSClientContext, reconnect: Bool = true) {
+    engine.replaceCredentials(tls, reconnect: reconnect)
+  }
+
+  /// Disconnects cleanly and stops the network thread. Unacknowledged messages stay in the
+  /// outbox. Waiting calls fail with `.stopped`.
+  public func stop() { engine.stop() }
+
+  /// The same as `stop()`.
+  public func disconnect() { engine.stop() }
+
+  /// The counters as OpenMetrics text.
+  public func openMetrics(labels: [String: String] = [:]) -> String { metrics.openMetrics(labels: labels) }
+}
+
+/// What one connection ended with.
+enum ConnectionOutcome {
+  case stopped
+  /// The credentials were replaced; reconnect now.
+  case swapped
+  /// Never got to CONNACK success.
+  case failed(any Error, refused: Bool, reason: String)
+  /// Was up for `upFor` seconds.
+  case lost(reason: String, upFor: Double)
+}
+
+/// The client's state and its network thread.
+final class Engine: @unchecked Sendable {
+  // @unchecked: the members in `Shared` are used under `lock`; `wakeDescriptor` is immutable; the
+  // network thread alone uses the libmosquitto handle (in `Connection`).
+  let configuration: MQTTConfiguration
+  let outbox: Outbox
+  let messageSink: AsyncStream<MQTTMessage>.Continuation
+  let stateSink: AsyncStream<MQTTConnectionState>.Continuation
+  let clientID: String
+  let logger: Logger
+  /// A pipe that wakes the network thread: it polls the read end.
+  let wakeDescriptor: Int32
+  private let wakeWriter: Int32
+  /// Outbox ids handed to the network at least once, not yet acknowledged (to count resends).
+  /// The network thread's alone.
+  var handedBefore = Set<Int64>()
+  private let lock = NSLock()
+  private var shared: Shared
+  private let finished = DispatchSemaphore(value: 0)
+
+  struct Shared {
+    var tls: TLSClientContext
+    var swapRequested = false
+    var stopping = false
+    var started = false
+    var state = MQTTConnectionState.idle
+    var connectWaiters: [UUID: CheckedContinuation<Void, any Error>] = [:]
+    var publishWaiters: [Int64: CheckedContinuation<Void, any Error>] = [:]
+    /// Desired subscriptions, in the order they were made.
+    var subscriptions: [(filter: String, qos: MQTTQoS)] = []
+    var pendingSubscribes: [String] = []
+    var pendingUnsubscribes: [String] = []
+    var subscribeWaiters: [String: [CheckedContinuation<MQTTQoS, any Error>]] = [:]
+    var atMostOnce: [MQTTMessage] = []
+    /// Set when the outbox may hold messages the network thread has not fetched.
+    var outboxChanged = true
+    var metrics = MQTTMetrics()
   }
 
   private static let libraryInit: Void = { mosquitto_lib_init() }()
 
-  public init(_ configuration: MQTTConfiguration, tls: TLSClientContext) throws(MQTTError) {
-    MQTTClient.libraryInit
+  init(
+    configuration: MQTTConfiguration, tls: TLSClientContext, outbox: Outbox,
+    messageSink: AsyncStream<MQTTMessage>.Continuation, stateSink: AsyncStream<MQTTConnectionState>.Continuation,
+    logger: Logger
+  ) throws(MQTTError) {
+    Engine.libraryInit
+    self.logger = logger
     self.configuration = configuration
-    self.tls = tls
-    let clientID = configuration.clientID ?? tls.certificateChain.first?.commonName ?? "edgekey"
-    guard let m = mosquitto_new(clientID, configuration.cleanSession, nil) else {
-      throw MQTTError(kind: .invalidArgument, reason: "mosquitto_new failed for client id \(clientID)")
+    self.outbox = outbox
+    self.messageSink = messageSink
+    self.stateSink = stateSink
+    clientID = configuration.clientID ?? tls.certificateChain.first?.commonName ?? "edgekey"
+    var fds: [Int32] = [-1, -1]
+    guard pipe(&fds) == 0 else {
+      throw MQTTError(kind: .invalidArgument, reason: "pipe: \(String(cString: strerror(errno)))")
     }
-    mosq = m
-    (messages, messageSink) = AsyncStream.makeStream(of: MQTTMessage.self, bufferingPolicy: .unbounded)
-    mosquitto_user_data_set(m, Unmanaged.passUnretained(self).toOpaque())
-    mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, configuration.protocolVersion.rawValue)
-    mosquitto_int_option(m, MOSQ_OPT_SSL_CTX_WITH_DEFAULTS, 0)
-    mosquitto_void_option(m, MOSQ_OPT_SSL_CTX, UnsafeMutableRawPointer(tls.sslContext))
-    mosquitto_reconnect_delay_set(m, 1, 60, true)
-    mosquitto_connect_v5_callback_set(m) { _, obj, rc, _, _ in MQTTClient.from(obj).didConnect(rc) }
-    mosquitto_disconnect_v5_callback_set(m) { _, obj, rc, _ in MQTTClient.from(obj).didDisconnect(rc) }
-    mosquitto_publish_v5_callback_set(m) { _, obj, mid, reason, _ in MQTTClient.from(obj).didPublish(mid, reason) }
-    mosquitto_subscribe_v5_callback_set(m) { _, obj, mid, count, granted, _ in
-      let qos = (0..<Int(count)).map { granted?[$0] ?? 0x80 }
-      MQTTClient.from(obj).didSubscribe(mid, qos)
+    for fd in fds {
+      _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+      _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
     }
-    mosquitto_message_v5_callback_set(m) { _, obj, message, _ in
-      guard let message else { return }
-      MQTTClient.from(obj).didReceive(message.pointee)
-    }
+    wakeDescriptor = fds[0]
+    wakeWriter = fds[1]
+    shared = Shared(tls: tls)
+    shared.metrics.outboxMessages = outbox.count
+    shared.metrics.outboxBytes = outbox.bytes
   }
 
   deinit {
-    mosquitto_disconnect(mosq)
-    if state.loopStarted { mosquitto_loop_stop(mosq, true) }
-    mosquitto_destroy(mosq)
+    close(wakeDescriptor)
+    close(wakeWriter)
     messageSink.finish()
+    stateSink.finish()
   }
 
-  private static func from(_ obj: UnsafeMutableRawPointer?) -> MQTTClient {
-    Unmanaged<MQTTClient>.fromOpaque(obj!).takeUnretainedValue()
+  func withShared<R>(_ body: (inout Shared) throws -> R) rethrows -> R {
+    try lock.withLock { try body(&shared) }
   }
 
-  /// True while the broker has accepted us and the connection is up.
-  public var isConnected: Bool { lock.withLock { state.connected } }
+  var currentTLS: TLSClientContext { withShared { $0.tls } }
+  var state: MQTTConnectionState { withShared { $0.state } }
 
-  /// Connects (TCP, the mTLS handshake with one TPM signature, CONNECT/CONNACK).
-  public func connect(timeout: Double = 15) async throws {
-    let what = "connecting to \(configuration.host):\(configuration.port)"
+  func metricsSnapshot() -> MQTTMetrics {
+    var m = withShared { $0.metrics }
+    m.outboxMessages = outbox.count
+    m.outboxBytes = outbox.bytes
+    m.certificateExpiresIn = currentTLS.certificateChain.first.map { $0.notAfter.timeIntervalSinceNow } ?? 0
+    return m
+  }
+
+  func wake() {
+    var one: UInt8 = 1
+    _ = write(wakeWriter, &one, 1)
+  }
+
+  func drainWake() {
+    var buffer = [UInt8](repeating: 0, count: 256)
+    while read(wakeDescriptor, &buffer, buffer.count) > 0 {}
+  }
+
+  // MARK: - Calls from the application's threads
+
+  func start() {
+    let begin = withShared { s -> Bool in
+      guard !s.started && !s.stopping else { return false }
+      s.started = true
+      return true
+    }
+    guard begin else { return }
+    let thread = Thread { [self] in
+      self.run()
+      self.finished.signal()
+    }
+    thread.name = "edgekey-mqtt"
+    thread.start()
+  }
+
+  func connect(timeout: Double) async throws {
+    start()
+    let id = UUID()
     try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-      self.lock.withLock { self.state.connect = c }
+      let now: Result<Void, any Error>? = withShared { s in
+        if case .connected = s.state { return .success(()) }
+        if s.stopping { return .failure(MQTTError(kind: .stopped, reason: "the client was stopped")) }
+        s.connectWaiters[id] = c
+        return nil
+      }
+      if let now {
+        c.resume(with: now)
+        return
+      }
       DispatchQueue.global().asyncAfter(deadline: .now() + timeout) { [weak self] in
         guard let self else { return }
-        let pending = self.lock.withLock { () -> CheckedContinuation<Void, any Error>? in
-          defer { self.state.connect = nil }
-          return self.state.connect
-        }
-        pending?.resume(throwing: MQTTError(kind: .timedOut, reason: "timed out after \(timeout) s \(what)"))
-      }
-      var rc = mosquitto_connect_bind_async(
-        self.mosq, self.configuration.host, Int32(self.configuration.port), self.configuration.keepAlive, nil)
-      if rc == MOSQ_ERR_SUCCESS.rawValue {
-        let start = self.lock.withLock { () -> Bool in
-          defer { self.state.loopStarted = true }
-          return !self.state.loopStarted
-        }
-        if start { rc = mosquitto_loop_start(self.mosq) }
-      }
-      if rc != MOSQ_ERR_SUCCESS.rawValue {
-        let pending = self.lock.withLock { () -> CheckedContinuation<Void, any Error>? in
-          defer { self.state.connect = nil }
-          return self.state.connect
-        }
-        pending?.resume(throwing: MQTTError(kind: .connectionFailed(rc), reason: MQTTClient.describe(rc)))
+        let waiter = self.withShared { $0.connectWaiters.removeValue(forKey: id) }
+        let endpoints = self.configuration.endpoints.map(\.description).joined(separator: ", ")
+        waiter?.resume(throwing: MQTTError(kind: .timedOut, reason: "not connected to \(endpoints) after \(timeout) s"))
       }
     }
   }
 
-  /// Publishes; for QoS 1 and 2 returns when the broker has acknowledged the message.
-  public func publish(topic: String, payload: [UInt8], qos: MQTTQoS = .atLeastOnce, retain: Bool = false)
-    async throws
-  {
-    var mid: Int32 = 0
-    let rc = payload.withUnsafeBytes {
-      mosquitto_publish_v5(mosq, &mid, topic, Int32($0.count), $0.baseAddress, qos.rawValue, retain, nil)
+  static func checkTopic(_ topic: String) throws(MQTTError) {
+    let bytes = Array(topic.utf8)
+    let rc = bytes.withUnsafeBufferPointer { b in
+      b.withMemoryRebound(to: CChar.self) { mosquitto_pub_topic_check2($0.baseAddress, b.count) }
     }
-    guard rc == MOSQ_ERR_SUCCESS.rawValue else {
+    guard rc == MOSQ_ERR_SUCCESS.rawValue, !bytes.isEmpty else {
       throw MQTTError(
-        kind: rc == MOSQ_ERR_NO_CONN.rawValue ? .notConnected : .connectionFailed(rc), reason: MQTTClient.describe(rc))
+        kind: .invalidArgument, reason: "\"\(topic)\" is not a topic to publish to (empty, wildcards, or too long)")
     }
-    guard qos != .atMostOnce else { return }
+  }
+
+  func sendAtMostOnce(_ message: MQTTMessage) throws(MQTTError) {
+    try Engine.checkTopic(message.topic)
+    let accepted = withShared { s -> Bool in
+      guard case .connected = s.state else { return false }
+      s.atMostOnce.append(message)
+      s.metrics.messagesQueued += 1
+      return true
+    }
+    guard accepted else {
+      throw MQTTError(kind: .notConnected, reason: "not connected: a QoS 0 message is not stored, so it was refused")
+    }
+    wake()
+  }
+
+  private func stored(_ messages: [MQTTMessage], expiry: Double?) throws(MQTTError) -> [OutboxMessage] {
+    let now = Date()
+    return try messages.map { (m: MQTTMessage) throws(MQTTError) -> OutboxMessage in
+      guard m.qos != .atMostOnce else {
+        throw MQTTError(kind: .invalidArgument, reason: "QoS 0 messages are not stored; use publish")
+      }
+      try Engine.checkTopic(m.topic)
+      return OutboxMessage(
+        id: 0, topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain, created: now,
+        expires: expiry.map { now.addingTimeInterval($0) })
+    }
+  }
+
+  func enqueue(_ messages: [MQTTMessage], expiry: Double?) throws(MQTTError) -> [Int64] {
+    let result = try accept(try stored(messages, expiry: expiry), waiter: nil)
+    return result.map(\.id)
+  }
+
+  func publishAndWait(_ message: MQTTMessage, expiry: Double?) async throws {
+    let records = try stored([message], expiry: expiry)
     try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-      let done: Int32? = lock.withLock {
-        if let reason = state.finishedPublishes.removeValue(forKey: mid) { return reason }
-        state.publishes[mid] = c
-        return nil
+      do {
+        _ = try accept(records, waiter: c)
+      } catch {
+        c.resume(throwing: error)
       }
-      if let done { MQTTClient.finishPublish(c, reason: done) }
     }
   }
 
-  /// Subscribes; returns the QoS the broker granted.
-  @discardableResult
-  public func subscribe(_ filter: String, qos: MQTTQoS = .atLeastOnce) async throws -> MQTTQoS {
-    var mid: Int32 = 0
-    let rc = mosquitto_subscribe_v5(mosq, &mid, filter, qos.rawValue, 0, nil)
-    guard rc == MOSQ_ERR_SUCCESS.rawValue else {
-      throw MQTTError(kind: .connectionFailed(rc), reason: MQTTClient.describe(rc))
-    }
-    let granted = try await withCheckedThrowingContinuation { (c: CheckedContinuation<[Int32], any Error>) in
-      let done: [Int32]? = lock.withLock {
-        if let qos = state.finishedSubscribes.removeValue(forKey: mid) { return qos }
-        state.subscribes[mid] = c
-        return nil
+  /// Stores messages in the outbox; registers `waiter` for the first before the network
+  /// thread can see it.
+  private func accept(_ records: [OutboxMessage], waiter: CheckedContinuation<Void, any Error>?) throws(MQTTError)
+    -> [OutboxMessage]
+  {
+    let result: (stored: [OutboxMessage], dropped: [Int64])
+    do {
+      result = try outbox.append(records) { stored in
+        self.withShared { s in
+          if let waiter, let first = stored.first { s.publishWaiters[first.id] = waiter }
+          s.outboxChanged = true
+          s.metrics.messagesQueued += stored.count
+        }
       }
-      if let done { c.resume(returning: done) }
+    } catch {
+      if error.kind == .outboxFull { withShared { $0.metrics.messagesRefused += records.count } }
+      throw error
     }
-    guard let first = granted.first, let result = MQTTQoS(rawValue: first) else {
-      throw MQTTError(
-        kind: .rejected(granted.first ?? 0x80), reason: "the broker refused the subscription to \(filter)")
-    }
-    return result
+    if !result.dropped.isEmpty { dropped(result.dropped, reason: "full") }
+    wake()
+    return result.stored
   }
 
-  /// Disconnects cleanly.
-  public func disconnect() {
-    mosquitto_disconnect(mosq)
-  }
-
-  // MARK: - Callbacks (libmosquitto's network thread)
-
-  private func didConnect(_ rc: Int32) {
-    let c = lock.withLock { () -> CheckedContinuation<Void, any Error>? in
-      state.connected = rc == 0
-      defer { state.connect = nil }
-      return state.connect
+  /// Fails the waiters of messages that left the outbox unsent.
+  func dropped(_ ids: [Int64], reason: String) {
+    let waiters = withShared { s -> [CheckedContinuation<Void, any Error>] in
+      s.metrics.messagesDropped[reason, default: 0] += ids.count
+      return ids.compactMap { s.publishWaiters.removeValue(forKey: $0) }
     }
-    if rc == 0 {
-      c?.resume()
-    } else {
-      let text = String(cString: mosquitto_connack_string(rc))
-      c?.resume(throwing: MQTTError(kind: .connectionRefused(rc), reason: "the broker refused the connection: \(text)"))
+    let text =
+      reason == "full"
+      ? "dropped to make room in the full outbox (dropOldest)" : "dropped unsent: \(reason)"
+    for w in waiters { w.resume(throwing: MQTTError(kind: .dropped, reason: "the message was \(text)")) }
+  }
+
+  func subscribe(_ filter: String, qos: MQTTQoS) async throws -> MQTTQoS {
+    start()
+    let granted = try await withCheckedThrowingContinuation { (c: CheckedContinuation<MQTTQoS, any Error>) in
+      let stopped = withShared { s -> Bool in
+        if s.stopping { return true }
+        s.subscriptions.removeAll { $0.filter == filter }
+        s.subscriptions.append((filter, qos))
+        s.pendingUnsubscribes.removeAll { $0 == filter }
+        if !s.pendingSubscribes.contains(filter) { s.pendingSubscribes.append(filter) }
+        s.subscribeWaiters[filter, default: []].append(c)
+        return false
+      }
+      if stopped { c.resume(throwing: MQTTError(kind: .stopped, reason: "the client was stopped")) }
+      wake()
+    }
+    return granted
+  }
+
+  func unsubscribe(_ filter: String) {
+    withShared { s in
+      s.subscriptions.removeAll { $0.filter == filter }
+      s.pendingSubscribes.removeAll { $0 == filter }
+      s.pendingUnsubscribes.append(filter)
+    }
+    wake()
+  }
+
+  func replaceCredentials(_ tls: TLSClientContext, reconnect: Bool) {
+    withShared { s in
+      s.tls = tls
+      s.swapRequested = reconnect
+      s.metrics.credentialSwaps += 1
+    }
+    wake()
+  }
+
+  func stop() {
+    let (wasStarted, alreadyStopping) = withShared { s -> (Bool, Bool) in
+      defer { s.stopping = true }
+      return (s.started, s.stopping)
+    }
+    wake()
+    if wasStarted && !alreadyStopping {
+      finished.wait()
+      finished.signal()  // for another stop() that waits too
+    }
+    if !wasStarted { finish() }
+  }
+
+  // MARK: - The network thread
+
+  func setState(_ new: MQTTConnectionState) {
+    withShared { s in
+      s.state = new
+      if case .connected = new { s.metrics.connected = true } else { s.metrics.connected = false }
+    }
+    stateSink.yield(new)
+  }
+
+  private func run() {
+    var failures = 0
+    var endpointIndex = 0
+    while true {
+      let (tls, stopping) = withShared { s -> (TLSClientContext, Bool) in
+        s.swapRequested = false
+        return (s.tls, s.stopping)
+      }
+      if stopping { break }
+      let endpoint = configuration.endpoints[endpointIndex % configuration.endpoints.count]
+      setState(.connecting(endpoint))
+      withShared { $0.metrics.connectAttempts += 1 }
+      let outcome: ConnectionOutcome
+      do {
+        let connection = try Connection(engine: self, tls: tls, endpoint: endpoint)
+        outcome = connection.run()
+      } catch {
+        outcome = .failed(error, refused: false, reason: "client")
+      }
+      var delay = 0.0
+      var why = ""
+      switch outcome {
+      case .stopped:
+        break
+      case .swapped:
+        failures = 0
+        continue
+      case .failed(let error, let refused, let reason):
+        failures += 1
+        endpointIndex += 1
+        why = "\(error)"
+        withShared { s in
+          s.metrics.connectFailures[reason, default: 0] += 1
+          if let t = error as? TLSError { s.metrics.handshakeFailures[t.codeName, default: 0] += 1 }
+        }
+        failConnectWaiters(error)
+        delay = configuration.reconnect.delay(
+          failures: failures, refused: refused, random: Double.random(in: 0..<1))
+      case .lost(let reason, let upFor):
+        if upFor >= configuration.reconnect.stableAfter { failures = 0 }
+        failures += 1
+        why = reason
+        withShared { $0.metrics.disconnections += 1 }
+        delay = configuration.reconnect.delay(failures: failures, refused: false, random: Double.random(in: 0..<1))
+      }
+      if case .stopped = outcome { break }
+      setState(.waiting(retryIn: delay, reason: why))
+      logger.info("next attempt in \(String(format: "%.1f", delay)) s after: \(why)")
+      waitInterruptibly(delay)
+    }
+    finish()
+  }
+
+  /// Sleeps `seconds`, or until stopped or given new credentials.
+  private func waitInterruptibly(_ seconds: Double) {
+    let deadline = Date().addingTimeInterval(seconds)
+    while true {
+      let (stopping, swapped) = withShared { ($0.stopping, $0.swapRequested) }
+      let left = deadline.timeIntervalSinceNow
+      if stopping || swapped || left <= 0 { return }
+      var fd = pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0)
+      _ = poll(&fd, 1, Int32(min(left, 3600) * 1000) + 1)
+      drainWake()
     }
   }
 
-  private func didDisconnect(_ rc: Int32) {
-    // QoS >= 1 messages stay queued in libmosquitto and are resent after the reconnect; their
-    // acknowledgements still complete the waiting publishers.
-    let connect = lock.withLock { () -> CheckedContinuation<Void, any Error>? in
-      state.connected = false
-      defer { state.connect = nil }
-      return state.connect
+  private func failConnectWaiters(_ error: any Error) {
+    let waiters = withShared { s -> [CheckedContinuation<Void, any Error>] in
+      defer { s.connectWaiters.removeAll() }
+      return Array(s.connectWaiters.values)
     }
-    // A disconnect before CONNACK: the handshake or the connection failed.
-    connect?.resume(
-      throwing: MQTTError(kind: .connectionFailed(rc), reason: "the connection ended: \(MQTTClient.describe(rc))"))
+    for w in waiters { w.resume(throwing: error) }
   }
 
-  private func didPublish(_ mid: Int32, _ reason: Int32) {
-    let c = lock.withLock { () -> CheckedContinuation<Void, any Error>? in
-      if let c = state.publishes.removeValue(forKey: mid) { return c }
-      state.finishedPublishes[mid] = reason
-      return nil
+  /// Ends every wait once the network thread has stopped.
+  private func finish() {
+    setState(.stopped)
+    let stopped = MQTTError(kind: .stopped, reason: "the client was stopped")
+    let (connects, publishes, subscribes) = withShared { s in
+      defer {
+        s.connectWaiters.removeAll()
+        s.publishWaiters.removeAll()
+        s.subscribeWaiters.removeAll()
+      }
+      return (Array(s.connectWaiters.values), Array(s.publishWaiters.values), s.subscribeWaiters.values.flatMap { $0 })
     }
-    if let c { MQTTClient.finishPublish(c, reason: reason) }
+    for w in connects { w.resume(throwing: stopped) }
+    for w in publishes { w.resume(throwing: stopped) }
+    for w in subscribes { w.resume(throwing: stopped) }
   }
 
-  private static func finishPublish(_ c: CheckedContinuation<Void, any Error>, reason: Int32) {
-    if reason < 0x80 {
-      c.resume()
-    } else {
-      c.resume(
-        throwing: MQTTError(kind: .rejected(reason), reason: "the broker refused the message (reason \(reason))"))
+  // Called by `Connection` on the network thread.
+
+  func connected(_ endpoint: MQTTEndpoint) {
+    let waiters = withShared { s -> [CheckedContinuation<Void, any Error>] in
+      s.metrics.connections += 1
+      // Everything we want is subscribed again on a new connection.
+      s.pendingSubscribes = s.subscriptions.map(\.filter)
+      s.outboxChanged = true
+      defer { s.connectWaiters.removeAll() }
+      return Array(s.connectWaiters.values)
+    }
+    setState(.connected(endpoint))
+    for w in waiters { w.resume() }
+  }
+
+  func acknowledged(_ ids: [Int64], rejected: [(Int64, Int32)]) {
+    do {
+      try outbox.remove(ids + rejected.map(\.0))
+    } catch {
+      logger.error("\(error)")
+    }
+    let (ok, bad) = withShared {
+      s -> ([CheckedContinuation<Void, any Error>], [(CheckedContinuation<Void, any Error>, Int32)]) in
+      s.metrics.messagesAcknowledged += ids.count
+      if !rejected.isEmpty { s.metrics.messagesDropped["rejected", default: 0] += rejected.count }
+      let ok = ids.compactMap { s.publishWaiters.removeValue(forKey: $0) }
+      let bad = rejected.compactMap { r in s.publishWaiters.removeValue(forKey: r.0).map { ($0, r.1) } }
+      return (ok, bad)
+    }
+    for w in ok { w.resume() }
+    for (w, code) in bad {
+      let text = String(cString: mosquitto_reason_string(code))
+      w.resume(throwing: MQTTError(kind: .rejected(code), reason: "the broker refused the message: \(text) (\(code))"))
     }
   }
 
-  private func didSubscribe(_ mid: Int32, _ granted: [Int32]) {
-    let c = lock.withLock { () -> CheckedContinuation<[Int32], any Error>? in
-      if let c = state.subscribes.removeValue(forKey: mid) { return c }
-      state.finishedSubscribes[mid] = granted
-      return nil
+  func subscribed(_ filter: String, granted: Int32) {
+    let waiters = withShared { $0.subscribeWaiters.removeValue(forKey: filter) ?? [] }
+    for w in waiters {
+      if let qos = MQTTQoS(rawValue: granted) {
+        w.resume(returning: qos)
+      } else {
+        let text = String(cString: mosquitto_reason_string(granted))
+        w.resume(
+          throwing: MQTTError(
+            kind: .rejected(granted), reason: "the broker refused the subscription to \(filter): \(text)"))
+      }
     }
-    c?.resume(returning: granted)
   }
 
-  private func didReceive(_ m: mosquitto_message) {
-    let payload =
-      m.payload.map { Array(UnsafeRawBufferPointer(start: $0, count: Int(m.payloadlen))) } ?? []
-    messageSink.yield(
-      MQTTMessage(
-        topic: String(cString: m.topic), payload: payload, qos: MQTTQoS(rawValue: m.qos) ?? .atMostOnce,
-        retain: m.retain))
+  func received(_ message: MQTTMessage) {
+    withShared { $0.metrics.messagesReceived += 1 }
+    messageSink.yield(message)
   }
 
-  static func describe(_ rc: Int32) -> String { String(cString: mosquitto_strerror(rc)) }
+  func countSent(_ n: Int, resent: Int) {
+    withShared { s in
+      s.metrics.messagesSent += n
+      s.metrics.messagesResent += resent
+    }
+  }
 }

@@ -150,3 +150,43 @@ extension TLSError {
     }
   }
 }
+
+extension TLSError {
+  /// Explains a failed handshake or read on an SSL made from one of our contexts (the one
+  /// libmosquitto or libcurl drives), from what the context recorded during the handshake.
+  /// `sslError` is `SSL_get_error`'s value when known (`SSL_ERROR_SSL` otherwise).
+  package static func diagnose(ssl: OpaquePointer?, sslError: Int32 = 1) -> TLSError {
+    var failure = edgekey_tls_failure()
+    edgekey_tls_diagnose(ssl, sslError, &failure)
+    return TLSError(failure: failure)
+  }
+
+  /// The last connection from `context` that failed on a certificate, after its SSL is gone
+  /// (libmosquitto 2.0 frees it before reporting a lost connection); nil when there is none
+  /// since the last call.
+  package static func lastFailure(of context: TLSClientContext) -> TLSError? {
+    var failure = edgekey_tls_failure()
+    guard edgekey_tls_last_failure(context.sslContext, &failure) != EDGEKEY_LAYER_NONE else { return nil }
+    return TLSError(failure: failure)
+  }
+
+  /// True when retrying soon cannot help: a certificate refused by either side, or no protocol
+  /// in common. The reconnect policy waits much longer after these.
+  public var isRefusal: Bool {
+    switch layer {
+    case .serverCertificate, .rejectedByServer, .clientCertificate, .configuration, .protocol: return true
+    case .tpm, .network, .tls: return false
+    }
+  }
+
+  /// A short name of the reason, for counters.
+  public var codeName: String {
+    switch code {
+    case .alert(let n): return "alert_\(n)"
+    case .serverVerification(let n): return "verify_\(n)"
+    default:
+      let text = "\(code)"
+      return text
+    }
+  }
+}

@@ -16,9 +16,11 @@ public final class MosquittoBroker: @unchecked Sendable {
   /// - Parameters:
   ///   - aclFile: an ACL text (`user`/`pattern` lines) enforced by the broker, or nil for none.
   ///   - extraConfig: more configuration lines, e.g. `tls_version tlsv1.2`.
+  ///   - persistent: keep sessions and queued messages in a file, saved every second, so that
+  ///     a restart (or a kill after the last save) finds them again.
   public init(
     certificatePEM: String, keyPEM: String, chainPEM: String? = nil, clientCAPEM: String, crlPEM: String? = nil,
-    aclFile: String? = nil, extraConfig: [String] = []
+    aclFile: String? = nil, extraConfig: [String] = [], persistent: Bool = false
   ) throws {
     guard let mosquitto = findExecutable("mosquitto") else {
       throw HarnessError("mosquitto is not installed (apt-get install mosquitto)")
@@ -41,11 +43,17 @@ public final class MosquittoBroker: @unchecked Sendable {
     var config = [
       "per_listener_settings false",
       "allow_anonymous false",
-      "persistence false",
+      persistent ? "persistence true" : "persistence false",
       "log_dest file \(try MosquittoBroker.logFile(dir))",
       "log_type all",
       "connection_messages true",
     ]
+    if persistent {
+      let store = dir.appendingPathComponent("persistence")
+      try FileManager.default.createDirectory(at: store, withIntermediateDirectories: true)
+      chmod(store.path, 0o777)
+      config += ["persistence_location \(store.path)/", "autosave_interval 1"]
+    }
     if let aclFile { config.append("acl_file \(try write("acl", aclFile))") }
     let port = try PortFinder.free()
     config += [

@@ -78,6 +78,22 @@ public final class TestCA: @unchecked Sendable {
     return (TestCA.pem(cert), serial)
   }
 
+  /// A client certificate for a new software key (another party: a test's subscriber). The
+  /// caller owns the returned EVP_PKEY.
+  public func issueSoftwareClient(commonName: String) throws -> (certificate: String, key: OpaquePointer) {
+    let key = try TestCA.generateKey()
+    var spki: UnsafeMutablePointer<UInt8>?
+    let n = i2d_PUBKEY(key, &spki)
+    let der = Array(UnsafeBufferPointer(start: spki, count: Int(max(n, 0))))
+    CRYPTO_free(spki, #file, #line)
+    do {
+      return (try issueClient(publicKeyDER: der, commonName: commonName).certificate, key)
+    } catch {
+      EVP_PKEY_free(key)
+      throw error
+    }
+  }
+
   /// This CA's certificate, PEM.
   public var certificatePEM: String { TestCA.pem(certificate) }
 

@@ -83,6 +83,14 @@ typedef struct {
  */
 edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_failure *out);
 
+/*
+ * The last connection made from `ctx` that failed on a certificate (ours refused by the
+ * server's alert, or the server's refused by us), explained after its SSL was freed: for
+ * libraries that free the SSL before reporting the failure. Returns EDGEKEY_LAYER_NONE when
+ * there is none since the last call; each call clears it.
+ */
+edgekey_tls_layer edgekey_tls_last_failure(SSL_CTX *ctx, edgekey_tls_failure *out);
+
 #ifdef __cplusplus
 }
 #endif

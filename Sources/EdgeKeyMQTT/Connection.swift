@@ -1,0 +1,335 @@
+import CMosquitto
+import EdgeKeyTLS
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// One connection: a libmosquitto handle made for it with the TLS identity of the moment,
+/// driven by the network thread through libmosquitto's external-loop API until it ends.
+/// Only the network thread touches it.
+final class Connection {
+  let engine: Engine
+  let endpoint: MQTTEndpoint
+  let tls: TLSClientContext
+  private let mosq: OpaquePointer
+  private var connectedAt: Date?
+  private var ended = false
+  private var endCode: Int32 = 0
+  private var endErrno: Int32 = 0
+  private var refusal: Int32?
+  private var tlsFailure: TLSError?
+  private var midToID: [Int32: Int64] = [:]
+  private var lastHanded: Int64 = 0
+  private var mayHaveMore = true
+  private var subscribeMids: [Int32: String] = [:]
+  private var acked: [Int64] = []
+  private var rejected: [(Int64, Int32)] = []
+
+  init(engine: Engine, tls: TLSClientContext, endpoint: MQTTEndpoint) throws(MQTTError) {
+    self.engine = engine
+    self.tls = tls
+    self.endpoint = endpoint
+    let configuration = engine.configuration
+    guard let m = mosquitto_new(engine.clientID, configuration.cleanSession, nil) else {
+      throw MQTTError(kind: .invalidArgument, reason: "mosquitto_new failed for client id \(engine.clientID)")
+    }
+    mosq = m
+    mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, configuration.protocolVersion.rawValue)
+    mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, 1)
+    mosquitto_int_option(m, MOSQ_OPT_SSL_CTX_WITH_DEFAULTS, 0)
+    // libmosquitto takes its own reference and drops it in mosquitto_destroy.
+    mosquitto_void_option(m, MOSQ_OPT_SSL_CTX, UnsafeMutableRawPointer(tls.sslContext))
+    _ = TLSError.lastFailure(of: tls)  // forget an earlier connection's failure
+    if let will = configuration.will {
+      let rc = will.payload.withUnsafeBytes {
+        mosquitto_will_set_v5(m, will.topic, Int32($0.count), $0.baseAddress, will.qos.rawValue, will.retain, nil)
+      }
+      if rc != MOSQ_ERR_SUCCESS.rawValue {
+        mosquitto_destroy(m)
+        throw MQTTError(kind: .invalidArgument, reason: "the last will was refused: \(Connection.describe(rc))")
+      }
+    }
+    mosquitto_user_data_set(m, Unmanaged.passUnretained(self).toOpaque())
+    mosquitto_connect_v5_callback_set(m) { _, obj, rc, _, _ in Connection.from(obj).didConnect(rc) }
+    mosquitto_disconnect_v5_callback_set(m) { _, obj, rc, _ in Connection.from(obj).didDisconnect(rc) }
+    mosquitto_publish_v5_callback_set(m) { _, obj, mid, reason, _ in Connection.from(obj).didPublish(mid, reason) }
+    mosquitto_subscribe_v5_callback_set(m) { _, obj, mid, count, granted, _ in
+      Connection.from(obj).didSubscribe(mid, count > 0 ? granted?[0] ?? 0x80 : 0x80)
+    }
+    mosquitto_message_v5_callback_set(m) { _, obj, message, _ in
+      guard let message else { return }
+      Connection.from(obj).didReceive(message.pointee)
+    }
+  }
+
+  deinit { mosquitto_destroy(mosq) }
+
+  private static func from(_ obj: UnsafeMutableRawPointer?) -> Connection {
+    Unmanaged<Connection>.fromOpaque(obj!).takeUnretainedValue()
+  }
+
+  static func describe(_ rc: Int32) -> String { String(cString: mosquitto_strerror(rc)) }
+
+  private var isConnected: Bool { connectedAt != nil }
+
+  /// Connects and serves the connection until it ends, is stopped or is replaced.
+  func run() -> ConnectionOutcome {
+    let configuration = engine.configuration
+    let rc = mosquitto_connect_bind_async(
+      mosq, endpoint.host, Int32(endpoint.port), configuration.keepAlive, nil)
+    guard rc == MOSQ_ERR_SUCCESS.rawValue else {
+      let error = MQTTError(
+        kind: .connectionFailed(rc), reason: "cannot connect to \(endpoint): \(Connection.errnoText(rc))")
+      return .failed(error, refused: false, reason: "network")
+    }
+    let deadline = Date().addingTimeInterval(configuration.connectTimeout)
+    var disconnectAsked: Date?
+    var leaving: ConnectionOutcome?
+    var timedOut = false
+    loop: while !ended {
+      let sock = mosquitto_socket(mosq)
+      if sock < 0 { break }
+      var fds = [
+        pollfd(fd: sock, events: Int16(POLLIN) | (mosquitto_want_write(mosq) ? Int16(POLLOUT) : 0), revents: 0),
+        pollfd(fd: engine.wakeDescriptor, events: Int16(POLLIN), revents: 0),
+      ]
+      var timeout = 1000.0
+      if !isConnected { timeout = min(timeout, max(deadline.timeIntervalSinceNow * 1000, 0)) }
+      if poll(&fds, 2, Int32(timeout)) < 0 && errno != EINTR { break }
+      if fds[1].revents != 0 { engine.drainWake() }
+      if !isConnected && fds[0].revents & Int16(POLLERR | POLLHUP) != 0, let error = Connection.socketError(sock) {
+        // A failed TCP connect: libmosquitto 2.0 would keep polling it as "TLS pending".
+        errno = error
+        noteEnd(MOSQ_ERR_ERRNO.rawValue)
+        break
+      }
+      if fds[0].revents & Int16(POLLIN | POLLERR | POLLHUP) != 0 {
+        let rc = mosquitto_loop_read(mosq, 1)
+        if rc != MOSQ_ERR_SUCCESS.rawValue || ended {
+          noteEnd(rc)
+          break
+        }
+        if !isConnected && fds[0].revents & Int16(POLLHUP | POLLERR) != 0 {
+          // Refused or closed while libmosquitto 2.0 still counts the handshake as pending.
+          noteEnd(MOSQ_ERR_CONN_LOST.rawValue)
+          break
+        }
+      }
+      let (stopping, swap) = engine.withShared { ($0.stopping, $0.swapRequested) }
+      if (stopping || swap) && leaving == nil {
+        leaving = stopping ? .stopped : .swapped
+        guard isConnected else { break }
+        mosquitto_disconnect(mosq)
+        disconnectAsked = Date()
+      }
+      if isConnected && leaving == nil { pump() }
+      if fds[0].revents & Int16(POLLOUT) != 0 || mosquitto_want_write(mosq) {
+        let rc = mosquitto_loop_write(mosq, 1)
+        if rc != MOSQ_ERR_SUCCESS.rawValue || ended {
+          noteEnd(rc)
+          break
+        }
+      }
+      let rc = mosquitto_loop_misc(mosq)
+      if rc != MOSQ_ERR_SUCCESS.rawValue {
+        noteEnd(rc)
+        break
+      }
+      flushAcknowledgements()
+      if !isConnected && Date() >= deadline {
+        timedOut = true
+        break loop
+      }
+      if let asked = disconnectAsked, Date().timeIntervalSince(asked) > 2 { break }
+    }
+    flushAcknowledgements()
+    if let leaving { return leaving }
+    if let connectedAt {
+      let reason = endCode == 0 ? "the connection ended" : "connection lost: \(endText)"
+      return .lost(reason: "\(reason) (\(endpoint))", upFor: Date().timeIntervalSince(connectedAt))
+    }
+    if let refusal {
+      let v5 = configuration.protocolVersion == .v5
+      let text = String(cString: v5 ? mosquitto_reason_string(refusal) : mosquitto_connack_string(refusal))
+      // Not authorized, bad credentials, banned, bad authentication method, client id refused.
+      let permanent: Set<Int32> = v5 ? [0x85, 0x86, 0x87, 0x8A, 0x8C, 0x84] : [1, 2, 4, 5]
+      let error = MQTTError(
+        kind: .connectionRefused(refusal), reason: "\(endpoint) refused the connection: \(text) (\(refusal))")
+      return .failed(error, refused: permanent.contains(refusal), reason: "refused")
+    }
+    if let tlsFailure {
+      return .failed(tlsFailure, refused: tlsFailure.isRefusal, reason: "tls")
+    }
+    if timedOut {
+      let error = MQTTError(
+        kind: .timedOut, reason: "no CONNACK from \(endpoint) within \(configuration.connectTimeout) s")
+      return .failed(error, refused: false, reason: "timeout")
+    }
+    let error = MQTTError(
+      kind: .connectionFailed(endCode), reason: "cannot connect to \(endpoint): \(endText)")
+    return .failed(error, refused: false, reason: "network")
+  }
+
+  private var endText: String {
+    endCode == MOSQ_ERR_ERRNO.rawValue ? String(cString: strerror(endErrno)) : Connection.describe(endCode)
+  }
+
+  /// The pending error of a socket (a failed non-blocking connect), if any.
+  private static func socketError(_ sock: Int32) -> Int32? {
+    var error: Int32 = 0
+    var length = socklen_t(MemoryLayout<Int32>.size)
+    guard getsockopt(sock, SOL_SOCKET, SO_ERROR, &error, &length) == 0, error != 0 else { return nil }
+    return error
+  }
+
+  private static func errnoText(_ rc: Int32) -> String {
+    rc == MOSQ_ERR_ERRNO.rawValue ? String(cString: strerror(errno)) : describe(rc)
+  }
+
+  /// Hands queued work to libmosquitto: subscriptions, QoS 0 messages, and outbox messages up
+  /// to the in-flight window.
+  private func pump() {
+    let (subscribes, unsubscribes, atMostOnce, changed) = engine.withShared {
+      s -> ([(String, MQTTQoS)], [String], [MQTTMessage], Bool) in
+      let subs = s.pendingSubscribes.compactMap { f in s.subscriptions.first { $0.filter == f }.map { (f, $0.qos) } }
+      defer {
+        s.pendingSubscribes = []
+        s.pendingUnsubscribes = []
+        s.atMostOnce = []
+        s.outboxChanged = false
+      }
+      return (subs, s.pendingUnsubscribes, s.atMostOnce, s.outboxChanged)
+    }
+    for (filter, qos) in subscribes {
+      var mid: Int32 = 0
+      let rc = mosquitto_subscribe_v5(mosq, &mid, filter, qos.rawValue, 0, nil)
+      if rc == MOSQ_ERR_SUCCESS.rawValue {
+        subscribeMids[mid] = filter
+      } else {
+        engine.subscribed(filter, granted: 0x80)
+      }
+    }
+    for filter in unsubscribes { mosquitto_unsubscribe_v5(mosq, nil, filter, nil) }
+    for m in atMostOnce {
+      _ = m.payload.withUnsafeBytes {
+        mosquitto_publish_v5(mosq, nil, m.topic, Int32($0.count), $0.baseAddress, 0, m.retain, nil)
+      }
+    }
+    var sent = atMostOnce.count
+    var resent = 0
+    if changed { mayHaveMore = true }
+    let window = max(engine.configuration.inflightWindow, 1)
+    var unsendable: [Int64] = []
+    while mayHaveMore && midToID.count < window {
+      let wanted = window - midToID.count
+      let batch: (messages: [OutboxMessage], expired: [Int64])
+      do {
+        batch = try engine.outbox.next(after: lastHanded, limit: wanted)
+      } catch {
+        engine.logger.error("\(error)")
+        break
+      }
+      if !batch.expired.isEmpty { engine.dropped(batch.expired, reason: "expired") }
+      if batch.messages.count < wanted { mayHaveMore = false }
+      for m in batch.messages {
+        lastHanded = m.id
+        var mid: Int32 = 0
+        let rc = send(m, mid: &mid)
+        if rc == MOSQ_ERR_SUCCESS.rawValue {
+          midToID[mid] = m.id
+          sent += 1
+          if !engine.handedBefore.insert(m.id).inserted { resent += 1 }
+        } else if rc == MOSQ_ERR_NO_CONN.rawValue || rc == MOSQ_ERR_CONN_LOST.rawValue || rc == MOSQ_ERR_NOMEM.rawValue
+        {
+          return engine.countSent(sent, resent: resent)
+        } else {
+          // Too large for the broker, QoS above its maximum, a bad topic: it can never go.
+          engine.logger.error("message \(m.id) to \(m.topic) cannot be sent: \(Connection.describe(rc))")
+          unsendable.append(m.id)
+        }
+      }
+      if batch.messages.isEmpty { break }
+    }
+    if !unsendable.isEmpty {
+      try? engine.outbox.remove(unsendable)
+      engine.dropped(unsendable, reason: "unsendable")
+    }
+    engine.countSent(sent, resent: resent)
+  }
+
+  private func send(_ m: OutboxMessage, mid: inout Int32) -> Int32 {
+    var properties: OpaquePointer?
+    defer { mosquitto_property_free_all(&properties) }
+    if engine.configuration.protocolVersion == .v5, let expires = m.expires {
+      let left = UInt32(max(1, min(expires.timeIntervalSinceNow.rounded(.up), Double(UInt32.max))))
+      mosquitto_property_add_int32(&properties, Int32(MQTT_PROP_MESSAGE_EXPIRY_INTERVAL.rawValue), left)
+    }
+    return m.payload.withUnsafeBytes {
+      mosquitto_publish_v5(mosq, &mid, m.topic, Int32($0.count), $0.baseAddress, m.qos.rawValue, m.retain, properties)
+    }
+  }
+
+  private func flushAcknowledgements() {
+    guard !acked.isEmpty || !rejected.isEmpty else { return }
+    engine.acknowledged(acked, rejected: rejected)
+    acked.removeAll(keepingCapacity: true)
+    rejected.removeAll()
+  }
+
+  // MARK: - libmosquitto callbacks (on the network thread, inside loop_read/loop_write)
+
+  private func didConnect(_ rc: Int32) {
+    if rc == 0 {
+      connectedAt = Date()
+      engine.connected(endpoint)
+    } else {
+      refusal = rc
+    }
+  }
+
+  private func didDisconnect(_ rc: Int32) {
+    noteEnd(rc)
+  }
+
+  /// Records how the connection ended (once), and before CONNACK asks the TLS context why.
+  private func noteEnd(_ rc: Int32) {
+    guard !ended || (endCode == 0 && rc != 0) else { return }
+    let savedErrno = errno
+    ended = true
+    endCode = rc
+    endErrno = savedErrno
+    guard !isConnected, refusal == nil, tlsFailure == nil else { return }
+    guard let ssl = mosquitto_ssl_get(mosq) else {
+      // libmosquitto freed the SSL already (a lost connection): the context kept the reason.
+      tlsFailure = TLSError.lastFailure(of: tls)
+      return
+    }
+    errno = savedErrno
+    // The handshake (or the first read after it, where TLS 1.3 hears that the server refused
+    // our certificate) failed: what the context recorded says why.
+    let diagnosis = TLSError.diagnose(
+      ssl: OpaquePointer(ssl), sslError: rc == MOSQ_ERR_TLS.rawValue ? 1 : 5 /* SSL_ERROR_SSL : SSL_ERROR_SYSCALL */)
+    if diagnosis.layer != .network { tlsFailure = diagnosis }
+  }
+
+  private func didPublish(_ mid: Int32, _ reason: Int32) {
+    guard let id = midToID.removeValue(forKey: mid) else { return }  // QoS 0, or not ours
+    engine.handedBefore.remove(id)
+    if reason >= 0x80 { rejected.append((id, reason)) } else { acked.append(id) }
+  }
+
+  private func didSubscribe(_ mid: Int32, _ granted: Int32) {
+    guard let filter = subscribeMids.removeValue(forKey: mid) else { return }
+    engine.subscribed(filter, granted: granted)
+  }
+
+  private func didReceive(_ m: mosquitto_message) {
+    let payload = m.payload.map { Array(UnsafeRawBufferPointer(start: $0, count: Int(m.payloadlen))) } ?? []
+    engine.received(
+      MQTTMessage(
+        topic: String(cString: m.topic), payload: payload, qos: MQTTQoS(rawValue: m.qos) ?? .atMostOnce,
+        retain: m.retain))
+  }
+}

@@ -1,0 +1,133 @@
+import EdgeKeyTLS
+import Foundation
+
+/// A message received on a subscription.
+public struct MQTTMessage: Sendable, Equatable {
+  public var topic: String
+  public var payload: [UInt8]
+  public var qos: MQTTQoS
+  public var retain: Bool
+
+  public init(topic: String, payload: [UInt8], qos: MQTTQoS = .atMostOnce, retain: Bool = false) {
+    self.topic = topic
+    self.payload = payload
+    self.qos = qos
+    self.retain = retain
+  }
+}
+
+public enum MQTTQoS: Int32, Sendable, Equatable, Comparable {
+  case atMostOnce = 0
+  case atLeastOnce = 1
+  case exactlyOnce = 2
+
+  public static func < (a: MQTTQoS, b: MQTTQoS) -> Bool { a.rawValue < b.rawValue }
+}
+
+public enum MQTTProtocolVersion: Int32, Sendable {
+  case v311 = 4
+  case v5 = 5
+}
+
+/// A failure of the MQTT layer. TLS failures are thrown as `TLSError` (with their layer).
+public struct MQTTError: Error, CustomStringConvertible, Sendable, Equatable {
+  public enum Kind: Sendable, Equatable {
+    /// The broker refused the connection (CONNACK return code or MQTT 5 reason code).
+    case connectionRefused(Int32)
+    /// The connection could not be made or was lost (libmosquitto error code).
+    case connectionFailed(Int32)
+    /// The broker answered an operation with a failure reason code (MQTT 5).
+    case rejected(Int32)
+    case timedOut
+    /// A QoS 0 message while offline: QoS 0 is never stored.
+    case notConnected
+    case invalidArgument
+    /// The outbox is at its limit and refuses new messages.
+    case outboxFull
+    /// The message left the outbox unsent: expired, or dropped for room (`.dropOldest`).
+    case dropped
+    /// The outbox could not be read or written.
+    case outbox
+    /// The disk is full; the outbox is unchanged.
+    case diskFull
+    /// The client was stopped.
+    case stopped
+  }
+  public var kind: Kind
+  public var reason: String
+  public var description: String { "MQTT: \(reason)" }
+
+  public init(kind: Kind, reason: String) {
+    self.kind = kind
+    self.reason = reason
+  }
+}
+
+/// One broker address; the client tries its endpoints in turn.
+public struct MQTTEndpoint: Sendable, Equatable, CustomStringConvertible {
+  public var host: String
+  public var port: UInt16
+  public init(host: String, port: UInt16 = 8883) {
+    self.host = host
+    self.port = port
+  }
+  public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}
+
+/// A last will, published by the broker if we vanish without a DISCONNECT.
+public struct MQTTWill: Sendable, Equatable {
+  public var topic: String
+  public var payload: [UInt8]
+  public var qos: MQTTQoS
+  public var retain: Bool
+  public init(topic: String, payload: [UInt8], qos: MQTTQoS = .atLeastOnce, retain: Bool = false) {
+    self.topic = topic
+    self.payload = payload
+    self.qos = qos
+    self.retain = retain
+  }
+}
+
+/// Options for `MQTTClient`.
+public struct MQTTConfiguration: Sendable {
+  /// Tried in turn: after a failure the next one is used.
+  public var endpoints: [MQTTEndpoint]
+  /// Defaults to the common name of the TLS identity's certificate.
+  public var clientID: String?
+  public var protocolVersion: MQTTProtocolVersion = .v5
+  public var keepAlive: Int32 = 60
+  /// MQTT 3.1.1 clean session / MQTT 5 clean start. A session that outlives the connection
+  /// needs MQTT 3.1.1 for now: libmosquitto's asynchronous connect sends no MQTT 5 session
+  /// expiry interval, so an MQTT 5 session ends with its connection.
+  public var cleanSession = true
+  public var will: MQTTWill?
+  public var reconnect = ReconnectPolicy()
+  /// Seconds for TCP, the TLS handshake and CONNACK together.
+  public var connectTimeout: Double = 15
+  /// How many QoS ≥ 1 messages are handed to the network at once (the broker's receive
+  /// maximum still applies within it).
+  public var inflightWindow = 100
+
+  public init(host: String, port: UInt16 = 8883, clientID: String? = nil) {
+    endpoints = [MQTTEndpoint(host: host, port: port)]
+    self.clientID = clientID
+  }
+
+  public init(endpoints: [MQTTEndpoint], clientID: String? = nil) {
+    self.endpoints = endpoints
+    self.clientID = clientID
+  }
+
+  public var host: String { endpoints.first?.host ?? "" }
+  public var port: UInt16 { endpoints.first?.port ?? 0 }
+}
+
+/// Where the client's connection stands.
+public enum MQTTConnectionState: Sendable, Equatable {
+  case idle
+  case connecting(MQTTEndpoint)
+  case connected(MQTTEndpoint)
+  /// Waiting `retryIn` seconds before the next attempt, after `reason`.
+  case waiting(retryIn: Double, reason: String)
+  case stopped
+}

@@ -1,0 +1,263 @@
+import CSQLite
+import Foundation
+
+/// A message waiting in the outbox: accepted from the application, not yet acknowledged by the
+/// broker.
+public struct OutboxMessage: Sendable, Equatable {
+  /// Assigned by the outbox; increases with every message, so it is also the delivery order.
+  public var id: Int64
+  public var topic: String
+  public var payload: [UInt8]
+  public var qos: MQTTQoS
+  public var retain: Bool
+  public var created: Date
+  /// After this the message is dropped (and counted) instead of sent.
+  public var expires: Date?
+
+  public init(
+    id: Int64 = 0, topic: String, payload: [UInt8], qos: MQTTQoS = .atLeastOnce, retain: Bool = false,
+    created: Date = Date(), expires: Date? = nil
+  ) {
+    self.id = id
+    self.topic = topic
+    self.payload = payload
+    self.qos = qos
+    self.retain = retain
+    self.created = created
+    self.expires = expires
+  }
+
+  var size: Int { topic.utf8.count + payload.count }
+}
+
+/// How large the outbox may grow, and what happens when it is full.
+public struct OutboxLimits: Sendable, Equatable {
+  public enum WhenFull: Sendable, Equatable {
+    /// New messages are refused with `MQTTError.Kind.outboxFull`; nothing stored is lost.
+    case refuseNew
+    /// The oldest messages are dropped (and counted) to make room for the new one.
+    case dropOldest
+  }
+  public var maximumMessages: Int
+  public var maximumBytes: Int
+  public var whenFull: WhenFull
+
+  public init(maximumMessages: Int = 100_000, maximumBytes: Int = 64 << 20, whenFull: WhenFull = .refuseNew) {
+    self.maximumMessages = maximumMessages
+    self.maximumBytes = maximumBytes
+    self.whenFull = whenFull
+  }
+}
+
+/// What a power cut may cost.
+public enum OutboxDurability: Sendable, Equatable {
+  /// Every accepted message is on stable storage before `publish`/`enqueue` returns
+  /// (SQLite WAL, `synchronous=FULL`: one fsync of the write-ahead log per append).
+  case powerSafe
+  /// Accepted messages survive the process being killed; a power cut may take the last ones
+  /// back (never corrupts the file). SQLite WAL, `synchronous=NORMAL`: no fsync per append.
+  case processSafe
+}
+
+/// Store-and-forward for QoS 1 and 2 messages: kept until the broker acknowledges them,
+/// delivered in the order they were accepted.
+///
+/// On disk it is one SQLite database in WAL mode. SQLite is chosen over a hand-made journal
+/// because its WAL commit is atomic and checksummed (a torn write at a power cut is detected
+/// and rolled back, not replayed as garbage), deletions of acknowledged messages and the
+/// size bound are one indexed statement each, and Debian ships it (libsqlite3). Removal of
+/// acknowledged messages is committed without an fsync of its own: a power cut can at worst
+/// deliver an acknowledged message again (at-least-once), never lose one.
+///
+/// `Outbox.memory()` keeps the same rules in memory, for messages that need not survive a
+/// restart.
+public final class Outbox: @unchecked Sendable {
+  // @unchecked: every member is used under `lock`.
+  public let limits: OutboxLimits
+  /// The database file, or nil for an in-memory outbox.
+  public let path: String?
+  private let lock = NSLock()
+  private let store: any OutboxStorage
+  private var countCache = 0
+  private var bytesCache = 0
+
+  /// An outbox in the SQLite database at `path` (created 0600, in a directory created 0700).
+  public init(path: String, limits: OutboxLimits = OutboxLimits(), durability: OutboxDurability = .powerSafe)
+    throws(MQTTError)
+  {
+    self.limits = limits
+    self.path = path
+    let db = try SQLiteOutboxStorage(path: path, durability: durability)
+    store = db
+    (countCache, bytesCache) = try db.totals()
+  }
+
+  private init(memoryWith limits: OutboxLimits) {
+    self.limits = limits
+    path = nil
+    store = MemoryOutboxStorage()
+  }
+
+  /// An outbox that lives only as long as the process.
+  public static func memory(limits: OutboxLimits = OutboxLimits()) -> Outbox { Outbox(memoryWith: limits) }
+
+  private func locked<R>(_ body: () throws(MQTTError) -> R) throws(MQTTError) -> R {
+    lock.lock()
+    defer { lock.unlock() }
+    return try body()
+  }
+
+  /// Messages waiting (accepted, not acknowledged).
+  public var count: Int { lock.withLock { countCache } }
+  /// Their topics and payloads, in bytes.
+  public var bytes: Int { lock.withLock { bytesCache } }
+
+  /// Appends in order. Returns the stored messages and those dropped (oldest first) to make
+  /// room under `.dropOldest`. Under `.refuseNew` a batch that does not fit is refused whole.
+  @discardableResult
+  public func append(_ messages: [OutboxMessage]) throws(MQTTError) -> (stored: [OutboxMessage], dropped: [Int64]) {
+    try append(messages, whileLocked: { _ in })
+  }
+
+  /// `whileLocked` runs before anyone else can read the stored messages (the client registers
+  /// its waiters there, so that no acknowledgement can come before them).
+  func append(_ messages: [OutboxMessage], whileLocked: ([OutboxMessage]) -> Void) throws(MQTTError) -> (
+    stored: [OutboxMessage], dropped: [Int64]
+  ) {
+    guard !messages.isEmpty else { return ([], []) }
+    let size = messages.reduce(0) { $0 + $1.size }
+    if messages.count > limits.maximumMessages || size > limits.maximumBytes {
+      throw MQTTError(
+        kind: .outboxFull,
+        reason: "\(messages.count) message(s) of \(size) bytes exceed the outbox's limits on their own")
+    }
+    return try locked { () throws(MQTTError) -> ([OutboxMessage], [Int64]) in
+      var dropped: [Int64] = []
+      let overCount = countCache + messages.count - limits.maximumMessages
+      let overBytes = bytesCache + size - limits.maximumBytes
+      if overCount > 0 || overBytes > 0 {
+        guard limits.whenFull == .dropOldest else {
+          throw MQTTError(
+            kind: .outboxFull,
+            reason:
+              "the outbox is full (\(countCache) messages, \(bytesCache) bytes; limits \(limits.maximumMessages), "
+              + "\(limits.maximumBytes)): the message was refused")
+        }
+        let victims = try store.oldest(freeing: max(overCount, 0), bytes: max(overBytes, 0))
+        try store.remove(victims.map(\.id), durable: true)
+        countCache -= victims.count
+        bytesCache -= victims.reduce(0) { $0 + $1.size }
+        dropped = victims.map(\.id)
+      }
+      let stored = try store.append(messages)
+      countCache += stored.count
+      bytesCache += size
+      whileLocked(stored)
+      return (stored, dropped)
+    }
+  }
+
+  /// Up to `limit` messages with ids above `id`, in order. Expired ones are removed instead
+  /// and returned in `expired`.
+  public func next(after id: Int64, limit: Int, now: Date = Date()) throws(MQTTError) -> (
+    messages: [OutboxMessage], expired: [Int64]
+  ) {
+    try locked { () throws(MQTTError) -> ([OutboxMessage], [Int64]) in
+      var found: [OutboxMessage] = []
+      var expired: [OutboxMessage] = []
+      var after = id
+      while found.count < limit {
+        let batch = try store.next(after: after, limit: limit - found.count)
+        if batch.isEmpty { break }
+        for m in batch {
+          if let e = m.expires, e <= now { expired.append(m) } else { found.append(m) }
+        }
+        after = batch.last!.id
+      }
+      if !expired.isEmpty {
+        try store.remove(expired.map(\.id), durable: false)
+        countCache -= expired.count
+        bytesCache -= expired.reduce(0) { $0 + $1.size }
+      }
+      return (found, expired.map(\.id))
+    }
+  }
+
+  /// Forgets acknowledged messages (ids not present are ignored).
+  public func remove(_ ids: [Int64]) throws(MQTTError) {
+    guard !ids.isEmpty else { return }
+    try locked { () throws(MQTTError) in
+      let removed = try store.remove(ids, durable: false)
+      countCache -= removed.count
+      bytesCache -= removed.size
+    }
+  }
+}
+
+/// The storage behind an `Outbox`; called under the outbox's lock.
+protocol OutboxStorage: AnyObject {
+  func append(_ messages: [OutboxMessage]) throws(MQTTError) -> [OutboxMessage]
+  func next(after id: Int64, limit: Int) throws(MQTTError) -> [OutboxMessage]
+  /// The oldest messages that together free at least `count` messages and `bytes` bytes.
+  func oldest(freeing count: Int, bytes: Int) throws(MQTTError) -> [OutboxMessage]
+  /// Returns how many messages and bytes were removed.
+  @discardableResult
+  func remove(_ ids: [Int64], durable: Bool) throws(MQTTError) -> (count: Int, size: Int)
+}
+
+final class MemoryOutboxStorage: OutboxStorage {
+  private var messages: [Int64: OutboxMessage] = [:]
+  private var order: [Int64] = []  // increasing; may hold removed ids until compacted
+  private var lastID: Int64 = 0
+
+  func append(_ batch: [OutboxMessage]) -> [OutboxMessage] {
+    batch.map { m in
+      var m = m
+      lastID += 1
+      m.id = lastID
+      messages[m.id] = m
+      order.append(m.id)
+      return m
+    }
+  }
+
+  func next(after id: Int64, limit: Int) -> [OutboxMessage] {
+    var lo = 0
+    var hi = order.count
+    while lo < hi {
+      let mid = (lo + hi) / 2
+      if order[mid] <= id { lo = mid + 1 } else { hi = mid }
+    }
+    var found: [OutboxMessage] = []
+    while lo < order.count && found.count < limit {
+      if let m = messages[order[lo]] { found.append(m) }
+      lo += 1
+    }
+    return found
+  }
+
+  func oldest(freeing count: Int, bytes: Int) -> [OutboxMessage] {
+    var found: [OutboxMessage] = []
+    var freed = 0
+    for id in order where found.count < count || freed < bytes {
+      guard let m = messages[id] else { continue }
+      found.append(m)
+      freed += m.size
+    }
+    return found
+  }
+
+  func remove(_ ids: [Int64], durable: Bool) -> (count: Int, size: Int) {
+    var count = 0
+    var size = 0
+    for id in ids {
+      if let m = messages.removeValue(forKey: id) {
+        count += 1
+        size += m.size
+      }
+    }
+    if order.count > 64 && order.count > 2 * messages.count { order.removeAll { messages[$0] == nil } }
+    if messages.isEmpty { order.removeAll(keepingCapacity: true) }
+    return (count, size)
+  }
+}

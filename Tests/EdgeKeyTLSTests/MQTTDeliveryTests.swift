@@ -1,0 +1,269 @@
+import COpenSSL
+import EdgeKeyMQTT
+import EdgeKeyTLS
+import EdgeKeyTPM
+import EdgeKeyTestSupport
+import Foundation
+import Testing
+
+extension Fixture {
+  /// A broker with mutual TLS whose certificate comes from the fixture's CA.
+  func broker(crl: String? = nil, aclFile: String? = nil, persistent: Bool = false) throws -> MosquittoBroker {
+    let serverCert = try ca.issueServer()
+    return try MosquittoBroker(
+      certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM, crlPEM: crl,
+      aclFile: aclFile, persistent: persistent)
+  }
+
+  /// Another party's identity from the same CA, with a software key (a test's subscriber).
+  func softwareParty(_ commonName: String, serverName: String = "127.0.0.1") throws -> TLSClientContext {
+    let issued = try ca.issueSoftwareClient(commonName: commonName)
+    defer { EVP_PKEY_free(issued.key) }  // the context holds its own reference
+    return try TLSClientContext(
+      certificateChain: try Certificate.chain(pem: issued.certificate), softwareKey: issued.key,
+      policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: serverName))
+  }
+
+  /// A new identity for the same device: a second key in the same TPM (rotation).
+  func otherDevice(_ commonName: String, serverName: String = "127.0.0.1") throws -> (TPMKey, TLSClientContext) {
+    let other = try tpm.loadKey(try tpm.createKey(.eccP256))
+    let issued = try ca.issueClient(publicKeyDER: other.publicKey.spki, commonName: commonName)
+    let context = try TLSClientContext(
+      certificateChain: try Certificate.chain(pem: issued.certificate), key: other,
+      policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: serverName))
+    return (other, context)
+  }
+}
+
+/// A reconnect policy for tests: quick, still jittered.
+let quickReconnect = ReconnectPolicy(
+  initialDelay: 0.05, maximumDelay: 0.5, stableAfter: 1, refusedInitialDelay: 300, refusedMaximumDelay: 600)
+
+func temporaryPath(_ name: String) -> String {
+  FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-\(UUID().uuidString)").appendingPathComponent(
+    name
+  ).path
+}
+
+/// Reads a client's messages into a set of payloads (and counts duplicates) until `expected`
+/// are all there or `seconds` pass.
+func drain(_ client: MQTTClient, expecting expected: Set<String>, within seconds: Double) async -> (
+  got: Set<String>, duplicates: Int
+) {
+  let task = Task {
+    var got = Set<String>()
+    var duplicates = 0
+    for await message in client.messages {
+      if !got.insert(String(decoding: message.payload, as: UTF8.self)).inserted { duplicates += 1 }
+      if expected.isSubset(of: got) { break }
+    }
+    return (got, duplicates)
+  }
+  let timer = Task {
+    try await Task.sleep(nanoseconds: UInt64(seconds * 1e9))
+    task.cancel()
+  }
+  let result = await task.value
+  timer.cancel()
+  return result
+}
+
+@Suite("MQTT delivery: outbox, reconnects, refusals (mosquitto with require_certificate)", .serialized)
+struct MQTTDeliveryTests {
+  @Test("the broker killed and restarted during a QoS 1 stream: every accepted message arrives")
+  func brokerRestart() async throws {
+    let f = try Fixture(commonName: "device-0200")
+    let broker = try f.broker(persistent: true)
+    // The sink keeps a persistent session, which the broker saves every second and restores
+    // after its restart, so that it is subscribed again before anyone reconnects.
+    let sinkTLS = try f.softwareParty("sink-0200")
+    var sinkConfiguration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+    sinkConfiguration.cleanSession = false
+    sinkConfiguration.protocolVersion = .v311  // a session that outlives the connection (see MQTTConfiguration)
+    sinkConfiguration.reconnect = quickReconnect
+    let sink = try MQTTClient(sinkConfiguration, tls: sinkTLS)
+    try await sink.connect()
+    try await sink.subscribe("devices/device-0200/#", qos: .atLeastOnce)
+    try await Task.sleep(nanoseconds: 1_500_000_000)
+
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+    configuration.reconnect = quickReconnect
+    let outboxPath = temporaryPath("outbox.db")
+    let publisher = try MQTTClient(
+      configuration, tls: try f.context(serverName: "127.0.0.1"), outbox: try Outbox(path: outboxPath))
+    try await publisher.connect()
+    var accepted = Set<String>()
+    for batch in 0..<6 {
+      if batch == 2 {
+        broker.kill9()
+        // Accepted while offline: kept in the outbox.
+      }
+      if batch == 4 { try broker.start() }
+      for i in 0..<50 {
+        let text = "reading \(batch * 50 + i)"
+        try publisher.enqueue([
+          MQTTMessage(topic: "devices/device-0200/telemetry", payload: Array(text.utf8), qos: .atLeastOnce)
+        ])
+        accepted.insert(text)
+      }
+      try await Task.sleep(nanoseconds: 100_000_000)
+    }
+    try await publisher.waitUntilDelivered(timeout: 30)
+    let (got, duplicates) = await drain(sink, expecting: accepted, within: 30)
+    let missing = accepted.subtracting(got)
+    if !missing.isEmpty { print(broker.log) }
+    #expect(missing.isEmpty, "\(missing.count) accepted messages never arrived, e.g. \(missing.sorted().prefix(5))")
+    let m = publisher.metrics
+    print(
+      "broker restart: accepted \(accepted.count), arrived \(got.count), duplicates \(duplicates), "
+        + "sent \(m.messagesSent), resent \(m.messagesResent), connections \(m.connections)")
+    #expect(m.connections >= 2)
+    #expect(m.messagesAcknowledged >= accepted.count)
+    #expect(m.messagesDroppedTotal == 0)
+    #expect(publisher.outbox.count == 0)
+    publisher.stop()
+    sink.stop()
+  }
+
+  @Test("the outbox survives the client: messages stored by one client are delivered by the next")
+  func outboxAcrossRestarts() async throws {
+    let f = try Fixture(commonName: "device-0201")
+    let broker = try f.broker()
+    let sinkTLS = try f.softwareParty("sink-0201")
+    let sink = try MQTTClient(MQTTConfiguration(host: "127.0.0.1", port: broker.port), tls: sinkTLS)
+    try await sink.connect()
+    try await sink.subscribe("devices/device-0201/#")
+    let outboxPath = temporaryPath("outbox.db")
+    // A client that never connects (nothing listens on its port) accepts messages offline.
+    do {
+      let offline = try MQTTClient(
+        MQTTConfiguration(host: "127.0.0.1", port: try PortFinder.free()), tls: try f.context(serverName: "127.0.0.1"),
+        outbox: try Outbox(path: outboxPath))
+      try offline.enqueue(
+        (0..<20).map { MQTTMessage(topic: "devices/device-0201/t", payload: Array("m\($0)".utf8), qos: .exactlyOnce) })
+      #expect(offline.outbox.count == 20)
+      await #expect(throws: MQTTError.self) {
+        try await offline.publish(topic: "devices/device-0201/t", payload: [1], qos: .atMostOnce)
+      }
+    }
+    let reopened = try Outbox(path: outboxPath)
+    #expect(reopened.count == 20)
+    let client = try MQTTClient(
+      MQTTConfiguration(host: "127.0.0.1", port: broker.port), tls: try f.context(serverName: "127.0.0.1"),
+      outbox: reopened)
+    try await client.connect()
+    try await client.waitUntilDelivered()
+    let expected = Set((0..<20).map { "m\($0)" })
+    let (got, _) = await drain(sink, expecting: expected, within: 10)
+    #expect(got == expected)
+    client.stop()
+    sink.stop()
+  }
+
+  @Test(
+    "a broker we must not trust: a typed error, then a long back-off instead of a retry storm",
+    arguments: ["untrusted CA", "wrong host name"])
+  func refusedServer(_ fault: String) async throws {
+    let f = try Fixture()
+    let broker: MosquittoBroker
+    var serverName = "127.0.0.1"
+    if fault == "untrusted CA" {
+      let stranger = try TestCA(name: "Stranger CA")
+      let cert = try stranger.issueServer()
+      broker = try MosquittoBroker(
+        certificatePEM: cert.certificate, keyPEM: cert.key, clientCAPEM: f.ca.certificatePEM)
+    } else {
+      broker = try f.broker()
+      serverName = "broker.example.net"
+    }
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+    configuration.reconnect = quickReconnect
+    let client = try MQTTClient(configuration, tls: try f.context(serverName: serverName))
+    let error = await #expect(throws: TLSError.self) { try await client.connect() }
+    #expect(error?.layer == .serverCertificate)
+    if fault == "untrusted CA" {
+      #expect(error?.code == .issuerNotFound || error?.code == .untrustedRoot)
+    } else {
+      #expect(error?.code == .nameMismatch)
+    }
+    try await Task.sleep(nanoseconds: 1_000_000_000)
+    // The quick policy would have retried ~10 times in a second; a refusal waits minutes.
+    #expect(client.metrics.connectAttempts == 1)
+    if case .waiting(let retryIn, _) = client.state {
+      #expect(retryIn >= 150)
+    } else {
+      Issue.record("expected to be waiting, is \(client.state)")
+    }
+    #expect(client.metrics.handshakeFailures.values.reduce(0, +) == 1)
+    #expect(client.openMetrics().contains("edgekey_mqtt_handshake_failures_total{reason="))
+    client.stop()
+  }
+
+  @Test("a revoked client certificate: the broker's refusal is a typed error and no retry storm")
+  func revokedClient() async throws {
+    let f = try Fixture(commonName: "device-0202")
+    let broker = try f.broker(crl: try f.ca.crl(revoking: [f.clientSerial]))
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+    configuration.reconnect = quickReconnect
+    let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
+    let error = await #expect(throws: TLSError.self) { try await client.connect() }
+    #expect(error?.layer == .rejectedByServer)
+    #expect(error?.certificate?.subject.contains("device-0202") == true)
+    try await Task.sleep(nanoseconds: 1_000_000_000)
+    #expect(client.metrics.connectAttempts == 1)
+    client.stop()
+  }
+
+  @Test("a refused connection to the first endpoint moves on to the next")
+  func endpointRotation() async throws {
+    let f = try Fixture(commonName: "device-0203")
+    let broker = try f.broker()
+    var configuration = MQTTConfiguration(endpoints: [
+      MQTTEndpoint(host: "127.0.0.1", port: try PortFinder.free()), MQTTEndpoint(host: "127.0.0.1", port: broker.port),
+    ])
+    configuration.reconnect = quickReconnect
+    let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
+    client.start()
+    for await state in client.stateChanges {
+      if case .connected(let endpoint) = state {
+        #expect(endpoint.port == broker.port)
+        break
+      }
+    }
+    #expect(client.metrics.connectFailures["network"] == 1)
+    client.stop()
+    #expect(client.state == .stopped)
+  }
+
+  @Test("new credentials take over on the next connection without losing queued messages")
+  func credentialSwap() async throws {
+    let f = try Fixture(commonName: "device-0204")
+    let broker = try f.broker()
+    let sinkTLS = try f.softwareParty("sink-0204")
+    let sink = try MQTTClient(MQTTConfiguration(host: "127.0.0.1", port: broker.port), tls: sinkTLS)
+    try await sink.connect()
+    try await sink.subscribe("devices/device-0204/#")
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+    configuration.clientID = "device-0204"
+    configuration.reconnect = quickReconnect
+    let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
+    try await client.connect()
+    try client.enqueue(
+      (0..<100).map { MQTTMessage(topic: "devices/device-0204/t", payload: Array("a\($0)".utf8), qos: .atLeastOnce) })
+    // Renewal: a new key and certificate for the same device.
+    let (newKey, newTLS) = try f.otherDevice("device-0204")
+    client.replaceCredentials(newTLS)
+    try client.enqueue(
+      (0..<100).map { MQTTMessage(topic: "devices/device-0204/t", payload: Array("b\($0)".utf8), qos: .atLeastOnce) })
+    try await client.waitUntilDelivered()
+    let expected = Set((0..<100).flatMap { ["a\($0)", "b\($0)"] })
+    let (got, _) = await drain(sink, expecting: expected, within: 10)
+    #expect(expected.subtracting(got).isEmpty)
+    #expect(client.metrics.connections == 2)
+    #expect(client.metrics.credentialSwaps == 1)
+    #expect(client.tls === newTLS)
+    client.stop()
+    sink.stop()
+    _ = newKey
+  }
+}

@@ -1,0 +1,133 @@
+import EdgeKeyMQTT
+import Foundation
+import Testing
+
+func message(_ i: Int, size: Int = 0, expires: Date? = nil) -> OutboxMessage {
+  OutboxMessage(
+    id: 0, topic: "t/\(i)", payload: Array(repeating: UInt8(i & 0xff), count: size), qos: .atLeastOnce, retain: false,
+    created: Date(), expires: expires)
+}
+
+@Suite("The outbox: order, bounds, expiry, durability (SQLite WAL and in memory)")
+struct MQTTOutboxTests {
+  static let kinds = ["sqlite", "memory"]
+
+  func make(_ kind: String, limits: OutboxLimits = OutboxLimits()) throws -> Outbox {
+    kind == "memory" ? Outbox.memory(limits: limits) : try Outbox(path: temporaryPath("outbox.db"), limits: limits)
+  }
+
+  @Test("messages come out in the order they went in, and removed ones stay removed", arguments: kinds)
+  func order(_ kind: String) throws {
+    let outbox = try make(kind)
+    let stored = try outbox.append((0..<10).map { message($0) }).stored
+    #expect(stored.map(\.id) == stored.map(\.id).sorted())
+    try outbox.remove([stored[0].id, stored[3].id])
+    let next = try outbox.next(after: 0, limit: 100).messages
+    #expect(next.map(\.topic) == ["t/1", "t/2", "t/4", "t/5", "t/6", "t/7", "t/8", "t/9"])
+    #expect(try outbox.next(after: stored[5].id, limit: 2).messages.map(\.topic) == ["t/6", "t/7"])
+    #expect(outbox.count == 8)
+    #expect(outbox.bytes == 8 * 3)
+  }
+
+  @Test("a full outbox refuses new messages and keeps what it has", arguments: kinds)
+  func refuseNew(_ kind: String) throws {
+    let outbox = try make(kind, limits: OutboxLimits(maximumMessages: 3, whenFull: .refuseNew))
+    try outbox.append([message(1), message(2), message(3)])
+    let error = #expect(throws: MQTTError.self) { try outbox.append([message(4)]) }
+    #expect(error?.kind == .outboxFull)
+    #expect(try outbox.next(after: 0, limit: 10).messages.map(\.topic) == ["t/1", "t/2", "t/3"])
+  }
+
+  @Test("a full outbox under dropOldest drops the oldest, by count and by bytes", arguments: kinds)
+  func dropOldest(_ kind: String) throws {
+    let outbox = try make(kind, limits: OutboxLimits(maximumMessages: 3, maximumBytes: 608, whenFull: .dropOldest))
+    let first = try outbox.append([message(1), message(2), message(3)]).stored
+    let result = try outbox.append([message(4)])
+    #expect(result.dropped == [first[0].id])
+    #expect(try outbox.next(after: 0, limit: 10).messages.map(\.topic) == ["t/2", "t/3", "t/4"])
+    // 603 bytes more: one message for the count, but two for the bytes (9 + 603 - 608 = 4 > 3).
+    let big = try outbox.append([message(5, size: 600)])
+    #expect(big.dropped.count == 2)
+    #expect(try outbox.next(after: 0, limit: 10).messages.map(\.topic) == ["t/4", "t/5"])
+    #expect(outbox.bytes == 3 + 603)
+    let tooBig = #expect(throws: MQTTError.self) { try outbox.append([message(6, size: 2000)]) }
+    #expect(tooBig?.kind == .outboxFull)
+  }
+
+  @Test("expired messages are removed instead of returned", arguments: kinds)
+  func expiry(_ kind: String) throws {
+    let outbox = try make(kind)
+    let past = Date().addingTimeInterval(-1)
+    let stored = try outbox.append([message(1), message(2, expires: past), message(3, expires: Date() + 3600)]).stored
+    let next = try outbox.next(after: 0, limit: 10)
+    #expect(next.messages.map(\.topic) == ["t/1", "t/3"])
+    #expect(next.expired == [stored[1].id])
+    #expect(outbox.count == 2)
+  }
+
+  @Test("the database is WAL, 0600, reopened with its messages and ids, and refuses a second user")
+  func persistence() throws {
+    let path = temporaryPath("outbox.db")
+    var ids: [Int64] = []
+    do {
+      let outbox = try Outbox(path: path)
+      ids = try outbox.append((0..<5).map { message($0, size: 10) }).stored.map(\.id)
+      try outbox.remove([ids[0]])
+      let second = #expect(throws: MQTTError.self) { _ = try Outbox(path: path) }
+      #expect(second?.kind == .outbox)
+    }
+    let attributes = try FileManager.default.attributesOfItem(atPath: path)
+    #expect((attributes[.posixPermissions] as? Int) == 0o600)
+    let reopened = try Outbox(path: path)
+    #expect(reopened.count == 4)
+    #expect(reopened.bytes == 4 * (3 + 10))
+    let next = try reopened.next(after: 0, limit: 10).messages
+    #expect(next.map(\.id) == Array(ids.dropFirst()))
+    #expect(next.first?.payload == Array(repeating: 1, count: 10))
+    // New ids keep increasing after a reopen (AUTOINCREMENT), so the order holds.
+    let more = try reopened.append([message(9)]).stored
+    #expect(more[0].id > ids.last!)
+  }
+
+  @Test("a damaged database is reported, not silently replaced")
+  func damaged() throws {
+    let path = temporaryPath("outbox.db")
+    try FileManager.default.createDirectory(
+      atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+    try Data("this is not an SQLite database, it is what a torn write could leave".utf8).write(
+      to: URL(fileURLWithPath: path))
+    let error = #expect(throws: MQTTError.self) { _ = try Outbox(path: path) }
+    #expect(error?.kind == .outbox)
+    #expect(try String(contentsOfFile: path, encoding: .utf8).hasPrefix("this is not"))
+  }
+
+  @Test("the reconnect policy: full jitter within a growing bound, long waits after refusals")
+  func reconnectPolicy() {
+    let p = ReconnectPolicy(initialDelay: 1, maximumDelay: 60, refusedInitialDelay: 300, refusedMaximumDelay: 3600)
+    #expect(p.bound(failures: 1, refused: false) == 1)
+    #expect(p.bound(failures: 4, refused: false) == 8)
+    #expect(p.bound(failures: 50, refused: false) == 60)
+    #expect(p.delay(failures: 3, refused: false, random: 0) == 0)
+    #expect(p.delay(failures: 3, refused: false, random: 0.5) == 2)
+    #expect(p.delay(failures: 1, refused: true, random: 0) == 150)
+    #expect(p.bound(failures: 10, refused: true) == 3600)
+    let samples = (0..<1000).map { _ in p.delay(failures: 5, refused: false, random: Double.random(in: 0..<1)) }
+    #expect(samples.allSatisfy { $0 >= 0 && $0 < 16 })
+    #expect(Set(samples.map { Int($0) }).count > 10, "the delays are spread, not synchronized")
+  }
+
+  @Test("metrics render as OpenMetrics text")
+  func openMetrics() {
+    var m = MQTTMetrics()
+    m.messagesQueued = 3
+    m.messagesDropped = ["expired": 1]
+    m.handshakeFailures = ["untrustedRoot": 2]
+    m.certificateExpiresIn = 86400
+    let text = m.openMetrics(labels: ["device": "device-\"1\""])
+    #expect(text.contains("# TYPE edgekey_mqtt_messages_queued counter\n"))
+    #expect(text.contains("edgekey_mqtt_messages_queued_total{device=\"device-\\\"1\\\"\"} 3\n"))
+    #expect(text.contains("edgekey_mqtt_messages_dropped_total{device=\"device-\\\"1\\\"\",reason=\"expired\"} 1\n"))
+    #expect(text.contains("edgekey_mqtt_certificate_expiry_seconds{device=\"device-\\\"1\\\"\"} 86400\n"))
+    #expect(text.hasSuffix("# EOF\n"))
+  }
+}
