@@ -60,7 +60,7 @@ let package = Package(
     ),
     .executableTarget(
       name: "edgekey",
-      dependencies: ["EdgeKeyTPM", "EdgeKeyTLS", "EdgeKeyCore"],
+      dependencies: ["EdgeKeyTPM", "EdgeKeyTLS", "EdgeKeyMQTT", "EdgeKeyCore"],
       path: "Sources/edgekey"
     ),
 

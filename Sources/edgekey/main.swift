@@ -35,6 +35,15 @@ let usage = """
                                               walk the mTLS layers to a broker: TPM and key, our
                                               certificate, the server's chain, protocol, the
                                               server's verdict on us, MQTT CONNECT; ✓/✗ each
+    edgekey pub -h H [-p P] --cafile CA --cert CERT (--file FILE | --handle H) -t TOPIC
+                (-m TEXT | --count N [--prefix P] | -l) [-q 0|1|2] [-r] [--outbox DB]
+                [--interval-ms MS] [--print-accepted] [--timeout S]
+                                              publish with the TPM key, like mosquitto_pub; QoS ≥ 1
+                                              messages wait in the outbox (on disk with --outbox,
+                                              which a later run delivers if this one is killed)
+    edgekey sub -h H [-p P] --cafile CA --cert CERT (--file FILE | --handle H) -t FILTER
+                [-q 0|1|2] [--count N]
+                                              print "topic payload" per message, like mosquitto_sub -v
 
   Options:
     --tcti T        TCTI: device:/dev/tpmrm0, tabrmd, swtpm:host=127.0.0.1,port=2321
@@ -43,8 +52,10 @@ let usage = """
     -o, --out FILE  TSS2 PRIVATE KEY file (readable by tpm2-openssl and tpm2-tss-engine)
     -c, --handle H  persistent handle, e.g. 0x81000002
     --auth-env VAR  take the key's auth value from environment variable VAR (never argv)
+    -h, --host H    the broker (pub, sub, doctor); -p, --port P (default 8883)
+    -i, --id ID     MQTT client id (default: our certificate's common name)
     -v, --verbose   log to stderr
-    -h, --help      this text
+    --help          this text
 
   Exit codes: 0 success, 1 failure (doctor: a layer failed), 2 usage error, 3 no TPM reachable.
 
@@ -124,8 +135,11 @@ func run(_ argv: [String]) throws {
   let args: Arguments
   do {
     args = try Arguments(
-      argv, booleans: ["json", "verbose", "help"],
-      aliases: ["-a": "--algorithm", "-o": "--out", "-c": "--handle", "-v": "--verbose", "-h": "--help"])
+      argv, booleans: ["json", "verbose", "help", "stdin-line", "print-accepted", "retain"],
+      aliases: [
+        "-a": "--algorithm", "-o": "--out", "-c": "--handle", "-v": "--verbose", "-h": "--host", "-p": "--port",
+        "-t": "--topic", "-m": "--message", "-q": "--qos", "-l": "--stdin-line", "-r": "--retain", "-i": "--id",
+      ])
   } catch {
     fail("\(error)\n\(usage)", .usage)
   }
@@ -243,6 +257,12 @@ func run(_ argv: [String]) throws {
 
   case "doctor":
     try doctorCommand(args, logger: logger)
+
+  case "pub":
+    pubCommand(args, logger: logger)
+
+  case "sub":
+    subCommand(args, logger: logger)
 
   case "srk persist":
     let created = try openTPM(args, logger: logger).persistStorageRootKey()

@@ -151,6 +151,114 @@ struct CLITests {
   }
 }
 
+/// A device made with the CLI: a TPM key file and a certificate from `ca` for it.
+struct CLIDevice {
+  let keyPath: String
+  let certPath: String
+  let caPath: String
+
+  init(in dir: URL, swtpm: SoftwareTPM, ca: TestCA, commonName: String, run: ([String]) throws -> Int32) throws {
+    keyPath = dir.appendingPathComponent("\(commonName).key").path
+    guard try run(["key", "create", "--out", keyPath]) == 0 else { throw HarnessError("key create failed") }
+    let spkiPEM = try Command.run(
+      "openssl", ["pkey", "-provider", "tpm2", "-provider", "default", "-in", keyPath, "-pubout"],
+      environment: swtpm.toolEnvironment)
+    guard let der = PEMText.decode(spkiPEM) else { throw HarnessError("no public key from tpm2-openssl") }
+    certPath = dir.appendingPathComponent("\(commonName).pem").path
+    caPath = dir.appendingPathComponent("ca.pem").path
+    try ca.issueClient(publicKeyDER: der, commonName: commonName).certificate.write(
+      toFile: certPath, atomically: true, encoding: .utf8)
+    try ca.certificatePEM.write(toFile: caPath, atomically: true, encoding: .utf8)
+  }
+
+  func mqttArguments(_ broker: MosquittoBroker) -> [String] {
+    ["-h", "127.0.0.1", "-p", String(broker.port), "--cafile", caPath, "--cert", certPath, "--file", keyPath]
+  }
+}
+
+@Suite("edgekey pub: killed mid-stream, restarted, nothing accepted is lost", .serialized)
+struct PublisherKillTests {
+  @Test("SIGKILL at a random point of a QoS 1 stream; the next run delivers what the outbox holds")
+  func killAndRestart() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: dir) }
+    var env = ProcessInfo.processInfo.environment
+    env["EDGEKEY_TCTI"] = swtpm.tcti
+    env["TPM2TOOLS_TCTI"] = nil
+    let binary = try edgekeyBinary()
+    let ca = try TestCA()
+    let device = try CLIDevice(in: dir, swtpm: swtpm, ca: ca, commonName: "device-kill") {
+      try Command.runCapturing(binary, $0, environment: env).status
+    }
+    let server = try ca.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: server.certificate, keyPEM: server.key, clientCAPEM: ca.certificatePEM)
+    // An independent subscriber: mosquitto_sub with a software key.
+    let sinkIdentity = try ca.issueSoftwareClient(commonName: "sink-kill")
+    let sinkCert = dir.appendingPathComponent("sink.pem").path
+    let sinkKey = dir.appendingPathComponent("sink.key").path
+    try sinkIdentity.certificate.write(toFile: sinkCert, atomically: true, encoding: .utf8)
+    try TestCA.privateKeyPEM(sinkIdentity.key).write(toFile: sinkKey, atomically: true, encoding: .utf8)
+    let sinkLog = dir.appendingPathComponent("sink.log").path
+    let sink = try ChildProcess(
+      try #require(findExecutable("mosquitto_sub")),
+      [
+        "-h", "127.0.0.1", "-p", String(broker.port), "--cafile", device.caPath, "--cert", sinkCert, "--key", sinkKey,
+        "-t", "devices/#", "-q", "1", "-v",
+      ], logPath: sinkLog)
+    defer { sink.stop() }
+    let deadline = Date().addingTimeInterval(10)
+    while !broker.log.contains("Received SUBSCRIBE from sink-kill") && Date() < deadline { usleep(50_000) }
+
+    var accepted = Set<String>()
+    for trial in 0..<3 {
+      let outbox = dir.appendingPathComponent("outbox-\(trial).db").path
+      let publishLog = dir.appendingPathComponent("pub-\(trial).log").path
+      let killAfter = Int.random(in: 20...250)
+      let publisher = try ChildProcess(
+        binary,
+        ["pub"] + device.mqttArguments(broker) + [
+          "-t", "devices/device-kill/t", "-q", "1", "--count", "400", "--prefix", "t\(trial)-", "--interval-ms", "2",
+          "--print-accepted", "--outbox", outbox,
+        ], logPath: publishLog, environment: env)
+      var lines: [String] = []
+      let until = Date().addingTimeInterval(30)
+      while Date() < until {
+        lines = ((try? String(contentsOfFile: publishLog, encoding: .utf8)) ?? "").split(separator: "\n").map(
+          String.init)
+        if lines.filter({ $0.hasPrefix("accepted ") }).count >= killAfter || !publisher.isRunning { break }
+        usleep(2_000)
+      }
+      publisher.kill9()
+      lines = ((try? String(contentsOfFile: publishLog, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+      let thisTrial = lines.filter { $0.hasPrefix("accepted ") }.map { String($0.dropFirst("accepted ".count)) }
+      #expect(thisTrial.count >= min(killAfter, 400), "the publisher stopped early: \(lines.suffix(5))")
+      accepted.formUnion(thisTrial)
+      // The next run finds the outbox and delivers what is left, then exits.
+      let drain = try Command.runCapturing(
+        binary, ["pub"] + device.mqttArguments(broker) + ["-t", "devices/device-kill/t", "--outbox", outbox],
+        environment: env)
+      #expect(drain.status == 0, "\(drain.stderr)")
+    }
+    var received = Set<String>()
+    let until = Date().addingTimeInterval(15)
+    while Date() < until {
+      let text = (try? String(contentsOfFile: sinkLog, encoding: .utf8)) ?? ""
+      received = Set(
+        text.split(separator: "\n").compactMap { $0.split(separator: " ", maxSplits: 1).last.map(String.init) })
+      if accepted.isSubset(of: received) { break }
+      usleep(100_000)
+    }
+    let missing = accepted.subtracting(received)
+    #expect(!accepted.isEmpty)
+    #expect(
+      missing.isEmpty,
+      "\(missing.count) of \(accepted.count) accepted messages never arrived: \(missing.sorted().prefix(5))")
+  }
+}
+
 /// The DER inside a PEM text (first block).
 enum PEMText {
   static func decode(_ text: String) -> [UInt8]? {

@@ -267,3 +267,50 @@ struct MQTTDeliveryTests {
     _ = newKey
   }
 }
+
+@Suite("Authorization by identity: the example broker ACL (Examples/broker/acl)")
+struct MQTTAuthorizationTests {
+  static var exampleACL: String {
+    get throws {
+      let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
+      return try String(contentsOf: root.appendingPathComponent("Examples/broker/acl"), encoding: .utf8)
+    }
+  }
+
+  @Test(
+    "a device publishes under its own prefix only; another device's topic is refused",
+    arguments: [
+      MQTTProtocolVersion.v5, .v311,
+    ])
+  func ownPrefixOnly(_ version: MQTTProtocolVersion) async throws {
+    let f = try Fixture(commonName: "device-0300")
+    let broker = try f.broker(aclFile: try MQTTAuthorizationTests.exampleACL)
+    let collector = try MQTTClient(
+      MQTTConfiguration(host: "127.0.0.1", port: broker.port), tls: try f.softwareParty("telemetry-collector"))
+    try await collector.connect()
+    try await collector.subscribe("devices/#")
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+    configuration.protocolVersion = version
+    let device = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
+    try await device.connect()
+    if version == .v5 {
+      // MQTT 5 says so: PUBACK with reason 0x87 (not authorized).
+      let error = await #expect(throws: MQTTError.self) {
+        try await device.publish(topic: "devices/device-0301/telemetry", payload: Array("forged".utf8))
+      }
+      #expect(error?.kind == .rejected(0x87))
+      #expect(device.metrics.messagesDropped["rejected"] == 1)
+    } else {
+      // MQTT 3.1.1 has no way to say it: the broker acknowledges and drops the message.
+      try await device.publish(topic: "devices/device-0301/telemetry", payload: Array("forged".utf8))
+    }
+    try await device.publish(topic: "devices/device-0300/telemetry", payload: Array("genuine".utf8))
+    let got = try await collect(1, from: collector)
+    #expect(got.map(\.topic) == ["devices/device-0300/telemetry"])
+    #expect(got.first?.payload == Array("genuine".utf8))
+    #expect(broker.log.contains("Denied PUBLISH from device-0300"))
+    device.stop()
+    collector.stop()
+  }
+}

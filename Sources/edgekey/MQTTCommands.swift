@@ -1,0 +1,127 @@
+import Dispatch
+import EdgeKeyCore
+import EdgeKeyMQTT
+import EdgeKeyTLS
+import EdgeKeyTPM
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+func flushStandardOutput() { fflush(nil) }
+
+/// Runs an async command body from the synchronous CLI.
+func runAsync(_ body: @escaping @Sendable () async throws -> Void) {
+  let done = DispatchSemaphore(value: 0)
+  nonisolated(unsafe) var failure: (any Error)?
+  Task {
+    do { try await body() } catch { failure = error }
+    done.signal()
+  }
+  done.wait()
+  if let failure {
+    if let e = failure as? TLSError { fail(e.description, .failure) }
+    fail("\(failure)", .failure)
+  }
+}
+
+/// The MQTT client of `pub` and `sub`: the TPM key, our certificate, the broker's CA.
+func mqttClient(_ args: Arguments, logger: Logger) -> (MQTTClient, TPM, TPMKey) {
+  guard let host = args.option("host"), let port = UInt16(args.option("port") ?? "8883") else {
+    fail("needs -h/--host H (and -p/--port P, default 8883)", .usage)
+  }
+  guard let caFile = args.option("cafile"), let certFile = args.option("cert") else {
+    fail("needs --cafile CA.pem and --cert CERT.pem", .usage)
+  }
+  do {
+    let tpm = try TPM.open(tcti: args.option("tcti"), logger: logger)
+    let key = try loadKeyOption(args, tpm: tpm)
+    let context = try TLSClientContext(
+      certificateChain: try Certificate.chain(pem: readText(certFile)), key: key,
+      policy: TLSPolicy(trustAnchorsPEM: readText(caFile), serverName: args.option("server-name") ?? host))
+    var configuration = MQTTConfiguration(host: host, port: port, clientID: args.option("id"))
+    if args.option("protocol-version") == "311" { configuration.protocolVersion = .v311 }
+    let outbox = try args.option("outbox").map { try Outbox(path: $0) }
+    return (try MQTTClient(configuration, tls: context, outbox: outbox, logger: logger), tpm, key)
+  } catch let error as TPMError {
+    fail(error.description, error.code == .unreachable ? .tpmUnreachable : .failure)
+  } catch {
+    fail("\(error)", .failure)
+  }
+}
+
+func qosOption(_ args: Arguments) -> MQTTQoS {
+  guard let qos = MQTTQoS(rawValue: Int32(args.option("qos") ?? "1") ?? -1) else { fail("-q/--qos 0, 1 or 2", .usage) }
+  return qos
+}
+
+/// `edgekey pub`: like mosquitto_pub, with the TPM key; QoS ≥ 1 messages go through the outbox
+/// (durable with --outbox), and the command returns when the broker has acknowledged them all.
+func pubCommand(_ args: Arguments, logger: Logger) {
+  guard let topic = args.option("topic") else { fail("pub needs -t/--topic", .usage) }
+  let qos = qosOption(args)
+  var payloads: [String] = []
+  if let message = args.option("message") { payloads.append(message) }
+  if let count = args.option("count").flatMap(Int.init) {
+    let prefix = args.option("prefix") ?? "message "
+    payloads += (0..<count).map { "\(prefix)\($0)" }
+  }
+  let fromStdin = args.flag("stdin-line")
+  if payloads.isEmpty && !fromStdin && args.option("outbox") == nil {
+    fail("pub needs -m/--message, --count N, -l/--stdin-line, or an --outbox to drain", .usage)
+  }
+  let interval = Double(args.option("interval-ms") ?? "0").map { $0 / 1000 } ?? 0
+  let timeout = Double(args.option("timeout") ?? "60") ?? 60
+  let printAccepted = args.flag("print-accepted")
+  let retain = args.flag("retain")
+  let (client, tpm, key) = mqttClient(args, logger: logger)
+  let messages = payloads
+  runAsync {
+    client.start()
+    func accept(_ text: String) async throws {
+      if qos == .atMostOnce {
+        try await client.connect(timeout: timeout)
+        try await client.publish(topic: topic, payload: Array(text.utf8), qos: qos, retain: retain)
+      } else {
+        try client.enqueue([MQTTMessage(topic: topic, payload: Array(text.utf8), qos: qos, retain: retain)])
+      }
+      // Printed only once the message is ours to deliver (stored in the outbox).
+      if printAccepted {
+        print("accepted \(text)")
+        flushStandardOutput()
+      }
+      if interval > 0 { try await Task.sleep(nanoseconds: UInt64(interval * 1e9)) }
+    }
+    for text in messages { try await accept(text) }
+    if fromStdin {
+      while let line = readLine() { try await accept(line) }
+    }
+    try await client.waitUntilDelivered(timeout: timeout)
+    let m = client.metrics
+    logger.info("sent \(m.messagesSent), acknowledged \(m.messagesAcknowledged), resent \(m.messagesResent)")
+    client.stop()
+  }
+  _ = (tpm, key)
+}
+
+/// `edgekey sub`: prints `topic payload` per message, like mosquitto_sub -v.
+func subCommand(_ args: Arguments, logger: Logger) {
+  guard let topic = args.option("topic") else { fail("sub needs -t/--topic", .usage) }
+  let qos = qosOption(args)
+  let count = args.option("count").flatMap(Int.init)
+  let (client, tpm, key) = mqttClient(args, logger: logger)
+  runAsync {
+    try await client.connect(timeout: Double(args.option("timeout") ?? "30") ?? 30)
+    try await client.subscribe(topic, qos: qos)
+    var seen = 0
+    for await message in client.messages {
+      print("\(message.topic) \(String(decoding: message.payload, as: UTF8.self))")
+      flushStandardOutput()
+      seen += 1
+      if let count, seen >= count { break }
+    }
+    client.stop()
+  }
+  _ = (tpm, key)
+}
