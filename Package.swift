@@ -67,8 +67,18 @@ let package = Package(
     // Benchmarks: figures side by side with their anchors in one run.
     .executableTarget(
       name: "edgekey-bench",
-      dependencies: ["EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyCore", "EdgeKeyTestSupport", "COpenSSL"],
+      dependencies: [
+        "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyCore", "EdgeKeyTestSupport", "COpenSSL",
+        "CEdgeKeyBenchAnchor",
+      ],
       path: "Benchmarks/EdgeKeyBench"
+    ),
+    // The MQTT benchmark's anchor: a plain libmosquitto publisher in C.
+    .target(
+      name: "CEdgeKeyBenchAnchor",
+      dependencies: ["CMosquitto", "COpenSSL"],
+      path: "Benchmarks/CAnchor",
+      linkerSettings: [.linkedLibrary("mosquitto"), .linkedLibrary("ssl"), .linkedLibrary("crypto")]
     ),
 
     // Test harness: starts swtpm (and later mosquitto, the RA) on free loopback ports.

@@ -4,7 +4,9 @@
 // MQTT CONNECT/CONNACK, so the broker has verified the client certificate. TPM commands per
 // handshake are counted at the TCTI: our counter for EdgeKey, the pcap TCTI for tpm2-openssl.
 //
-//   swift run -c release edgekey-bench [--handshakes N] [--anchor-seconds S]
+// MQTTBench.swift adds QoS 1 messages/s against a plain libmosquitto publisher, and memory.
+//
+//   swift run -c release edgekey-bench [--handshakes N] [--anchor-seconds S] [--messages N]
 import COpenSSL
 import EdgeKeyCore
 import EdgeKeyTLS
@@ -19,14 +21,22 @@ import Foundation
 struct Options {
   var handshakes = 300
   var anchorSeconds = 5
+  var messages = 20000
+  var payload = 64
+  var only: String?
   init(_ args: [String]) {
     var i = 1
     while i < args.count {
       switch args[i] {
       case "--handshakes": i += 1; handshakes = Int(args[i]) ?? handshakes
       case "--anchor-seconds": i += 1; anchorSeconds = Int(args[i]) ?? anchorSeconds
+      case "--messages": i += 1; messages = Int(args[i]) ?? messages
+      case "--payload": i += 1; payload = Int(args[i]) ?? payload
+      case "--only": i += 1; only = args[i]
       case "-h", "--help":
-        print("usage: edgekey-bench [--handshakes N] [--anchor-seconds S]")
+        print(
+          "usage: edgekey-bench [--handshakes N] [--anchor-seconds S] [--messages N] [--payload BYTES] "
+            + "[--only handshakes|mqtt]")
         exit(0)
       default:
         FileHandle.standardError.write("unknown option \(args[i])\n".data(using: .utf8)!)
@@ -86,6 +96,8 @@ func run() throws {
     certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM,
     extraConfig: ["set_tcp_nodelay true"])
   print("mosquitto with require_certificate on 127.0.0.1:\(broker.port); TLS 1.3; ECDSA P-256 client keys")
+  if options.only != "handshakes" { try runMQTT(options, ca: ca, broker: broker, work: work) }
+  if options.only == "mqtt" { return }
   var rows: [Row] = []
 
   // EdgeKey: TPM key on swtpm, one TLSClientContext reused for every connection.
@@ -210,6 +222,69 @@ func run() throws {
   }
   print(anchorNote)
   print(String(format: "EdgeKey / software key: %.2f× (goal ≥ 0.8×)", floor > 0 ? ours / floor : 0))
+}
+
+func runMQTT(_ options: Options, ca: TestCA, broker: MosquittoBroker, work: URL) throws {
+  let swtpm = try SoftwareTPM()
+  let tpm = try TPM.open(tcti: swtpm.tcti)
+  let key = try tpm.loadKey(try tpm.createKey())
+  let cert = try ca.issueClient(publicKeyDER: key.publicKey.spki, commonName: "bench-mqtt")
+  let context = try TLSClientContext(
+    certificateChain: try Certificate.chain(pem: cert.certificate), key: key,
+    policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: "127.0.0.1"))
+  let rows = try mqttThroughput(
+    context, broker: broker, work: work, messages: options.messages, payloadSize: options.payload)
+  let anchor = rows[0].perSecond
+  print("")
+  print("QoS 1 publisher (MQTT 5, \(options.payload)-byte payload, TPM key)  messages/s   messages   vs libmosquitto")
+  for row in rows {
+    print(
+      row.name.padding(toLength: 44, withPad: " ", startingAt: 0) + String(format: "%12.0f", row.perSecond)
+        + String(format: "%11d", row.messages) + String(format: "   %5.2f×", row.perSecond / anchor))
+  }
+  print(String(format: "EdgeKey (in-memory outbox) / libmosquitto: %.2f× (goal ≥ 0.9×)", rows[1].perSecond / anchor))
+
+  // Peak resident memory of a process publishing the same messages: edgekey pub (TPM key)
+  // and mosquitto_pub (software key: it cannot use the TPM).
+  let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(
+    "edgekey"
+  ).path
+  guard FileManager.default.isExecutableFile(atPath: binary), let mosquittoPub = findExecutable("mosquitto_pub") else {
+    print("edgekey or mosquitto_pub not built/installed: memory not measured")
+    return
+  }
+  let keyFile = work.appendingPathComponent("rss.key").path
+  let env = swtpm.toolEnvironment.merging(["EDGEKEY_TCTI": swtpm.tcti]) { $1 }
+  let (created, _) = try peakMemory(binary, ["key", "create", "--out", keyFile], environment: env)
+  guard created == 0 else { throw HarnessError("edgekey key create failed") }
+  let rssKey = try TSS2PrivateKey(contentsOf: keyFile)
+  let rssPublic = try tpm.loadKey(rssKey).publicKey.spki
+  let rssCert = try ca.issueClient(publicKeyDER: rssPublic, commonName: "bench-rss")
+  let caFile = work.appendingPathComponent("rss-ca.pem").path
+  let certFile = work.appendingPathComponent("rss-cert.pem").path
+  try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+  try rssCert.certificate.write(toFile: certFile, atomically: true, encoding: .utf8)
+  let count = String(min(options.messages, 5000))
+  let common = ["-h", "127.0.0.1", "-p", String(broker.port), "--cafile", caFile, "-q", "1"]
+  let (ourStatus, ours) = try peakMemory(
+    binary,
+    ["pub"] + common + ["--cert", certFile, "--file", keyFile, "-t", "bench/rss", "--count", count, "--prefix", "x"],
+    environment: env)
+  let soft = try ca.issueSoftwareClient(commonName: "bench-rss-soft")
+  let softKey = work.appendingPathComponent("rss-soft.key").path
+  let softCert = work.appendingPathComponent("rss-soft.pem").path
+  try TestCA.privateKeyPEM(soft.key).write(toFile: softKey, atomically: true, encoding: .utf8)
+  try soft.certificate.write(toFile: softCert, atomically: true, encoding: .utf8)
+  EVP_PKEY_free(soft.key)
+  let (theirStatus, theirs) = try peakMemory(
+    mosquittoPub,
+    common + ["--cert", softCert, "--key", softKey, "-t", "bench/rss", "-m", "x0", "--repeat", count],
+    environment: ProcessInfo.processInfo.environment)
+  print("")
+  print("peak resident memory, publishing \(count) QoS 1 messages")
+  print("  edgekey pub (TPM key)          \(ours) KiB" + (ourStatus == 0 ? "" : " (exit \(ourStatus))"))
+  print("  mosquitto_pub (software key)   \(theirs) KiB" + (theirStatus == 0 ? "" : " (exit \(theirStatus))"))
+  print(String(format: "  edgekey / mosquitto_pub: %.2f×", Double(ours) / Double(max(theirs, 1))))
 }
 
 do {

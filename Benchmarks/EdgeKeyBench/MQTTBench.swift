@@ -1,0 +1,126 @@
+// QoS 1 messages per second through mutual TLS to mosquitto: EdgeKey's MQTTClient (in-memory
+// outbox, SQLite outbox without and with an fsync per message) against a plain libmosquitto C
+// publisher on the same SSL_CTX, broker and payload; and the resident memory of a publishing
+// process (`edgekey pub`) against `mosquitto_pub`'s.
+import CEdgeKeyBenchAnchor
+import COpenSSL
+import EdgeKeyMQTT
+import EdgeKeyTLS
+import EdgeKeyTestSupport
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+struct Throughput {
+  var name: String
+  var perSecond: Double
+  var messages: Int
+}
+
+/// Runs an async body from synchronous code.
+func blocking<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws -> T {
+  let done = DispatchSemaphore(value: 0)
+  nonisolated(unsafe) var result: Result<T, any Error>?
+  Task {
+    do { result = .success(try await body()) } catch { result = .failure(error) }
+    done.signal()
+  }
+  done.wait()
+  return try result!.get()
+}
+
+/// Publishes `count` messages one `enqueue` at a time (or in batches) and waits for the last
+/// acknowledgement; messages per second.
+func ourRate(
+  _ tls: TLSClientContext, port: UInt16, outbox: Outbox, count: Int, payload: [UInt8], batch: Int = 1
+) throws -> Double {
+  try blocking {
+    let client = try MQTTClient(MQTTConfiguration(host: "127.0.0.1", port: port), tls: tls, outbox: outbox)
+    try await client.connect()
+    let message = MQTTMessage(topic: "bench/edgekey", payload: payload, qos: .atLeastOnce)
+    let start = Date()
+    var sent = 0
+    while sent < count {
+      let n = min(batch, count - sent)
+      try client.enqueue(Array(repeating: message, count: n))
+      sent += n
+    }
+    try await client.waitUntilDelivered(timeout: 600)
+    let rate = Double(count) / Date().timeIntervalSince(start)
+    client.stop()
+    return rate
+  }
+}
+
+func mqttThroughput(
+  _ tls: TLSClientContext, broker: MosquittoBroker, work: URL, messages: Int, payloadSize: Int
+) throws -> [Throughput] {
+  let payload = [UInt8](repeating: UInt8(ascii: "x"), count: payloadSize)
+  var rows: [Throughput] = []
+  let anchor = edgekey_anchor_publish(
+    "127.0.0.1", Int32(broker.port), tls.sslContext, Int32(messages), Int32(payloadSize), 5)
+  guard anchor > 0 else { throw HarnessError("the libmosquitto anchor failed (\(anchor))") }
+  rows.append(Throughput(name: "libmosquitto C loop (anchor)", perSecond: anchor, messages: messages))
+  rows.append(
+    Throughput(
+      name: "EdgeKey, in-memory outbox",
+      perSecond: try ourRate(tls, port: broker.port, outbox: .memory(), count: messages, payload: payload),
+      messages: messages))
+  let processSafe = try Outbox(path: work.appendingPathComponent("process-safe.db").path, durability: .processSafe)
+  rows.append(
+    Throughput(
+      name: "EdgeKey, SQLite outbox, processSafe",
+      perSecond: try ourRate(tls, port: broker.port, outbox: processSafe, count: messages, payload: payload),
+      messages: messages))
+  // An fsync per accepted message is bounded by the disk, not the client: fewer messages.
+  let fewer = max(min(messages / 10, 2000), 1)
+  let powerSafe = try Outbox(path: work.appendingPathComponent("power-safe.db").path, durability: .powerSafe)
+  rows.append(
+    Throughput(
+      name: "EdgeKey, SQLite outbox, powerSafe",
+      perSecond: try ourRate(tls, port: broker.port, outbox: powerSafe, count: fewer, payload: payload),
+      messages: fewer))
+  let batched = try Outbox(path: work.appendingPathComponent("power-safe-batched.db").path, durability: .powerSafe)
+  rows.append(
+    Throughput(
+      name: "EdgeKey, powerSafe, enqueue ×100",
+      perSecond: try ourRate(tls, port: broker.port, outbox: batched, count: messages, payload: payload, batch: 100),
+      messages: messages))
+  return rows
+}
+
+/// Runs a program to completion; its exit status and peak resident memory (KiB).
+func peakMemory(_ path: String, _ arguments: [String], environment: [String: String]) throws -> (Int32, Int) {
+  var pid: pid_t = 0
+  let argv = ([path] + arguments).map { strdup($0) } + [nil]
+  let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+  defer {
+    argv.forEach { free($0) }
+    envp.forEach { free($0) }
+  }
+  var actions = posix_spawn_file_actions_t()
+  posix_spawn_file_actions_init(&actions)
+  defer { posix_spawn_file_actions_destroy(&actions) }
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+  let rc = posix_spawn(&pid, path, &actions, nil, argv, envp)
+  guard rc == 0 else { throw HarnessError("cannot run \(path): \(String(cString: strerror(rc)))") }
+  // Not wait4's ru_maxrss: posix_spawn shares our memory until exec, and Linux carries that
+  // high-water mark into the child's. The child's own mm reports its peak as VmHWM.
+  var status: Int32 = 0
+  var peak = 0
+  while true {
+    if let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+      let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+      let kib = Int(line.split(separator: " ").dropFirst().first ?? "")
+    {
+      peak = max(peak, kib)
+    }
+    let done = waitpid(pid, &status, WNOHANG)
+    if done == pid || (done < 0 && errno != EINTR) { break }
+    usleep(2000)
+  }
+  return ((status >> 8) & 0xff, peak)
+}
