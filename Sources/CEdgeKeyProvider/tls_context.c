@@ -384,6 +384,35 @@ static int is_protocol_reason(int reason) {
   }
 }
 
+/* The server's certificate failed our checks: which one, at what depth, and why. */
+static void explain_server_certificate(const failure_record *rec, const char *expected,
+                                       edgekey_tls_failure *out) {
+  out->layer = EDGEKEY_LAYER_SERVER_CERTIFICATE;
+  out->verify_error = rec->verify_error;
+  out->depth = rec->depth;
+  memcpy(out->subject, rec->subject, sizeof(out->subject));
+  memcpy(out->issuer, rec->issuer, sizeof(out->issuer));
+  memcpy(out->not_before, rec->not_before, sizeof(out->not_before));
+  memcpy(out->not_after, rec->not_after, sizeof(out->not_after));
+  const char *what = X509_verify_cert_error_string(rec->verify_error);
+  if (rec->verify_error == X509_V_ERR_INVALID_PURPOSE)
+    what = "the server's certificate is not for serverAuth (extended key usage)";
+  else if (rec->verify_error == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY ||
+           rec->verify_error == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT)
+    what = "its issuer was neither sent by the server nor is it a trust anchor (a missing "
+           "intermediate certificate, or a CA we do not trust)";
+  else if (rec->verify_error == X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN ||
+           rec->verify_error == X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT)
+    what = "the chain ends in a CA that is not among our trust anchors";
+  snprintf(out->reason, sizeof(out->reason), "%s", what);
+  if (rec->verify_error == X509_V_ERR_HOSTNAME_MISMATCH ||
+      rec->verify_error == X509_V_ERR_IP_ADDRESS_MISMATCH) {
+    size_t used = strlen(out->reason);
+    snprintf(out->reason + used, sizeof(out->reason) - used, " (expected %s)",
+             expected[0] ? expected : "?");
+  }
+}
+
 edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_failure *out) {
   memset(out, 0, sizeof(*out));
   out->depth = -1;
@@ -412,35 +441,7 @@ edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_fail
   out->alert = alert;
 
   if (rec != NULL && rec->verify_error != 0) {
-    out->layer = EDGEKEY_LAYER_SERVER_CERTIFICATE;
-    out->verify_error = rec->verify_error;
-    out->depth = rec->depth;
-    memcpy(out->subject, rec->subject, sizeof(out->subject));
-    memcpy(out->issuer, rec->issuer, sizeof(out->issuer));
-    memcpy(out->not_before, rec->not_before, sizeof(out->not_before));
-    memcpy(out->not_after, rec->not_after, sizeof(out->not_after));
-    const char *what = X509_verify_cert_error_string(rec->verify_error);
-    if (rec->verify_error == X509_V_ERR_INVALID_PURPOSE)
-      what = "the server's certificate is not for serverAuth (extended key usage)";
-    else if (rec->verify_error == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY ||
-             rec->verify_error == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT)
-      what = "its issuer was neither sent by the server nor is it a trust anchor (a missing "
-             "intermediate certificate, or a CA we do not trust)";
-    else if (rec->verify_error == X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN ||
-             rec->verify_error == X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT)
-      what = "the chain ends in a CA that is not among our trust anchors";
-    snprintf(out->reason, sizeof(out->reason), "%s", what);
-    if (rec->verify_error == X509_V_ERR_HOSTNAME_MISMATCH ||
-        rec->verify_error == X509_V_ERR_IP_ADDRESS_MISMATCH) {
-      const char *peer = SSL_get0_peername(ssl);
-      X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
-      char *host = param != NULL ? X509_VERIFY_PARAM_get0_host(param, 0) : NULL;
-      char *ip = param != NULL ? X509_VERIFY_PARAM_get1_ip_asc(param) : NULL;
-      size_t used = strlen(out->reason);
-      snprintf(out->reason + used, sizeof(out->reason) - used, " (expected %s)",
-               host ? host : ip ? ip : peer ? peer : "?");
-      OPENSSL_free(ip);
-    }
+    explain_server_certificate(rec, rec->expected_name, out);
   } else if (tpm_reason[0] != '\0') {
     out->layer = EDGEKEY_LAYER_TPM;
     snprintf(out->reason, sizeof(out->reason), "the TPM did not sign: %s", tpm_reason);
@@ -488,21 +489,7 @@ edgekey_tls_layer edgekey_tls_last_failure(SSL_CTX *ctx, edgekey_tls_failure *ou
   pthread_mutex_unlock(&policy->lock);
   if (!has) return EDGEKEY_LAYER_NONE;
   if (r.verify_error != 0) {
-    out->layer = EDGEKEY_LAYER_SERVER_CERTIFICATE;
-    out->verify_error = r.verify_error;
-    out->depth = r.depth;
-    memcpy(out->subject, r.subject, sizeof(out->subject));
-    memcpy(out->issuer, r.issuer, sizeof(out->issuer));
-    memcpy(out->not_before, r.not_before, sizeof(out->not_before));
-    memcpy(out->not_after, r.not_after, sizeof(out->not_after));
-    snprintf(out->reason, sizeof(out->reason), "%s",
-             X509_verify_cert_error_string(r.verify_error));
-    if (r.verify_error == X509_V_ERR_HOSTNAME_MISMATCH ||
-        r.verify_error == X509_V_ERR_IP_ADDRESS_MISMATCH) {
-      size_t used = strlen(out->reason);
-      snprintf(out->reason + used, sizeof(out->reason) - used, " (expected %s)",
-               r.expected_name);
-    }
+    explain_server_certificate(&r, r.expected_name, out);
     return out->layer;
   }
   out->alert = r.alert_received;

@@ -185,6 +185,7 @@ struct MQTTDeliveryTests {
       #expect(error?.code == .issuerNotFound || error?.code == .untrustedRoot)
     } else {
       #expect(error?.code == .nameMismatch)
+      #expect(error?.reason.contains("(expected broker.example.net)") == true, "\(String(describing: error))")
     }
     try await Task.sleep(nanoseconds: 1_000_000_000)
     // The quick policy would have retried ~10 times in a second; a refusal waits minutes.
