@@ -63,6 +63,26 @@ func mqttConnect(_ connection: TLSConnection) throws {
   guard connack == [0x20, 0x02, 0x00, 0x00] else { throw HarnessError("CONNACK refused: \(connack)") }
 }
 
+/// A device for the benchmark: swtpm, an ECC P-256 key in it, a certificate from `ca`, and
+/// the TLS context for 127.0.0.1. Members are torn down in declaration order: the context and
+/// key before the TPM context before swtpm.
+final class TPMDevice {
+  let context: TLSClientContext
+  let key: TPMKey
+  let tpm: TPM
+  let swtpm: SoftwareTPM
+
+  init(ca: TestCA, commonName: String) throws {
+    swtpm = try SoftwareTPM()
+    tpm = try TPM.open(tcti: swtpm.tcti)
+    key = try tpm.loadKey(try tpm.createKey())
+    let cert = try ca.issueClient(publicKeyDER: key.publicKey.spki, commonName: commonName)
+    context = try TLSClientContext(
+      certificateChain: try Certificate.chain(pem: cert.certificate), key: key,
+      policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: "127.0.0.1"))
+  }
+}
+
 func measure(_ count: Int, _ body: () throws -> Void) rethrows -> Double {
   let start = Date()
   for _ in 0..<count { try body() }
@@ -102,13 +122,8 @@ func run() throws {
 
   // EdgeKey: TPM key on swtpm, one TLSClientContext reused for every connection.
   do {
-    let swtpm = try SoftwareTPM()
-    let tpm = try TPM.open(tcti: swtpm.tcti)
-    let key = try tpm.loadKey(try tpm.createKey())
-    let cert = try ca.issueClient(publicKeyDER: key.publicKey.spki, commonName: "bench-tpm")
-    let context = try TLSClientContext(
-      certificateChain: try Certificate.chain(pem: cert.certificate), key: key,
-      policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: "127.0.0.1"))
+    let device = try TPMDevice(ca: ca, commonName: "bench-tpm")
+    let (context, tpm) = (device.context, device.tpm)
     try mqttConnect(try TLSConnection(context: context, host: "127.0.0.1", port: broker.port))  // warm up, load
     let before = tpm.commandCount
     let rate = try measure(options.handshakes) {
@@ -116,7 +131,6 @@ func run() throws {
     }
     let commands = Double(tpm.commandCount - before) / Double(options.handshakes)
     rows.append(Row(name: "EdgeKey, TPM key (swtpm)", perSecond: rate, commandsPerHandshake: commands, note: ""))
-    _ = swtpm
   }
 
   // The floor: the same client and policy with a software key.
@@ -225,13 +239,8 @@ func run() throws {
 }
 
 func runMQTT(_ options: Options, ca: TestCA, broker: MosquittoBroker, work: URL) throws {
-  let swtpm = try SoftwareTPM()
-  let tpm = try TPM.open(tcti: swtpm.tcti)
-  let key = try tpm.loadKey(try tpm.createKey())
-  let cert = try ca.issueClient(publicKeyDER: key.publicKey.spki, commonName: "bench-mqtt")
-  let context = try TLSClientContext(
-    certificateChain: try Certificate.chain(pem: cert.certificate), key: key,
-    policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: "127.0.0.1"))
+  let device = try TPMDevice(ca: ca, commonName: "bench-mqtt")
+  let (swtpm, tpm, context) = (device.swtpm, device.tpm, device.context)
   let rows = try mqttThroughput(
     context, broker: broker, work: work, messages: options.messages, payloadSize: options.payload)
   let anchor = rows[0].perSecond
