@@ -9,6 +9,9 @@ let package = Package(
     .library(name: "EdgeKeyCore", targets: ["EdgeKeyCore"]),
     .library(name: "EdgeKeyTLS", targets: ["EdgeKeyTLS"]),
     .library(name: "EdgeKeyMQTT", targets: ["EdgeKeyMQTT"]),
+    .library(name: "EdgeKeyEnrollment", targets: ["EdgeKeyEnrollment"]),
+    .library(name: "EdgeKeyRA", targets: ["EdgeKeyRA"]),
+    .executable(name: "edgekey-ra", targets: ["edgekey-ra"]),
     .executable(name: "edgekey", targets: ["edgekey"]),
   ],
   targets: [
@@ -58,6 +61,29 @@ let package = Package(
       dependencies: ["CMosquitto", "CSQLite", "EdgeKeyTLS", "EdgeKeyCore"],
       path: "Sources/EdgeKeyMQTT"
     ),
+    // HTTPS with the TPM identity through libcurl (EST enrollment; usable from C daemons).
+    .target(
+      name: "CEdgeKeyHTTP",
+      dependencies: ["CEdgeKeyProvider", "CCurl"],
+      path: "Sources/CEdgeKeyHTTP",
+      linkerSettings: [.linkedLibrary("curl")]
+    ),
+    .target(
+      name: "EdgeKeyEnrollment",
+      dependencies: ["CEdgeKeyHTTP", "COpenSSL", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyCore"],
+      path: "Sources/EdgeKeyEnrollment"
+    ),
+    // The registration authority: an EST server signing with a CA in files.
+    .target(
+      name: "EdgeKeyRA",
+      dependencies: ["COpenSSL", "CEdgeKeyProvider", "EdgeKeyTLS", "EdgeKeyCore"],
+      path: "Sources/EdgeKeyRA"
+    ),
+    .executableTarget(
+      name: "edgekey-ra",
+      dependencies: ["EdgeKeyRA", "EdgeKeyTLS", "EdgeKeyCore", "CEdgeKeyProvider"],
+      path: "Sources/edgekey-ra"
+    ),
     .executableTarget(
       name: "edgekey",
       dependencies: ["EdgeKeyTPM", "EdgeKeyTLS", "EdgeKeyMQTT", "EdgeKeyCore"],
@@ -104,6 +130,15 @@ let package = Package(
         "EdgeKeyTLS", "EdgeKeyMQTT", "EdgeKeyTPM", "EdgeKeyTestSupport", "COpenSSL", "CEdgeKeyProvider",
       ],
       path: "Tests/EdgeKeyTLSTests"
+    ),
+    .testTarget(
+      name: "EdgeKeyEnrollmentTests",
+      dependencies: [
+        "EdgeKeyEnrollment", "EdgeKeyRA", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyCore",
+        "EdgeKeyTestSupport",
+        "COpenSSL", "CEdgeKeyProvider",
+      ],
+      path: "Tests/EdgeKeyEnrollmentTests"
     ),
     .testTarget(
       name: "EdgeKeyCLITests",

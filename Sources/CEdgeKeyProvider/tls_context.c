@@ -194,70 +194,75 @@ static const char *client_sigalgs(EVP_PKEY *pkey) {
          "rsa_pkcs1_sha256:rsa_pkcs1_sha384:rsa_pkcs1_sha512";
 }
 
-SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_status *status,
-                                char *why, size_t why_len) {
+int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_tls_status *status,
+                          char *why, size_t why_len) {
   pthread_once(&index_once, make_indexes);
   edgekey_tls_status st = EDGEKEY_TLS_INTERNAL;
-  SSL_CTX *ctx = NULL;
   EVP_PKEY *pkey = NULL;
   STACK_OF(X509) *chain = NULL, *anchors = NULL;
+  X509 *leaf = NULL;
   if (why != NULL && why_len > 0) why[0] = '\0';
   ERR_clear_error();
 
-  if (cfg == NULL || cfg->chain_pem == NULL || (cfg->key == NULL) == (cfg->software_key == NULL)) {
+  int has_identity = cfg != NULL && (cfg->chain_pem != NULL || cfg->key != NULL || cfg->software_key != NULL);
+  if (ctx == NULL || cfg == NULL ||
+      (has_identity && (cfg->chain_pem == NULL || (cfg->key == NULL) == (cfg->software_key == NULL)))) {
     st = EDGEKEY_TLS_BAD_CHAIN;
     set_why(why, why_len, "a certificate chain and one key (TPM or software) are required");
     goto out;
   }
-  chain = read_certs(cfg->chain_pem);
-  if (chain == NULL || sk_X509_num(chain) == 0) {
-    st = EDGEKEY_TLS_BAD_CHAIN;
-    set_why(why, why_len, "our certificate chain holds no PEM certificate");
-    goto out;
-  }
-  X509 *leaf = sk_X509_value(chain, 0);
-  char subject[256], issuer[256], nb[40], na[40];
-  describe_cert(leaf, subject, issuer, nb, na);
-  if (X509_cmp_current_time(X509_get0_notAfter(leaf)) < 0) {
-    st = EDGEKEY_TLS_CERT_EXPIRED;
-    set_why(why, why_len, "our certificate %s (issuer %s) expired on %s", subject, issuer, na);
-    goto out;
-  }
-  if (X509_cmp_current_time(X509_get0_notBefore(leaf)) > 0) {
-    st = EDGEKEY_TLS_CERT_NOT_YET_VALID;
-    set_why(why, why_len, "our certificate %s (issuer %s) is not valid before %s (check the clock)",
-            subject, issuer, nb);
-    goto out;
-  }
-  if ((X509_get_extension_flags(leaf) & EXFLAG_XKUSAGE) &&
-      !(X509_get_extended_key_usage(leaf) & XKU_SSL_CLIENT)) {
-    st = EDGEKEY_TLS_CERT_NO_CLIENT_AUTH;
-    set_why(why, why_len,
-            "our certificate %s (issuer %s) has an extended key usage without clientAuth", subject,
-            issuer);
-    goto out;
-  }
-  if (cfg->software_key != NULL && EVP_PKEY_up_ref(cfg->software_key))
-    pkey = cfg->software_key;
-  else if (cfg->key != NULL)
-    pkey = edgekey_evp_pkey(cfg->key);
-  if (pkey == NULL) {
-    st = EDGEKEY_TLS_BAD_KEY;
-    set_why(why, why_len, "the TPM key cannot be used through OpenSSL");
-    append_openssl_error(why, why_len);
-    goto out;
-  }
-  if (X509_check_private_key(leaf, pkey) != 1) {
-    ERR_clear_error();
-    st = EDGEKEY_TLS_CERT_KEY_MISMATCH;
-    set_why(why, why_len, "our certificate %s (issuer %s) is for another key than the TPM key",
-            subject, issuer);
-    goto out;
+  if (has_identity) {
+    chain = read_certs(cfg->chain_pem);
+    if (chain == NULL || sk_X509_num(chain) == 0) {
+      st = EDGEKEY_TLS_BAD_CHAIN;
+      set_why(why, why_len, "our certificate chain holds no PEM certificate");
+      goto out;
+    }
+    leaf = sk_X509_value(chain, 0);
+    char subject[256], issuer[256], nb[40], na[40];
+    describe_cert(leaf, subject, issuer, nb, na);
+    if (X509_cmp_current_time(X509_get0_notAfter(leaf)) < 0) {
+      st = EDGEKEY_TLS_CERT_EXPIRED;
+      set_why(why, why_len, "our certificate %s (issuer %s) expired on %s", subject, issuer, na);
+      goto out;
+    }
+    if (X509_cmp_current_time(X509_get0_notBefore(leaf)) > 0) {
+      st = EDGEKEY_TLS_CERT_NOT_YET_VALID;
+      set_why(why, why_len,
+              "our certificate %s (issuer %s) is not valid before %s (check the clock)", subject,
+              issuer, nb);
+      goto out;
+    }
+    if ((X509_get_extension_flags(leaf) & EXFLAG_XKUSAGE) &&
+        !(X509_get_extended_key_usage(leaf) & XKU_SSL_CLIENT)) {
+      st = EDGEKEY_TLS_CERT_NO_CLIENT_AUTH;
+      set_why(why, why_len,
+              "our certificate %s (issuer %s) has an extended key usage without clientAuth",
+              subject, issuer);
+      goto out;
+    }
+    if (cfg->software_key != NULL && EVP_PKEY_up_ref(cfg->software_key))
+      pkey = cfg->software_key;
+    else if (cfg->key != NULL)
+      pkey = edgekey_evp_pkey(cfg->key);
+    if (pkey == NULL) {
+      st = EDGEKEY_TLS_BAD_KEY;
+      set_why(why, why_len, "the TPM key cannot be used through OpenSSL");
+      append_openssl_error(why, why_len);
+      goto out;
+    }
+    if (X509_check_private_key(leaf, pkey) != 1) {
+      ERR_clear_error();
+      st = EDGEKEY_TLS_CERT_KEY_MISMATCH;
+      set_why(why, why_len, "our certificate %s (issuer %s) is for another key than the TPM key",
+              subject, issuer);
+      goto out;
+    }
   }
   if (cfg->trust_pem == NULL || (anchors = read_certs(cfg->trust_pem)) == NULL ||
       sk_X509_num(anchors) == 0) {
     st = EDGEKEY_TLS_BAD_TRUST;
-    set_why(why, why_len, "no trust anchor: give the CA certificate(s) the broker's chain ends in");
+    set_why(why, why_len, "no trust anchor: give the CA certificate(s) the server's chain ends in");
     goto out;
   }
   if ((cfg->server_name == NULL || cfg->server_name[0] == '\0') && !cfg->allow_unverified_name) {
@@ -267,8 +272,6 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
   }
 
   st = EDGEKEY_TLS_INTERNAL;
-  ctx = SSL_CTX_new(TLS_client_method());
-  if (ctx == NULL) goto fail;
   int min = cfg->min_version ? cfg->min_version : TLS1_2_VERSION;
   int max = cfg->max_version ? cfg->max_version : TLS1_3_VERSION;
   if (!SSL_CTX_set_min_proto_version(ctx, min) || !SSL_CTX_set_max_proto_version(ctx, max))
@@ -276,15 +279,19 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
   /* TLS 1.2: ECDHE with AEAD only (forward secret); TLS 1.3 suites are all forward secret. */
   if (!SSL_CTX_set_cipher_list(ctx, "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL")) goto fail;
   SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
-  if (!SSL_CTX_set1_client_sigalgs_list(ctx, client_sigalgs(pkey))) goto fail;
+  if (pkey != NULL) {
+    if (!SSL_CTX_set1_client_sigalgs_list(ctx, client_sigalgs(pkey))) goto fail;
+    if (SSL_CTX_use_certificate(ctx, leaf) != 1 || SSL_CTX_use_PrivateKey(ctx, pkey) != 1 ||
+        SSL_CTX_check_private_key(ctx) != 1)
+      goto fail;
+    for (int i = 1; i < sk_X509_num(chain); i++)
+      if (!SSL_CTX_add1_chain_cert(ctx, sk_X509_value(chain, i))) goto fail;
+  }
 
-  if (SSL_CTX_use_certificate(ctx, leaf) != 1 || SSL_CTX_use_PrivateKey(ctx, pkey) != 1 ||
-      SSL_CTX_check_private_key(ctx) != 1)
-    goto fail;
-  for (int i = 1; i < sk_X509_num(chain); i++)
-    if (!SSL_CTX_add1_chain_cert(ctx, sk_X509_value(chain, i))) goto fail;
-
-  X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+  /* Our anchors only: a context handed to us (libcurl's) may hold the system store. */
+  X509_STORE *store = X509_STORE_new();
+  if (store == NULL) goto fail;
+  SSL_CTX_set_cert_store(ctx, store);
   for (int i = 0; i < sk_X509_num(anchors); i++)
     if (!X509_STORE_add_cert(store, sk_X509_value(anchors, i))) goto fail;
   if (cfg->crl_pem != NULL) {
@@ -301,7 +308,7 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
     if (n == 0) {
       st = EDGEKEY_TLS_BAD_CRL;
       set_why(why, why_len, "the CRL text holds no PEM CRL");
-      goto out_free_ctx;
+      goto out;
     }
     /* The server's own certificate is checked against its issuer's CRL. */
     X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK);
@@ -318,11 +325,14 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
     X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
   }
   X509_VERIFY_PARAM_set_purpose(param, X509_PURPOSE_SSL_SERVER);
-  ctx_policy *policy = calloc(1, sizeof(*policy));
-  if (policy == NULL) goto fail;
-  pthread_mutex_init(&policy->lock, NULL);
+  ctx_policy *policy = SSL_CTX_get_ex_data(ctx, ctx_index);
+  if (policy == NULL) {
+    policy = calloc(1, sizeof(*policy));
+    if (policy == NULL) goto fail;
+    pthread_mutex_init(&policy->lock, NULL);
+    SSL_CTX_set_ex_data(ctx, ctx_index, policy);
+  }
   policy->require_server_auth_eku = !cfg->allow_missing_server_auth_eku;
-  SSL_CTX_set_ex_data(ctx, ctx_index, policy);
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, verify_callback);
   SSL_CTX_set_info_callback(ctx, info_callback);
   st = EDGEKEY_TLS_OK;
@@ -331,14 +341,32 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
 fail:
   set_why(why, why_len, "OpenSSL refused a setting");
   append_openssl_error(why, why_len);
-out_free_ctx:
-  SSL_CTX_free(ctx);
-  ctx = NULL;
 out:
   EVP_PKEY_free(pkey);
   sk_X509_pop_free(chain, X509_free);
   sk_X509_pop_free(anchors, X509_free);
   if (status != NULL) *status = st;
+  return st == EDGEKEY_TLS_OK;
+}
+
+SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_status *status,
+                                char *why, size_t why_len) {
+  if (cfg == NULL || cfg->chain_pem == NULL || (cfg->key == NULL) == (cfg->software_key == NULL)) {
+    if (status != NULL) *status = EDGEKEY_TLS_BAD_CHAIN;
+    set_why(why, why_len, "a certificate chain and one key (TPM or software) are required");
+    return NULL;
+  }
+  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+  if (ctx == NULL) {
+    if (status != NULL) *status = EDGEKEY_TLS_INTERNAL;
+    set_why(why, why_len, "OpenSSL cannot make a context");
+    append_openssl_error(why, why_len);
+    return NULL;
+  }
+  if (!edgekey_tls_configure(ctx, cfg, status, why, why_len)) {
+    SSL_CTX_free(ctx);
+    return NULL;
+  }
   return ctx;
 }
 

@@ -110,21 +110,7 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
     guard let raw = X509_get_ext_d2i(x509, NID_subject_alt_name, nil, nil) else { return [] }
     let names = OpaquePointer(raw)
     defer { GENERAL_NAMES_free(names) }
-    var result: [SubjectAlternativeName] = []
-    for i in 0..<OPENSSL_sk_num(names) {
-      guard let element = OPENSSL_sk_value(names, i) else { continue }
-      let name = element.assumingMemoryBound(to: GENERAL_NAME.self).pointee
-      switch name.type {
-      case GEN_DNS: result.append(.dns(asn1String(name.d.dNSName)))
-      case GEN_URI: result.append(.uri(asn1String(name.d.uniformResourceIdentifier)))
-      case GEN_EMAIL: result.append(.email(asn1String(name.d.rfc822Name)))
-      case GEN_IPADD:
-        let bytes = asn1Bytes(name.d.iPAddress)
-        result.append(.ip(ipText(bytes)))
-      default: continue
-      }
-    }
-    return result
+    return generalNames(names)
   }
 
   /// Extended key usages; empty when the extension is absent (which permits every usage).
@@ -163,29 +149,15 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
   /// "EC P-256", "RSA 2048", ...
   public var keyType: String {
     guard let key = X509_get0_pubkey(x509) else { return "unknown" }
-    let bits = EVP_PKEY_get_bits(key)
-    if EVP_PKEY_is_a(key, "EC") == 1 {
-      var group = [CChar](repeating: 0, count: 64)
-      var length = 0
-      if EVP_PKEY_get_group_name(key, &group, group.count, &length) == 1 {
-        let name = cString(group)
-        switch name {
-        case "prime256v1": return "EC P-256"
-        case "secp384r1": return "EC P-384"
-        case "secp521r1": return "EC P-521"
-        default: return "EC \(name)"
-        }
-      }
-      return "EC \(bits)"
-    }
-    if EVP_PKEY_is_a(key, "RSA") == 1 { return "RSA \(bits)" }
-    return String(cString: EVP_PKEY_get0_type_name(key))
+    return describeKey(key)
   }
 
   /// SHA-256 of the DER certificate, lower-case hex (what `openssl x509 -fingerprint -sha256`
   /// prints, without the colons).
-  public var fingerprint: String {
-    let bytes = der
+  public var fingerprint: String { Certificate.sha256Hex(der) }
+
+  /// SHA-256 of `bytes`, lower-case hex.
+  public static func sha256Hex(_ bytes: [UInt8]) -> String {
     var digest = [UInt8](repeating: 0, count: 32)
     var length: UInt32 = 32
     EVP_Digest(bytes, bytes.count, &digest, &length, EVP_sha256(), nil)
@@ -207,6 +179,59 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
     f.timeZone = TimeZone(identifier: "UTC")
     f.dateFormat = "yyyy-MM-dd'T'HH:mm:ss'Z'"
     return f.string(from: date)
+  }
+}
+
+extension Certificate {
+  /// What a verified chain is for.
+  public enum Purpose: Sendable {
+    case clientAuth, serverAuth
+  }
+
+  /// Verifies `leaf` up to one of `anchors`, with `untrusted` as candidate intermediates, at
+  /// `date`, for `purpose`. Returns the chain leaf first, without the anchor (what a TLS peer
+  /// sends); throws with OpenSSL's reason otherwise.
+  public static func verifiedChain(
+    leaf: Certificate, untrusted: [Certificate], anchors: [Certificate], purpose: Purpose, at date: Date = Date()
+  ) throws(TLSError) -> [Certificate] {
+    guard let store = X509_STORE_new(), let context = X509_STORE_CTX_new() else {
+      throw TLSError(.tls, .other, "out of memory")
+    }
+    defer {
+      X509_STORE_CTX_free(context)
+      X509_STORE_free(store)
+    }
+    for anchor in anchors { X509_STORE_add_cert(store, anchor.x509) }
+    let intermediates = OPENSSL_sk_new_null()
+    defer { OPENSSL_sk_free(intermediates) }
+    for c in untrusted { OPENSSL_sk_push(intermediates, UnsafeRawPointer(c.x509)) }
+    guard X509_STORE_CTX_init(context, store, leaf.x509, intermediates) == 1 else {
+      ERR_clear_error()
+      throw TLSError(.tls, .other, "cannot set up chain verification")
+    }
+    X509_STORE_CTX_set_purpose(context, purpose == .clientAuth ? X509_PURPOSE_SSL_CLIENT : X509_PURPOSE_SSL_SERVER)
+    X509_VERIFY_PARAM_set_time(X509_STORE_CTX_get0_param(context), time_t(date.timeIntervalSince1970))
+    guard X509_verify_cert(context) == 1 else {
+      let code = X509_STORE_CTX_get_error(context)
+      let depth = X509_STORE_CTX_get_error_depth(context)
+      let at = X509_STORE_CTX_get_current_cert(context).map { nameString(X509_get_subject_name($0)) } ?? leaf.subject
+      ERR_clear_error()
+      throw TLSError(
+        .serverCertificate, TLSError.serverCode(Int(code)),
+        "\(String(cString: X509_verify_cert_error_string(Int(code)))) (at \(at), depth \(depth))",
+        certificate: leaf.summary)
+    }
+    guard let chain = X509_STORE_CTX_get0_chain(context) else { return [leaf] }
+    var result: [Certificate] = []
+    for i in 0..<OPENSSL_sk_num(chain) {
+      guard let element = OPENSSL_sk_value(chain, i), let copy = X509_dup(OpaquePointer(element)) else { continue }
+      result.append(Certificate(owning: copy))
+    }
+    // The anchor stays with the trust store, not in the chain we present.
+    if result.count > 1, let last = result.last, anchors.contains(where: { $0.der == last.der }) {
+      result.removeLast()
+    }
+    return result
   }
 }
 
@@ -233,6 +258,44 @@ public enum ExtendedKeyUsage: String, Hashable, Sendable {
 }
 
 // MARK: - OpenSSL helpers
+
+/// "EC P-256", "RSA 2048", ... for an EVP_PKEY.
+func describeKey(_ key: OpaquePointer) -> String {
+  let bits = EVP_PKEY_get_bits(key)
+  if EVP_PKEY_is_a(key, "EC") == 1 {
+    var group = [CChar](repeating: 0, count: 64)
+    var length = 0
+    if EVP_PKEY_get_group_name(key, &group, group.count, &length) == 1 {
+      let name = cString(group)
+      switch name {
+      case "prime256v1": return "EC P-256"
+      case "secp384r1": return "EC P-384"
+      case "secp521r1": return "EC P-521"
+      default: return "EC \(name)"
+      }
+    }
+    return "EC \(bits)"
+  }
+  if EVP_PKEY_is_a(key, "RSA") == 1 { return "RSA \(bits)" }
+  return String(cString: EVP_PKEY_get0_type_name(key))
+}
+
+/// The names of a GENERAL_NAMES stack that EdgeKey understands.
+func generalNames(_ names: OpaquePointer) -> [SubjectAlternativeName] {
+  var result: [SubjectAlternativeName] = []
+  for i in 0..<OPENSSL_sk_num(names) {
+    guard let element = OPENSSL_sk_value(names, i) else { continue }
+    let name = element.assumingMemoryBound(to: GENERAL_NAME.self).pointee
+    switch name.type {
+    case GEN_DNS: result.append(.dns(asn1String(name.d.dNSName)))
+    case GEN_URI: result.append(.uri(asn1String(name.d.uniformResourceIdentifier)))
+    case GEN_EMAIL: result.append(.email(asn1String(name.d.rfc822Name)))
+    case GEN_IPADD: result.append(.ip(ipText(asn1Bytes(name.d.iPAddress))))
+    default: continue
+    }
+  }
+  return result
+}
 
 // ERR_GET_REASON is a static inline function in OpenSSL 3; Swift does not always import it.
 func ERR_GET_REASON_swift(_ e: UInt) -> Int32 { Int32(e & 0x7FFFFF) }

@@ -107,3 +107,110 @@ extension SubjectAlternativeName {
     }
   }
 }
+
+extension CertificateSigningRequest {
+  /// Parses a DER request (the registration authority's side) and checks its signature.
+  public init(der: [UInt8]) throws(TLSError) {
+    let req = try CertificateSigningRequest.parse(der)
+    defer { X509_REQ_free(req) }
+    guard let key = X509_REQ_get0_pubkey(req), X509_REQ_verify(req, key) == 1 else {
+      ERR_clear_error()
+      throw TLSError(.configuration, .other, "the request's signature does not verify")
+    }
+    self.der = der
+  }
+
+  package static func parse(_ der: [UInt8]) throws(TLSError) -> OpaquePointer {
+    var parsed: OpaquePointer?
+    let consumed = der.withUnsafeBufferPointer { buffer -> Int in
+      var p: UnsafePointer<UInt8>? = buffer.baseAddress
+      parsed = d2i_X509_REQ(nil, &p, buffer.count)
+      guard let p, let base = buffer.baseAddress else { return -1 }
+      return p - base
+    }
+    ERR_clear_error()
+    guard let parsed else { throw TLSError(.configuration, .other, "not a DER PKCS#10 request") }
+    guard consumed == der.count else {
+      X509_REQ_free(parsed)
+      throw TLSError(.configuration, .other, "\(der.count - consumed) bytes after the request")
+    }
+    return parsed
+  }
+
+  private func withRequest<R>(_ body: (OpaquePointer) -> R) -> R {
+    // `der` was produced or verified by an initializer, so it parses.
+    let req = try! CertificateSigningRequest.parse(der)
+    defer { X509_REQ_free(req) }
+    return body(req)
+  }
+
+  /// The subject as RFC 2253 text, as `Certificate.subject` prints it.
+  public var subject: String { withRequest { nameString(X509_REQ_get_subject_name($0)) } }
+
+  /// The subject's relative distinguished names in order, as (short name, value).
+  public var subjectFields: [(String, String)] {
+    withRequest { req in
+      let name = X509_REQ_get_subject_name(req)
+      return (0..<X509_NAME_entry_count(name)).compactMap { i -> (String, String)? in
+        guard let entry = X509_NAME_get_entry(name, i),
+          let short = OBJ_nid2sn(OBJ_obj2nid(X509_NAME_ENTRY_get_object(entry)))
+        else { return nil }
+        return (String(cString: short), asn1String(X509_NAME_ENTRY_get_data(entry)))
+      }
+    }
+  }
+
+  /// The requested key, SubjectPublicKeyInfo DER.
+  public var publicKeyDER: [UInt8] {
+    withRequest { req in
+      guard let key = X509_REQ_get0_pubkey(req) else { return [] }
+      var out: UnsafeMutablePointer<UInt8>?
+      let n = i2d_PUBKEY(key, &out)
+      defer { CRYPTO_free(out, #file, #line) }
+      guard n > 0, let out else { return [] }
+      return Array(UnsafeBufferPointer(start: out, count: Int(n)))
+    }
+  }
+
+  /// The requested key's type and size: "EC P-256", "RSA 2048", ...
+  public var keyType: String {
+    withRequest { req in
+      guard let key = X509_REQ_get0_pubkey(req) else { return "unknown" }
+      return describeKey(key)
+    }
+  }
+
+  /// The subject alternative names asked for in the extension request.
+  public var subjectAlternativeNames: [SubjectAlternativeName] {
+    withRequest { req in
+      guard let extensions = X509_REQ_get_extensions(req) else { return [] }
+      defer { OPENSSL_sk_pop_free(extensions, edgekeyFreeExtension) }
+      let index = X509v3_get_ext_by_NID(extensions, NID_subject_alt_name, -1)
+      guard index >= 0, let ext = X509v3_get_ext(extensions, index),
+        let raw = X509V3_EXT_d2i(ext)
+      else { return [] }
+      let names = OpaquePointer(raw)
+      defer { GENERAL_NAMES_free(names) }
+      return generalNames(names)
+    }
+  }
+
+  /// The challengePassword attribute, if any.
+  public var challengePassword: String? {
+    withRequest { req in
+      let index = X509_REQ_get_attr_by_NID(req, NID_pkcs9_challengePassword, -1)
+      guard index >= 0, let attribute = X509_REQ_get_attr(req, index),
+        let type = X509_ATTRIBUTE_get0_type(attribute, 0)
+      else { return nil }
+      switch type.pointee.type {
+      case V_ASN1_UTF8STRING, V_ASN1_PRINTABLESTRING, V_ASN1_IA5STRING, V_ASN1_T61STRING, V_ASN1_BMPSTRING:
+        return asn1String(type.pointee.value.asn1_string)
+      default: return nil
+      }
+    }
+  }
+}
+
+private let edgekeyFreeExtension: @convention(c) (UnsafeMutableRawPointer?) -> Void = {
+  X509_EXTENSION_free(OpaquePointer($0))
+}

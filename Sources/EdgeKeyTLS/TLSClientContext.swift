@@ -92,23 +92,7 @@ public final class TLSClientContext: @unchecked Sendable {
     }
     guard let context else {
       let reason = cString(why)
-      let summary = leaf.summary
-      switch status {
-      case EDGEKEY_TLS_CERT_EXPIRED:
-        throw TLSError(.clientCertificate, .certificateExpired, reason, certificate: summary)
-      case EDGEKEY_TLS_CERT_NOT_YET_VALID:
-        throw TLSError(.clientCertificate, .certificateNotYetValid, reason, certificate: summary)
-      case EDGEKEY_TLS_CERT_NO_CLIENT_AUTH:
-        throw TLSError(.clientCertificate, .missingClientAuth, reason, certificate: summary)
-      case EDGEKEY_TLS_CERT_KEY_MISMATCH:
-        throw TLSError(.clientCertificate, .certificateKeyMismatch, reason, certificate: summary)
-      case EDGEKEY_TLS_BAD_CHAIN: throw TLSError(.configuration, .badCertificateChain, reason)
-      case EDGEKEY_TLS_BAD_TRUST: throw TLSError(.configuration, .noTrustAnchor, reason)
-      case EDGEKEY_TLS_BAD_CRL: throw TLSError(.configuration, .badCRL, reason)
-      case EDGEKEY_TLS_NO_SERVER_NAME: throw TLSError(.configuration, .noServerName, reason)
-      case EDGEKEY_TLS_BAD_KEY: throw TLSError(.configuration, .unusableKey, reason)
-      default: throw TLSError(.configuration, .other, reason)
-      }
+      throw TLSError(status: status, reason: reason, certificate: leaf.summary)
     }
     self.sslContext = context
     self.certificateChain = certificateChain

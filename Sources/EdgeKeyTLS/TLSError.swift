@@ -123,7 +123,7 @@ extension TLSError {
   }
 
   /// From the C core's verdict on a failed connection.
-  init(failure f: edgekey_tls_failure) {
+  package init(failure f: edgekey_tls_failure) {
     var copy = f
     let reason = withUnsafeBytes(of: &copy.reason, TLSError.text)
     let subject = withUnsafeBytes(of: &copy.subject, TLSError.text)
@@ -152,6 +152,25 @@ extension TLSError {
 }
 
 extension TLSError {
+  /// Why `edgekey_tls_client_ctx` or `edgekey_tls_configure` refused our setup.
+  package init(status: edgekey_tls_status, reason: String, certificate summary: CertificateSummary?) {
+    switch status {
+    case EDGEKEY_TLS_CERT_EXPIRED: self.init(.clientCertificate, .certificateExpired, reason, certificate: summary)
+    case EDGEKEY_TLS_CERT_NOT_YET_VALID:
+      self.init(.clientCertificate, .certificateNotYetValid, reason, certificate: summary)
+    case EDGEKEY_TLS_CERT_NO_CLIENT_AUTH:
+      self.init(.clientCertificate, .missingClientAuth, reason, certificate: summary)
+    case EDGEKEY_TLS_CERT_KEY_MISMATCH:
+      self.init(.clientCertificate, .certificateKeyMismatch, reason, certificate: summary)
+    case EDGEKEY_TLS_BAD_CHAIN: self.init(.configuration, .badCertificateChain, reason)
+    case EDGEKEY_TLS_BAD_TRUST: self.init(.configuration, .noTrustAnchor, reason)
+    case EDGEKEY_TLS_BAD_CRL: self.init(.configuration, .badCRL, reason)
+    case EDGEKEY_TLS_NO_SERVER_NAME: self.init(.configuration, .noServerName, reason)
+    case EDGEKEY_TLS_BAD_KEY: self.init(.configuration, .unusableKey, reason)
+    default: self.init(.configuration, .other, reason)
+    }
+  }
+
   /// Explains a failed handshake or read on an SSL made from one of our contexts (the one
   /// libmosquitto or libcurl drives), from what the context recorded during the handshake.
   /// `sslError` is `SSL_get_error`'s value when known (`SSL_ERROR_SSL` otherwise).

@@ -138,7 +138,7 @@ public final class TestCA: @unchecked Sendable {
   // MARK: - OpenSSL
 
   public static func generateKey(_ type: String = "EC") throws -> OpaquePointer {
-    guard let ctx = EVP_PKEY_CTX_new_from_name(nil, type == "EC" ? "EC" : "RSA", nil) else {
+    guard let ctx = EVP_PKEY_CTX_new_from_name(nil, type == "EC" ? "EC" : "RSA", "provider=default") else {
       throw HarnessError("EVP_PKEY_CTX_new_from_name")
     }
     defer { EVP_PKEY_CTX_free(ctx) }

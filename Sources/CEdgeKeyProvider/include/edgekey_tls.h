@@ -53,6 +53,15 @@ typedef enum {
 SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *config, edgekey_tls_status *status,
                                 char *why, size_t why_len);
 
+/*
+ * The same policy applied to a context made elsewhere (libcurl's, in its
+ * CURLOPT_SSL_CTX_FUNCTION): its certificate store is replaced by `trust_pem`. Here the client
+ * identity is optional: with no chain and no key, no client certificate is offered (EST
+ * enrollment authenticated by a password). Returns 1 on success, else 0 with `status` and `why`.
+ */
+int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *config, edgekey_tls_status *status,
+                          char *why, size_t why_len);
+
 /* What a failed handshake or read/write reports, by layer. */
 typedef enum {
   EDGEKEY_LAYER_NONE = 0,
@@ -90,6 +99,25 @@ edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_fail
  * there is none since the last call; each call clears it.
  */
 edgekey_tls_layer edgekey_tls_last_failure(SSL_CTX *ctx, edgekey_tls_failure *out);
+
+/* ---- Servers: the registration authority, and test peers ----------------------------------- */
+
+typedef struct {
+  const char *chain_pem;    /* the server's certificate first, then intermediates */
+  const char *key_pem;      /* its private key (PEM), or NULL with `key` */
+  edgekey_tpm_key *key;     /* a TPM-held key instead (a factory station's own TPM) */
+  const char *client_ca_pem; /* CAs whose client certificates are verified; NULL asks for none */
+  int require_client_certificate; /* 0: a client may come without one (password enrollment) */
+  int min_version, max_version;   /* TLS 1.2 and 1.3 when 0 */
+} edgekey_tls_server_config;
+
+/* A server SSL_CTX, or NULL with `why`. A client certificate that fails verification ends the
+ * handshake with an alert the client can explain. */
+SSL_CTX *edgekey_tls_server_ctx(const edgekey_tls_server_config *config, char *why, size_t why_len);
+
+/* The tls-unique channel binding (RFC 5929): the first Finished message of the connection
+ * (ours when `peer` is 0). Returns its length, or -1 when `cap` is too small. */
+int edgekey_tls_unique(SSL *ssl, int peer, unsigned char *out, size_t cap);
 
 #ifdef __cplusplus
 }

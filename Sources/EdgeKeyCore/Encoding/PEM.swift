@@ -1,16 +1,7 @@
 /// PEM armour (RFC 7468), strict about labels, lenient about whitespace.
 public enum PEM {
   public static func encode(_ der: [UInt8], label: String) -> String {
-    let b64 = Base64.encode(der)
-    var lines = ["-----BEGIN \(label)-----"]
-    var index = b64.startIndex
-    while index < b64.endIndex {
-      let end = b64.index(index, offsetBy: 64, limitedBy: b64.endIndex) ?? b64.endIndex
-      lines.append(String(b64[index..<end]))
-      index = end
-    }
-    lines.append("-----END \(label)-----")
-    return lines.joined(separator: "\n") + "\n"
+    "-----BEGIN \(label)-----\n" + Base64.encodeLines(der) + "-----END \(label)-----\n"
   }
 
   public static func decode(_ text: String, label: String) -> [UInt8]? {
@@ -35,6 +26,19 @@ public enum PEM {
 /// Base64 without Foundation (the TPM layer stays small for C-sized devices).
 public enum Base64 {
   private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
+
+  /// Base64 in lines of `width` characters, each ended by `newline` (the last one too).
+  public static func encodeLines(_ bytes: [UInt8], width: Int = 64, newline: String = "\n") -> String {
+    let text = encode(bytes)
+    var out = ""
+    var index = text.startIndex
+    while index < text.endIndex {
+      let end = text.index(index, offsetBy: width, limitedBy: text.endIndex) ?? text.endIndex
+      out += text[index..<end] + newline
+      index = end
+    }
+    return out
+  }
 
   public static func encode(_ bytes: [UInt8]) -> String {
     var out: [UInt8] = []

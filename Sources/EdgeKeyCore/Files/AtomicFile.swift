@@ -106,3 +106,22 @@ public enum AtomicFile {
     if fsync(fd) != 0 { throw FileError(path: directory, operation: "fsync", errno: Glibc.errno) }
   }
 }
+
+/// A log that only grows: each record is appended and fsync'd before `append` returns.
+public enum AppendOnlyFile {
+  public static func append(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws(FileError) {
+    let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, mode)
+    guard fd >= 0 else { throw FileError(path: path, operation: "open", errno: Glibc.errno) }
+    defer { close(fd) }
+    var written = 0
+    while written < bytes.count {
+      let n = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+      if n < 0 {
+        if Glibc.errno == EINTR { continue }
+        throw FileError(path: path, operation: "write", errno: Glibc.errno)
+      }
+      written += n
+    }
+    if fsync(fd) != 0 { throw FileError(path: path, operation: "fsync", errno: Glibc.errno) }
+  }
+}

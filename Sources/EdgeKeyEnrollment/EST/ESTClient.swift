@@ -1,0 +1,229 @@
+import EdgeKeyCore
+import EdgeKeyTLS
+import Foundation
+
+/// Limits and preferences of an EST client.
+public struct ESTOptions: Sendable {
+  /// The whole of one HTTP exchange.
+  public var timeout: TimeInterval = 30
+  public var connectTimeout: TimeInterval = 10
+  /// EST answers are small: a few certificates.
+  public var maximumResponseBytes = 256 * 1024
+  /// How long in total `enroll` waits while the server answers 202 (manual approval).
+  public var maximumPendingWait: TimeInterval = 600
+  /// The longest single Retry-After honoured; longer ones are shortened to this.
+  public var maximumRetryAfter: TimeInterval = 300
+  public var maximumRedirects = 3
+  /// Widely deployed EST servers stop at TLS 1.2, so 1.2 is allowed by default.
+  public var minimumVersion: TLSVersion = .tls12
+  public var maximumVersion: TLSVersion = .tls13
+  /// How much the server's clock may be ahead of ours when a certificate's notBefore is checked.
+  public var clockSkew: TimeInterval = 300
+  /// Sleeps between 202 answers; replaceable so that tests need not wait.
+  public var sleep: @Sendable (TimeInterval) -> Void = { Thread.sleep(forTimeInterval: $0) }
+
+  public init() {}
+}
+
+/// Where an EST server is: `https://host[:port]`, and an optional label
+/// (`/.well-known/est/<label>/`).
+public struct ESTServer: Sendable, Equatable {
+  public let scheme: String
+  public let host: String
+  public let port: Int
+  public let label: String?
+
+  public init(url: String, label: String? = nil) throws(EnrollmentError) {
+    guard let parsed = URLComponents(string: url), let scheme = parsed.scheme?.lowercased(), let host = parsed.host,
+      !host.isEmpty
+    else { throw EnrollmentError(.configuration, "\(url) is not a URL") }
+    guard scheme == "https" else { throw EnrollmentError(.configuration, "EST runs over https only, not \(scheme)") }
+    self.scheme = scheme
+    self.host = host
+    self.port = parsed.port ?? 443
+    self.label = label
+  }
+
+  /// The host as the server's certificate must name it.
+  public var serverName: String { host.hasPrefix("[") ? String(host.dropFirst().dropLast()) : host }
+
+  var origin: String { "\(scheme)://\(host.contains(":") && !host.hasPrefix("[") ? "[\(host)]" : host):\(port)" }
+
+  func url(_ operation: String) -> String {
+    origin + "/.well-known/est/" + (label.map { "\($0)/" } ?? "") + operation
+  }
+}
+
+/// An EST client (RFC 7030, with the RFC 8951 clarifications) over libcurl, presenting the
+/// TPM-held key through the same TLS identity code as MQTT.
+public final class ESTClient: Sendable {
+  public let server: ESTServer
+  /// The CA certificates the server's certificate must chain to, and issued ones too.
+  public let trustAnchors: [Certificate]
+  public let options: ESTOptions
+
+  public init(server: ESTServer, trustAnchors: [Certificate], options: ESTOptions = ESTOptions())
+    throws(EnrollmentError)
+  {
+    guard !trustAnchors.isEmpty else {
+      throw EnrollmentError(.configuration, "no trust anchor: give the CA certificate(s) or bootstrap with a pin")
+    }
+    self.server = server
+    self.trustAnchors = trustAnchors
+    self.options = options
+  }
+
+  // MARK: - Operations
+
+  /// `/cacerts`: the CA certificates the server publishes now (they change at a CA rollover).
+  public func caCertificates() throws(EnrollmentError) -> [Certificate] {
+    let answer = try exchange("GET", "cacerts", body: [], contentType: nil, authentication: .none)
+    return try ESTClient.certificates(in: answer, what: "cacerts")
+  }
+
+  /// Fetches `/cacerts` over a channel that is not verified, and keeps the answer only when it
+  /// holds a CA certificate whose SHA-256 fingerprint is `pinnedFingerprint` (hex, colons
+  /// allowed): the first trust anchor of a device that has none. Returns the pinned anchor and
+  /// everything the server sent.
+  public static func bootstrapCACertificates(
+    server: ESTServer, pinnedFingerprint: String, options: ESTOptions = ESTOptions()
+  ) throws(EnrollmentError) -> (anchor: Certificate, all: [Certificate]) {
+    let pin = pinnedFingerprint.lowercased().filter { $0.isHexDigit }
+    guard pin.count == 64 else {
+      throw EnrollmentError(.configuration, "the pinned fingerprint must be a SHA-256 (64 hex digits)")
+    }
+    let answer = try perform(
+      server: server, options: options, method: "GET", operation: "cacerts", body: [], contentType: nil,
+      authentication: .none, trustAnchorsPEM: nil)
+    let all = try certificates(in: answer, what: "cacerts")
+    guard let anchor = all.first(where: { $0.fingerprint == pin && $0.isCA }) else {
+      throw EnrollmentError(
+        .pinMismatch,
+        "no CA certificate from \(server.host) has the pinned fingerprint; it sent \(all.map { "\($0.subject) \($0.fingerprint)" }.joined(separator: ", "))"
+      )
+    }
+    return (anchor, all)
+  }
+
+  /// `/csrattrs`: the attribute and key-type OIDs the server wants in requests (dotted text);
+  /// empty when it has no preference (204).
+  public func csrAttributes(authentication: ESTAuthentication = .none) throws(EnrollmentError) -> [String] {
+    let answer = try exchange("GET", "csrattrs", body: [], contentType: nil, authentication: authentication)
+    if answer.status == 204 || answer.body.isEmpty { return [] }
+    guard let der = ESTBody.decode(answer.body) else {
+      throw EnrollmentError(.malformedResponse, "csrattrs is not base64")
+    }
+    return ESTBody.objectIdentifiers(in: der)
+  }
+
+  /// `/simpleenroll`: sends `csr` and returns the issued chain (our certificate first), after
+  /// checking that it is for our key, subject and names, allows clientAuth, is in its validity
+  /// period and chains to a trust anchor. Waits through 202 answers up to
+  /// `options.maximumPendingWait`.
+  public func enroll(_ csr: CertificateSigningRequest, authentication: ESTAuthentication) throws(EnrollmentError)
+    -> [Certificate]
+  {
+    try enroll(csr, operation: "simpleenroll", authentication: authentication)
+  }
+
+  /// `/simplereenroll`: the same with the current certificate as the TLS client certificate.
+  public func reenroll(_ csr: CertificateSigningRequest, authentication: ESTAuthentication) throws(EnrollmentError)
+    -> [Certificate]
+  {
+    guard !authentication.certificateChain.isEmpty else {
+      throw EnrollmentError(.configuration, "re-enrollment authenticates with the current certificate")
+    }
+    return try enroll(csr, operation: "simplereenroll", authentication: authentication)
+  }
+
+  private func enroll(_ csr: CertificateSigningRequest, operation: String, authentication: ESTAuthentication)
+    throws(EnrollmentError) -> [Certificate]
+  {
+    // RFC 8951: base64 of the DER request; lines of 64 ending in a newline, which every server reads.
+    let body = Array(Base64.encodeLines(csr.der).utf8)
+    var waited: TimeInterval = 0
+    while true {
+      let answer = try exchange(
+        "POST", operation, body: body, contentType: "application/pkcs10", authentication: authentication)
+      if answer.status == 202 {
+        let delay = min(ESTBody.retryAfter(answer.retryAfter) ?? 60, options.maximumRetryAfter)
+        guard waited + delay <= options.maximumPendingWait else {
+          throw EnrollmentError(
+            .pendingTooLong,
+            "the server still answers 202 after \(Int(waited)) s (Retry-After \(answer.retryAfter.isEmpty ? "absent" : answer.retryAfter)); giving up at \(Int(options.maximumPendingWait)) s"
+          )
+        }
+        options.sleep(max(delay, 0))
+        waited += max(delay, 0)
+        continue
+      }
+      let bag = try ESTClient.certificates(in: answer, what: operation)
+      return try IssuedCertificateCheck.validate(
+        bag, for: csr, anchors: trustAnchors, at: Date(), clockSkew: options.clockSkew)
+    }
+  }
+
+  // MARK: - HTTP
+
+  private func exchange(
+    _ method: String, _ operation: String, body: [UInt8], contentType: String?, authentication: ESTAuthentication
+  ) throws(EnrollmentError) -> HTTPAnswer {
+    try ESTClient.perform(
+      server: server, options: options, method: method, operation: operation, body: body, contentType: contentType,
+      authentication: authentication, trustAnchorsPEM: trustAnchors.map(\.pem).joined())
+  }
+
+  /// One EST exchange, following same-origin redirects only, and turning HTTP errors into typed ones.
+  static func perform(
+    server: ESTServer, options: ESTOptions, method: String, operation: String, body: [UInt8], contentType: String?,
+    authentication: ESTAuthentication, trustAnchorsPEM: String?
+  ) throws(EnrollmentError) -> HTTPAnswer {
+    var url = server.url(operation)
+    for _ in 0...options.maximumRedirects {
+      let answer = try HTTPSTransport.perform(
+        HTTPSTransport.Request(
+          method: method, url: url, contentType: contentType, body: body, authentication: authentication,
+          trustAnchorsPEM: trustAnchorsPEM, serverName: server.serverName, minimumVersion: options.minimumVersion,
+          maximumVersion: options.maximumVersion, timeout: options.timeout, connectTimeout: options.connectTimeout,
+          maximumResponseBytes: options.maximumResponseBytes))
+      switch answer.status {
+      case 200, 202, 204: return answer
+      case 301, 302, 303, 307, 308:
+        guard !answer.location.isEmpty else {
+          throw EnrollmentError(.malformedResponse, "a redirect (\(answer.status)) without a Location")
+        }
+        let target = answer.location.hasPrefix("/") ? server.origin + answer.location : answer.location
+        guard let next = try? ESTServer(url: target), next.origin == server.origin else {
+          throw EnrollmentError(
+            .redirectRefused,
+            "the server redirected \(operation) to \(answer.location), another origin than \(server.origin)")
+        }
+        url = target
+      default:
+        throw EnrollmentError(.server(answer.status), ESTBody.message(answer.body))
+      }
+    }
+    throw EnrollmentError(.redirectRefused, "more than \(options.maximumRedirects) redirects")
+  }
+
+  static func certificates(in answer: HTTPAnswer, what: String) throws(EnrollmentError) -> [Certificate] {
+    guard answer.status == 200 else {
+      throw EnrollmentError(.malformedResponse, "\(what) answered \(answer.status) with no certificates")
+    }
+    let mediaType = answer.contentType.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased()
+    guard mediaType == "application/pkcs7-mime" || mediaType == "application/x-pkcs7-certificates" else {
+      throw EnrollmentError(
+        .malformedResponse,
+        "\(what) answered \(answer.contentType.isEmpty ? "no content type" : answer.contentType), not application/pkcs7-mime"
+      )
+    }
+    guard let der = ESTBody.decode(answer.body) else {
+      throw EnrollmentError(.malformedResponse, "\(what) is neither base64 nor DER")
+    }
+    do {
+      return try CertsOnlyPKCS7.decode(der)
+    } catch {
+      throw EnrollmentError(.malformedResponse, "\(what): \(error.reason)")
+    }
+  }
+}

@@ -1,0 +1,147 @@
+import CEdgeKeyHTTP
+import CEdgeKeyProvider
+import EdgeKeyTLS
+import EdgeKeyTPM
+import Foundation
+
+/// One HTTP answer, as EST reads it.
+struct HTTPAnswer {
+  var status: Int
+  var contentType: String
+  var retryAfter: String
+  var location: String
+  var body: [UInt8]
+  var tlsVersion: Int32
+}
+
+/// Who we are to the server: a TLS client certificate whose key is in the TPM, HTTP Basic
+/// credentials (sent over TLS only), or both.
+public struct ESTAuthentication: Sendable {
+  public var certificateChain: [Certificate]
+  public var key: TPMKey?
+  public var username: String?
+  public var password: String?
+
+  public init(
+    certificateChain: [Certificate] = [], key: TPMKey? = nil, username: String? = nil, password: String? = nil
+  ) {
+    self.certificateChain = certificateChain
+    self.key = key
+    self.username = username
+    self.password = password
+  }
+
+  /// A client certificate (bootstrap, manufacturer or the current operational one).
+  public static func certificate(_ chain: [Certificate], key: TPMKey) -> ESTAuthentication {
+    ESTAuthentication(certificateChain: chain, key: key)
+  }
+
+  /// HTTP Basic over TLS.
+  public static func password(user: String, password: String) -> ESTAuthentication {
+    ESTAuthentication(username: user, password: password)
+  }
+
+  /// No authentication (cacerts).
+  public static let none = ESTAuthentication()
+}
+
+/// libcurl through `edgekey_https`, with our TLS identity.
+enum HTTPSTransport {
+  struct Request {
+    var method: String
+    var url: String
+    var contentType: String?
+    var body: [UInt8]
+    var authentication: ESTAuthentication
+    /// nil: the server is not verified (the pinned bootstrap of `cacerts` only).
+    var trustAnchorsPEM: String?
+    var serverName: String
+    var minimumVersion: TLSVersion
+    var maximumVersion: TLSVersion
+    var timeout: TimeInterval
+    var connectTimeout: TimeInterval
+    var maximumResponseBytes: Int
+  }
+
+  static func perform(_ r: Request) throws(EnrollmentError) -> HTTPAnswer {
+    let auth = r.authentication
+    if auth.key != nil && auth.certificateChain.isEmpty {
+      throw EnrollmentError(.configuration, "a TPM key for TLS client authentication needs its certificate")
+    }
+    let chainPEM = auth.certificateChain.isEmpty ? nil : auth.certificateChain.map(\.pem).joined()
+    var response = edgekey_http_response()
+    defer { edgekey_http_response_free(&response) }
+    var config = edgekey_tls_config()
+    config.key = auth.key?.raw
+    config.min_version = r.minimumVersion.rawValue
+    config.max_version = r.maximumVersion.rawValue
+    let outcome = withOptionalCString(chainPEM) { chain in
+      withOptionalCString(r.trustAnchorsPEM) { trust in
+        r.serverName.withCString { name in
+          withOptionalCString(r.contentType) { contentType in
+            withOptionalCString(auth.username) { user in
+              withOptionalCString(auth.password) { password in
+                r.method.withCString { method in
+                  r.url.withCString { url in
+                    r.body.withUnsafeBufferPointer { body in
+                      config.chain_pem = chain
+                      config.trust_pem = trust
+                      config.server_name = name
+                      return withUnsafePointer(to: &config) { tls in
+                        var request = edgekey_http_request()
+                        request.method = method
+                        request.url = url
+                        request.content_type = contentType
+                        request.body = body.baseAddress
+                        request.body_len = body.count
+                        request.username = user
+                        request.password = password
+                        request.tls = trust == nil ? nil : tls
+                        request.timeout_ms = Int(r.timeout * 1000)
+                        request.connect_timeout_ms = Int(r.connectTimeout * 1000)
+                        request.max_response = r.maximumResponseBytes
+                        return edgekey_https(&request, &response)
+                      }
+                    }
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+    let reason = withUnsafeBytes(of: &response.reason, text)
+    switch outcome {
+    case EDGEKEY_HTTP_OK:
+      let body = response.body.map { Array(UnsafeBufferPointer(start: $0, count: response.body_len)) } ?? []
+      return HTTPAnswer(
+        status: response.status, contentType: withUnsafeBytes(of: &response.content_type, text),
+        retryAfter: withUnsafeBytes(of: &response.retry_after, text),
+        location: withUnsafeBytes(of: &response.location, text), body: body, tlsVersion: response.tls_version)
+    case EDGEKEY_HTTP_TLS:
+      let error = TLSError(failure: response.tls_failure)
+      throw EnrollmentError(.tls, error.reason, tls: error, certificate: error.certificate)
+    case EDGEKEY_HTTP_CONFIGURATION:
+      let error = TLSError(
+        status: response.tls_status, reason: reason, certificate: auth.certificateChain.first?.summary)
+      throw EnrollmentError(.configuration, reason, tls: error, certificate: error.certificate)
+    case EDGEKEY_HTTP_TIMEOUT: throw EnrollmentError(.timedOut, reason)
+    case EDGEKEY_HTTP_TOO_LARGE: throw EnrollmentError(.responseTooLarge, reason)
+    case EDGEKEY_HTTP_PROTOCOL: throw EnrollmentError(.malformedResponse, reason)
+    case EDGEKEY_HTTP_NETWORK: throw EnrollmentError(.network, reason)
+    default: throw EnrollmentError(.network, reason)
+    }
+  }
+
+  static func text(_ raw: UnsafeRawBufferPointer) -> String {
+    String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+  }
+}
+
+func withOptionalCString<R>(_ s: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {
+  guard let s else { return body(nil) }
+  return s.withCString { body($0) }
+}
+
+private func text(_ raw: UnsafeRawBufferPointer) -> String { HTTPSTransport.text(raw) }

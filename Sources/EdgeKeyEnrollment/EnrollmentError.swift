@@ -1,0 +1,70 @@
+import EdgeKeyTLS
+
+/// A failure of enrollment or renewal, with the step that failed.
+public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatable {
+  public enum Kind: Sendable, Equatable {
+    /// The enrollment server could not be reached, or the connection broke.
+    case network
+    case timedOut
+    /// The TLS handshake failed; `tls` says which side and why.
+    case tls
+    /// The server answered with this HTTP status; `message` is its text.
+    case server(Int)
+    /// The server kept answering 202 beyond the time we wait.
+    case pendingTooLong
+    /// The answer was not what EST promises (content type, encoding, PKCS#7).
+    case malformedResponse
+    case responseTooLarge
+    /// A redirect to another origin (scheme, host or port).
+    case redirectRefused
+    /// The issued certificate failed our checks and was not installed.
+    case certificateRefused
+    /// The CA certificates fetched for bootstrap did not include the pinned one.
+    case pinMismatch
+    /// Our own setup: URL, key, trust anchors.
+    case configuration
+    /// The TPM failed (key creation, signing the request).
+    case tpm
+    /// The credential store could not be read or written.
+    case storage
+    /// The clock is obviously wrong; nothing was renewed, rotated or discarded.
+    case clock
+  }
+
+  public var kind: Kind
+  public var message: String
+  /// For `.tls`: the handshake failure with its layer and certificate.
+  public var tls: TLSError?
+  /// The certificate concerned (a refused issued certificate, our expired one).
+  public var certificate: TLSError.CertificateSummary?
+
+  public init(
+    _ kind: Kind, _ message: String, tls: TLSError? = nil, certificate: TLSError.CertificateSummary? = nil
+  ) {
+    self.kind = kind
+    self.message = message
+    self.tls = tls
+    self.certificate = certificate
+  }
+
+  /// Worth retrying later with the same credentials (the server or the network may recover).
+  public var isTransient: Bool {
+    switch kind {
+    case .network, .timedOut, .pendingTooLong, .responseTooLarge, .malformedResponse: return true
+    case .server(let status): return status >= 500 || status == 408 || status == 429
+    case .tls: return tls?.layer == .network || tls?.layer == .tls
+    default: return false
+    }
+  }
+
+  public var description: String {
+    var text: String
+    switch kind {
+    case .server(let status): text = "enrollment server answered \(status): \(message)"
+    case .tls: text = "enrollment TLS: \(tls.map(String.init(describing:)) ?? message)"
+    default: text = "enrollment \(kind): \(message)"
+    }
+    if let certificate, tls == nil { text += " [\(certificate)]" }
+    return text
+  }
+}

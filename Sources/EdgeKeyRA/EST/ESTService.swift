@@ -1,0 +1,292 @@
+import EdgeKeyCore
+import EdgeKeyTLS
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// What the registration authority allows and how it answers.
+public struct ESTPolicy: Sendable {
+  /// What `cacerts` returns: the CA chain, plus any rollover certificates (old-with-new, ...).
+  public var caCertificates: [Certificate]
+  /// HTTP Basic credentials that allow a first enrollment (a factory's bootstrap secret).
+  public var bootstrapUser: String?
+  public var bootstrapPassword: String?
+  /// CAs whose client certificates allow a first enrollment (manufacturer/bootstrap identities).
+  public var bootstrapCAs: [Certificate]
+  /// Lifetime of issued certificates; seconds are allowed, so that tests renew quickly.
+  public var lifetime: TimeInterval
+  /// How far before now notBefore is put (clock skew between the station and devices).
+  public var backdate: TimeInterval
+  /// Answer 202 with Retry-After this many times per key before issuing.
+  public var pendingTries: Int
+  public var retryAfterSeconds: Int
+  /// Key types accepted, as `CertificateSigningRequest.keyType` names them.
+  public var acceptedKeyTypes: Set<String>
+  /// Require the tls-unique channel binding in the challengePassword on TLS 1.2 (RFC 7030 §3.5).
+  public var requireChannelBinding: Bool
+  /// The label this RA answers to (`/.well-known/est/<label>/...`); nil accepts none.
+  public var label: String?
+  /// An append-only JSON-lines issuance log, fsync'd per issuance.
+  public var issuanceLogPath: String?
+
+  public init(
+    caCertificates: [Certificate], bootstrapUser: String? = nil, bootstrapPassword: String? = nil,
+    bootstrapCAs: [Certificate] = [], lifetime: TimeInterval = 30 * 86400, backdate: TimeInterval = 60,
+    pendingTries: Int = 0, retryAfterSeconds: Int = 1,
+    acceptedKeyTypes: Set<String> = ["EC P-256", "EC P-384", "RSA 2048", "RSA 3072", "RSA 4096"],
+    requireChannelBinding: Bool = false, label: String? = nil, issuanceLogPath: String? = nil
+  ) {
+    self.caCertificates = caCertificates
+    self.bootstrapUser = bootstrapUser
+    self.bootstrapPassword = bootstrapPassword
+    self.bootstrapCAs = bootstrapCAs
+    self.lifetime = lifetime
+    self.backdate = backdate
+    self.pendingTries = pendingTries
+    self.retryAfterSeconds = retryAfterSeconds
+    self.acceptedKeyTypes = acceptedKeyTypes
+    self.requireChannelBinding = requireChannelBinding
+    self.label = label
+    self.issuanceLogPath = issuanceLogPath
+  }
+}
+
+/// EST (RFC 7030 with RFC 8951) over `HTTPSServer`: cacerts, csrattrs, simpleenroll,
+/// simplereenroll. A bad request gets the RFC's status and a text reason, and changes nothing.
+public final class ESTService: @unchecked Sendable {
+  // @unchecked: `pending` and the log are guarded by `lock`.
+  public let ca: CertificateAuthority
+  public let policy: ESTPolicy
+  private let lock = NSLock()
+  private var pending: [String: Int] = [:]
+  private var issuedCount = 0
+
+  public init(ca: CertificateAuthority, policy: ESTPolicy) {
+    self.ca = ca
+    self.policy = policy
+  }
+
+  /// Certificates issued since start.
+  public var issued: Int {
+    lock.lock()
+    defer { lock.unlock() }
+    return issuedCount
+  }
+
+  public func handle(_ request: HTTPRequest) -> HTTPResponse {
+    let prefix = "/.well-known/est/"
+    guard request.path.hasPrefix(prefix) else { return .text(404, "not an EST path") }
+    let parts = request.path.dropFirst(prefix.count).split(separator: "/", omittingEmptySubsequences: false)
+    let operation: Substring
+    switch parts.count {
+    case 1: operation = parts[0]
+    case 2:
+      guard policy.label == String(parts[0]) else { return .text(404, "unknown label \(parts[0])") }
+      operation = parts[1]
+    default: return .text(404, "not an EST path")
+    }
+    switch operation {
+    case "cacerts":
+      guard request.method == "GET" else { return .text(405, "use GET", headers: [("Allow", "GET")]) }
+      return certsOnly(policy.caCertificates)
+    case "csrattrs":
+      guard request.method == "GET" else { return .text(405, "use GET", headers: [("Allow", "GET")]) }
+      return csrAttributes()
+    case "simpleenroll", "simplereenroll":
+      guard request.method == "POST" else { return .text(405, "use POST", headers: [("Allow", "POST")]) }
+      return enroll(request, renewal: operation == "simplereenroll")
+    default:
+      return .text(404, "unknown EST operation \(operation)")
+    }
+  }
+
+  // MARK: - Operations
+
+  private func certsOnly(_ certificates: [Certificate]) -> HTTPResponse {
+    do {
+      let der = try CertsOnlyPKCS7.encode(certificates)
+      return HTTPResponse(
+        status: 200,
+        headers: [
+          ("Content-Type", "application/pkcs7-mime; smime-type=certs-only"), ("Content-Transfer-Encoding", "base64"),
+        ],
+        body: Array(ESTService.base64Lines(der).utf8))
+    } catch {
+      return .text(500, "cannot encode certificates: \(error.reason)")
+    }
+  }
+
+  /// The attributes a device should put in its request: challengePassword (for channel
+  /// binding), an EC P-256 key, ECDSA with SHA-256 (RFC 7030 §4.5.2).
+  private func csrAttributes() -> HTTPResponse {
+    let challengePassword: [UInt8] = [0x06, 0x09, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x09, 0x07]
+    // Attribute { id-ecPublicKey, { secp256r1 } }
+    let ecKey: [UInt8] = [
+      0x30, 0x15, 0x06, 0x07, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01, 0x31, 0x0A, 0x06, 0x08, 0x2A, 0x86, 0x48,
+      0xCE, 0x3D, 0x03, 0x01, 0x07,
+    ]
+    let ecdsaSHA256: [UInt8] = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03, 0x02]
+    let content = challengePassword + ecKey + ecdsaSHA256
+    let der: [UInt8] = [0x30, UInt8(content.count)] + content
+    return HTTPResponse(
+      status: 200, headers: [("Content-Type", "application/csrattrs"), ("Content-Transfer-Encoding", "base64")],
+      body: Array(ESTService.base64Lines(der).utf8))
+  }
+
+  private func enroll(_ request: HTTPRequest, renewal: Bool) -> HTTPResponse {
+    let contentType = request.header("content-type")?.split(separator: ";").first?
+      .trimmingCharacters(in: .whitespaces).lowercased()
+    guard contentType == "application/pkcs10" else {
+      return .text(415, "the request must be application/pkcs10, not \(contentType ?? "none")")
+    }
+    guard let der = ESTService.decodeBase64(request.body), !der.isEmpty else {
+      return .text(400, "the body is not base64")
+    }
+    let csr: CertificateSigningRequest
+    do { csr = try CertificateSigningRequest(der: der) } catch { return .text(400, "bad request: \(error.reason)") }
+    guard policy.acceptedKeyTypes.contains(csr.keyType) else {
+      return .text(
+        400, "key type \(csr.keyType) is not accepted (\(policy.acceptedKeyTypes.sorted().joined(separator: ", ")))")
+    }
+    guard csr.subjectFields.contains(where: { $0.0 == "CN" }) else {
+      return .text(400, "the request's subject has no common name")
+    }
+    if policy.requireChannelBinding && request.tlsVersion == 0x0303 {
+      guard csr.challengePassword == Base64.encode(request.tlsUnique) else {
+        return .text(400, "the challengePassword does not carry this connection's tls-unique value")
+      }
+    }
+
+    // Who is asking.
+    let authenticatedBy: String
+    if renewal {
+      guard let current = request.clientCertificates.first else {
+        return .text(401, "re-enrollment requires the current certificate as the TLS client certificate")
+      }
+      guard issuedHere(request.clientCertificates) else {
+        return .text(403, "the client certificate was not issued by this CA")
+      }
+      guard current.subject == csr.subject,
+        Set(current.subjectAlternativeNames) == Set(csr.subjectAlternativeNames)
+      else {
+        return .text(
+          403,
+          "re-enrollment must keep the subject and subject alternative names: certificate \(current.subject), request \(csr.subject)"
+        )
+      }
+      authenticatedBy = "certificate \(current.serialNumber)"
+    } else {
+      if let bootstrap = request.clientCertificates.first,
+        request.clientCertificates.dropFirst().contains(where: { c in policy.bootstrapCAs.contains { $0.der == c.der } }
+        )
+      {
+        authenticatedBy = "bootstrap certificate \(bootstrap.subject)"
+      } else if let user = policy.bootstrapUser, let password = policy.bootstrapPassword,
+        let (u, p) = ESTService.basicCredentials(request.header("authorization")), u == user,
+        ESTService.constantTimeEqual(Array(p.utf8), Array(password.utf8))
+      {
+        authenticatedBy = "password of \(user)"
+      } else {
+        return .text(401, "authentication required", headers: [("WWW-Authenticate", "Basic realm=\"EST\"")])
+      }
+    }
+
+    // A configured number of 202s first (a CA that needs manual approval).
+    let keyID = Certificate.sha256Hex(csr.publicKeyDER)
+    lock.lock()
+    let seen = pending[keyID, default: 0]
+    if seen < policy.pendingTries { pending[keyID] = seen + 1 }
+    lock.unlock()
+    if seen < policy.pendingTries {
+      return .text(202, "pending approval", headers: [("Retry-After", String(policy.retryAfterSeconds))])
+    }
+
+    let certificate: Certificate
+    do {
+      certificate = try ca.issue(for: csr, lifetime: policy.lifetime, backdate: policy.backdate)
+    } catch {
+      return .text(500, "cannot issue: \(error)")
+    }
+    do {
+      try log(certificate, operation: renewal ? "simplereenroll" : "simpleenroll", authenticatedBy: authenticatedBy)
+    } catch {
+      // An issuance that cannot be logged is not handed out.
+      return .text(500, "the issuance log cannot be written: \(error)")
+    }
+    lock.lock()
+    issuedCount += 1
+    pending[keyID] = nil
+    lock.unlock()
+    return certsOnly([certificate] + ca.chain.filter { !isSelfSigned($0) })
+  }
+
+  private func issuedHere(_ chain: [Certificate]) -> Bool {
+    let ours = Set(policy.caCertificates.map(\.der) + ca.chain.map(\.der))
+    return chain.dropFirst().contains { ours.contains($0.der) }
+  }
+
+  private func isSelfSigned(_ c: Certificate) -> Bool { c.subject == c.issuer }
+
+  private func log(_ certificate: Certificate, operation: String, authenticatedBy: String) throws(FileError) {
+    guard let path = policy.issuanceLogPath else { return }
+    let fields: [(String, String)] = [
+      ("time", ISO8601DateFormatter().string(from: Date())), ("operation", operation),
+      ("serial", certificate.serialNumber), ("subject", certificate.subject),
+      ("notAfter", ISO8601DateFormatter().string(from: certificate.notAfter)),
+      ("fingerprint", certificate.fingerprint), ("authenticatedBy", authenticatedBy),
+    ]
+    let line = "{" + fields.map { "\"\($0.0)\":\(jsonString($0.1))" }.joined(separator: ",") + "}\n"
+    lock.lock()
+    defer { lock.unlock() }
+    try AppendOnlyFile.append(Array(line.utf8), to: path)
+  }
+
+  // MARK: - Encoding
+
+  /// Base64 in lines of 64 characters, each ended by CRLF.
+  static func base64Lines(_ der: [UInt8]) -> String { Base64.encodeLines(der, newline: "\r\n") }
+
+  /// Base64 with any whitespace; nil for anything else.
+  static func decodeBase64(_ body: [UInt8]) -> [UInt8]? {
+    let compact = body.filter { !($0 == 32 || $0 == 9 || $0 == 10 || $0 == 13) }
+    return Base64.decode(String(decoding: compact, as: UTF8.self))
+  }
+
+  static func basicCredentials(_ header: String?) -> (String, String)? {
+    guard let header, header.lowercased().hasPrefix("basic "),
+      let raw = Base64.decode(String(header.dropFirst(6)).trimmingCharacters(in: .whitespaces))
+    else { return nil }
+    let text = String(decoding: raw, as: UTF8.self)
+    guard let colon = text.firstIndex(of: ":") else { return nil }
+    return (String(text[..<colon]), String(text[text.index(after: colon)...]))
+  }
+
+  static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    guard a.count == b.count else { return false }
+    var difference: UInt8 = 0
+    for i in 0..<a.count { difference |= a[i] ^ b[i] }
+    return difference == 0
+  }
+}
+
+func jsonString(_ s: String) -> String {
+  var out = "\""
+  for scalar in s.unicodeScalars {
+    switch scalar {
+    case "\"": out += "\\\""
+    case "\\": out += "\\\\"
+    case "\n": out += "\\n"
+    case "\r": out += "\\r"
+    case "\t": out += "\\t"
+    default:
+      if scalar.value < 0x20 {
+        out += String(format: "\\u%04x", scalar.value)
+      } else {
+        out.unicodeScalars.append(scalar)
+      }
+    }
+  }
+  return out + "\""
+}

@@ -1,0 +1,334 @@
+import CEdgeKeyProvider
+import COpenSSL
+import EdgeKeyTLS
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// An HTTP/1.1 request as the server read it.
+public struct HTTPRequest: Sendable {
+  public var method: String
+  /// The path, without the query.
+  public var path: String
+  /// Header names lower-cased, in arrival order.
+  public var headers: [(name: String, value: String)]
+  public var body: [UInt8]
+  /// The client certificate chain the TLS layer verified (leaf first), or empty.
+  public var clientCertificates: [Certificate]
+  /// The tls-unique channel binding of this connection (RFC 5929).
+  public var tlsUnique: [UInt8]
+  public var tlsVersion: Int32
+
+  public func header(_ name: String) -> String? {
+    let lower = name.lowercased()
+    return headers.first { $0.name == lower }?.value
+  }
+}
+
+/// An HTTP response. `raw` bypasses the framing (a test's hostile server sends whatever it likes).
+public struct HTTPResponse: Sendable {
+  public var status: Int
+  public var headers: [(String, String)]
+  public var body: [UInt8]
+  public var raw: [UInt8]?
+
+  public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = []) {
+    self.status = status
+    self.headers = headers
+    self.body = body
+  }
+
+  /// Bytes sent as they are, then the connection is closed.
+  public static func raw(_ bytes: [UInt8]) -> HTTPResponse {
+    var r = HTTPResponse(status: 0)
+    r.raw = bytes
+    return r
+  }
+
+  /// A plain-text message, as EST servers explain an error.
+  public static func text(_ status: Int, _ message: String, headers: [(String, String)] = []) -> HTTPResponse {
+    HTTPResponse(
+      status: status, headers: [("Content-Type", "text/plain; charset=utf-8")] + headers,
+      body: Array((message + "\n").utf8))
+  }
+
+  static func reasonPhrase(_ status: Int) -> String {
+    switch status {
+    case 200: return "OK"
+    case 202: return "Accepted"
+    case 204: return "No Content"
+    case 400: return "Bad Request"
+    case 401: return "Unauthorized"
+    case 403: return "Forbidden"
+    case 404: return "Not Found"
+    case 405: return "Method Not Allowed"
+    case 408: return "Request Timeout"
+    case 411: return "Length Required"
+    case 413: return "Payload Too Large"
+    case 415: return "Unsupported Media Type"
+    case 431: return "Request Header Fields Too Large"
+    case 500: return "Internal Server Error"
+    case 503: return "Service Unavailable"
+    default: return "Status"
+    }
+  }
+
+  var encoded: [UInt8] {
+    if let raw { return raw }
+    var head = "HTTP/1.1 \(status) \(HTTPResponse.reasonPhrase(status))\r\n"
+    for (name, value) in headers { head += "\(name): \(value)\r\n" }
+    head += "Content-Length: \(body.count)\r\nConnection: close\r\n\r\n"
+    return Array(head.utf8) + body
+  }
+}
+
+/// Limits that keep a hostile client from holding the server.
+public struct HTTPServerLimits: Sendable {
+  public var maximumHeaderBytes = 16 * 1024
+  public var maximumBodyBytes = 64 * 1024
+  /// Per read and write; a client that stalls longer is dropped.
+  public var socketTimeout: TimeInterval = 10
+  public var maximumConnections = 64
+  public init() {}
+}
+
+/// A small HTTPS/1.1 server over OpenSSL: one thread per connection, one request per
+/// connection (`Connection: close`). Enough for a registration authority on a factory line and
+/// for tests; not a web server.
+public final class HTTPSServer: @unchecked Sendable {
+  // @unchecked: `listener`, `wake` and `acceptThread` are set in `start` before sharing;
+  // `active` is guarded by `lock`.
+  public typealias Handler = @Sendable (HTTPRequest) -> HTTPResponse
+
+  public private(set) var port: UInt16 = 0
+  private let context: OpaquePointer
+  private let handler: Handler
+  private let limits: HTTPServerLimits
+  private var listener: Int32 = -1
+  private var wake: [Int32] = [-1, -1]
+  private let lock = NSLock()
+  private var active = 0
+  private var stopped = false
+  private let done = DispatchSemaphore(value: 0)
+
+  /// - Parameters:
+  ///   - context: a server `SSL_CTX` (see `edgekey_tls_server_ctx`); this object takes it.
+  public init(context: OpaquePointer, limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping Handler) {
+    self.context = context
+    self.limits = limits
+    self.handler = handler
+  }
+
+  deinit {
+    stop()
+    SSL_CTX_free(context)
+  }
+
+  /// Binds `host:port` (port 0: the kernel picks a free one) and starts accepting.
+  public func start(host: String = "127.0.0.1", port requested: UInt16 = 0) throws {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw HTTPServerError("socket: \(String(cString: strerror(errno)))") }
+    var one: Int32 = 1
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_port = requested.bigEndian
+    guard inet_pton(AF_INET, host, &address.sin_addr) == 1 else {
+      close(fd)
+      throw HTTPServerError("\(host) is not an IPv4 address")
+    }
+    let bound = withUnsafePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    guard bound == 0, listen(fd, 64) == 0 else {
+      let e = errno
+      close(fd)
+      throw HTTPServerError("cannot listen on \(host):\(requested): \(String(cString: strerror(e)))")
+    }
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+    }
+    port = UInt16(bigEndian: address.sin_port)
+    listener = fd
+    guard pipe(&wake) == 0 else { throw HTTPServerError("pipe: \(String(cString: strerror(errno)))") }
+    for fd in wake { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+    let thread = Thread { [self] in acceptLoop() }
+    thread.name = "edgekey-https-accept"
+    thread.start()
+  }
+
+  /// Stops accepting and waits for the accept loop; connections in progress finish on their own.
+  public func stop() {
+    lock.lock()
+    let wasRunning = listener >= 0 && !stopped
+    stopped = true
+    lock.unlock()
+    guard wasRunning else { return }
+    var byte: UInt8 = 1
+    _ = write(wake[1], &byte, 1)
+    done.wait()
+    close(listener)
+    close(wake[0])
+    close(wake[1])
+  }
+
+  private func acceptLoop() {
+    defer { done.signal() }
+    while true {
+      var fds = [
+        pollfd(fd: listener, events: Int16(POLLIN), revents: 0), pollfd(fd: wake[0], events: Int16(POLLIN), revents: 0),
+      ]
+      let n = poll(&fds, 2, -1)
+      if n < 0 && errno == EINTR { continue }
+      if fds[1].revents != 0 { return }
+      guard fds[0].revents & Int16(POLLIN) != 0 else { continue }
+      let client = accept(listener, nil, nil)
+      guard client >= 0 else { continue }
+      _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+      lock.lock()
+      let admitted = active < limits.maximumConnections
+      if admitted { active += 1 }
+      lock.unlock()
+      guard admitted else {
+        close(client)
+        continue
+      }
+      let thread = Thread { [self] in
+        serve(client)
+        close(client)
+        lock.lock()
+        active -= 1
+        lock.unlock()
+      }
+      thread.name = "edgekey-https-connection"
+      thread.start()
+    }
+  }
+
+  private func serve(_ fd: Int32) {
+    var timeout = timeval(tv_sec: Int(limits.socketTimeout), tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    guard let ssl = SSL_new(context) else { return }
+    defer { SSL_free(ssl) }
+    SSL_set_fd(ssl, fd)
+    guard SSL_accept(ssl) == 1 else {
+      // The operator's first question about a failed handshake: which side, and why.
+      let e = ERR_get_error()
+      var text = [CChar](repeating: 0, count: 256)
+      ERR_error_string_n(e, &text, text.count)
+      let verify = SSL_get_verify_result(ssl)
+      var line =
+        "TLS handshake failed: \(String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))"
+      if verify != Int(X509_V_OK) {
+        line += "; client certificate: \(String(cString: X509_verify_cert_error_string(verify)))"
+      }
+      ERR_clear_error()
+      FileHandle.standardError.write(Data((line + "\n").utf8))
+      return
+    }
+    let response: HTTPResponse
+    switch readRequest(ssl) {
+    case .request(let request): response = handler(request)
+    case .refused(let refusal): response = refusal
+    }
+    let bytes = response.encoded
+    var sent = 0
+    while sent < bytes.count {
+      let n = bytes[sent...].withUnsafeBytes { SSL_write(ssl, $0.baseAddress, Int32($0.count)) }
+      if n <= 0 { break }
+      sent += Int(n)
+    }
+    SSL_shutdown(ssl)
+    ERR_clear_error()
+  }
+
+  private func readRequest(_ ssl: OpaquePointer) -> ReadOutcome {
+    var buffer: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 16 * 1024)
+    func readMore() -> Bool {
+      let n = SSL_read(ssl, &chunk, Int32(chunk.count))
+      if n <= 0 { return false }
+      buffer += chunk[0..<Int(n)]
+      return true
+    }
+    let separator: [UInt8] = [13, 10, 13, 10]
+    var headerEnd: Int?
+    while headerEnd == nil {
+      if let range = firstRange(of: separator, in: buffer) {
+        headerEnd = range
+        break
+      }
+      if buffer.count > limits.maximumHeaderBytes { return .refused(.text(431, "request headers too large")) }
+      if !readMore() { return .refused(.text(408, "incomplete request")) }
+    }
+    let head = String(decoding: buffer[0..<headerEnd!], as: UTF8.self)
+    var lines = head.components(separatedBy: "\r\n")
+    let requestLine = lines.removeFirst().split(separator: " ")
+    guard requestLine.count == 3, requestLine[2].hasPrefix("HTTP/1.") else {
+      return .refused(.text(400, "malformed request line"))
+    }
+    var headers: [(name: String, value: String)] = []
+    for line in lines where !line.isEmpty {
+      guard let colon = line.firstIndex(of: ":") else { return .refused(.text(400, "malformed header line")) }
+      headers.append(
+        (line[..<colon].lowercased(), line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)))
+    }
+    var body = Array(buffer[(headerEnd! + 4)...])
+    let lengthText = headers.first { $0.name == "content-length" }?.value
+    if headers.contains(where: { $0.name == "transfer-encoding" }) {
+      return .refused(.text(411, "chunked bodies are not accepted: send Content-Length"))
+    }
+    let length = lengthText.flatMap { Int($0) } ?? 0
+    guard length >= 0, lengthText == nil || Int(lengthText!) != nil else {
+      return .refused(.text(400, "malformed Content-Length"))
+    }
+    if length > limits.maximumBodyBytes {
+      return .refused(.text(413, "the body is larger than \(limits.maximumBodyBytes) bytes"))
+    }
+    while body.count < length {
+      let before = buffer.count
+      if !readMore() { return .refused(.text(408, "incomplete body")) }
+      body += buffer[before...]
+    }
+    if body.count > length { body = Array(body[0..<length]) }
+    let target = String(requestLine[1])
+    let path = target.split(separator: "?", maxSplits: 1).first.map(String.init) ?? target
+
+    var peers: [Certificate] = []
+    if let chain = SSL_get0_verified_chain(ssl) {
+      for i in 0..<OPENSSL_sk_num(chain) {
+        if let element = OPENSSL_sk_value(chain, i), let copy = X509_dup(OpaquePointer(element)) {
+          peers.append(Certificate(owning: copy))
+        }
+      }
+    }
+    var unique = [UInt8](repeating: 0, count: 64)
+    let uniqueLength = edgekey_tls_unique(ssl, 1, &unique, unique.count)
+    return .request(
+      HTTPRequest(
+        method: String(requestLine[0]), path: path, headers: headers, body: body, clientCertificates: peers,
+        tlsUnique: uniqueLength > 0 ? Array(unique[0..<Int(uniqueLength)]) : [], tlsVersion: SSL_version(ssl)))
+  }
+}
+
+enum ReadOutcome {
+  case request(HTTPRequest)
+  case refused(HTTPResponse)
+}
+
+func firstRange(of needle: [UInt8], in haystack: [UInt8]) -> Int? {
+  guard haystack.count >= needle.count else { return nil }
+  for i in 0...(haystack.count - needle.count) where haystack[i] == needle[0] {
+    if Array(haystack[i..<(i + needle.count)]) == needle { return i }
+  }
+  return nil
+}
+
+public struct HTTPServerError: Error, CustomStringConvertible, Sendable {
+  public var description: String
+  public init(_ description: String) { self.description = description }
+}

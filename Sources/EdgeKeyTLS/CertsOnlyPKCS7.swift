@@ -1,0 +1,58 @@
+import COpenSSL
+
+/// The "certs-only" PKCS#7 (CMS SignedData with no content and no signers) that EST uses to
+/// carry certificates (RFC 7030 §4.1.3, §4.2.3): a bag of certificates, in no promised order.
+public enum CertsOnlyPKCS7 {
+  /// Encodes `certificates` as DER.
+  public static func encode(_ certificates: [Certificate]) throws(TLSError) -> [UInt8] {
+    guard let p7 = PKCS7_new() else { throw TLSError(.tls, .other, "out of memory") }
+    defer { PKCS7_free(p7) }
+    guard PKCS7_set_type(p7, NID_pkcs7_signed) == 1, PKCS7_content_new(p7, NID_pkcs7_data) == 1 else {
+      ERR_clear_error()
+      throw TLSError(.tls, .other, "cannot build a PKCS#7 structure")
+    }
+    for certificate in certificates {
+      guard PKCS7_add_certificate(p7, certificate.x509) == 1 else {
+        ERR_clear_error()
+        throw TLSError(.tls, .other, "cannot add a certificate to PKCS#7")
+      }
+    }
+    var out: UnsafeMutablePointer<UInt8>?
+    let n = i2d_PKCS7(p7, &out)
+    defer { CRYPTO_free(out, #file, #line) }
+    guard n > 0, let out else { throw TLSError(.tls, .other, "cannot encode PKCS#7") }
+    return Array(UnsafeBufferPointer(start: out, count: Int(n)))
+  }
+
+  /// Decodes DER; refuses anything but SignedData, trailing bytes, and an empty bag.
+  public static func decode(_ der: [UInt8]) throws(TLSError) -> [Certificate] {
+    var parsed: UnsafeMutablePointer<PKCS7>?
+    let consumed = der.withUnsafeBufferPointer { buffer -> Int in
+      var p: UnsafePointer<UInt8>? = buffer.baseAddress
+      parsed = d2i_PKCS7(nil, &p, buffer.count)
+      guard let p, let base = buffer.baseAddress else { return -1 }
+      return p - base
+    }
+    ERR_clear_error()
+    guard let p7 = parsed else { throw TLSError(.configuration, .badCertificateChain, "not a DER PKCS#7 structure") }
+    defer { PKCS7_free(p7) }
+    guard consumed == der.count else {
+      throw TLSError(.configuration, .badCertificateChain, "\(der.count - consumed) bytes after the PKCS#7 structure")
+    }
+    guard OBJ_obj2nid(p7.pointee.type) == NID_pkcs7_signed, let signed = p7.pointee.d.sign else {
+      throw TLSError(.configuration, .badCertificateChain, "the PKCS#7 structure is not SignedData")
+    }
+    guard let stack = signed.pointee.cert, OPENSSL_sk_num(stack) > 0 else {
+      throw TLSError(.configuration, .badCertificateChain, "the PKCS#7 structure holds no certificate")
+    }
+    var result: [Certificate] = []
+    let raw = stack
+    for i in 0..<OPENSSL_sk_num(raw) {
+      guard let element = OPENSSL_sk_value(raw, i), let copy = X509_dup(OpaquePointer(element)) else {
+        throw TLSError(.configuration, .badCertificateChain, "a certificate in the PKCS#7 structure is damaged")
+      }
+      result.append(Certificate(owning: copy))
+    }
+    return result
+  }
+}

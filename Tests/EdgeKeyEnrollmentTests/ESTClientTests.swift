@@ -1,0 +1,154 @@
+import EdgeKeyEnrollment
+import EdgeKeyTLS
+import EdgeKeyTPM
+import EdgeKeyTestSupport
+import Foundation
+import Testing
+
+@Suite("EST client against the project's registration authority")
+struct ESTClientTests {
+  @Test("simpleenroll with a bootstrap password returns a checked chain for the TPM key")
+  func enrollWithPassword() throws {
+    let f = try EnrollmentFixture()
+    let key = try f.newKey()
+    let csr = try f.request(key, names: [.dns("device-0001.local"), .ip("10.0.0.7")])
+    let chain = try f.client().enroll(csr, authentication: EnrollmentFixture.password)
+    #expect(chain.count == 1)
+    #expect(chain[0].publicKeyDER == key.publicKey.spki)
+    #expect(chain[0].subject == "CN=device-0001,O=EdgeKey Tests")
+    #expect(Set(chain[0].subjectAlternativeNames) == [.dns("device-0001.local"), .ip("10.0.0.7")])
+    #expect(chain[0].extendedKeyUsage == [.clientAuth])
+    // The certificate works: a TLS context accepts it with the TPM key.
+    _ = try TLSClientContext(
+      certificateChain: chain, key: key,
+      policy: TLSPolicy(trustAnchorsPEM: f.ca.certificatePEM, serverName: "localhost"))
+    #expect(f.ra.issuanceLog.count == 1)
+    #expect(f.ra.issuanceLog[0].contains("\"authenticatedBy\":\"password of device\""))
+  }
+
+  @Test("a wrong password is a typed 401 carrying the server's text, and nothing is issued")
+  func wrongPassword() throws {
+    let f = try EnrollmentFixture()
+    let key = try f.newKey()
+    #expect {
+      try f.client().enroll(try f.request(key), authentication: .password(user: "device", password: "guess"))
+    } throws: { error in
+      guard let e = error as? EnrollmentError, case .server(401) = e.kind else { return false }
+      return e.message.contains("authentication required")
+    }
+    #expect(f.ra.issuanceLog.isEmpty)
+  }
+
+  @Test("a bootstrap certificate whose key is in the TPM authenticates the first enrollment")
+  func enrollWithBootstrapCertificate() throws {
+    let manufacturer = try TestCA(name: "EdgeKey Test Manufacturer CA")
+    let f = try EnrollmentFixture(password: nil, bootstrapCA: manufacturer)
+    let bootstrapKey = try f.newKey()
+    let bootstrap = try Certificate.chain(
+      pem: manufacturer.issueClient(publicKeyDER: bootstrapKey.publicKey.spki, commonName: "serial-42").certificate)
+    let operationalKey = try f.newKey()
+    let chain = try f.client().enroll(
+      try f.request(operationalKey), authentication: .certificate(bootstrap, key: bootstrapKey))
+    #expect(chain[0].publicKeyDER == operationalKey.publicKey.spki)
+    #expect(f.ra.issuanceLog.first?.contains("bootstrap certificate CN=serial-42") == true)
+    // Without it, the RA (no password configured) refuses.
+    #expect {
+      try f.client().enroll(try f.request(operationalKey), authentication: .none)
+    } throws: { ($0 as? EnrollmentError)?.kind == .server(401) }
+  }
+
+  @Test("simplereenroll needs the current certificate and the same subject")
+  func reenroll() throws {
+    let f = try EnrollmentFixture()
+    let first = try f.newKey()
+    let current = try f.client().enroll(try f.request(first), authentication: EnrollmentFixture.password)
+    first.unload()
+    let next = try f.newKey()
+    let renewed = try f.client().reenroll(try f.request(next), authentication: .certificate(current, key: first))
+    #expect(renewed[0].publicKeyDER == next.publicKey.spki)
+    #expect(renewed[0].serialNumber != current[0].serialNumber)
+    #expect(f.ra.issuanceLog.last?.contains("simplereenroll") == true)
+
+    // Another subject under the same certificate: 403.
+    #expect {
+      try f.client().reenroll(
+        try f.request(next, commonName: "someone-else"), authentication: .certificate(renewed, key: next))
+    } throws: { ($0 as? EnrollmentError)?.kind == .server(403) }
+    // A password is not enough to re-enroll.
+    #expect {
+      try f.client().reenroll(try f.request(next), authentication: EnrollmentFixture.password)
+    } throws: { ($0 as? EnrollmentError)?.kind == .configuration }
+  }
+
+  @Test("202 with Retry-After is waited through; beyond the bound it is a typed error")
+  func pending() throws {
+    let f = try EnrollmentFixture(extraArguments: ["--pending", "2", "--retry-after", "1"])
+    let key = try f.newKey()
+    let start = Date()
+    let chain = try f.client().enroll(try f.request(key), authentication: EnrollmentFixture.password)
+    #expect(chain[0].publicKeyDER == key.publicKey.spki)
+    #expect(Date().timeIntervalSince(start) >= 2)
+
+    let other = try f.newKey()
+    var impatient = ESTOptions()
+    impatient.maximumPendingWait = 1
+    #expect {
+      try f.client(options: impatient).enroll(try f.request(other), authentication: EnrollmentFixture.password)
+    } throws: { ($0 as? EnrollmentError)?.kind == .pendingTooLong }
+  }
+
+  @Test("cacerts, and a first trust anchor bootstrapped only through a pinned fingerprint")
+  func caCertificatesAndPin() throws {
+    let f = try EnrollmentFixture()
+    let published = try f.client().caCertificates()
+    #expect(published.map(\.fingerprint) == [try f.anchors[0].fingerprint])
+
+    let server = try ESTServer(url: f.ra.url)
+    let fingerprint = try f.anchors[0].fingerprint
+    let colons = stride(from: 0, to: 64, by: 2).map { i -> String in
+      let a = fingerprint.index(fingerprint.startIndex, offsetBy: i)
+      return String(fingerprint[a...fingerprint.index(after: a)]).uppercased()
+    }.joined(separator: ":")
+    let pinned = try ESTClient.bootstrapCACertificates(server: server, pinnedFingerprint: colons)
+    #expect(pinned.anchor.fingerprint == fingerprint)
+
+    #expect {
+      try ESTClient.bootstrapCACertificates(server: server, pinnedFingerprint: String(repeating: "ab", count: 32))
+    } throws: { ($0 as? EnrollmentError)?.kind == .pinMismatch }
+    // And without a pin or an anchor there is no client at all.
+    #expect(throws: EnrollmentError.self) { try ESTClient(server: server, trustAnchors: []) }
+  }
+
+  @Test("csrattrs lists what the RA asks for")
+  func csrAttributes() throws {
+    let f = try EnrollmentFixture()
+    let oids = try f.client().csrAttributes()
+    #expect(oids.contains("1.2.840.113549.1.9.7"))  // challengePassword
+    #expect(oids.contains("1.2.840.10045.3.1.7"))  // P-256
+  }
+
+  // Not yet covered: enrollment against the RA capped at TLS 1.2 (`--tls-max 1.2`). With the
+  // test CA's server certificate the RA ends the handshake with "no shared cipher", while the
+  // same RA with an `openssl req`-made certificate, and openssl s_client/curl against either,
+  // negotiate TLS 1.2. Under investigation; see the session note.
+  @Test("a server we do not trust, or one that does not carry our name, is a typed TLS error")
+  func untrustedServer() throws {
+    let f = try EnrollmentFixture()
+    let stranger = try TestCA(name: "Somebody Else's CA")
+    let client = try ESTClient(
+      server: try ESTServer(url: f.ra.localhostURL),
+      trustAnchors: try Certificate.chain(pem: stranger.certificatePEM))
+    #expect {
+      try client.caCertificates()
+    } throws: { error in
+      guard let e = error as? EnrollmentError, e.kind == .tls else { return false }
+      return e.tls?.layer == .serverCertificate && e.tls?.code == .untrustedRoot
+        && e.tls?.certificate?.subject == "CN=EdgeKey Test Root CA"
+    }
+    // The name is checked too: the RA's certificate does not name 127.0.0.2.
+    let wrongName = try ESTClient(server: try ESTServer(url: "https://127.0.0.2:\(f.ra.port)"), trustAnchors: f.anchors)
+    #expect {
+      try wrongName.caCertificates()
+    } throws: { ($0 as? EnrollmentError)?.tls?.code == .nameMismatch || ($0 as? EnrollmentError)?.kind == .network }
+  }
+}

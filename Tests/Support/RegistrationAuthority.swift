@@ -1,0 +1,102 @@
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// A binary this package builds (`edgekey`, `edgekey-ra`), from `.build/debug` or `.build/release`.
+public func builtExecutable(_ name: String) throws -> String {
+  let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent()
+  for configuration in ["debug", "release"] {
+    let path = root.appendingPathComponent(".build/\(configuration)/\(name)").path
+    if FileManager.default.isExecutableFile(atPath: path) { return path }
+  }
+  throw HarnessError("\(name) is not built (swift build --build-tests builds it)")
+}
+
+/// The project's own registration authority (`edgekey-ra`) on a free loopback port, signing
+/// with `ca`, serving TLS with a server certificate from the same CA. Stopped on `deinit`.
+public final class RegistrationAuthority: @unchecked Sendable {
+  public let port: UInt16
+  public let directory: URL
+  public let ca: TestCA
+  private var process: ChildProcess?
+  private let arguments: [String]
+  private let executable: String
+
+  /// - Parameters:
+  ///   - password: `user:pass` for HTTP Basic enrollment.
+  ///   - bootstrapCA: client certificates from this CA may enroll.
+  ///   - lifetime: e.g. "30d", "20s".
+  ///   - extraArguments: e.g. `["--pending", "2"]`, `["--tls-max", "1.2"]`.
+  public init(
+    ca: TestCA, password: String? = "device:factory-secret", bootstrapCA: TestCA? = nil, lifetime: String = "30d",
+    backdate: String = "60", cacertsPEM: String? = nil, extraArguments: [String] = []
+  ) throws {
+    self.ca = ca
+    executable = try builtExecutable("edgekey-ra")
+    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-ra-\(UUID().uuidString)")
+    self.directory = directory
+    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    func write(_ name: String, _ text: String) throws -> String {
+      let url = directory.appendingPathComponent(name)
+      try text.write(to: url, atomically: true, encoding: .utf8)
+      return url.path
+    }
+    let server = try ca.issueServer()
+    var arguments = [
+      "--tls-cert", try write("server.pem", server.certificate), "--tls-key", try write("server.key", server.key),
+      "--ca-cert", try write("ca.pem", ca.certificatePEM), "--ca-key",
+      try write("ca.key", TestCA.privateKeyPEM(ca.key)),
+      "--lifetime", lifetime, "--backdate", backdate, "--log", directory.appendingPathComponent("issued.jsonl").path,
+    ]
+    if let password { arguments += ["--password", password] }
+    if let bootstrapCA { arguments += ["--bootstrap-ca", try write("bootstrap-ca.pem", bootstrapCA.certificatePEM)] }
+    if let cacertsPEM { arguments += ["--cacerts", try write("cacerts.pem", cacertsPEM)] }
+    arguments += extraArguments
+    var lastLog = ""
+    for _ in 0..<5 {
+      let port = try PortFinder.free()
+      let log = directory.appendingPathComponent("ra-\(port).log").path
+      let p = try ChildProcess(executable, arguments + ["--listen", "127.0.0.1:\(port)"], logPath: log)
+      let deadline = Date().addingTimeInterval(10)
+      while p.isRunning && Date() < deadline {
+        lastLog = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        if lastLog.contains("listening on") {
+          self.port = port
+          self.arguments = arguments + ["--listen", "127.0.0.1:\(port)"]
+          process = p
+          return
+        }
+        usleep(20_000)
+      }
+      p.stop()
+    }
+    throw HarnessError("edgekey-ra did not start: \(lastLog)")
+  }
+
+  public var url: String { "https://127.0.0.1:\(port)" }
+  public var localhostURL: String { "https://localhost:\(port)" }
+
+  /// The issuance log, one JSON object per line.
+  public var issuanceLog: [String] {
+    ((try? String(contentsOf: directory.appendingPathComponent("issued.jsonl"), encoding: .utf8)) ?? "")
+      .split(separator: "\n").map(String.init)
+  }
+
+  public func stop() {
+    process?.stop()
+    process = nil
+  }
+
+  /// Starts it again on the same port (after `stop`).
+  public func restart() throws {
+    stop()
+    let p = try ChildProcess(executable, arguments, logPath: directory.appendingPathComponent("ra-restart.log").path)
+    guard PortFinder.waitUntilListening(port, timeout: 10) else { throw HarnessError("edgekey-ra did not restart") }
+    process = p
+  }
+
+  deinit { stop() }
+}
