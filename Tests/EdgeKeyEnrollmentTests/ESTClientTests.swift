@@ -1,3 +1,4 @@
+import EdgeKeyCore
 import EdgeKeyEnrollment
 import EdgeKeyTLS
 import EdgeKeyTPM
@@ -150,5 +151,49 @@ struct ESTClientTests {
     #expect {
       try wrongName.caCertificates()
     } throws: { ($0 as? EnrollmentError)?.tls?.code == .nameMismatch || ($0 as? EnrollmentError)?.kind == .network }
+  }
+}
+
+@Suite("registration authority refusals, seen by curl")
+struct RegistrationAuthorityTests {
+  @Test("malformed, unsigned, oversized, mistyped or wrong-key requests get the RFC's codes and change nothing")
+  func refusals() throws {
+    let f = try EnrollmentFixture(extraArguments: ["--max-body", "8192"])
+    let caFile = f.ra.directory.appendingPathComponent("ca.pem").path
+    func post(_ body: [UInt8], type: String = "application/pkcs10", path: String = "simpleenroll") throws -> String {
+      let file = f.ra.directory.appendingPathComponent("body-\(UUID().uuidString)")
+      try Data(body).write(to: file)
+      return try Command.run(
+        "curl",
+        [
+          "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", caFile, "-u", "device:factory-secret", "-H",
+          "Content-Type: \(type)", "--data-binary", "@\(file.path)", "\(f.ra.localhostURL)/.well-known/est/\(path)",
+        ])
+    }
+    let key = try f.newKey()
+    let good = try f.request(key).der
+    var tampered = good
+    tampered[tampered.count - 3] ^= 0x55
+    #expect(try post(Array(Base64.encodeLines(good).utf8), type: "text/plain") == "415")
+    #expect(try post(Array("not base64 at all!".utf8)) == "400")
+    #expect(try post(Array(Base64.encode(Array(repeating: 0x30, count: 64)).utf8)) == "400")
+    #expect(try post(Array(Base64.encodeLines(tampered).utf8)) == "400")
+    #expect(try post(Array(repeating: 65, count: 20_000)) == "413")
+    #expect(try post(Array(Base64.encodeLines(good).utf8), path: "nosuchthing") == "404")
+    #expect(f.ra.issuanceLog.isEmpty)
+
+    // An RSA-1024 key (made by openssl) is below what the RA accepts.
+    let weak = f.ra.directory.appendingPathComponent("weak.der")
+    _ = try Command.run(
+      "openssl",
+      [
+        "req", "-new", "-newkey", "rsa:1024", "-nodes", "-keyout", "/dev/null", "-subj", "/CN=weak", "-outform", "DER",
+        "-out", weak.path,
+      ])
+    #expect(try post(Array(Base64.encodeLines(Array(try Data(contentsOf: weak))).utf8)) == "400")
+    #expect(f.ra.issuanceLog.isEmpty)
+    // And the good request still goes through afterwards.
+    #expect(try post(Array(Base64.encodeLines(good).utf8)) == "200")
+    #expect(f.ra.issuanceLog.count == 1)
   }
 }

@@ -287,6 +287,14 @@ public final class HTTPSServer: @unchecked Sendable {
       return .refused(.text(400, "malformed Content-Length"))
     }
     if length > limits.maximumBodyBytes {
+      // Read (and drop) a moderately oversized body, so that the client is not reset while
+      // sending and sees the 413; a huge one is cut off.
+      var discarded = buffer.count - (headerEnd! + 4)
+      while discarded < length && discarded < 1 << 20 {
+        let n = SSL_read(ssl, &chunk, Int32(chunk.count))
+        if n <= 0 { break }
+        discarded += Int(n)
+      }
       return .refused(.text(413, "the body is larger than \(limits.maximumBodyBytes) bytes"))
     }
     while body.count < length {
