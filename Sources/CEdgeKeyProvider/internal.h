@@ -68,4 +68,9 @@ void edgekey_tcti_counting_free(TSS2_TCTI_CONTEXT *wrapper);
 /* Flushes the least recently used loaded key other than `keep`; 0 when there was none. */
 int edgekey_tpm_evict_lru_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys, edgekey_tpm_key *keep);
 
+/* `why` (for callers that explain a refusal): a printf-formatted reason, and OpenSSL's last
+ * queued error appended to it (the TLS context builders use both). */
+void edgekey_set_why(char *why, size_t why_len, const char *fmt, ...);
+void edgekey_append_openssl_error(char *why, size_t why_len);
+
 #endif

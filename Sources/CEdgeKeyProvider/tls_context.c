@@ -14,6 +14,7 @@
 
 #include "edgekey_provider.h"
 #include "edgekey_tls.h"
+#include "internal.h"
 
 /* ---- Per-connection record of what went wrong, kept in the SSL's ex_data ------------------- */
 
@@ -156,7 +157,7 @@ static void info_callback(const SSL *ssl, int where, int ret) {
 
 /* ---- Building the context ------------------------------------------------------------------ */
 
-static void set_why(char *why, size_t why_len, const char *fmt, ...) {
+void edgekey_set_why(char *why, size_t why_len, const char *fmt, ...) {
   if (why == NULL || why_len == 0) return;
   va_list ap;
   va_start(ap, fmt);
@@ -164,7 +165,7 @@ static void set_why(char *why, size_t why_len, const char *fmt, ...) {
   va_end(ap);
 }
 
-static void append_openssl_error(char *why, size_t why_len) {
+void edgekey_append_openssl_error(char *why, size_t why_len) {
   unsigned long e = ERR_peek_last_error();
   if (e == 0 || why == NULL) return;
   size_t used = strnlen(why, why_len);
@@ -208,14 +209,14 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
   if (ctx == NULL || cfg == NULL ||
       (has_identity && (cfg->chain_pem == NULL || (cfg->key == NULL) == (cfg->software_key == NULL)))) {
     st = EDGEKEY_TLS_BAD_CHAIN;
-    set_why(why, why_len, "a certificate chain and one key (TPM or software) are required");
+    edgekey_set_why(why, why_len, "a certificate chain and one key (TPM or software) are required");
     goto out;
   }
   if (has_identity) {
     chain = read_certs(cfg->chain_pem);
     if (chain == NULL || sk_X509_num(chain) == 0) {
       st = EDGEKEY_TLS_BAD_CHAIN;
-      set_why(why, why_len, "our certificate chain holds no PEM certificate");
+      edgekey_set_why(why, why_len, "our certificate chain holds no PEM certificate");
       goto out;
     }
     leaf = sk_X509_value(chain, 0);
@@ -223,12 +224,12 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
     describe_cert(leaf, subject, issuer, nb, na);
     if (X509_cmp_current_time(X509_get0_notAfter(leaf)) < 0) {
       st = EDGEKEY_TLS_CERT_EXPIRED;
-      set_why(why, why_len, "our certificate %s (issuer %s) expired on %s", subject, issuer, na);
+      edgekey_set_why(why, why_len, "our certificate %s (issuer %s) expired on %s", subject, issuer, na);
       goto out;
     }
     if (X509_cmp_current_time(X509_get0_notBefore(leaf)) > 0) {
       st = EDGEKEY_TLS_CERT_NOT_YET_VALID;
-      set_why(why, why_len,
+      edgekey_set_why(why, why_len,
               "our certificate %s (issuer %s) is not valid before %s (check the clock)", subject,
               issuer, nb);
       goto out;
@@ -236,7 +237,7 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
     if ((X509_get_extension_flags(leaf) & EXFLAG_XKUSAGE) &&
         !(X509_get_extended_key_usage(leaf) & XKU_SSL_CLIENT)) {
       st = EDGEKEY_TLS_CERT_NO_CLIENT_AUTH;
-      set_why(why, why_len,
+      edgekey_set_why(why, why_len,
               "our certificate %s (issuer %s) has an extended key usage without clientAuth",
               subject, issuer);
       goto out;
@@ -247,14 +248,14 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
       pkey = edgekey_evp_pkey(cfg->key);
     if (pkey == NULL) {
       st = EDGEKEY_TLS_BAD_KEY;
-      set_why(why, why_len, "the TPM key cannot be used through OpenSSL");
-      append_openssl_error(why, why_len);
+      edgekey_set_why(why, why_len, "the TPM key cannot be used through OpenSSL");
+      edgekey_append_openssl_error(why, why_len);
       goto out;
     }
     if (X509_check_private_key(leaf, pkey) != 1) {
       ERR_clear_error();
       st = EDGEKEY_TLS_CERT_KEY_MISMATCH;
-      set_why(why, why_len, "our certificate %s (issuer %s) is for another key than the TPM key",
+      edgekey_set_why(why, why_len, "our certificate %s (issuer %s) is for another key than the TPM key",
               subject, issuer);
       goto out;
     }
@@ -262,12 +263,12 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
   if (cfg->trust_pem == NULL || (anchors = read_certs(cfg->trust_pem)) == NULL ||
       sk_X509_num(anchors) == 0) {
     st = EDGEKEY_TLS_BAD_TRUST;
-    set_why(why, why_len, "no trust anchor: give the CA certificate(s) the server's chain ends in");
+    edgekey_set_why(why, why_len, "no trust anchor: give the CA certificate(s) the server's chain ends in");
     goto out;
   }
   if ((cfg->server_name == NULL || cfg->server_name[0] == '\0') && !cfg->allow_unverified_name) {
     st = EDGEKEY_TLS_NO_SERVER_NAME;
-    set_why(why, why_len, "the server's host name or IP address is required to verify it");
+    edgekey_set_why(why, why_len, "the server's host name or IP address is required to verify it");
     goto out;
   }
 
@@ -307,7 +308,7 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
     ERR_clear_error();
     if (n == 0) {
       st = EDGEKEY_TLS_BAD_CRL;
-      set_why(why, why_len, "the CRL text holds no PEM CRL");
+      edgekey_set_why(why, why_len, "the CRL text holds no PEM CRL");
       goto out;
     }
     /* The server's own certificate is checked against its issuer's CRL. */
@@ -339,8 +340,8 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
   goto out;
 
 fail:
-  set_why(why, why_len, "OpenSSL refused a setting");
-  append_openssl_error(why, why_len);
+  edgekey_set_why(why, why_len, "OpenSSL refused a setting");
+  edgekey_append_openssl_error(why, why_len);
 out:
   EVP_PKEY_free(pkey);
   sk_X509_pop_free(chain, X509_free);
@@ -353,14 +354,14 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
                                 char *why, size_t why_len) {
   if (cfg == NULL || cfg->chain_pem == NULL || (cfg->key == NULL) == (cfg->software_key == NULL)) {
     if (status != NULL) *status = EDGEKEY_TLS_BAD_CHAIN;
-    set_why(why, why_len, "a certificate chain and one key (TPM or software) are required");
+    edgekey_set_why(why, why_len, "a certificate chain and one key (TPM or software) are required");
     return NULL;
   }
   SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
   if (ctx == NULL) {
     if (status != NULL) *status = EDGEKEY_TLS_INTERNAL;
-    set_why(why, why_len, "OpenSSL cannot make a context");
-    append_openssl_error(why, why_len);
+    edgekey_set_why(why, why_len, "OpenSSL cannot make a context");
+    edgekey_append_openssl_error(why, why_len);
     return NULL;
   }
   if (!edgekey_tls_configure(ctx, cfg, status, why, why_len)) {

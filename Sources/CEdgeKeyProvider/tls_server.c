@@ -1,6 +1,5 @@
 /* Server SSL_CTX for the registration authority (and test peers): certificate chain + key,
  * client certificates requested and verified against given CAs. */
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -10,22 +9,15 @@
 
 #include "edgekey_provider.h"
 #include "edgekey_tls.h"
+#include "internal.h"
 
-static void why_printf(char *why, size_t why_len, const char *fmt, ...) {
-  if (why == NULL || why_len == 0) return;
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(why, why_len, fmt, ap);
-  va_end(ap);
-  unsigned long e = ERR_peek_last_error();
-  if (e != 0) {
-    size_t used = strnlen(why, why_len);
-    char buf[256];
-    ERR_error_string_n(e, buf, sizeof(buf));
-    if (used + 3 < why_len) snprintf(why + used, why_len - used, ": %s", buf);
-  }
-  ERR_clear_error();
-}
+/* A reason with OpenSSL's last error appended, and the queue cleared. */
+#define why_printf(why, why_len, ...)                                                              \
+  do {                                                                                             \
+    edgekey_set_why(why, why_len, __VA_ARGS__);                                                    \
+    edgekey_append_openssl_error(why, why_len);                                                    \
+    ERR_clear_error();                                                                             \
+  } while (0)
 
 SSL_CTX *edgekey_tls_server_ctx(const edgekey_tls_server_config *cfg, char *why, size_t why_len) {
   if (why != NULL && why_len > 0) why[0] = '\0';

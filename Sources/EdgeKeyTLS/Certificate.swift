@@ -11,6 +11,13 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
 
   deinit { X509_free(x509) }
 
+  /// Copies of the certificates in a `STACK_OF(X509)` (borrowed), in order.
+  package static func copies(of stack: OpaquePointer) -> [Certificate] {
+    (0..<OPENSSL_sk_num(stack)).compactMap { i in
+      OPENSSL_sk_value(stack, i).flatMap { X509_dup(OpaquePointer($0)) }.map { Certificate(owning: $0) }
+    }
+  }
+
   /// Parses one DER certificate; trailing bytes are refused.
   public convenience init(der: [UInt8]) throws(TLSError) {
     var parsed: OpaquePointer?
@@ -222,11 +229,7 @@ extension Certificate {
         certificate: leaf.summary)
     }
     guard let chain = X509_STORE_CTX_get0_chain(context) else { return [leaf] }
-    var result: [Certificate] = []
-    for i in 0..<OPENSSL_sk_num(chain) {
-      guard let element = OPENSSL_sk_value(chain, i), let copy = X509_dup(OpaquePointer(element)) else { continue }
-      result.append(Certificate(owning: copy))
-    }
+    var result = copies(of: chain)
     // The anchor stays with the trust store, not in the chain we present.
     if result.count > 1, let last = result.last, anchors.contains(where: { $0.der == last.der }) {
       result.removeLast()

@@ -45,14 +45,10 @@ public enum CertsOnlyPKCS7 {
     guard let stack = signed.pointee.cert, OPENSSL_sk_num(stack) > 0 else {
       throw TLSError(.configuration, .badCertificateChain, "the PKCS#7 structure holds no certificate")
     }
-    var result: [Certificate] = []
-    let raw = stack
-    for i in 0..<OPENSSL_sk_num(raw) {
-      guard let element = OPENSSL_sk_value(raw, i), let copy = X509_dup(OpaquePointer(element)) else {
-        throw TLSError(.configuration, .badCertificateChain, "a certificate in the PKCS#7 structure is damaged")
-      }
-      result.append(Certificate(owning: copy))
+    let certificates = Certificate.copies(of: stack)
+    guard certificates.count == OPENSSL_sk_num(stack) else {
+      throw TLSError(.configuration, .badCertificateChain, "a certificate in the PKCS#7 structure is damaged")
     }
-    return result
+    return certificates
   }
 }

@@ -103,7 +103,7 @@ public final class TLSClientContext: @unchecked Sendable {
   deinit { SSL_CTX_free(sslContext) }
 }
 
-func withOptionalCString<R>(_ s: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {
+package func withOptionalCString<R>(_ s: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {
   guard let s else { return body(nil) }
   return s.withCString { body($0) }
 }

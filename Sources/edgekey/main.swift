@@ -71,25 +71,7 @@ func out(_ text: String) {
   print(text)
 }
 
-func jsonString(_ s: String) -> String {
-  var r = "\""
-  for c in s.unicodeScalars {
-    switch c {
-    case "\"": r += "\\\""
-    case "\\": r += "\\\\"
-    case "\n": r += "\\n"
-    case "\r": r += "\\r"
-    case "\t": r += "\\t"
-    default:
-      if c.value < 0x20 { r += "\\u" + String(c.value, radix: 16).leftPad(4) } else { r.unicodeScalars.append(c) }
-    }
-  }
-  return r + "\""
-}
-
-extension String {
-  func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
-}
+func jsonString(_ s: String) -> String { JSON.string(s) }
 
 func authValue(_ args: Arguments) -> [UInt8] {
   guard let variable = args.option("auth-env") else { return [] }

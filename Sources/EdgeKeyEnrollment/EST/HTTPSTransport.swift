@@ -139,9 +139,4 @@ enum HTTPSTransport {
   }
 }
 
-func withOptionalCString<R>(_ s: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {
-  guard let s else { return body(nil) }
-  return s.withCString { body($0) }
-}
-
 private func text(_ raw: UnsafeRawBufferPointer) -> String { HTTPSTransport.text(raw) }

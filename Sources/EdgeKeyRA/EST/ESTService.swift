@@ -237,7 +237,7 @@ public final class ESTService: @unchecked Sendable {
       ("notAfter", ISO8601DateFormatter().string(from: certificate.notAfter)),
       ("fingerprint", certificate.fingerprint), ("authenticatedBy", authenticatedBy),
     ]
-    let line = "{" + fields.map { "\"\($0.0)\":\(jsonString($0.1))" }.joined(separator: ",") + "}\n"
+    let line = "{" + fields.map { "\"\($0.0)\":\(JSON.string($0.1))" }.joined(separator: ",") + "}\n"
     lock.lock()
     defer { lock.unlock() }
     try AppendOnlyFile.append(Array(line.utf8), to: path)
@@ -269,24 +269,4 @@ public final class ESTService: @unchecked Sendable {
     for i in 0..<a.count { difference |= a[i] ^ b[i] }
     return difference == 0
   }
-}
-
-func jsonString(_ s: String) -> String {
-  var out = "\""
-  for scalar in s.unicodeScalars {
-    switch scalar {
-    case "\"": out += "\\\""
-    case "\\": out += "\\\\"
-    case "\n": out += "\\n"
-    case "\r": out += "\\r"
-    case "\t": out += "\\t"
-    default:
-      if scalar.value < 0x20 {
-        out += String(format: "\\u%04x", scalar.value)
-      } else {
-        out.unicodeScalars.append(scalar)
-      }
-    }
-  }
-  return out + "\""
 }

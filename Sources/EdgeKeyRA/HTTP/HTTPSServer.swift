@@ -306,14 +306,7 @@ public final class HTTPSServer: @unchecked Sendable {
     let target = String(requestLine[1])
     let path = target.split(separator: "?", maxSplits: 1).first.map(String.init) ?? target
 
-    var peers: [Certificate] = []
-    if let chain = SSL_get0_verified_chain(ssl) {
-      for i in 0..<OPENSSL_sk_num(chain) {
-        if let element = OPENSSL_sk_value(chain, i), let copy = X509_dup(OpaquePointer(element)) {
-          peers.append(Certificate(owning: copy))
-        }
-      }
-    }
+    let peers = SSL_get0_verified_chain(ssl).map(Certificate.copies(of:)) ?? []
     var unique = [UInt8](repeating: 0, count: 64)
     let uniqueLength = edgekey_tls_unique(ssl, 1, &unique, unique.count)
     return .request(
