@@ -20,19 +20,8 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
 
   /// Parses one DER certificate; trailing bytes are refused.
   public convenience init(der: [UInt8]) throws(TLSError) {
-    var parsed: OpaquePointer?
-    let consumed = der.withUnsafeBufferPointer { buffer -> Int in
-      var p: UnsafePointer<UInt8>? = buffer.baseAddress
-      parsed = d2i_X509(nil, &p, buffer.count)
-      guard let p, let base = buffer.baseAddress else { return -1 }
-      return p - base
-    }
-    ERR_clear_error()
-    guard let parsed else { throw TLSError(.configuration, .badCertificateChain, "not a DER certificate") }
-    guard consumed == der.count else {
-      X509_free(parsed)
-      throw TLSError(.configuration, .badCertificateChain, "\(der.count - consumed) bytes after the certificate")
-    }
+    let parsed = try parseDER(
+      der, "certificate", code: .badCertificateChain, { d2i_X509(nil, $0, $1) }, free: X509_free)
     self.init(owning: parsed)
   }
 
@@ -261,6 +250,28 @@ public enum ExtendedKeyUsage: String, Hashable, Sendable {
 }
 
 // MARK: - OpenSSL helpers
+
+/// Runs an OpenSSL `d2i_*` over all of `der`: a failure, or bytes left after the object, is
+/// "not a DER <what>" or "<n> bytes after the <what>" (the object is then freed with `free`).
+func parseDER<T>(
+  _ der: [UInt8], _ what: String, code: TLSError.Code,
+  _ d2i: (UnsafeMutablePointer<UnsafePointer<UInt8>?>, Int) -> T?, free: (T) -> Void
+) throws(TLSError) -> T {
+  var parsed: T?
+  let consumed = der.withUnsafeBufferPointer { buffer -> Int in
+    var p: UnsafePointer<UInt8>? = buffer.baseAddress
+    parsed = d2i(&p, buffer.count)
+    guard let p, let base = buffer.baseAddress else { return -1 }
+    return p - base
+  }
+  ERR_clear_error()
+  guard let parsed else { throw TLSError(.configuration, code, "not a DER \(what)") }
+  guard consumed == der.count else {
+    free(parsed)
+    throw TLSError(.configuration, code, "\(der.count - consumed) bytes after the \(what)")
+  }
+  return parsed
+}
 
 /// "EC P-256", "RSA 2048", ... for an EVP_PKEY.
 func describeKey(_ key: OpaquePointer) -> String {

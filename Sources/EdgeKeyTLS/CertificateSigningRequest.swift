@@ -121,20 +121,7 @@ extension CertificateSigningRequest {
   }
 
   package static func parse(_ der: [UInt8]) throws(TLSError) -> OpaquePointer {
-    var parsed: OpaquePointer?
-    let consumed = der.withUnsafeBufferPointer { buffer -> Int in
-      var p: UnsafePointer<UInt8>? = buffer.baseAddress
-      parsed = d2i_X509_REQ(nil, &p, buffer.count)
-      guard let p, let base = buffer.baseAddress else { return -1 }
-      return p - base
-    }
-    ERR_clear_error()
-    guard let parsed else { throw TLSError(.configuration, .other, "not a DER PKCS#10 request") }
-    guard consumed == der.count else {
-      X509_REQ_free(parsed)
-      throw TLSError(.configuration, .other, "\(der.count - consumed) bytes after the request")
-    }
-    return parsed
+    try parseDER(der, "PKCS#10 request", code: .other, { d2i_X509_REQ(nil, $0, $1) }, free: X509_REQ_free)
   }
 
   private func withRequest<R>(_ body: (OpaquePointer) -> R) -> R {

@@ -26,19 +26,9 @@ public enum CertsOnlyPKCS7 {
 
   /// Decodes DER; refuses anything but SignedData, trailing bytes, and an empty bag.
   public static func decode(_ der: [UInt8]) throws(TLSError) -> [Certificate] {
-    var parsed: UnsafeMutablePointer<PKCS7>?
-    let consumed = der.withUnsafeBufferPointer { buffer -> Int in
-      var p: UnsafePointer<UInt8>? = buffer.baseAddress
-      parsed = d2i_PKCS7(nil, &p, buffer.count)
-      guard let p, let base = buffer.baseAddress else { return -1 }
-      return p - base
-    }
-    ERR_clear_error()
-    guard let p7 = parsed else { throw TLSError(.configuration, .badCertificateChain, "not a DER PKCS#7 structure") }
+    let p7 = try parseDER(
+      der, "PKCS#7 structure", code: .badCertificateChain, { d2i_PKCS7(nil, $0, $1) }, free: PKCS7_free)
     defer { PKCS7_free(p7) }
-    guard consumed == der.count else {
-      throw TLSError(.configuration, .badCertificateChain, "\(der.count - consumed) bytes after the PKCS#7 structure")
-    }
     guard OBJ_obj2nid(p7.pointee.type) == NID_pkcs7_signed, let signed = p7.pointee.d.sign else {
       throw TLSError(.configuration, .badCertificateChain, "the PKCS#7 structure is not SignedData")
     }
