@@ -752,28 +752,47 @@ static int provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in
 }
 
 static pthread_once_t load_once = PTHREAD_ONCE_INIT;
-static int load_ok;
+static OSSL_LIB_CTX *provider_libctx;
 
+/* The provider lives in a library context of its own, with OpenSSL's default provider beside
+ * it, never in the application's default context. Our keymgmt has to answer to "EC" and "RSA"
+ * (libssl recognises a key's type by those names), and OpenSSL 3.0's method cache cannot keep
+ * two providers' "EC" apart: EVP_DigestSignInit on a TPM key caches our keymgmt under the
+ * empty query, and query_cmp ignores the provider when the lookup has none, so from then on an
+ * unqualified EVP_KEYMGMT_fetch(NULL, "EC", NULL) elsewhere in the process - libssl choosing
+ * its groups, an application generating a software key - could get ours and fail (TLS 1.2
+ * without the P-curves, "operation not supported for this keytype"). No property query
+ * prevents that, because a cache hit skips the query; a separate context does. An EVP_PKEY
+ * made here works in every other context: the EVP layer follows the key's own keymgmt and
+ * provider. Nothing in the application's context (its providers, its default properties,
+ * FIPS mode) is touched. */
 static void load_provider(void) {
-  if (OSSL_PROVIDER_add_builtin(NULL, PROVIDER_NAME, provider_init) != 1) return;
-  /* retain_fallbacks = 1: loading a provider explicitly must not switch the default off. */
-  OSSL_PROVIDER *ours = OSSL_PROVIDER_try_load(NULL, PROVIDER_NAME, 1);
-  load_ok = ours != NULL;
-  /* Our keymgmt answers to "EC" and "RSA" (libssl recognises keys by those names), so an
-   * unqualified fetch - EVP_PKEY_CTX_new_from_name(NULL, "EC", NULL) to generate a software
-   * key, say - could land on it and fail. A preference (optional, "?") for the default
-   * provider keeps every unqualified fetch where it was; our own fetches ask for
-   * provider=edgekey explicitly, which overrides a preference. */
-  if (load_ok && getenv("EDGEKEY_KEEP_DEFAULT_PROPERTIES") == NULL) {
-    const char *props = EVP_default_properties_is_fips_enabled(NULL) ? "fips=yes,?provider=default"
-                                                                     : "?provider=default";
-    EVP_set_default_properties(NULL, props);
+  OSSL_LIB_CTX *libctx = OSSL_LIB_CTX_new();
+  if (libctx == NULL) return;
+  /* Encoders and decoders for the public half (SubjectPublicKeyInfo) come from the default
+   * provider of this context; digests and verification are asked of the application's. */
+  OSSL_PROVIDER *deflt = OSSL_PROVIDER_load(libctx, "default");
+  OSSL_PROVIDER *ours = NULL;
+  if (deflt != NULL && OSSL_PROVIDER_add_builtin(libctx, PROVIDER_NAME, provider_init) == 1)
+    ours = OSSL_PROVIDER_load(libctx, PROVIDER_NAME);
+  if (ours == NULL) {
+    OSSL_PROVIDER_unload(deflt);
+    OSSL_LIB_CTX_free(libctx);
+    ERR_clear_error();
+    return;
   }
+  /* Within this context too, a fetch that does not name a provider prefers the default. */
+  EVP_set_default_properties(libctx, "?provider=default");
+  provider_libctx = libctx; /* lives as long as the process: keys made in it may outlive us */
 }
 
 int edgekey_provider_load(void) {
   pthread_once(&load_once, load_provider);
-  return load_ok;
+  return provider_libctx != NULL;
+}
+
+OSSL_LIB_CTX *edgekey_provider_libctx(void) {
+  return edgekey_provider_load() ? provider_libctx : NULL;
 }
 
 EVP_PKEY *edgekey_evp_pkey(edgekey_tpm_key *key) {
@@ -782,7 +801,7 @@ EVP_PKEY *edgekey_evp_pkey(edgekey_tpm_key *key) {
   const char *name = p->type == TPM2_ALG_ECC ? "EC" : p->type == TPM2_ALG_RSA ? "RSA" : NULL;
   if (name == NULL) return NULL;
   EVP_PKEY *pkey = NULL;
-  EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(NULL, name, PROPS);
+  EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(provider_libctx, name, PROPS);
   OSSL_PARAM params[] = {OSSL_PARAM_construct_octet_string(KEY_REF_PARAM, &key, sizeof(key)),
                          OSSL_PARAM_construct_end()};
   if (ctx == NULL || EVP_PKEY_fromdata_init(ctx) <= 0 ||

@@ -102,6 +102,35 @@ struct ProviderTests {
   }
 
   @Test(
+    "signing with a TPM key leaves unqualified EC and RSA fetches in the default provider",
+    arguments: [KeyAlgorithm.eccP256, .rsa2048])
+  func signingDoesNotCaptureFetches(_ algorithm: KeyAlgorithm) throws {
+    // OpenSSL 3.0 caches the keymgmt EVP_DigestSignInit finds for a key under the empty query,
+    // and a later lookup that names no provider matches that entry whatever its provider. With
+    // the provider in the application's context, the sequence below (cache flushed, then a TPM
+    // signature) made every later unqualified "EC" fetch return ours, in every run.
+    let f = try Fixture(algorithm)
+    let pkey = try #require(edgekey_evp_pkey(f.key.raw))
+    defer { EVP_PKEY_free(pkey) }
+    #expect(EVP_set_default_properties(nil, nil) == 1)  // empties the method cache
+    let md = try #require(EVP_MD_CTX_new())
+    defer { EVP_MD_CTX_free(md) }
+    #expect(EVP_DigestSignInit(md, nil, EVP_sha256(), nil, pkey) == 1)
+    let name = algorithm.isECC ? "EC" : "RSA"
+    for query in [nil, ""] as [String?] {
+      let keymgmt = try #require(EVP_KEYMGMT_fetch(nil, name, query))
+      #expect(String(cString: OSSL_PROVIDER_get0_name(EVP_KEYMGMT_get0_provider(keymgmt))) == "default")
+      EVP_KEYMGMT_free(keymgmt)
+    }
+    let ctx = try #require(EVP_PKEY_CTX_new_from_name(nil, name, nil))
+    defer { EVP_PKEY_CTX_free(ctx) }
+    #expect(EVP_PKEY_keygen_init(ctx) == 1)
+    // The provider is nowhere in the application's context.
+    #expect(EVP_KEYMGMT_fetch(nil, name, "provider=edgekey") == nil)
+    ERR_clear_error()
+  }
+
+  @Test(
     "a CSR signed in the TPM is accepted by openssl req -verify, with the SANs and clientAuth asked for",
     arguments: [KeyAlgorithm.eccP256, .eccP384, .rsa2048])
   func csrVerifies(_ algorithm: KeyAlgorithm) throws {

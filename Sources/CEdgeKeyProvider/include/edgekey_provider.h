@@ -21,15 +21,20 @@ extern "C" {
 #define EDGEKEY_VERSION "0.3.0"
 
 /*
- * Registers and activates the provider in the default library context (once per process;
- * later calls are free). Returns 1 on success.
+ * Registers and activates the provider (once per process; later calls are free). Returns 1 on
+ * success.
  *
- * It also sets the default property query to "?provider=default" (keeping fips=yes if FIPS
- * mode was on): our keymgmt answers to "EC" and "RSA", and without that preference an
- * unqualified fetch elsewhere in the process (a software key generation, say) could land on
- * it. Set EDGEKEY_KEEP_DEFAULT_PROPERTIES in the environment to leave the query alone.
+ * The provider lives in a library context of its own (with OpenSSL's default provider beside
+ * it), not in the application's default context, whose providers, default properties and
+ * FIPS setting are left as they were: our keymgmt answers to "EC" and "RSA", and in the
+ * default context OpenSSL 3.0's method cache would let unrelated fetches of "EC" land on it.
+ * EVP_PKEYs made by edgekey_evp_pkey() work in any context (SSL_CTX_new, EVP_DigestSign...).
  */
 int edgekey_provider_load(void);
+
+/* The provider's library context (NULL if it could not be loaded). For tests and tools that
+ * fetch the provider's algorithms by name; keys come from edgekey_evp_pkey(). */
+OSSL_LIB_CTX *edgekey_provider_libctx(void);
 
 /*
  * The key as an EVP_PKEY of the provider. The EVP_PKEY holds its own reference to `key`, so
