@@ -86,7 +86,7 @@ let package = Package(
     ),
     .executableTarget(
       name: "edgekey",
-      dependencies: ["EdgeKeyTPM", "EdgeKeyTLS", "EdgeKeyMQTT", "EdgeKeyCore"],
+      dependencies: ["EdgeKeyTPM", "EdgeKeyTLS", "EdgeKeyMQTT", "EdgeKeyEnrollment", "EdgeKeyCore"],
       path: "Sources/edgekey"
     ),
 
@@ -110,7 +110,7 @@ let package = Package(
     // Test harness: starts swtpm (and later mosquitto, the RA) on free loopback ports.
     .target(
       name: "EdgeKeyTestSupport",
-      dependencies: ["EdgeKeyCore", "COpenSSL", "CEdgeKeyTestHelpers"],
+      dependencies: ["EdgeKeyCore", "EdgeKeyMQTT", "COpenSSL", "CEdgeKeyTestHelpers"],
       path: "Tests/Support"
     ),
     // C helpers for what Swift cannot do safely itself (fork in a threaded test process).

@@ -76,6 +76,9 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
   public var subject: String { nameString(X509_get_subject_name(x509)) }
   /// The issuer as RFC 2253 text.
   public var issuer: String { nameString(X509_get_issuer_name(x509)) }
+  /// The subject's relative distinguished names in order, as (short name, value): what a
+  /// renewal request repeats.
+  public var subjectFields: [(String, String)] { nameFields(X509_get_subject_name(x509)) }
   /// The subject's common name, if any.
   public var commonName: String? {
     let name = X509_get_subject_name(x509)
@@ -132,6 +135,18 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
   /// True for a CA certificate (basicConstraints cA).
   public var isCA: Bool { X509_check_ca(x509) > 0 }
 
+  /// True when `issuer` names this certificate's issuer and its key verifies the signature.
+  public func isIssued(by issuer: Certificate) -> Bool {
+    defer { ERR_clear_error() }
+    guard X509_check_issued(issuer.x509, x509) == X509_V_OK, let key = X509_get0_pubkey(issuer.x509) else {
+      return false
+    }
+    return X509_verify(x509, key) == 1
+  }
+
+  /// A root: issued by itself (name and signature).
+  public var isSelfSigned: Bool { isIssued(by: self) }
+
   /// The SubjectPublicKeyInfo, DER.
   public var publicKeyDER: [UInt8] {
     guard let key = X509_get0_pubkey(x509) else { return [] }
@@ -169,7 +184,8 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
 
   public var description: String { summary.description }
 
-  static func format(_ date: Date) -> String {
+  /// A date as the summaries print it: UTC, ISO 8601, seconds.
+  public static func format(_ date: Date) -> String {
     let f = DateFormatter()
     f.locale = Locale(identifier: "en_US_POSIX")
     f.timeZone = TimeZone(identifier: "UTC")
@@ -323,6 +339,16 @@ func bioString(_ bio: OpaquePointer?) -> String {
     bytes += chunk[0..<Int(n)]
   }
   return String(decoding: bytes, as: UTF8.self)
+}
+
+/// A name's relative distinguished names in order, as (short name, value).
+func nameFields(_ name: OpaquePointer?) -> [(String, String)] {
+  (0..<X509_NAME_entry_count(name)).compactMap { i -> (String, String)? in
+    guard let entry = X509_NAME_get_entry(name, i),
+      let short = OBJ_nid2sn(OBJ_obj2nid(X509_NAME_ENTRY_get_object(entry)))
+    else { return nil }
+    return (String(cString: short), asn1String(X509_NAME_ENTRY_get_data(entry)))
+  }
 }
 
 func nameString(_ name: OpaquePointer?) -> String {

@@ -136,15 +136,7 @@ extension CertificateSigningRequest {
 
   /// The subject's relative distinguished names in order, as (short name, value).
   public var subjectFields: [(String, String)] {
-    withRequest { req in
-      let name = X509_REQ_get_subject_name(req)
-      return (0..<X509_NAME_entry_count(name)).compactMap { i -> (String, String)? in
-        guard let entry = X509_NAME_get_entry(name, i),
-          let short = OBJ_nid2sn(OBJ_obj2nid(X509_NAME_ENTRY_get_object(entry)))
-        else { return nil }
-        return (String(cString: short), asn1String(X509_NAME_ENTRY_get_data(entry)))
-      }
-    }
+    withRequest { nameFields(X509_REQ_get_subject_name($0)) }
   }
 
   /// The requested key, SubjectPublicKeyInfo DER.

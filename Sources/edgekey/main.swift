@@ -30,6 +30,15 @@ let usage = """
     edgekey csr (--file FILE | --handle H) --subject "O=Acme,CN=device-1" [--san DNS:x,IP:y]
                 [--challenge-env VAR] [--out FILE]
                                               a PKCS#10 request signed inside the TPM
+    edgekey enroll --state DIR --server URL --cafile CA [--subject "O=Acme,CN=device-1"]
+                [--san DNS:x] [--bootstrap-cert PEM --bootstrap-key KEYFILE] [--password-env VAR]
+                [--algorithm A] [--label L] [--force]
+                                              first enrollment over EST (RFC 7030): a new TPM key,
+                                              a CSR, the certificate, all kept in the state
+                                              directory (crash-safe); one JSON line
+    edgekey renew --state DIR --server URL --cafile CA [--force] [--keep-key]
+                                              re-enroll if due (2/3 of the lifetime) or forced,
+                                              with a new TPM key unless --keep-key; one JSON line
     edgekey doctor --host H --port P --cafile CA --cert CERT (--file FILE | --handle H)
                 [--server-name N] [--crl FILE] [--tls-max 1.2|1.3] [--protocol mqtt|tls]
                                               walk the mTLS layers to a broker: TPM and key, our
@@ -52,6 +61,7 @@ let usage = """
     -o, --out FILE  TSS2 PRIVATE KEY file (readable by tpm2-openssl and tpm2-tss-engine)
     -c, --handle H  persistent handle, e.g. 0x81000002
     --auth-env VAR  take the key's auth value from environment variable VAR (never argv)
+    --password-env VAR  EST HTTP Basic credentials USER:PASSWORD from environment variable VAR
     -h, --host H    the broker (pub, sub, doctor); -p, --port P (default 8883)
     -i, --id ID     MQTT client id (default: our certificate's common name)
     -v, --verbose   log to stderr
@@ -117,7 +127,7 @@ func run(_ argv: [String]) throws {
   let args: Arguments
   do {
     args = try Arguments(
-      argv, booleans: ["json", "verbose", "help", "stdin-line", "print-accepted", "retain"],
+      argv, booleans: ["json", "verbose", "help", "stdin-line", "print-accepted", "retain", "force", "keep-key"],
       aliases: [
         "-a": "--algorithm", "-o": "--out", "-c": "--handle", "-v": "--verbose", "-h": "--host", "-p": "--port",
         "-t": "--topic", "-m": "--message", "-q": "--qos", "-l": "--stdin-line", "-r": "--retain", "-i": "--id",
@@ -236,6 +246,12 @@ func run(_ argv: [String]) throws {
 
   case "csr":
     try csrCommand(args, logger: logger)
+
+  case "enroll":
+    try enrollCommand(args, logger: logger)
+
+  case "renew":
+    try renewCommand(args, logger: logger)
 
   case "doctor":
     try doctorCommand(args, logger: logger)

@@ -1,4 +1,5 @@
 import EdgeKeyMQTT
+import EdgeKeyTestSupport
 import Foundation
 import Testing
 

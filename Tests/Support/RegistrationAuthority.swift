@@ -77,6 +77,7 @@ public final class RegistrationAuthority: @unchecked Sendable {
   }
 
   public var url: String { "https://127.0.0.1:\(port)" }
+  public var isRunning: Bool { process?.isRunning ?? false }
   public var localhostURL: String { "https://localhost:\(port)" }
 
   /// The issuance log, one JSON object per line.

@@ -99,7 +99,8 @@ public enum AtomicFile {
     return slash == path.startIndex ? "/" : String(path[..<slash])
   }
 
-  static func syncDirectory(_ directory: String) throws(FileError) {
+  /// fsyncs a directory, so that renames and unlinks in it survive a power cut.
+  public static func syncDirectory(_ directory: String) throws(FileError) {
     let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     guard fd >= 0 else { throw FileError(path: directory, operation: "open", errno: Glibc.errno) }
     defer { close(fd) }

@@ -128,6 +128,10 @@ public final class HTTPSServer: @unchecked Sendable {
 
   /// Binds `host:port` (port 0: the kernel picks a free one) and starts accepting.
   public func start(host: String = "127.0.0.1", port requested: UInt16 = 0) throws {
+    // A client that vanishes while we write its answer must cost us an EPIPE on that
+    // connection, not the process (SIGPIPE's default): a device killed mid-enrollment killed
+    // the registration authority before this.
+    signal(SIGPIPE, SIG_IGN)
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw HTTPServerError("socket: \(String(cString: strerror(errno)))") }
     var one: Int32 = 1

@@ -1,0 +1,439 @@
+import EdgeKeyCore
+import EdgeKeyTLS
+import EdgeKeyTPM
+import Foundation
+
+/// Where and how the device enrolls.
+public struct EnrollmentSettings: Sendable {
+  public var server: ESTServer
+  /// The anchors the device was given for the enrollment server's TLS certificate and for the
+  /// chains it issues. Anchors learnt from `cacerts` are added to these.
+  public var trustAnchors: [Certificate]
+  public var options: ESTOptions
+  /// HTTP Basic credentials for first enrollment (a factory one-time secret), if any. Never logged.
+  public var password: (user: String, password: String)?
+
+  public init(
+    server: ESTServer, trustAnchors: [Certificate], options: ESTOptions = ESTOptions(),
+    password: (user: String, password: String)? = nil
+  ) {
+    self.server = server
+    self.trustAnchors = trustAnchors
+    self.options = options
+    self.password = password
+  }
+}
+
+/// When and how to renew.
+public struct RenewalPolicy: Sendable {
+  /// Renew when this share of the lifetime has passed (2/3: cert-manager's and step's default).
+  public var renewAfter = 2.0 / 3.0
+  /// Renewal is moved earlier by up to this share of the lifetime, by an amount drawn from the
+  /// certificate's fingerprint: a fleet issued at one moment does not renew at one moment, and
+  /// a device renews at the same point after a restart.
+  public var jitter = 0.05
+  /// First retry delay after a failed attempt; doubled per failure up to `maximumBackoff`, and
+  /// never more than a third of the remaining validity (several tries before expiry).
+  public var initialBackoff: TimeInterval = 10
+  public var maximumBackoff: TimeInterval = 3600
+  /// A new TPM key for each certificate (rotation). Off: the key is kept and only the
+  /// certificate renewed.
+  public var rotateKeys = true
+  public var keyAlgorithm: KeyAlgorithm = .eccP256
+  /// A clock reading before this is wrong (the build is newer): nothing is renewed, rotated or
+  /// discarded.
+  public var earliestPlausibleDate = Date(timeIntervalSince1970: 1_793_491_200)  // 2026-11-01
+
+  public init() {}
+
+  /// The moment to renew a certificate.
+  public func renewalDate(for certificate: Certificate) -> Date {
+    let lifetime = certificate.notAfter.timeIntervalSince(certificate.notBefore)
+    let seed = UInt32(certificate.fingerprint.prefix(8), radix: 16) ?? 0
+    let early = Double(seed) / Double(UInt32.max) * jitter * lifetime
+    return certificate.notBefore.addingTimeInterval(lifetime * renewAfter - early)
+  }
+
+  /// The wait after `failures` consecutive failures, `remaining` seconds before expiry.
+  public func backoff(failures: Int, remaining: TimeInterval, random: Double) -> TimeInterval {
+    let exponential = min(initialBackoff * pow(2, Double(max(failures - 1, 0))), maximumBackoff)
+    let capped = remaining > 0 ? min(exponential, max(remaining / 3, 1)) : exponential
+    return capped * (0.5 + random / 2)
+  }
+}
+
+/// Something the agent did, for logs and metrics. Holds no secret.
+public enum RenewalEvent: Sendable, CustomStringConvertible {
+  case scheduled(Date, certificate: TLSError.CertificateSummary)
+  case started(reenroll: Bool)
+  case keyCreated(algorithm: KeyAlgorithm)
+  case renewed(TLSError.CertificateSummary, newKey: Bool)
+  case bootstrapFallback(reason: String)
+  case anchorsChanged(added: [String], withdrawn: [String])
+  case anchorsRemoved([String])
+  case previousRetired(keyRetired: Bool)
+  case failed(EnrollmentError, retryIn: TimeInterval?)
+  case clockRefused(String)
+
+  public var description: String {
+    switch self {
+    case .scheduled(let date, let cert): return "renewal of \(cert.subject) scheduled at \(date)"
+    case .started(let reenroll): return reenroll ? "re-enrollment started" : "enrollment started"
+    case .keyCreated(let algorithm): return "new \(algorithm) key created in the TPM"
+    case .renewed(let cert, let newKey):
+      return "installed \(cert.subject) until \(cert.notAfter)\(newKey ? " with a new key" : "")"
+    case .bootstrapFallback(let reason): return "falling back to the bootstrap credential: \(reason)"
+    case .anchorsChanged(let added, let withdrawn):
+      return "trust anchors: added \(added), no longer sent \(withdrawn)"
+    case .anchorsRemoved(let removed): return "trust anchors removed: \(removed)"
+    case .previousRetired(let keyRetired): return "previous credential retired\(keyRetired ? " with its key" : "")"
+    case .failed(let error, let retry):
+      return "renewal failed: \(error)\(retry.map { String(format: "; retry in %.0f s", $0) } ?? "")"
+    case .clockRefused(let why): return "clock refused: \(why)"
+    }
+  }
+}
+
+/// Counts per step, for `status` and metrics.
+public struct RenewalCounters: Sendable, Equatable {
+  public var attempts = 0
+  public var renewals = 0
+  public var failures = 0
+  public var bootstrapFallbacks = 0
+  public var keysCreated = 0
+  public var keysRetired = 0
+  public var anchorsAdded = 0
+  public var anchorsRemoved = 0
+  public var clockRefusals = 0
+}
+
+/// Keeps the device's certificate valid: enrolls, renews at the policy's moment, rotates the
+/// TPM key, follows the CA's anchors, and retires the old credential once the new one has
+/// worked. Every switch goes through the `CredentialStore`, so a kill at any instant leaves a
+/// working credential.
+///
+/// `install` is called with each new credential (give it to the MQTT client); call
+/// `confirmInUse()` when a handshake with it has succeeded, which retires the previous key.
+public final class RenewalAgent: @unchecked Sendable {
+  public let store: CredentialStore
+  public let tpm: TPM
+  public let settings: EnrollmentSettings
+  public let policy: RenewalPolicy
+  /// The subject and names to request; nil: those of the current (or bootstrap) certificate.
+  public let identity: (subject: [(String, String)], names: [SubjectAlternativeName])?
+
+  private let onEvent: @Sendable (RenewalEvent) -> Void
+  private let install: @Sendable (Credential, TPMKey) -> Void
+  private let clock: @Sendable () -> Date
+  private let condition = NSCondition()
+  private var state = State()
+
+  private struct State {
+    var counters = RenewalCounters()
+    var withdrawn: [Certificate] = []
+    var running = false
+    var stopping = false
+    var kick = false
+    var thread: Thread?
+    var finished = false
+  }
+
+  public init(
+    store: CredentialStore, tpm: TPM, settings: EnrollmentSettings, policy: RenewalPolicy = RenewalPolicy(),
+    identity: (subject: [(String, String)], names: [SubjectAlternativeName])? = nil,
+    clock: @escaping @Sendable () -> Date = { Date() },
+    onEvent: @escaping @Sendable (RenewalEvent) -> Void = { _ in },
+    install: @escaping @Sendable (Credential, TPMKey) -> Void = { _, _ in }
+  ) {
+    self.store = store
+    self.tpm = tpm
+    self.settings = settings
+    self.policy = policy
+    self.identity = identity
+    self.clock = clock
+    self.onEvent = onEvent
+    self.install = install
+  }
+
+  public var counters: RenewalCounters { locked { $0.counters } }
+
+  /// The credential in use and its key, or nil before the first enrollment.
+  public func current() throws(EnrollmentError) -> (Credential, TPMKey)? {
+    guard let credential = try store.read(.current) else { return nil }
+    return (credential, try load(credential.key))
+  }
+
+  // MARK: - One attempt
+
+  /// Enrolls or renews now: re-enrollment with the current certificate while it is valid;
+  /// otherwise (first enrollment, or expired) enrollment with the bootstrap credential and/or
+  /// the password. Returns the installed credential.
+  @discardableResult
+  public func renew() throws(EnrollmentError) -> Credential {
+    locked { $0.counters.attempts += 1 }
+    do {
+      return try attempt()
+    } catch {
+      locked { s in
+        s.counters.failures += 1
+        if error.kind == .clock { s.counters.clockRefusals += 1 }
+      }
+      throw error
+    }
+  }
+
+  private func attempt() throws(EnrollmentError) -> Credential {
+    let now = clock()
+    let current = try store.read(.current)
+    let bootstrap = try store.read(.bootstrap)
+    try checkClock(now, against: current?.certificate ?? bootstrap?.certificate)
+
+    // Who we are to the server.
+    var authentication: ESTAuthentication
+    let reenroll: Bool
+    if let current, let cert = current.certificate, cert.isValid(at: now) {
+      authentication = .certificate(current.chain, key: try load(current.key))
+      reenroll = true
+    } else {
+      if current != nil {
+        let why = "the current certificate expired at \(current?.certificate?.notAfter ?? now)"
+        locked { $0.counters.bootstrapFallbacks += 1 }
+        onEvent(.bootstrapFallback(reason: why))
+      }
+      if let bootstrap, let cert = bootstrap.certificate, cert.isValid(at: now) {
+        authentication = .certificate(bootstrap.chain, key: try load(bootstrap.key))
+      } else if settings.password == nil {
+        throw EnrollmentError(
+          .configuration,
+          current == nil
+            ? "no bootstrap credential and no enrollment password: cannot enroll"
+            : "the certificate expired and there is no valid bootstrap credential or password to enroll again")
+      } else {
+        authentication = .none
+      }
+      if let password = settings.password {
+        authentication.username = password.user
+        authentication.password = password.password
+      }
+      reenroll = false
+    }
+    onEvent(.started(reenroll: reenroll))
+
+    // The CA's current anchors, before anything is requested.
+    let stored = try store.anchors()
+    let client = try ESTClient(
+      server: settings.server, trustAnchors: Self.union(settings.trustAnchors, stored), options: settings.options)
+    let rollover = AnchorRollover.merge(
+      stored: stored, configured: settings.trustAnchors, offered: try client.caCertificates())
+    if !rollover.added.isEmpty || rollover.withdrawn.map(\.der) != locked({ $0.withdrawn.map(\.der) }) {
+      if !rollover.added.isEmpty { try store.saveAnchors(rollover.anchors) }
+      locked { s in
+        s.counters.anchorsAdded += stored.isEmpty ? 0 : rollover.added.count
+        s.withdrawn = rollover.withdrawn
+      }
+      onEvent(.anchorsChanged(added: rollover.added.map(\.subject), withdrawn: rollover.withdrawn.map(\.subject)))
+    }
+    let issuing = try ESTClient(
+      server: settings.server, trustAnchors: Self.union(settings.trustAnchors, rollover.anchors),
+      options: settings.options)
+
+    // The key: the one already waiting in next.pem (a renewal cut short), a new one, or the
+    // current one when rotation is off.
+    let (keyFile, newKey) = try keyForRequest(current: reenroll ? current : nil)
+    let key = try load(keyFile)
+    let (subject, names) = requestedIdentity(current: current, bootstrap: bootstrap)
+    let csr: CertificateSigningRequest
+    do {
+      csr = try CertificateSigningRequest(key: key, subject: subject, subjectAlternativeNames: names)
+    } catch {
+      throw EnrollmentError(error.layer == .tpm ? .tpm : .configuration, "the request: \(error.reason)", tls: error)
+    }
+    let chain =
+      reenroll
+      ? try issuing.reenroll(csr, authentication: authentication)
+      : try issuing.enroll(csr, authentication: authentication)
+
+    // Saved, then switched to: each step atomic, and open() finishes a switch cut short.
+    let issued = Credential(key: keyFile, chain: chain)
+    try store.write(issued, to: .next)
+    try store.promoteNext()
+    locked { $0.counters.renewals += 1 }
+    onEvent(.renewed(chain[0].summary, newKey: newKey))
+    install(issued, key)
+    return issued
+  }
+
+  private func keyForRequest(current: Credential?) throws(EnrollmentError) -> (TSS2PrivateKey, Bool) {
+    if let current, !policy.rotateKeys { return (current.key, false) }
+    if let pending = try? store.read(.next), !pending.isComplete,
+      (try? pending.key.publicKey().algorithm) == policy.keyAlgorithm
+    {
+      // A key created by an attempt that did not finish: used instead of making another, if
+      // the TPM can still load it (a cleared TPM cannot).
+      if let key = try? tpm.loadKey(pending.key), (try? key.load()) != nil { return (pending.key, true) }
+      try store.remove(.next)
+    }
+    let file: TSS2PrivateKey
+    do { file = try tpm.createKey(policy.keyAlgorithm) } catch {
+      throw EnrollmentError(.tpm, "creating the new key: \(error)")
+    }
+    try store.write(Credential(key: file), to: .next)
+    locked { $0.counters.keysCreated += 1 }
+    onEvent(.keyCreated(algorithm: policy.keyAlgorithm))
+    return (file, true)
+  }
+
+  private func requestedIdentity(current: Credential?, bootstrap: Credential?) -> (
+    [(String, String)], [SubjectAlternativeName]
+  ) {
+    if let identity { return (identity.subject, identity.names) }
+    if let cert = current?.certificate ?? bootstrap?.certificate {
+      return (cert.subjectFields, cert.subjectAlternativeNames)
+    }
+    return ([], [])
+  }
+
+  private func checkClock(_ now: Date, against certificate: Certificate?) throws(EnrollmentError) {
+    var why: String?
+    if now < policy.earliestPlausibleDate {
+      why = "the clock reads \(now), before this software was built (\(policy.earliestPlausibleDate))"
+    } else if let certificate, now.addingTimeInterval(settings.options.clockSkew) < certificate.notBefore {
+      why = "the clock reads \(now), before our certificate was issued (\(certificate.notBefore))"
+    }
+    if let why {
+      onEvent(.clockRefused(why))
+      throw EnrollmentError(.clock, "\(why); nothing is renewed, rotated or discarded until it is set")
+    }
+  }
+
+  // MARK: - After a successful handshake
+
+  /// The current credential has been used in a successful handshake: the previous one (and its
+  /// key) is retired, and anchors the server no longer sends are dropped when our chain does
+  /// not need them.
+  public func confirmInUse() throws(EnrollmentError) {
+    let hadPrevious = (try? store.read(.previous)) != nil
+    let retiredKey = try store.retirePrevious()
+    if retiredKey != nil { locked { $0.counters.keysRetired += 1 } }
+    if hadPrevious { onEvent(.previousRetired(keyRetired: retiredKey != nil)) }
+
+    let withdrawn = locked { $0.withdrawn }
+    guard !withdrawn.isEmpty, let current = try store.read(.current), let leaf = current.certificate else { return }
+    let stored = try store.anchors()
+    let remaining = stored.filter { anchor in !withdrawn.contains { $0.der == anchor.der } }
+    guard !remaining.isEmpty,
+      (try? Certificate.verifiedChain(
+        leaf: leaf, untrusted: Array(current.chain.dropFirst()), anchors: remaining, purpose: .clientAuth, at: clock()))
+        != nil
+    else { return }
+    try store.saveAnchors(remaining)
+    locked { s in
+      s.counters.anchorsRemoved += stored.count - remaining.count
+      s.withdrawn = []
+    }
+    onEvent(.anchorsRemoved(withdrawn.map(\.subject)))
+  }
+
+  // MARK: - Running in the background
+
+  /// Renews in a thread of its own at the policy's moments until `stop()`.
+  public func start() {
+    let thread: Thread? = locked { s in
+      guard !s.running else { return nil }
+      s.running = true
+      s.stopping = false
+      s.finished = false
+      let t = Thread { [self] in run() }
+      t.name = "edgekey-renewal"
+      s.thread = t
+      return t
+    }
+    thread?.start()
+  }
+
+  /// Asks for a renewal now (a SIGHUP, an operator's command, a broker that refused us).
+  public func renewSoon() {
+    condition.lock()
+    state.kick = true
+    condition.broadcast()
+    condition.unlock()
+  }
+
+  /// Stops the background thread and waits for it (an attempt under way finishes first).
+  public func stop() {
+    condition.lock()
+    guard state.running else {
+      condition.unlock()
+      return
+    }
+    state.stopping = true
+    condition.broadcast()
+    while !state.finished { condition.wait() }
+    state.running = false
+    condition.unlock()
+  }
+
+  private func run() {
+    var failures = 0
+    while !locked({ $0.stopping }) {
+      let now = clock()
+      let current = try? store.read(.current)
+      var wait: TimeInterval
+      if let cert = current?.certificate, !locked({ $0.kick }) {
+        let due = policy.renewalDate(for: cert)
+        if due > now {
+          if failures == 0 { onEvent(.scheduled(due, certificate: cert.summary)) }
+          failures = 0
+          sleep(until: due)
+          continue
+        }
+      }
+      locked { $0.kick = false }
+      do {
+        try renew()
+        failures = 0
+        continue
+      } catch {
+        failures += 1
+        let remaining = current?.certificate?.notAfter.timeIntervalSince(now) ?? 0
+        wait = policy.backoff(failures: failures, remaining: remaining, random: Double.random(in: 0..<1))
+        onEvent(.failed(error, retryIn: wait))
+      }
+      sleep(until: clock().addingTimeInterval(wait))
+    }
+    condition.lock()
+    state.finished = true
+    condition.broadcast()
+    condition.unlock()
+  }
+
+  /// Sleeps until `date` by the agent's clock, or until stopped or kicked.
+  private func sleep(until date: Date) {
+    condition.lock()
+    defer { condition.unlock() }
+    while !state.stopping && !state.kick {
+      let left = date.timeIntervalSince(clock())
+      if left <= 0 { return }
+      // Wake at least once a minute: a clock that jumped (NTP after boot) is noticed.
+      _ = condition.wait(until: Date().addingTimeInterval(min(left, 60)))
+    }
+  }
+
+  // MARK: - Helpers
+
+  private func load(_ file: TSS2PrivateKey) throws(EnrollmentError) -> TPMKey {
+    do { return try tpm.loadKey(file) } catch { throw EnrollmentError(.tpm, "loading a stored key: \(error)") }
+  }
+
+  private static func union(_ a: [Certificate], _ b: [Certificate]) -> [Certificate] {
+    var result = a
+    for c in b where !result.contains(where: { $0.der == c.der }) { result.append(c) }
+    return result
+  }
+
+  private func locked<R>(_ body: (inout State) -> R) -> R {
+    condition.lock()
+    defer { condition.unlock() }
+    return body(&state)
+  }
+}

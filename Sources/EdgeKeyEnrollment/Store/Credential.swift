@@ -1,0 +1,54 @@
+import EdgeKeyCore
+import EdgeKeyTLS
+import EdgeKeyTPM
+
+/// A TPM key reference (the TSS2 key file: blobs wrapped by the TPM, useless without it) and
+/// the certificate chain issued for it, our certificate first. A pending credential has a key
+/// and no chain yet.
+///
+/// On disk it is one PEM file, the key block then the certificates, so that one atomic rename
+/// switches key and certificate together; tpm2-openssl and OpenSSL's tools read the same file.
+public struct Credential: Sendable {
+  public let key: TSS2PrivateKey
+  public let chain: [Certificate]
+
+  public init(key: TSS2PrivateKey, chain: [Certificate] = []) {
+    self.key = key
+    self.chain = chain
+  }
+
+  /// Our certificate, if issued.
+  public var certificate: Certificate? { chain.first }
+  public var isComplete: Bool { !chain.isEmpty }
+
+  public var pem: String { key.pem + chain.map(\.pem).joined() }
+
+  /// Parses and checks a stored credential: a TSS2 key block, then any certificates, the first
+  /// of which must be for that key.
+  public init(pem: String, origin: String) throws(EnrollmentError) {
+    do {
+      key = try TSS2PrivateKey(pem: pem)
+    } catch {
+      throw EnrollmentError(.storage, "\(origin): \(error)")
+    }
+    if pem.contains("-----BEGIN CERTIFICATE-----") {
+      do {
+        chain = try Certificate.chain(pem: pem)
+      } catch {
+        throw EnrollmentError(.storage, "\(origin): \(error.reason)")
+      }
+    } else {
+      chain = []
+    }
+    if let leaf = chain.first {
+      let spki: [UInt8]
+      do { spki = try key.publicKey().spki } catch {
+        throw EnrollmentError(.storage, "\(origin): the key's public area cannot be read: \(error)")
+      }
+      guard leaf.publicKeyDER == spki else {
+        throw EnrollmentError(
+          .storage, "\(origin): the certificate is not for the key stored with it", certificate: leaf.summary)
+      }
+    }
+  }
+}

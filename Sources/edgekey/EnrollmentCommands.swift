@@ -1,0 +1,102 @@
+import EdgeKeyCore
+import EdgeKeyEnrollment
+import EdgeKeyTLS
+import EdgeKeyTPM
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// The settings `enroll` and `renew` share: --state DIR --server URL --cafile CA [--label L]
+/// [--password-env VAR].
+func enrollmentSettings(_ args: Arguments) -> (CredentialStore, EnrollmentSettings) {
+  guard let state = args.option("state") else { fail("needs --state DIR (the credential store)", .usage) }
+  guard let url = args.option("server") else { fail("needs --server https://HOST:PORT (the EST server)", .usage) }
+  guard let caFile = args.option("cafile") else { fail("needs --cafile CA.pem (trust for the EST server)", .usage) }
+  let anchors: [Certificate]
+  do {
+    anchors = try Certificate.chain(pem: String(decoding: try AtomicFile.read(caFile, limit: 1 << 20), as: UTF8.self))
+  } catch {
+    fail("--cafile \(caFile): \(error)", .usage)
+  }
+  var password: (user: String, password: String)?
+  if let variable = args.option("password-env") {
+    guard let value = getenv(variable) else { fail("environment variable \(variable) is not set", .usage) }
+    let text = String(cString: value)
+    guard let colon = text.firstIndex(of: ":") else { fail("\(variable) must hold USER:PASSWORD", .usage) }
+    password = (String(text[..<colon]), String(text[text.index(after: colon)...]))
+  }
+  do {
+    let store = try CredentialStore(directory: state)
+    let server = try ESTServer(url: url, label: args.option("label"))
+    return (store, EnrollmentSettings(server: server, trustAnchors: anchors, password: password))
+  } catch {
+    fail(error.description, error.kind == .storage ? .failure : .usage)
+  }
+}
+
+func credentialJSON(_ credential: Credential, store: CredentialStore, action: String, counters: RenewalCounters)
+  -> String
+{
+  let cert = credential.certificate
+  return "{\"action\":\(jsonString(action)),\"subject\":\(jsonString(cert?.subject ?? "")),"
+    + "\"issuer\":\(jsonString(cert?.issuer ?? "")),\"serial\":\(jsonString(cert?.serialNumber ?? "")),"
+    + "\"notAfter\":\(jsonString(cert?.summary.notAfter ?? "")),"
+    + "\"keyFingerprint\":\(jsonString("sha256:" + ((try? credential.key.publicKey().fingerprint) ?? ""))),"
+    + "\"keysCreated\":\(counters.keysCreated),\"state\":\(jsonString(store.path(.current)))}"
+}
+
+/// `edgekey enroll`: first enrollment (the factory line), with a bootstrap certificate and key
+/// (copied into the store) and/or a password.
+func enrollCommand(_ args: Arguments, logger: Logger) throws {
+  let (store, settings) = enrollmentSettings(args)
+  let tpm = openTPM(args, logger: logger)
+  if let certFile = args.option("bootstrap-cert") {
+    guard let keyFile = args.option("bootstrap-key") else { fail("--bootstrap-cert needs --bootstrap-key", .usage) }
+    let chain = try Certificate.chain(
+      pem: String(decoding: try AtomicFile.read(certFile, limit: 1 << 20), as: UTF8.self))
+    let bootstrap = Credential(key: try TSS2PrivateKey(contentsOf: keyFile), chain: chain)
+    // Checked (the certificate is for that key) by reading it back.
+    try store.write(bootstrap, to: .bootstrap)
+    _ = try store.read(.bootstrap)
+  }
+  let identity = args.option("subject").map {
+    (subject: parseSubject($0), names: args.option("san").map(parseSANs) ?? [])
+  }
+  if try store.read(.current) != nil && !args.flag("force") {
+    fail("\(store.path(.current)) exists: this device is enrolled (renew, or --force to enroll again)", .failure)
+  }
+  var policy = RenewalPolicy()
+  if let text = args.option("algorithm") {
+    guard let algorithm = KeyAlgorithm(rawValue: text) else { fail("unknown algorithm \(text)", .usage) }
+    policy.keyAlgorithm = algorithm
+  }
+  let agent = RenewalAgent(
+    store: store, tpm: tpm, settings: settings, policy: policy, identity: identity,
+    onEvent: { logger.info("\($0)") })
+  let credential = try agent.renew()
+  out(credentialJSON(credential, store: store, action: "enrolled", counters: agent.counters))
+}
+
+/// `edgekey renew`: renews now if due (or with --force); otherwise says when it will be.
+func renewCommand(_ args: Arguments, logger: Logger) throws {
+  let (store, settings) = enrollmentSettings(args)
+  guard let current = try store.read(.current), let cert = current.certificate else {
+    fail("\(store.path(.current)) holds no credential: enroll first", .failure)
+  }
+  var policy = RenewalPolicy()
+  policy.rotateKeys = !args.flag("keep-key")
+  let due = policy.renewalDate(for: cert)
+  if due > Date() && !args.flag("force") {
+    out(
+      "{\"action\":\"none\",\"renewAt\":\(jsonString(Certificate.format(due))),"
+        + "\"notAfter\":\(jsonString(cert.summary.notAfter))}")
+    return
+  }
+  let tpm = openTPM(args, logger: logger)
+  let agent = RenewalAgent(
+    store: store, tpm: tpm, settings: settings, policy: policy, onEvent: { logger.info("\($0)") })
+  let credential = try agent.renew()
+  out(credentialJSON(credential, store: store, action: "renewed", counters: agent.counters))
+}

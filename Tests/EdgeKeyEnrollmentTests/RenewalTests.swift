@@ -1,0 +1,384 @@
+import COpenSSL
+import EdgeKeyCore
+import EdgeKeyEnrollment
+import EdgeKeyMQTT
+import EdgeKeyTLS
+import EdgeKeyTPM
+import EdgeKeyTestSupport
+import Foundation
+import Testing
+
+extension EnrollmentFixture {
+  /// A manufacturer credential: a TPM key and a certificate for it from `factory`.
+  func bootstrapCredential(from factory: TestCA, commonName: String) throws -> Credential {
+    let file = try tpm.createKey(.eccP256)
+    let issued = try factory.issueClient(publicKeyDER: try file.publicKey().spki, commonName: commonName)
+    return Credential(key: file, chain: try Certificate.chain(pem: issued.certificate))
+  }
+
+  func settings(password: (String, String)? = nil) throws -> EnrollmentSettings {
+    EnrollmentSettings(
+      server: try ESTServer(url: ra.localhostURL), trustAnchors: try anchors,
+      password: password.map { (user: $0.0, password: $0.1) })
+  }
+}
+
+/// Records events, thread-safely.
+final class EventLog: @unchecked Sendable {
+  private let lock = NSLock()
+  private var events: [String] = []
+  func add(_ e: RenewalEvent) {
+    lock.lock()
+    events.append(e.description)
+    lock.unlock()
+  }
+  var all: [String] {
+    lock.lock()
+    defer { lock.unlock() }
+    return events
+  }
+}
+
+func stateDirectory() -> String { temporaryPath("state") }
+
+@Suite("credential store and renewal agent")
+struct RenewalTests {
+  @Test("the store: 0700 and 0600, key and chain in one file, a cut-short switch finished on open")
+  func store() throws {
+    let f = try EnrollmentFixture()
+    let dir = stateDirectory()
+    let store = try CredentialStore(directory: dir)
+    var info = stat()
+    stat(dir, &info)
+    #expect(info.st_mode & 0o777 == 0o700)
+    #expect(try store.read(.current) == nil)
+
+    let old = try f.bootstrapCredential(from: f.ca, commonName: "device-1")
+    let new = try f.bootstrapCredential(from: f.ca, commonName: "device-1")
+    try store.write(old, to: .current)
+    stat(store.path(.current), &info)
+    #expect(info.st_mode & 0o777 == 0o600)
+    // Killed after saving the issued credential and before switching: open() switches.
+    try store.write(new, to: .next)
+    FileManager.default.createFile(atPath: store.path(.current) + ".tmp-1-2", contents: Data("torn".utf8))
+    let reopened = try CredentialStore(directory: dir)
+    #expect(reopened.recovery.finishedSwitch)
+    #expect(reopened.recovery.removedTemporaryFiles == 1)
+    #expect(try reopened.read(.current)?.certificate?.der == new.certificate?.der)
+    #expect(try reopened.read(.previous)?.certificate?.der == old.certificate?.der)
+    #expect(try reopened.read(.next) == nil)
+    // The file is what tpm2-openssl and openssl read: key block, then the chain.
+    let text = try String(contentsOfFile: reopened.path(.current), encoding: .utf8)
+    #expect(text.hasPrefix("-----BEGIN TSS2 PRIVATE KEY-----"))
+    #expect(text.contains("-----BEGIN CERTIFICATE-----"))
+
+    // A certificate stored with another key, and a damaged file: errors, nothing discarded.
+    try String(old.key.pem + new.chain.map(\.pem).joined()).write(
+      toFile: reopened.path(.bootstrap), atomically: true, encoding: .utf8)
+    #expect(throws: EnrollmentError.self) { try reopened.read(.bootstrap) }
+    try "-----BEGIN TSS2 PRIVATE KEY-----\nAAAA\n".write(
+      toFile: reopened.path(.bootstrap), atomically: true, encoding: .utf8)
+    let damaged = #expect(throws: EnrollmentError.self) { try reopened.read(.bootstrap) }
+    #expect(damaged?.kind == .storage)
+    #expect(FileManager.default.fileExists(atPath: reopened.path(.bootstrap)))
+
+    // Retiring the previous credential deletes it and hands back its key.
+    #expect(try reopened.retirePrevious() == old.key)
+    #expect(try reopened.read(.previous) == nil)
+  }
+
+  @Test("renewal moments: 2/3 of the lifetime, moved earlier by at most the jitter; backoff capped by what is left")
+  func policy() throws {
+    let ca = try TestCA()
+    var policy = RenewalPolicy()
+    for _ in 0..<20 {
+      let issued = try ca.issueSoftwareClient(commonName: "d")
+      EVP_PKEY_free(issued.key)
+      let cert = try Certificate(pem: issued.certificate)
+      let lifetime = cert.notAfter.timeIntervalSince(cert.notBefore)
+      let at = policy.renewalDate(for: cert).timeIntervalSince(cert.notBefore) / lifetime
+      #expect(at <= 2.0 / 3.0 && at >= 2.0 / 3.0 - policy.jitter)
+      #expect(policy.renewalDate(for: cert) == policy.renewalDate(for: cert), "the same moment after a restart")
+    }
+    policy.initialBackoff = 10
+    policy.maximumBackoff = 3600
+    #expect(policy.backoff(failures: 1, remaining: 86400, random: 1) == 10)
+    #expect(policy.backoff(failures: 4, remaining: 86400, random: 1) == 80)
+    #expect(policy.backoff(failures: 30, remaining: 86400, random: 1) == 3600)
+    // Two minutes left: never wait more than a third of it.
+    #expect(policy.backoff(failures: 30, remaining: 120, random: 1) == 40)
+    #expect(policy.backoff(failures: 30, remaining: 120, random: 0) == 20)
+  }
+
+  @Test("a clock before the build or before our certificate renews, rotates and discards nothing")
+  func wrongClock() throws {
+    let factory = try TestCA(name: "Factory CA")
+    let f = try EnrollmentFixture(password: nil, bootstrapCA: factory)
+    let store = try CredentialStore(directory: stateDirectory())
+    try store.write(try f.bootstrapCredential(from: factory, commonName: "device-9"), to: .bootstrap)
+    let events = EventLog()
+    let agent = RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(), clock: { Date(timeIntervalSince1970: 946_684_800) },
+      onEvent: events.add)
+    let error = #expect(throws: EnrollmentError.self) { try agent.renew() }
+    #expect(error?.kind == .clock)
+    #expect(error?.message.contains("before this software was built") == true)
+    #expect(agent.counters.clockRefusals == 1)
+    #expect(try store.read(.next) == nil, "no key was created")
+    #expect(f.ra.issuanceLog.isEmpty)
+
+    // A clock a year behind the certificate (newer build, stale RTC) is refused too.
+    let enrolled = RenewalAgent(store: store, tpm: f.tpm, settings: try f.settings())
+    let credential = try enrolled.renew()
+    let behind = credential.certificate!.notBefore.addingTimeInterval(-86400)
+    var policy = RenewalPolicy()
+    policy.earliestPlausibleDate = behind.addingTimeInterval(-86400)
+    let stale = RenewalAgent(store: store, tpm: f.tpm, settings: try f.settings(), policy: policy, clock: { behind })
+    let refused = #expect(throws: EnrollmentError.self) { try stale.renew() }
+    #expect(refused?.message.contains("before our certificate was issued") == true)
+    #expect(try store.read(.current)?.certificate?.der == credential.certificate?.der)
+    #expect(f.ra.issuanceLog.count == 1)
+  }
+
+  @Test(
+    "end to end: factory enrollment with a bootstrap certificate, MQTT, three renewals with new keys while messages flow, none lost"
+  )
+  func endToEnd() async throws {
+    let factory = try TestCA(name: "Factory CA")
+    let f = try EnrollmentFixture(password: nil, bootstrapCA: factory, lifetime: "6s", backdate: "1")
+    let store = try CredentialStore(directory: stateDirectory())
+    try store.write(try f.bootstrapCredential(from: factory, commonName: "device-42"), to: .bootstrap)
+    var policy = RenewalPolicy()
+    policy.initialBackoff = 0.5
+    let events = EventLog()
+    let installed = Installed()
+    let agent = RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(), policy: policy,
+      identity: (subject: [("O", "EdgeKey Tests"), ("CN", "device-42")], names: [.dns("device-42.fleet.example")]),
+      onEvent: events.add, install: { credential, key in installed.install(credential, key) })
+
+    // The broker and a subscriber first: under load they take seconds, and the certificates
+    // live six.
+    let serverCert = try f.ca.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: f.ca.certificatePEM)
+    let tlsPolicy = TLSPolicy(trustAnchorsPEM: f.ca.certificatePEM, serverName: "127.0.0.1")
+    let sinkIdentity = try f.ca.issueSoftwareClient(commonName: "sink-42")
+    defer { EVP_PKEY_free(sinkIdentity.key) }
+    let sink = try MQTTClient(
+      MQTTConfiguration(host: "127.0.0.1", port: broker.port),
+      tls: try TLSClientContext(
+        certificateChain: try Certificate.chain(pem: sinkIdentity.certificate), softwareKey: sinkIdentity.key,
+        policy: tlsPolicy))
+    try await sink.connect()
+    try await sink.subscribe("devices/device-42/#", qos: .atLeastOnce)
+
+    // Factory enrollment: the bootstrap certificate authenticates, the RA issues the first one.
+    let first = try agent.renew()
+    #expect(first.certificate?.commonName == "device-42")
+    #expect(first.certificate?.issuer == (try f.anchors)[0].subject)
+    let (credential, key) = try #require(try agent.current())
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+    configuration.reconnect = quickReconnect
+    let device = try MQTTClient(
+      configuration,
+      tls: try TLSClientContext(certificateChain: credential.chain, key: key, policy: tlsPolicy),
+      outbox: try Outbox(path: temporaryPath("outbox.db")))
+    installed.attach(device, policy: tlsPolicy, agent: agent)
+    // Started before the first connection: if that is slow, the agent has renewed meanwhile.
+    device.start()
+
+    agent.start()
+    var accepted = Set<String>()
+    let deadline = Date().addingTimeInterval(40)
+    var i = 0
+    while agent.counters.renewals < 4 && Date() < deadline {
+      let text = "reading \(i)"
+      try device.enqueue([
+        MQTTMessage(topic: "devices/device-42/telemetry", payload: Array(text.utf8), qos: .atLeastOnce)
+      ])
+      accepted.insert(text)
+      i += 1
+      try await Task.sleep(nanoseconds: 20_000_000)
+    }
+    agent.stop()
+    try await device.waitUntilDelivered(timeout: 30)
+    let (got, duplicates) = await drain(sink, expecting: accepted, within: 30)
+    let missing = accepted.subtracting(got)
+    print(
+      "renewal end to end: \(agent.counters.renewals) certificates, \(accepted.count) messages accepted, "
+        + "\(got.count) arrived, \(duplicates) duplicates, \(device.metrics.connections) connections")
+    for e in events.all { print("  event: \(e)") }
+    #expect(agent.counters.renewals >= 4, "factory enrollment + three renewals")
+    #expect(missing.isEmpty, "\(missing.count) accepted messages never arrived")
+    // A new TPM key each time; every certificate used in a handshake, and the old keys retired.
+    let keys = installed.publicKeys
+    #expect(keys.count >= 4)
+    #expect(Set(keys).count == keys.count, "each renewal used a new key")
+    #expect(device.metrics.connections >= 4)
+    #expect(agent.counters.keysRetired >= 3)
+    #expect(agent.counters.bootstrapFallbacks == 0)
+    #expect(try store.read(.previous) == nil)
+    #expect(try store.read(.bootstrap) != nil, "the factory credential stays")
+    #expect(f.ra.issuanceLog.count == agent.counters.renewals)
+    device.stop()
+    sink.stop()
+  }
+
+  @Test("an expired certificate falls back to the bootstrap credential; without one the error says so")
+  func expiredFallsBack() throws {
+    let factory = try TestCA(name: "Factory CA")
+    let f = try EnrollmentFixture(
+      password: "device:factory-secret", bootstrapCA: factory, lifetime: "2s", backdate: "0")
+    let store = try CredentialStore(directory: stateDirectory())
+    let events = EventLog()
+    // First enrollment by password alone, then the certificate is left to expire.
+    let byPassword = RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")),
+      identity: (subject: [("CN", "device-77")], names: []))
+    let first = try byPassword.renew()
+    Thread.sleep(forTimeInterval: 3)
+    #expect(first.certificate!.isValid(at: Date()) == false)
+    let withoutBootstrap = RenewalAgent(store: store, tpm: f.tpm, settings: try f.settings(), onEvent: events.add)
+    let error = #expect(throws: EnrollmentError.self) { try withoutBootstrap.renew() }
+    #expect(error?.kind == .configuration)
+    #expect(error?.message.contains("expired") == true)
+    #expect(try store.read(.current)?.certificate?.der == first.certificate?.der, "nothing discarded")
+
+    try store.write(try f.bootstrapCredential(from: factory, commonName: "device-77"), to: .bootstrap)
+    let agent = RenewalAgent(store: store, tpm: f.tpm, settings: try f.settings(), onEvent: events.add)
+    let again = try agent.renew()
+    #expect(again.certificate?.commonName == "device-77")
+    #expect(agent.counters.bootstrapFallbacks == 1)
+    #expect(events.all.contains { $0.contains("falling back to the bootstrap credential") })
+  }
+}
+
+@Suite("renewal killed at many points (SIGKILL of the edgekey CLI)")
+struct KillDuringRenewalTests {
+  @Test("killed at any instant of an enrollment or renewal, the device comes back with a working, matching credential")
+  func killAnywhere() throws {
+    let factory = try TestCA(name: "Factory CA")
+    let f = try EnrollmentFixture(password: nil, bootstrapCA: factory)
+    let dir = stateDirectory()
+    let work = (temporaryPath("x") as NSString).deletingLastPathComponent
+    try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+    let caFile = work + "/ca.pem"
+    try f.ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+    let bootstrap = try f.bootstrapCredential(from: factory, commonName: "device-50")
+    try CredentialStore(directory: dir).write(bootstrap, to: .bootstrap)
+    let edgekey = try builtExecutable("edgekey")
+    let common = ["--state", dir, "--server", f.ra.localhostURL, "--cafile", caFile, "--tcti", f.swtpm.tcti]
+    let log = work + "/cli.log"
+
+    /// Runs the CLI and kills it after `delay` seconds (or lets it finish if it is quicker).
+    func run(_ words: [String], killAfter delay: Double?) throws -> Bool {
+      let p = try ChildProcess(edgekey, words + common, logPath: log)
+      guard let delay else {
+        while p.isRunning { usleep(5_000) }
+        return true
+      }
+      let deadline = Date().addingTimeInterval(delay)
+      while p.isRunning && Date() < deadline { usleep(500) }
+      let finished = !p.isRunning
+      p.kill9()
+      return finished
+    }
+
+    /// What a restarted device finds: a credential whose certificate is for its key, valid now,
+    /// and a key the TPM can load and sign with.
+    func check(_ trial: String) throws -> String {
+      let store = try CredentialStore(directory: dir)
+      let current = try #require(try store.read(.current), "\(trial): no current credential")
+      let cert = try #require(current.certificate, "\(trial): a key without its certificate")
+      #expect(cert.isValid(at: Date()), "\(trial)")
+      // What a restarted device's TPM.open does on a direct TCTI: flush the objects the killed
+      // process left loaded (swtpm has no resource manager to do it).
+      _ = try f.tpm.flushAllTransientObjects()
+      let key = try f.tpm.loadKey(current.key)
+      _ = try key.sign(digest: Array(repeating: 7, count: 32), hash: .sha256)
+      return cert.fingerprint
+    }
+
+    // Factory enrollment, killed at growing delays until one run completes.
+    var delay = 0.0
+    var enrollKills = 0
+    while try !run(["enroll", "--subject", "O=EdgeKey Tests,CN=device-50"], killAfter: delay) {
+      enrollKills += 1
+      let store = try CredentialStore(directory: dir)
+      // Before the first certificate there is nothing to fall back on but bootstrap, which stays.
+      if let current = try store.read(.current) { #expect(current.isComplete) }
+      #expect(try store.read(.bootstrap)?.certificate?.der == bootstrap.certificate?.der)
+      delay += 0.015
+    }
+    var seen = [try check("after enrollment")]
+
+    // Renewals, each killed at a point spread over the run's whole duration.
+    let started = Date()
+    _ = try run(["renew", "--force"], killAfter: nil)
+    let duration = Date().timeIntervalSince(started)
+    seen.append(try check("after a full renewal"))
+    let trials = 100
+    var completed = 0
+    var keptOld = 0
+    for trial in 0..<trials {
+      let before = seen.last!
+      if try run(["renew", "--force"], killAfter: duration * 1.2 * Double(trial) / Double(trials)) { completed += 1 }
+      let now = try check("trial \(trial)")
+      if now == before { keptOld += 1 } else { seen.append(now) }
+    }
+    // The store never piles up keys: at most current, previous, a pending next and bootstrap.
+    let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".pem") }
+    #expect(Set(files).isSubset(of: ["current.pem", "previous.pem", "next.pem", "bootstrap.pem", "anchors.pem"]))
+    print(
+      "kill during renewal: enrollment killed \(enrollKills) times; \(trials) renewals killed at 0-\(Int(duration * 1200)) ms "
+        + "(a renewal takes \(Int(duration * 1000)) ms): \(keptOld) kept the old credential, "
+        + "\(trials - keptOld) had switched to a new one, \(completed) finished before the kill; all worked")
+    #expect(keptOld > 0 && keptOld < trials, "the kills landed both before and after the switch")
+    #expect(f.ra.isRunning, "clients killed mid-exchange do not take the registration authority down")
+  }
+}
+
+/// Hands each new credential to the MQTT client and confirms it to the agent once the client
+/// is connected with it (what a daemon does).
+final class Installed: @unchecked Sendable {
+  private let lock = NSLock()
+  private var keys: [[UInt8]] = []
+  private var client: MQTTClient?
+  private var policy: TLSPolicy?
+  private weak var agent: RenewalAgent?
+
+  func attach(_ client: MQTTClient, policy: TLSPolicy, agent: RenewalAgent) {
+    lock.lock()
+    self.client = client
+    self.policy = policy
+    self.agent = agent
+    lock.unlock()
+  }
+
+  func install(_ credential: Credential, _ key: TPMKey) {
+    lock.lock()
+    keys.append(key.publicKey.spki)
+    let (client, policy, agent) = (self.client, self.policy, self.agent)
+    lock.unlock()
+    guard let client, let policy, let agent,
+      let context = try? TLSClientContext(certificateChain: credential.chain, key: key, policy: policy)
+    else { return }
+    let before = client.metrics.connections
+    client.replaceCredentials(context)
+    let deadline = Date().addingTimeInterval(10)
+    while Date() < deadline {
+      if client.isConnected && client.metrics.connections > before {
+        try? agent.confirmInUse()
+        return
+      }
+      Thread.sleep(forTimeInterval: 0.02)
+    }
+  }
+
+  var publicKeys: [[UInt8]] {
+    lock.lock()
+    defer { lock.unlock() }
+    return keys
+  }
+}
