@@ -76,12 +76,12 @@ let package = Package(
     // The registration authority: an EST server signing with a CA in files.
     .target(
       name: "EdgeKeyRA",
-      dependencies: ["COpenSSL", "CEdgeKeyProvider", "EdgeKeyTLS", "EdgeKeyCore"],
+      dependencies: ["COpenSSL", "CEdgeKeyProvider", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyCore"],
       path: "Sources/EdgeKeyRA"
     ),
     .executableTarget(
       name: "edgekey-ra",
-      dependencies: ["EdgeKeyRA", "EdgeKeyTLS", "EdgeKeyCore", "CEdgeKeyProvider"],
+      dependencies: ["EdgeKeyRA", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyCore", "CEdgeKeyProvider"],
       path: "Sources/edgekey-ra"
     ),
     .executableTarget(
@@ -94,8 +94,8 @@ let package = Package(
     .executableTarget(
       name: "edgekey-bench",
       dependencies: [
-        "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyCore", "EdgeKeyTestSupport", "COpenSSL",
-        "CEdgeKeyBenchAnchor",
+        "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyEnrollment", "EdgeKeyCore", "EdgeKeyTestSupport",
+        "COpenSSL", "CEdgeKeyBenchAnchor",
       ],
       path: "Benchmarks/EdgeKeyBench"
     ),

@@ -4,7 +4,8 @@
 // MQTT CONNECT/CONNACK, so the broker has verified the client certificate. TPM commands per
 // handshake are counted at the TCTI: our counter for EdgeKey, the pcap TCTI for tpm2-openssl.
 //
-// MQTTBench.swift adds QoS 1 messages/s against a plain libmosquitto publisher, and memory.
+// MQTTBench.swift adds QoS 1 messages/s against a plain libmosquitto publisher, and memory;
+// ProvisionBench.swift the time and TPM commands to provision a device against a shell pipeline.
 //
 //   swift run -c release edgekey-bench [--handshakes N] [--anchor-seconds S] [--messages N]
 import COpenSSL
@@ -23,6 +24,7 @@ struct Options {
   var anchorSeconds = 5
   var messages = 20000
   var payload = 64
+  var devices = 10
   var only: String?
   init(_ args: [String]) {
     var i = 1
@@ -32,11 +34,12 @@ struct Options {
       case "--anchor-seconds": i += 1; anchorSeconds = Int(args[i]) ?? anchorSeconds
       case "--messages": i += 1; messages = Int(args[i]) ?? messages
       case "--payload": i += 1; payload = Int(args[i]) ?? payload
+      case "--devices": i += 1; devices = max(Int(args[i]) ?? devices, 1)
       case "--only": i += 1; only = args[i]
       case "-h", "--help":
         print(
           "usage: edgekey-bench [--handshakes N] [--anchor-seconds S] [--messages N] [--payload BYTES] "
-            + "[--only handshakes|mqtt]")
+            + "[--devices N] [--only handshakes|mqtt|provision]")
         exit(0)
       default:
         FileHandle.standardError.write("unknown option \(args[i])\n".data(using: .utf8)!)
@@ -116,6 +119,10 @@ func run() throws {
     certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM,
     extraConfig: ["set_tcp_nodelay true"])
   print("mosquitto with require_certificate on 127.0.0.1:\(broker.port); TLS 1.3; ECDSA P-256 client keys")
+  if options.only == nil || options.only == "provision" {
+    try runProvisioning(options, ca: ca, broker: broker, work: work)
+  }
+  if options.only == "provision" { return }
   if options.only != "handshakes" { try runMQTT(options, ca: ca, broker: broker, work: work) }
   if options.only == "mqtt" { return }
   var rows: [Row] = []

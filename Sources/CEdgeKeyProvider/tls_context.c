@@ -26,6 +26,12 @@ typedef struct {
   /* Filled when the record outlives its SSL (see keep_last_failure). */
   char own_subject[256], own_issuer[256], own_not_before[40], own_not_after[40];
   char expected_name[256];
+  /* TLS 1.3 moves the client certificate after the client's Finished: a server that refuses
+   * it sends an alert and closes, and if our first MQTT packet is already on its way the close
+   * becomes a reset that can overtake the alert. These say what happened before the end. */
+  int tls13_cert_sent; /* we sent a non-empty Certificate message in TLS 1.3 (the server's
+                        * Finished already checked: only our certificate is left to judge) */
+  int ticket_received; /* the server sent a NewSessionTicket: it accepted our certificate */
 } failure_record;
 
 typedef struct {
@@ -44,8 +50,14 @@ static pthread_once_t index_once = PTHREAD_ONCE_INIT;
 static void describe_cert(X509 *cert, char *subject, char *issuer, char *nb, char *na);
 
 /* Runs inside SSL_free, while the SSL and its context are still whole. */
+static int probably_refused(const failure_record *r) {
+  return r->verify_error == 0 && r->alert_received < 0 && r->tls13_cert_sent && !r->ticket_received;
+}
+
 static void keep_last_failure(SSL *ssl, failure_record *r) {
-  if (ssl == NULL || r == NULL || (r->verify_error == 0 && r->alert_received <= 0)) return;
+  if (ssl == NULL || r == NULL ||
+      (r->verify_error == 0 && r->alert_received <= 0 && !probably_refused(r)))
+    return;
   /* SSL_free has already freed the SSL's verify parameters: only the context is used here. */
   ctx_policy *policy = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_index);
   if (policy == NULL) return;
@@ -143,7 +155,27 @@ static int verify_callback(int ok, X509_STORE_CTX *store) {
   return ok;
 }
 
+static void msg_callback(int write_p, int version, int content_type, const void *buf, size_t len,
+                         SSL *ssl, void *arg) {
+  (void)arg;
+  const unsigned char *p = buf;
+  if (content_type != SSL3_RT_HANDSHAKE || len < 1 || SSL_is_server(ssl)) return;
+  if (write_p && version == TLS1_3_VERSION && p[0] == SSL3_MT_CERTIFICATE && len > 8) {
+    /* More than the empty list (type, length, context, list length). */
+    failure_record *r = record_for(ssl, 1);
+    if (r != NULL) {
+      r->tls13_cert_sent = 1;
+      describe_cert(SSL_get_certificate(ssl), r->own_subject, r->own_issuer, r->own_not_before,
+                    r->own_not_after);
+    }
+  } else if (!write_p && p[0] == SSL3_MT_NEWSESSION_TICKET) {
+    failure_record *r = record_for(ssl, 1);
+    if (r != NULL) r->ticket_received = 1;
+  }
+}
+
 static void info_callback(const SSL *ssl, int where, int ret) {
+
   if ((where & SSL_CB_ALERT) && (where & SSL_CB_READ)) {
     failure_record *r = record_for((SSL *)ssl, 1);
     /* close_notify (0) is not a failure; keep the first real alert. */
@@ -336,6 +368,7 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
   policy->require_server_auth_eku = !cfg->allow_missing_server_auth_eku;
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, verify_callback);
   SSL_CTX_set_info_callback(ctx, info_callback);
+  SSL_CTX_set_msg_callback(ctx, msg_callback);
   st = EDGEKEY_TLS_OK;
   goto out;
 
@@ -442,6 +475,20 @@ static void explain_server_certificate(const failure_record *rec, const char *ex
   }
 }
 
+/* The connection ended right after we sent our certificate in TLS 1.3, with no session ticket
+ * and no alert that reached us: a refusal whose alert a reset overtook. */
+static void refused_without_alert(const failure_record *r, edgekey_tls_failure *out) {
+  out->layer = EDGEKEY_LAYER_CLIENT_CERTIFICATE;
+  memcpy(out->subject, r->own_subject, sizeof(out->subject));
+  memcpy(out->issuer, r->own_issuer, sizeof(out->issuer));
+  memcpy(out->not_before, r->own_not_before, sizeof(out->not_before));
+  memcpy(out->not_after, r->own_not_after, sizeof(out->not_after));
+  snprintf(out->reason, sizeof(out->reason),
+           "the server closed the connection right after receiving our certificate (TLS 1.3, "
+           "no session ticket, its alert lost to the reset): it most likely refused our "
+           "certificate");
+}
+
 edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_failure *out) {
   memset(out, 0, sizeof(*out));
   out->depth = -1;
@@ -489,6 +536,8 @@ edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_fail
     out->layer = EDGEKEY_LAYER_PROTOCOL;
     snprintf(out->reason, sizeof(out->reason), "no TLS version or cipher suite agreed: %s",
              ERR_reason_error_string(ERR_PACK(ERR_LIB_SSL, 0, ssl_reason)));
+  } else if (rec != NULL && probably_refused(rec)) {
+    refused_without_alert(rec, out);
   } else if (ssl_error == SSL_ERROR_SYSCALL || ssl_error == SSL_ERROR_ZERO_RETURN ||
              ssl_reason == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
     out->layer = EDGEKEY_LAYER_NETWORK;
@@ -519,6 +568,10 @@ edgekey_tls_layer edgekey_tls_last_failure(SSL_CTX *ctx, edgekey_tls_failure *ou
   if (!has) return EDGEKEY_LAYER_NONE;
   if (r.verify_error != 0) {
     explain_server_certificate(&r, r.expected_name, out);
+    return out->layer;
+  }
+  if (probably_refused(&r)) {
+    refused_without_alert(&r, out);
     return out->layer;
   }
   out->alert = r.alert_received;

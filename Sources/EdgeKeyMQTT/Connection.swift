@@ -80,6 +80,13 @@ final class Connection {
     let rc = mosquitto_connect_bind_async(
       mosq, endpoint.host, Int32(endpoint.port), configuration.keepAlive, nil)
     guard rc == MOSQ_ERR_SUCCESS.rawValue else {
+      // On loopback the whole handshake can happen inside connect_async (it writes CONNECT,
+      // which drives SSL_write through the handshake): a refusal surfaces here too.
+      let savedErrno = errno
+      if let failure = tlsDiagnosis(rc) {
+        return .failed(failure, refused: failure.isRefusal, reason: "tls")
+      }
+      errno = savedErrno
       let error = MQTTError(
         kind: .connectionFailed(rc), reason: "cannot connect to \(endpoint): \(Connection.errnoText(rc))")
       return .failed(error, refused: false, reason: "network")
@@ -301,17 +308,28 @@ final class Connection {
     endCode = rc
     endErrno = savedErrno
     guard !isConnected, refusal == nil, tlsFailure == nil else { return }
+    tlsFailure = tlsDiagnosis(rc)
+  }
+
+  /// Why a connection that had not reached CONNACK ended, when TLS knows: what the SSL (or,
+  /// once libmosquitto has freed it, the context) recorded. Nil for a plain network failure.
+  private func tlsDiagnosis(_ rc: Int32) -> TLSError? {
+    let savedErrno = errno
     guard let ssl = mosquitto_ssl_get(mosq) else {
       // libmosquitto freed the SSL already (a lost connection): the context kept the reason.
-      tlsFailure = TLSError.lastFailure(of: tls)
-      return
+      return TLSError.lastFailure(of: tls)
     }
     errno = savedErrno
     // The handshake (or the first read after it, where TLS 1.3 hears that the server refused
-    // our certificate) failed: what the context recorded says why.
+    // our certificate) failed. libmosquitto reports a refusal as MOSQ_ERR_TLS, or, when the
+    // server's close overtook its alert, as a protocol error, a reset or a lost connection:
+    // what the SSL recorded is the truth in every case.
+    let tlsLike = rc == MOSQ_ERR_TLS.rawValue || rc == MOSQ_ERR_PROTOCOL.rawValue
     let diagnosis = TLSError.diagnose(
-      ssl: OpaquePointer(ssl), sslError: rc == MOSQ_ERR_TLS.rawValue ? 1 : 5 /* SSL_ERROR_SSL : SSL_ERROR_SYSCALL */)
-    if diagnosis.layer != .network { tlsFailure = diagnosis }
+      ssl: OpaquePointer(ssl), sslError: tlsLike ? 1 : 5 /* SSL_ERROR_SSL : SSL_ERROR_SYSCALL */)
+    if diagnosis.layer != .network { return diagnosis }
+    if let recorded = TLSError.lastFailure(of: tls), recorded.layer != .network { return recorded }
+    return nil
   }
 
   private func didPublish(_ mid: Int32, _ reason: Int32) {

@@ -3,6 +3,7 @@ import CEdgeKeyProvider
 import EdgeKeyCore
 import EdgeKeyRA
 import EdgeKeyTLS
+import EdgeKeyTPM
 import Foundation
 
 #if canImport(Glibc)
@@ -10,7 +11,7 @@ import Foundation
 #endif
 
 let usage = """
-  usage: edgekey-ra --tls-cert PEM --tls-key PEM --ca-cert PEM --ca-key PEM [options]
+  usage: edgekey-ra --tls-cert PEM --tls-key PEM --ca-cert PEM (--ca-key PEM | --ca-key-tpm KEYFILE) [options]
 
   An EST server (RFC 7030): /.well-known/est[/LABEL]/{cacerts,csrattrs,simpleenroll,simplereenroll}.
 
@@ -18,7 +19,9 @@ let usage = """
     --tls-cert PEM         the server's certificate chain (serverAuth)
     --tls-key PEM          the server's private key
     --ca-cert PEM          the issuing CA's certificate, then any CA above it
-    --ca-key PEM           the issuing CA's private key
+    --ca-key PEM           the issuing CA's private key, in a file
+    --ca-key-tpm KEYFILE   or held in this station's TPM (a TSS2 PRIVATE KEY file; --tcti T)
+    --tcti T               the TPM for --ca-key-tpm (default: $EDGEKEY_TCTI, then /dev/tpmrm0)
     --cacerts PEM          what cacerts returns (default: the CA chain); for CA rollover
     --bootstrap-ca PEM     client certificates from this CA may enroll (repeatable)
     --password USER:PASS   HTTP Basic credentials that may enroll (or EDGEKEY_RA_PASSWORD)
@@ -84,7 +87,16 @@ func required(_ name: String) -> String {
 
 let ca: CertificateAuthority
 do {
-  ca = try CertificateAuthority(chainPEM: readText(required("--ca-cert")), keyPEM: readText(required("--ca-key")))
+  switch (option("--ca-key"), option("--ca-key-tpm")) {
+  case (let file?, nil):
+    ca = try CertificateAuthority(chainPEM: readText(required("--ca-cert")), keyPEM: readText(file))
+  case (nil, let keyFile?):
+    // The station's own TPM holds the CA key; every certificate is signed there.
+    let tpm = try TPM.open(tcti: option("--tcti"))
+    let key = try tpm.loadKey(try TSS2PrivateKey(contentsOf: keyFile))
+    ca = try CertificateAuthority(chainPEM: readText(required("--ca-cert")), key: key)
+  default: fail("one of --ca-key PEM or --ca-key-tpm KEYFILE is required\n\(usage)")
+  }
 } catch { fail("\(error)") }
 var caCertificates = ca.chain
 if let path = option("--cacerts") {

@@ -225,6 +225,68 @@ struct RenewalTests {
     sink.stop()
   }
 
+  @Test("a CA rollover: the new root is added when a link certificate vouches for it, the old one dropped once unused")
+  func caRollover() throws {
+    let f = try EnrollmentFixture(password: "device:factory-secret")
+    let store = try CredentialStore(directory: stateDirectory())
+    let events = EventLog()
+    let identity = (subject: [("CN", "device-31")], names: [SubjectAlternativeName]())
+    let first = try RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")), identity: identity
+    ).renew()
+    #expect(try store.anchors().map(\.der) == [try f.anchors[0].der])
+
+    // The CA rolls over: the RA now issues from a new root and publishes new, NewWithOld and
+    // old, plus a stranger's root that nothing vouches for. Its TLS certificate stays old.
+    let newRoot = try TestCA(name: "EdgeKey New Root CA")
+    let rogue = try TestCA(name: "Rogue Root CA")
+    let published =
+      newRoot.certificatePEM + (try f.ca.crossCertify(newRoot)) + f.ca.certificatePEM + rogue.certificatePEM
+    let rolled = try RegistrationAuthority(ca: newRoot, password: nil, cacertsPEM: published, tlsCA: f.ca)
+    var settings = try f.settings()
+    settings.server = try ESTServer(url: rolled.localhostURL)
+    let agent = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: identity, onEvent: events.add)
+    let second = try agent.renew()
+    #expect(second.certificate?.issuer == "CN=EdgeKey New Root CA")
+    #expect(first.certificate?.issuer == "CN=EdgeKey Test Root CA")
+    let anchors = try store.anchors().map(\.subject)
+    #expect(anchors == ["CN=EdgeKey Test Root CA", "CN=EdgeKey New Root CA"], "added, and the rogue root not")
+    try agent.confirmInUse()
+    #expect(try store.anchors().count == 2, "the old root is still sent: kept")
+
+    // The old root is no longer published: dropped once the new chain has been used.
+    let final = try RegistrationAuthority(ca: newRoot, password: nil, cacertsPEM: newRoot.certificatePEM, tlsCA: f.ca)
+    settings.server = try ESTServer(url: final.localhostURL)
+    let last = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: identity, onEvent: events.add)
+    try last.renew()
+    #expect(try store.anchors().count == 2, "not dropped before the new chain has been used")
+    try last.confirmInUse()
+    #expect(try store.anchors().map(\.subject) == ["CN=EdgeKey New Root CA"])
+    #expect(last.counters.anchorsRemoved == 1)
+    #expect(events.all.contains { $0.contains("trust anchors removed") })
+  }
+
+  @Test("the RA signs with an issuing CA key held in the station's own TPM")
+  func stationTPM() throws {
+    let f = try EnrollmentFixture()
+    let station = try SoftwareTPM()
+    let keyFile = try TPM.open(tcti: station.tcti).createKey(.eccP256)
+    let keyPath = f.ra.directory.appendingPathComponent("station-ca.tss").path
+    try keyFile.write(to: keyPath)
+    let issuing = try f.ca.issueCA(publicKeyDER: try keyFile.publicKey().spki, name: "Station Issuing CA")
+    let ra = try RegistrationAuthority(
+      ca: f.ca, tpmIssuer: (chainPEM: issuing + f.ca.certificatePEM, keyFile: keyPath, tcti: station.tcti))
+    var settings = try f.settings(password: ("device", "factory-secret"))
+    settings.server = try ESTServer(url: ra.localhostURL)
+    let store = try CredentialStore(directory: stateDirectory())
+    let issued = try RenewalAgent(
+      store: store, tpm: f.tpm, settings: settings, identity: (subject: [("CN", "device-88")], names: [])
+    ).renew()
+    #expect(issued.certificate?.issuer == "CN=Station Issuing CA")
+    #expect(issued.chain.map(\.subject) == ["CN=device-88", "CN=Station Issuing CA"], "checked up to the root")
+    #expect(try store.anchors().map(\.subject) == ["CN=EdgeKey Test Root CA"])
+  }
+
   @Test("an expired certificate falls back to the bootstrap credential; without one the error says so")
   func expiredFallsBack() throws {
     let factory = try TestCA(name: "Factory CA")

@@ -30,9 +30,13 @@ public final class RegistrationAuthority: @unchecked Sendable {
   ///   - bootstrapCA: client certificates from this CA may enroll.
   ///   - lifetime: e.g. "30d", "20s".
   ///   - extraArguments: e.g. `["--pending", "2"]`, `["--tls-max", "1.2"]`.
+  ///   - tlsCA: issues the RA's own TLS certificate (default: `ca`).
+  ///   - tpmIssuer: sign with an issuing CA whose key is in a TPM (`--ca-key-tpm`) instead of `ca`'s
+  ///     key: its chain (issuing CA first), TSS2 key file and TCTI.
   public init(
     ca: TestCA, password: String? = "device:factory-secret", bootstrapCA: TestCA? = nil, lifetime: String = "30d",
-    backdate: String = "60", cacertsPEM: String? = nil, extraArguments: [String] = []
+    backdate: String = "60", cacertsPEM: String? = nil, extraArguments: [String] = [], tlsCA: TestCA? = nil,
+    tpmIssuer: (chainPEM: String, keyFile: String, tcti: String)? = nil
   ) throws {
     self.ca = ca
     executable = try builtExecutable("edgekey-ra")
@@ -44,13 +48,25 @@ public final class RegistrationAuthority: @unchecked Sendable {
       try text.write(to: url, atomically: true, encoding: .utf8)
       return url.path
     }
-    let server = try ca.issueServer()
-    var arguments = [
-      "--tls-cert", try write("server.pem", server.certificate), "--tls-key", try write("server.key", server.key),
-      "--ca-cert", try write("ca.pem", ca.certificatePEM), "--ca-key",
-      try write("ca.key", TestCA.privateKeyPEM(ca.key)),
-      "--lifetime", lifetime, "--backdate", backdate, "--log", directory.appendingPathComponent("issued.jsonl").path,
-    ]
+    let server = try (tlsCA ?? ca).issueServer()
+    let issuer =
+      if let tpmIssuer {
+        [
+          "--ca-cert", try write("ca.pem", tpmIssuer.chainPEM), "--ca-key-tpm", tpmIssuer.keyFile, "--tcti",
+          tpmIssuer.tcti,
+        ]
+      } else {
+        [
+          "--ca-cert", try write("ca.pem", ca.certificatePEM), "--ca-key",
+          try write("ca.key", TestCA.privateKeyPEM(ca.key)),
+        ]
+      }
+    var arguments =
+      [
+        "--tls-cert", try write("server.pem", server.certificate), "--tls-key", try write("server.key", server.key),
+      ] + issuer + [
+        "--lifetime", lifetime, "--backdate", backdate, "--log", directory.appendingPathComponent("issued.jsonl").path,
+      ]
     if let password { arguments += ["--password", password] }
     if let bootstrapCA { arguments += ["--bootstrap-ca", try write("bootstrap-ca.pem", bootstrapCA.certificatePEM)] }
     if let cacertsPEM { arguments += ["--cacerts", try write("cacerts.pem", cacertsPEM)] }

@@ -41,6 +41,16 @@ public final class TestCA: @unchecked Sendable {
     return TestCA(name: name, key: key, certificate: cert)
   }
 
+  /// A link certificate for a CA rollover (RFC 4210 §4.4): `other`'s name and key, issued by
+  /// this CA ("NewWithOld" when this is the old root and `other` the new one). PEM.
+  public func crossCertify(_ other: TestCA) throws -> String {
+    let cert = try TestCA.makeCertificate(
+      subject: other.name, publicKey: other.key, issuerName: name, issuerKey: key, serial: serial(), isCA: true,
+      notBefore: -3600, notAfter: 86400 * 365, extendedKeyUsage: nil, subjectAlternativeNames: [])
+    defer { X509_free(cert) }
+    return TestCA.pem(cert)
+  }
+
   /// A leaf certificate for a new software key (servers). Returns (certificate PEM, key PEM).
   public func issueServer(
     commonName: String = "localhost", subjectAlternativeNames: [String] = ["DNS:localhost", "IP:127.0.0.1"],
@@ -56,6 +66,22 @@ public final class TestCA: @unchecked Sendable {
       subjectAlternativeNames: subjectAlternativeNames)
     defer { X509_free(cert) }
     return (TestCA.pem(cert), TestCA.privateKeyPEM(key), serial)
+  }
+
+  /// An issuing CA certificate under this one for a public key given as SubjectPublicKeyInfo
+  /// DER (a CA key held in a TPM). PEM.
+  public func issueCA(publicKeyDER: [UInt8], name caName: String) throws -> String {
+    let key: OpaquePointer? = publicKeyDER.withUnsafeBufferPointer {
+      var p = $0.baseAddress
+      return d2i_PUBKEY(nil, &p, $0.count)
+    }
+    guard let key else { throw HarnessError("not a SubjectPublicKeyInfo") }
+    defer { EVP_PKEY_free(key) }
+    let cert = try TestCA.makeCertificate(
+      subject: caName, publicKey: key, issuerName: name, issuerKey: self.key, serial: serial(), isCA: true,
+      notBefore: -3600, notAfter: 86400 * 365, extendedKeyUsage: nil, subjectAlternativeNames: [])
+    defer { X509_free(cert) }
+    return TestCA.pem(cert)
   }
 
   /// A leaf certificate for a public key given as SubjectPublicKeyInfo DER (the device's TPM key).

@@ -1,24 +1,25 @@
+import CEdgeKeyProvider
 import COpenSSL
 import EdgeKeyTLS
+import EdgeKeyTPM
 import Foundation
 
 /// The CA a registration authority signs with: its certificate chain (issuing CA first) and
-/// its private key, held in files.
+/// its private key, in a file or in the station's TPM.
 public final class CertificateAuthority: @unchecked Sendable {
   // @unchecked: the key and certificates are never mutated after loading; signing with an
-  // EVP_PKEY from several threads is safe in OpenSSL 3.
+  // EVP_PKEY from several threads is safe in OpenSSL 3 (a TPM key serialises in its context).
   public let chain: [Certificate]
   private let key: OpaquePointer
+  /// The TPM key behind `key`, when the CA key is held in a TPM.
+  public let tpmKey: TPMKey?
 
   /// - Parameters:
   ///   - chainPEM: the issuing CA's certificate, then any CA above it.
   ///   - keyPEM: the issuing CA's private key (unencrypted PEM).
-  public init(chainPEM: String, keyPEM: String) throws(RAError) {
-    do {
-      chain = try Certificate.chain(pem: chainPEM)
-    } catch {
-      throw RAError("the CA certificate: \(error.reason)")
-    }
+  public convenience init(chainPEM: String, keyPEM: String) throws(RAError) {
+    let chain: [Certificate]
+    do { chain = try Certificate.chain(pem: chainPEM) } catch { throw RAError("the CA certificate: \(error.reason)") }
     let text = Array(keyPEM.utf8)
     let bio = text.withUnsafeBufferPointer { BIO_new_mem_buf($0.baseAddress, Int32($0.count)) }
     defer { BIO_free(bio) }
@@ -26,6 +27,22 @@ public final class CertificateAuthority: @unchecked Sendable {
       ERR_clear_error()
       throw RAError("the CA key is not an unencrypted PEM private key")
     }
+    try self.init(chain: chain, key: key, tpmKey: nil)
+  }
+
+  /// A CA whose key is held in the station's TPM: it signs every certificate there, and the
+  /// key cannot be copied off the station.
+  public convenience init(chainPEM: String, key tpmKey: TPMKey) throws(RAError) {
+    let chain: [Certificate]
+    do { chain = try Certificate.chain(pem: chainPEM) } catch { throw RAError("the CA certificate: \(error.reason)") }
+    guard let key = edgekey_evp_pkey(tpmKey.raw) else {
+      throw RAError("the TPM key cannot be used through OpenSSL")
+    }
+    try self.init(chain: chain, key: key, tpmKey: tpmKey)
+  }
+
+  /// Takes `key` (freed on failure).
+  private init(chain: [Certificate], key: OpaquePointer, tpmKey: TPMKey?) throws(RAError) {
     guard X509_check_private_key(chain[0].x509, key) == 1 else {
       ERR_clear_error()
       EVP_PKEY_free(key)
@@ -35,7 +52,9 @@ public final class CertificateAuthority: @unchecked Sendable {
       EVP_PKEY_free(key)
       throw RAError("\(chain[0].subject) is not a CA certificate")
     }
+    self.chain = chain
     self.key = key
+    self.tpmKey = tpmKey
   }
 
   deinit { EVP_PKEY_free(key) }
