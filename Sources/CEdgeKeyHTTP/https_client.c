@@ -17,6 +17,9 @@ static void global_init(void) { curl_global_init(CURL_GLOBAL_DEFAULT); }
 typedef struct {
   const edgekey_http_request *request;
   edgekey_http_response *response;
+  CURL *curl;
+  unsigned char tls_unique[64];
+  size_t tls_unique_len; /* 0 until captured during the binding GET */
   size_t body_cap;
   int too_large;
   int configuration_failed;
@@ -75,10 +78,28 @@ static void take_header(const char *line, size_t len, const char *name, char *ou
   out[n] = '\0';
 }
 
+/* tls-unique (RFC 5929): the first Finished message of the connection's latest handshake, ours
+ * after a full handshake, the server's after a resumption. Read while the transfer runs, when
+ * libcurl's SSL is certainly the one this request uses. */
+static void capture_tls_unique(exchange *x) {
+  struct curl_tlssessioninfo *info = NULL;
+  if (x->tls_unique_len != 0 || x->request->binding_url == NULL ||
+      curl_easy_getinfo(x->curl, CURLINFO_TLS_SSL_PTR, &info) != CURLE_OK || info == NULL ||
+      info->backend != CURLSSLBACKEND_OPENSSL || info->internals == NULL)
+    return;
+  SSL *ssl = info->internals;
+  x->response->tls_version = SSL_version(ssl);
+  if (SSL_version(ssl) != TLS1_2_VERSION) return; /* tls-unique is undefined in TLS 1.3 */
+  size_t n = SSL_session_reused(ssl) ? SSL_get_peer_finished(ssl, x->tls_unique, sizeof(x->tls_unique))
+                                     : SSL_get_finished(ssl, x->tls_unique, sizeof(x->tls_unique));
+  x->tls_unique_len = n <= sizeof(x->tls_unique) ? n : 0;
+}
+
 static size_t on_header(char *data, size_t size, size_t count, void *user) {
   exchange *x = user;
   edgekey_http_response *r = x->response;
   size_t n = size * count;
+  capture_tls_unique(x);
   if (n >= 5 && strncmp(data, "HTTP/", 5) == 0) {
     /* A new response (after a 100 Continue): forget the previous one's headers. */
     r->content_type[0] = r->retry_after[0] = r->location[0] = '\0';
@@ -108,7 +129,7 @@ edgekey_http_outcome edgekey_https(const edgekey_http_request *request,
     snprintf(response->reason, sizeof(response->reason), "libcurl cannot make a handle");
     return response->outcome = EDGEKEY_HTTP_INTERNAL;
   }
-  exchange x = {.request = request, .response = response};
+  exchange x = {.request = request, .response = response, .curl = curl};
   char error[CURL_ERROR_SIZE] = "";
   struct curl_slist *headers = NULL;
   char content_type[300];
@@ -157,7 +178,58 @@ edgekey_http_outcome edgekey_https(const edgekey_http_request *request,
   }
   curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
 
-  CURLcode rc = curl_easy_perform(curl);
+  CURLcode rc = CURLE_OK;
+  unsigned char *bound_body = NULL;
+  int abandoned = 0;
+  if (request->binding_url != NULL && request->make_body != NULL) {
+    /* The binding GET opens the connection; its answer is not wanted. */
+    curl_easy_setopt(curl, CURLOPT_URL, request->binding_url);
+    curl_easy_setopt(curl, CURLOPT_HTTPGET, 1L);
+    rc = curl_easy_perform(curl);
+    free(response->body);
+    response->body = NULL;
+    response->body_len = 0;
+    x.body_cap = 0;
+    size_t bound_len = 0;
+    if (rc == CURLE_OK && x.tls_unique_len == 0) {
+      snprintf(response->reason, sizeof(response->reason),
+               response->tls_version == TLS1_3_VERSION
+                   ? "channel binding (tls-unique) exists in TLS 1.2 only, and the server chose "
+                     "TLS 1.3: cap the version at 1.2 to bind"
+                   : "the connection's tls-unique could not be read");
+      x.configuration_failed = 1;
+      rc = CURLE_ABORTED_BY_CALLBACK;
+    } else if (rc == CURLE_OK &&
+               !request->make_body(request->make_body_arg, x.tls_unique, x.tls_unique_len,
+                                   &bound_body, &bound_len)) {
+      abandoned = 1;
+      rc = CURLE_ABORTED_BY_CALLBACK;
+    } else if (rc == CURLE_OK) {
+      curl_easy_setopt(curl, CURLOPT_URL, request->url);
+      curl_easy_setopt(curl, CURLOPT_POST, 1L);
+      curl_easy_setopt(curl, CURLOPT_POSTFIELDS, bound_body ? (const char *)bound_body : "");
+      curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)bound_len);
+      response->content_type[0] = response->retry_after[0] = response->location[0] = '\0';
+      rc = curl_easy_perform(curl);
+      long connects = 0;
+      curl_easy_getinfo(curl, CURLINFO_NUM_CONNECTS, &connects);
+      if (rc == CURLE_OK && connects != 0) {
+        /* The server closed the first connection: the request is bound to a connection that
+         * no longer exists, and a verifying server would refuse it anyway. */
+        snprintf(response->reason, sizeof(response->reason),
+                 "the server closed the connection after the binding request; the bound request "
+                 "went on a new connection (keep-alive needed for channel binding)");
+        free(bound_body);
+        curl_easy_cleanup(curl);
+        curl_slist_free_all(headers);
+        SSL_CTX_free(x.last_ctx);
+        return response->outcome = EDGEKEY_HTTP_PROTOCOL;
+      }
+    }
+  } else {
+    rc = curl_easy_perform(curl);
+  }
+  free(bound_body);
   if (rc == CURLE_OK) {
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response->status);
     struct curl_tlssessioninfo *info = NULL;
@@ -172,7 +244,10 @@ edgekey_http_outcome edgekey_https(const edgekey_http_request *request,
   edgekey_http_outcome outcome = EDGEKEY_HTTP_OK;
   if (rc != CURLE_OK) {
     edgekey_tls_failure failure;
-    if (x.configuration_failed) {
+    if (abandoned) {
+      outcome = EDGEKEY_HTTP_ABANDONED;
+      reason(response, "%s", "the bound request was not made");
+    } else if (x.configuration_failed) {
       outcome = EDGEKEY_HTTP_CONFIGURATION;
     } else if (x.too_large) {
       outcome = EDGEKEY_HTTP_TOO_LARGE;

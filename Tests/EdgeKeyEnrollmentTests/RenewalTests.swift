@@ -287,6 +287,40 @@ struct RenewalTests {
     #expect(try store.anchors().map(\.subject) == ["CN=EdgeKey Test Root CA"])
   }
 
+  @Test("channel binding: requests carry their connection's tls-unique, which the RA checks; TLS 1.3 says why not")
+  func channelBinding() throws {
+    let f = try EnrollmentFixture(extraArguments: ["--channel-binding", "--tls-max", "1.2"])
+    var settings = try f.settings(password: ("device", "factory-secret"))
+    settings.options.maximumVersion = .tls12
+    let identity = (subject: [("CN", "device-64")], names: [SubjectAlternativeName]())
+    let store = try CredentialStore(directory: stateDirectory())
+    let unbound = #expect(throws: EnrollmentError.self) {
+      try RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: identity).renew()
+    }
+    #expect(unbound?.kind == .server(400))
+    #expect(unbound?.message.contains("tls-unique") == true)
+
+    settings.channelBinding = true
+    let agent = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: identity)
+    let first = try agent.renew()  // enrollment, bound
+    let second = try agent.renew()  // re-enrollment with the TLS client certificate, bound
+    #expect(first.certificate?.commonName == "device-64")
+    #expect(second.certificate?.der != first.certificate?.der)
+    #expect(f.ra.issuanceLog.count == 2)
+
+    // A server that negotiates TLS 1.3 cannot be bound to: the error says so, nothing is sent.
+    let modern = try RegistrationAuthority(ca: f.ca)
+    var settings13 = settings
+    settings13.server = try ESTServer(url: modern.localhostURL)
+    settings13.options.maximumVersion = .tls13
+    let refused = #expect(throws: EnrollmentError.self) {
+      try RenewalAgent(store: store, tpm: f.tpm, settings: settings13, identity: identity).renew()
+    }
+    #expect(refused?.kind == .configuration)
+    #expect(refused?.message.contains("TLS 1.2") == true)
+    #expect(modern.issuanceLog.isEmpty)
+  }
+
   @Test("an expired certificate falls back to the bootstrap credential; without one the error says so")
   func expiredFallsBack() throws {
     let factory = try TestCA(name: "Factory CA")

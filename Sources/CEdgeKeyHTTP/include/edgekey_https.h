@@ -24,6 +24,7 @@ typedef enum {
   EDGEKEY_HTTP_CONFIGURATION, /* our identity or policy could not be applied: tls_status */
   EDGEKEY_HTTP_PROTOCOL,      /* not HTTP, or a URL we refuse (not https) */
   EDGEKEY_HTTP_INTERNAL,
+  EDGEKEY_HTTP_ABANDONED, /* make_body declined (its own error says why) */
 } edgekey_http_outcome;
 
 typedef struct {
@@ -40,6 +41,14 @@ typedef struct {
   long timeout_ms;         /* the whole exchange; 30 s when 0 */
   long connect_timeout_ms; /* 10 s when 0 */
   size_t max_response;     /* body bytes; 1 MiB when 0 */
+  /* Channel binding (RFC 7030 §3.5, RFC 5929 tls-unique), TLS 1.2 only. When binding_url is
+   * set, the connection is opened with a GET of it (the server's cacerts), the tls-unique of
+   * that connection is handed to make_body, and the body it returns (malloc'd; freed here) is
+   * sent as `method` to `url` on the same connection. make_body returns 0 to abandon. */
+  const char *binding_url;
+  int (*make_body)(void *arg, const unsigned char *tls_unique, size_t tls_unique_len,
+                   unsigned char **body, size_t *body_len);
+  void *make_body_arg;
 } edgekey_http_request;
 
 typedef struct {

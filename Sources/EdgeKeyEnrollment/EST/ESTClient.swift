@@ -136,6 +136,48 @@ public final class ESTClient: Sendable {
     return try enroll(csr, operation: "simplereenroll", authentication: authentication)
   }
 
+  /// `/simpleenroll` (or `/simplereenroll`) with the request bound to its TLS connection
+  /// (RFC 7030 §3.5, RFC 5929): the connection is opened with a `cacerts` GET, `makeRequest`
+  /// gets that connection's tls-unique, base64, to put in the challengePassword, and the request
+  /// it returns is sent on the same connection. A server that checks the binding knows the
+  /// request was made by the party at this end of this TLS connection. TLS 1.2 only: tls-unique
+  /// does not exist in TLS 1.3 (set `options.maximumVersion = .tls12`).
+  public func enroll(
+    bindingTo makeRequest: @escaping (String) throws(EnrollmentError) -> CertificateSigningRequest,
+    reenroll: Bool = false, authentication: ESTAuthentication
+  ) throws(EnrollmentError) -> [Certificate] {
+    if reenroll && authentication.certificateChain.isEmpty {
+      throw EnrollmentError(.configuration, "re-enrollment authenticates with the current certificate")
+    }
+    let operation = reenroll ? "simplereenroll" : "simpleenroll"
+    var waited: TimeInterval = 0
+    while true {
+      var sent: CertificateSigningRequest?
+      let binding = HTTPSTransport.Binding(url: server.url("cacerts")) { unique throws(EnrollmentError) -> [UInt8] in
+        let csr = try makeRequest(Base64.encode(unique))
+        sent = csr
+        return Array(Base64.encodeLines(csr.der).utf8)
+      }
+      let answer = try ESTClient.perform(
+        server: server, options: options, method: "POST", operation: operation, body: [],
+        contentType: "application/pkcs10", authentication: authentication,
+        trustAnchorsPEM: trustAnchors.map(\.pem).joined(), binding: binding)
+      if answer.status == 202 {
+        let delay = min(ESTBody.retryAfter(answer.retryAfter) ?? 60, options.maximumRetryAfter)
+        guard waited + delay <= options.maximumPendingWait else {
+          throw EnrollmentError(.pendingTooLong, "the server still answers 202 after \(Int(waited)) s")
+        }
+        options.sleep(max(delay, 0))
+        waited += max(delay, 0)
+        continue
+      }
+      guard let csr = sent else { throw EnrollmentError(.malformedResponse, "no request was sent") }
+      let bag = try ESTClient.certificates(in: answer, what: operation)
+      return try IssuedCertificateCheck.validate(
+        bag, for: csr, anchors: trustAnchors, at: Date(), clockSkew: options.clockSkew)
+    }
+  }
+
   private func enroll(_ csr: CertificateSigningRequest, operation: String, authentication: ESTAuthentication)
     throws(EnrollmentError) -> [Certificate]
   {
@@ -176,16 +218,17 @@ public final class ESTClient: Sendable {
   /// One EST exchange, following same-origin redirects only, and turning HTTP errors into typed ones.
   static func perform(
     server: ESTServer, options: ESTOptions, method: String, operation: String, body: [UInt8], contentType: String?,
-    authentication: ESTAuthentication, trustAnchorsPEM: String?
+    authentication: ESTAuthentication, trustAnchorsPEM: String?, binding: HTTPSTransport.Binding? = nil
   ) throws(EnrollmentError) -> HTTPAnswer {
     var url = server.url(operation)
-    for _ in 0...options.maximumRedirects {
+    // A bound request follows no redirect: the binding is to this connection.
+    for _ in 0...(binding == nil ? options.maximumRedirects : 0) {
       let answer = try HTTPSTransport.perform(
         HTTPSTransport.Request(
           method: method, url: url, contentType: contentType, body: body, authentication: authentication,
           trustAnchorsPEM: trustAnchorsPEM, serverName: server.serverName, minimumVersion: options.minimumVersion,
           maximumVersion: options.maximumVersion, timeout: options.timeout, connectTimeout: options.connectTimeout,
-          maximumResponseBytes: options.maximumResponseBytes))
+          maximumResponseBytes: options.maximumResponseBytes, binding: binding))
       switch answer.status {
       case 200, 202, 204: return answer
       case 301, 302, 303, 307, 308:

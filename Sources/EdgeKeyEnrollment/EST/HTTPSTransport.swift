@@ -61,6 +61,21 @@ enum HTTPSTransport {
     var timeout: TimeInterval
     var connectTimeout: TimeInterval
     var maximumResponseBytes: Int
+    /// Channel binding: GET this URL first, then build the body from the connection's
+    /// tls-unique and send it on the same connection.
+    var binding: Binding? = nil
+  }
+
+  struct Binding {
+    var url: String
+    var makeBody: ([UInt8]) throws(EnrollmentError) -> [UInt8]
+  }
+
+  /// Carries the Swift body builder through the C callback, and its error back.
+  private final class BodyMaker {
+    let make: ([UInt8]) throws(EnrollmentError) -> [UInt8]
+    var error: EnrollmentError?
+    init(_ make: @escaping ([UInt8]) throws(EnrollmentError) -> [UInt8]) { self.make = make }
   }
 
   static func perform(_ r: Request) throws(EnrollmentError) -> HTTPAnswer {
@@ -75,32 +90,58 @@ enum HTTPSTransport {
     config.key = auth.key?.raw
     config.min_version = r.minimumVersion.rawValue
     config.max_version = r.maximumVersion.rawValue
-    let outcome = withOptionalCString(chainPEM) { chain in
-      withOptionalCString(r.trustAnchorsPEM) { trust in
-        r.serverName.withCString { name in
-          withOptionalCString(r.contentType) { contentType in
-            withOptionalCString(auth.username) { user in
-              withOptionalCString(auth.password) { password in
-                r.method.withCString { method in
-                  r.url.withCString { url in
-                    r.body.withUnsafeBufferPointer { body in
-                      config.chain_pem = chain
-                      config.trust_pem = trust
-                      config.server_name = name
-                      return withUnsafePointer(to: &config) { tls in
-                        var request = edgekey_http_request()
-                        request.method = method
-                        request.url = url
-                        request.content_type = contentType
-                        request.body = body.baseAddress
-                        request.body_len = body.count
-                        request.username = user
-                        request.password = password
-                        request.tls = trust == nil ? nil : tls
-                        request.timeout_ms = Int(r.timeout * 1000)
-                        request.connect_timeout_ms = Int(r.connectTimeout * 1000)
-                        request.max_response = r.maximumResponseBytes
-                        return edgekey_https(&request, &response)
+    let maker = r.binding.map { BodyMaker($0.makeBody) }
+    let makerPointer = maker.map { Unmanaged.passUnretained($0).toOpaque() }
+    let outcome = withExtendedLifetime(maker) {
+      withOptionalCString(r.binding?.url) { bindingURL in
+        withOptionalCString(chainPEM) { chain in
+          withOptionalCString(r.trustAnchorsPEM) { trust in
+            r.serverName.withCString { name in
+              withOptionalCString(r.contentType) { contentType in
+                withOptionalCString(auth.username) { user in
+                  withOptionalCString(auth.password) { password in
+                    r.method.withCString { method in
+                      r.url.withCString { url in
+                        r.body.withUnsafeBufferPointer { body in
+                          config.chain_pem = chain
+                          config.trust_pem = trust
+                          config.server_name = name
+                          return withUnsafePointer(to: &config) { tls in
+                            var request = edgekey_http_request()
+                            request.method = method
+                            request.url = url
+                            request.content_type = contentType
+                            request.body = body.baseAddress
+                            request.body_len = body.count
+                            request.username = user
+                            request.password = password
+                            request.tls = trust == nil ? nil : tls
+                            request.timeout_ms = Int(r.timeout * 1000)
+                            request.connect_timeout_ms = Int(r.connectTimeout * 1000)
+                            request.max_response = r.maximumResponseBytes
+                            if let makerPointer {
+                              request.binding_url = bindingURL
+                              request.make_body_arg = makerPointer
+                              request.make_body = { arg, unique, length, bodyOut, bodyLength in
+                                let maker = Unmanaged<BodyMaker>.fromOpaque(arg!).takeUnretainedValue()
+                                do {
+                                  let body = try maker.make(Array(UnsafeBufferPointer(start: unique, count: length)))
+                                  let copy = malloc(max(body.count, 1))!.assumingMemoryBound(to: UInt8.self)
+                                  body.withUnsafeBufferPointer { source in
+                                    if let base = source.baseAddress { copy.update(from: base, count: source.count) }
+                                  }
+                                  bodyOut?.pointee = copy
+                                  bodyLength?.pointee = body.count
+                                  return 1
+                                } catch {
+                                  maker.error = error as? EnrollmentError ?? EnrollmentError(.configuration, "\(error)")
+                                  return 0
+                                }
+                              }
+                            }
+                            return edgekey_https(&request, &response)
+                          }
+                        }
                       }
                     }
                   }
@@ -130,6 +171,7 @@ enum HTTPSTransport {
     case EDGEKEY_HTTP_TOO_LARGE: throw EnrollmentError(.responseTooLarge, reason)
     case EDGEKEY_HTTP_PROTOCOL: throw EnrollmentError(.malformedResponse, reason)
     case EDGEKEY_HTTP_NETWORK: throw EnrollmentError(.network, reason)
+    case EDGEKEY_HTTP_ABANDONED: throw maker?.error ?? EnrollmentError(.configuration, reason)
     default: throw EnrollmentError(.network, reason)
     }
   }

@@ -12,6 +12,9 @@ public struct EnrollmentSettings: Sendable {
   public var options: ESTOptions
   /// HTTP Basic credentials for first enrollment (a factory one-time secret), if any. Never logged.
   public var password: (user: String, password: String)?
+  /// Bind each request to its TLS connection (tls-unique in the challengePassword, RFC 7030
+  /// §3.5). TLS 1.2 only: set `options.maximumVersion = .tls12` too.
+  public var channelBinding = false
 
   public init(
     server: ESTServer, trustAnchors: [Certificate], options: ESTOptions = ESTOptions(),
@@ -242,16 +245,24 @@ public final class RenewalAgent: @unchecked Sendable {
     let (keyFile, newKey) = try keyForRequest(current: reenroll ? current : nil)
     let key = try load(keyFile)
     let (subject, names) = requestedIdentity(current: current, bootstrap: bootstrap)
-    let csr: CertificateSigningRequest
-    do {
-      csr = try CertificateSigningRequest(key: key, subject: subject, subjectAlternativeNames: names)
-    } catch {
-      throw EnrollmentError(error.layer == .tpm ? .tpm : .configuration, "the request: \(error.reason)", tls: error)
+    func makeRequest(_ challenge: String?) throws(EnrollmentError) -> CertificateSigningRequest {
+      do {
+        return try CertificateSigningRequest(
+          key: key, subject: subject, subjectAlternativeNames: names, challengePassword: challenge)
+      } catch {
+        throw EnrollmentError(error.layer == .tpm ? .tpm : .configuration, "the request: \(error.reason)", tls: error)
+      }
     }
-    let chain =
-      reenroll
-      ? try issuing.reenroll(csr, authentication: authentication)
-      : try issuing.enroll(csr, authentication: authentication)
+    let chain: [Certificate]
+    if settings.channelBinding {
+      chain = try issuing.enroll(
+        bindingTo: { unique throws(EnrollmentError) in try makeRequest(unique) }, reenroll: reenroll,
+        authentication: authentication)
+    } else if reenroll {
+      chain = try issuing.reenroll(try makeRequest(nil), authentication: authentication)
+    } else {
+      chain = try issuing.enroll(try makeRequest(nil), authentication: authentication)
+    }
 
     // Saved, then switched to: each step atomic, and open() finishes a switch cut short.
     let issued = Credential(key: keyFile, chain: chain)

@@ -75,11 +75,11 @@ public struct HTTPResponse: Sendable {
     }
   }
 
-  var encoded: [UInt8] {
+  func encoded(keepAlive: Bool) -> [UInt8] {
     if let raw { return raw }
     var head = "HTTP/1.1 \(status) \(HTTPResponse.reasonPhrase(status))\r\n"
     for (name, value) in headers { head += "\(name): \(value)\r\n" }
-    head += "Content-Length: \(body.count)\r\nConnection: close\r\n\r\n"
+    head += "Content-Length: \(body.count)\r\nConnection: \(keepAlive ? "keep-alive" : "close")\r\n\r\n"
     return Array(head.utf8) + body
   }
 }
@@ -91,12 +91,15 @@ public struct HTTPServerLimits: Sendable {
   /// Per read and write; a client that stalls longer is dropped.
   public var socketTimeout: TimeInterval = 10
   public var maximumConnections = 64
+  /// Requests served on one connection before it is closed.
+  public var maximumRequestsPerConnection = 8
   public init() {}
 }
 
-/// A small HTTPS/1.1 server over OpenSSL: one thread per connection, one request per
-/// connection (`Connection: close`). Enough for a registration authority on a factory line and
-/// for tests; not a web server.
+/// A small HTTPS/1.1 server over OpenSSL: one thread per connection, a few requests per
+/// connection (keep-alive, so that an EST client can bind a request to the connection it opened
+/// with another: RFC 7030 channel binding). Enough for a registration authority on a factory
+/// line and for tests; not a web server.
 public final class HTTPSServer: @unchecked Sendable {
   // @unchecked: `listener`, `wake` and `acceptThread` are set in `start` before sharing;
   // `active` is guarded by `lock`.
@@ -234,24 +237,41 @@ public final class HTTPSServer: @unchecked Sendable {
       FileHandle.standardError.write(Data((line + "\n").utf8))
       return
     }
-    let response: HTTPResponse
-    switch readRequest(ssl) {
-    case .request(let request): response = handler(request)
-    case .refused(let refusal): response = refusal
-    }
-    let bytes = response.encoded
-    var sent = 0
-    while sent < bytes.count {
-      let n = bytes[sent...].withUnsafeBytes { SSL_write(ssl, $0.baseAddress, Int32($0.count)) }
-      if n <= 0 { break }
-      sent += Int(n)
+    // Requests in a row on this connection, until the client asks to close, an error, a raw
+    // answer, or the per-connection limit.
+    var buffer: [UInt8] = []
+    for served in 0..<limits.maximumRequestsPerConnection {
+      let response: HTTPResponse
+      var keepAlive = served + 1 < limits.maximumRequestsPerConnection
+      switch readRequest(ssl, &buffer, first: served == 0) {
+      case .request(let request):
+        response = handler(request)
+        if request.header("connection")?.lowercased() == "close" { keepAlive = false }
+      case .refused(let refusal):
+        response = refusal
+        keepAlive = false
+      case .closed:
+        SSL_shutdown(ssl)
+        ERR_clear_error()
+        return
+      }
+      if response.raw != nil || response.status >= 400 { keepAlive = false }
+      let bytes = response.encoded(keepAlive: keepAlive)
+      var sent = 0
+      while sent < bytes.count {
+        let n = bytes[sent...].withUnsafeBytes { SSL_write(ssl, $0.baseAddress, Int32($0.count)) }
+        if n <= 0 { break }
+        sent += Int(n)
+      }
+      if !keepAlive || sent < bytes.count { break }
     }
     SSL_shutdown(ssl)
     ERR_clear_error()
   }
 
-  private func readRequest(_ ssl: OpaquePointer) -> ReadOutcome {
-    var buffer: [UInt8] = []
+  /// Reads one request; bytes after it stay in `buffer` for the next. A connection the client
+  /// closes (or lets idle past the socket timeout) between requests is `.closed`.
+  private func readRequest(_ ssl: OpaquePointer, _ buffer: inout [UInt8], first: Bool) -> ReadOutcome {
     var chunk = [UInt8](repeating: 0, count: 16 * 1024)
     func readMore() -> Bool {
       let n = SSL_read(ssl, &chunk, Int32(chunk.count))
@@ -267,7 +287,7 @@ public final class HTTPSServer: @unchecked Sendable {
         break
       }
       if buffer.count > limits.maximumHeaderBytes { return .refused(.text(431, "request headers too large")) }
-      if !readMore() { return .refused(.text(408, "incomplete request")) }
+      if !readMore() { return buffer.isEmpty && !first ? .closed : .refused(.text(408, "incomplete request")) }
     }
     let head = String(decoding: buffer[0..<headerEnd!], as: UTF8.self)
     var lines = head.components(separatedBy: "\r\n")
@@ -282,6 +302,7 @@ public final class HTTPSServer: @unchecked Sendable {
         (line[..<colon].lowercased(), line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)))
     }
     var body = Array(buffer[(headerEnd! + 4)...])
+    buffer.removeAll()
     let lengthText = headers.first { $0.name == "content-length" }?.value
     if headers.contains(where: { $0.name == "transfer-encoding" }) {
       return .refused(.text(411, "chunked bodies are not accepted: send Content-Length"))
@@ -293,7 +314,7 @@ public final class HTTPSServer: @unchecked Sendable {
     if length > limits.maximumBodyBytes {
       // Read (and drop) a moderately oversized body, so that the client is not reset while
       // sending and sees the 413; a huge one is cut off.
-      var discarded = buffer.count - (headerEnd! + 4)
+      var discarded = body.count
       while discarded < length && discarded < 1 << 20 {
         let n = SSL_read(ssl, &chunk, Int32(chunk.count))
         if n <= 0 { break }
@@ -302,11 +323,14 @@ public final class HTTPSServer: @unchecked Sendable {
       return .refused(.text(413, "the body is larger than \(limits.maximumBodyBytes) bytes"))
     }
     while body.count < length {
-      let before = buffer.count
       if !readMore() { return .refused(.text(408, "incomplete body")) }
-      body += buffer[before...]
+      body += buffer
+      buffer.removeAll()
     }
-    if body.count > length { body = Array(body[0..<length]) }
+    if body.count > length {
+      buffer = Array(body[length...])  // the start of the next request
+      body = Array(body[0..<length])
+    }
     let target = String(requestLine[1])
     let path = target.split(separator: "?", maxSplits: 1).first.map(String.init) ?? target
 
@@ -323,6 +347,7 @@ public final class HTTPSServer: @unchecked Sendable {
 enum ReadOutcome {
   case request(HTTPRequest)
   case refused(HTTPResponse)
+  case closed
 }
 
 func firstRange(of needle: [UInt8], in haystack: [UInt8]) -> Int? {
