@@ -70,7 +70,7 @@ let package = Package(
     ),
     .target(
       name: "EdgeKeyEnrollment",
-      dependencies: ["CEdgeKeyHTTP", "COpenSSL", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyCore"],
+      dependencies: ["CEdgeKeyHTTP", "COpenSSL", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyCore"],
       path: "Sources/EdgeKeyEnrollment"
     ),
     // The registration authority: an EST server signing with a CA in files.

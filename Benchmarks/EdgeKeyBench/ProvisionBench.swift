@@ -131,11 +131,11 @@ func runProvisioning(_ options: Options, ca: TestCA, broker: MosquittoBroker, wo
 
   print("")
   print(
-    "provisioning one device (\(options.devices) devices, median)".padding(toLength: 44, withPad: " ", startingAt: 0)
+    "provisioning one device (\(options.devices) devices, median)".padding(toLength: 48, withPad: " ", startingAt: 0)
       + "ms/device   TPM cmds/device")
   for row in rows {
     print(
-      row.name.padding(toLength: 44, withPad: " ", startingAt: 0) + String(format: "%9.1f", row.median * 1000)
+      row.name.padding(toLength: 48, withPad: " ", startingAt: 0) + String(format: "%9.1f", row.median * 1000)
         + String(format: "%18.1f", row.commands) + "   " + row.note)
   }
   if let anchor = rows.first(where: { $0.name.hasPrefix("tpm2-openssl") }),

@@ -40,6 +40,13 @@ struct HostileServerTests {
     Array(Base64.encodeLines(try CertsOnlyPKCS7.encode(certificates)).utf8)
   }
 
+  /// Answers the request with a certificate `issue` makes for the request's key.
+  static func issuing(_ request: HTTPRequest, _ issue: ([UInt8]) throws -> String) -> HTTPResponse {
+    let csr = try! CertificateSigningRequest(
+      der: Base64.decode(String(decoding: request.body, as: UTF8.self).filter { !$0.isWhitespace })!)
+    return response(try! pkcs7(Certificate.chain(pem: try! issue(csr.publicKeyDER))))
+  }
+
   static func response(_ body: [UInt8], type: String = "application/pkcs7-mime; smime-type=certs-only")
     -> HTTPResponse
   {
@@ -110,31 +117,23 @@ struct HostileServerTests {
     #expect(otherKey?.message.contains("no certificate for our key") == true)
 
     let otherCA = try enrollError { request, _ in
-      let csr = try! CertificateSigningRequest(
-        der: Base64.decode(String(decoding: request.body, as: UTF8.self).filter { !$0.isWhitespace })!)
-      let rogue = try! TestCA(name: "Rogue CA")
-      let cert = try! rogue.issueClient(publicKeyDER: csr.publicKeyDER, commonName: "device-7").certificate
-      return Self.response(try! Self.pkcs7(Certificate.chain(pem: cert)))
+      Self.issuing(request) {
+        try TestCA(name: "Rogue CA").issueClient(publicKeyDER: $0, commonName: "device-7").certificate
+      }
     }
     #expect(otherCA?.kind == .certificateRefused)
     #expect(otherCA?.message.contains("does not chain to our trust anchor") == true)
 
     let renamed = try enrollError { request, ca in
-      let csr = try! CertificateSigningRequest(
-        der: Base64.decode(String(decoding: request.body, as: UTF8.self).filter { !$0.isWhitespace })!)
-      let cert = try! ca.issueClient(publicKeyDER: csr.publicKeyDER, commonName: "someone-else").certificate
-      return Self.response(try! Self.pkcs7(Certificate.chain(pem: cert)))
+      Self.issuing(request) { try ca.issueClient(publicKeyDER: $0, commonName: "someone-else").certificate }
     }
     #expect(renamed?.kind == .certificateRefused)
     #expect(renamed?.message.contains("changed the subject") == true)
 
     let expired = try enrollError { request, ca in
-      let csr = try! CertificateSigningRequest(
-        der: Base64.decode(String(decoding: request.body, as: UTF8.self).filter { !$0.isWhitespace })!)
-      let cert = try! ca.issueClient(
-        publicKeyDER: csr.publicKeyDER, commonName: "device-7", validFrom: -7200, validFor: 3600
-      ).certificate
-      return Self.response(try! Self.pkcs7(Certificate.chain(pem: cert)))
+      Self.issuing(request) {
+        try ca.issueClient(publicKeyDER: $0, commonName: "device-7", validFrom: -7200, validFor: 3600).certificate
+      }
     }
     #expect(expired?.kind == .certificateRefused)
     #expect(expired?.message.contains("expired") == true)

@@ -151,7 +151,9 @@ struct RenewalTests {
     var policy = RenewalPolicy()
     policy.initialBackoff = 0.5
     let events = EventLog()
-    let installed = Installed()
+    let serverCert = try f.ca.issueServer()
+    let tlsPolicy = TLSPolicy(trustAnchorsPEM: f.ca.certificatePEM, serverName: "127.0.0.1")
+    let installed = Installed(policy: tlsPolicy)
     let agent = RenewalAgent(
       store: store, tpm: f.tpm, settings: try f.settings(), policy: policy,
       identity: (subject: [("O", "EdgeKey Tests"), ("CN", "device-42")], names: [.dns("device-42.fleet.example")]),
@@ -159,10 +161,8 @@ struct RenewalTests {
 
     // The broker and a subscriber first: under load they take seconds, and the certificates
     // live six.
-    let serverCert = try f.ca.issueServer()
     let broker = try MosquittoBroker(
       certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: f.ca.certificatePEM)
-    let tlsPolicy = TLSPolicy(trustAnchorsPEM: f.ca.certificatePEM, serverName: "127.0.0.1")
     let sinkIdentity = try f.ca.issueSoftwareClient(commonName: "sink-42")
     defer { EVP_PKEY_free(sinkIdentity.key) }
     let sink = try MQTTClient(
@@ -184,7 +184,7 @@ struct RenewalTests {
       configuration,
       tls: try TLSClientContext(certificateChain: credential.chain, key: key, policy: tlsPolicy),
       outbox: try Outbox(path: temporaryPath("outbox.db")))
-    installed.attach(device, policy: tlsPolicy, agent: agent)
+    installed.switcher.attach(device, agent: agent)
     // Started before the first connection: if that is slow, the agent has renewed meanwhile.
     device.start()
 
@@ -435,41 +435,19 @@ struct KillDuringRenewalTests {
   }
 }
 
-/// Hands each new credential to the MQTT client and confirms it to the agent once the client
-/// is connected with it (what a daemon does).
+/// Records the public key of each installed credential, then passes it on.
 final class Installed: @unchecked Sendable {
   private let lock = NSLock()
   private var keys: [[UInt8]] = []
-  private var client: MQTTClient?
-  private var policy: TLSPolicy?
-  private weak var agent: RenewalAgent?
+  let switcher: MQTTCredentialSwitch
 
-  func attach(_ client: MQTTClient, policy: TLSPolicy, agent: RenewalAgent) {
-    lock.lock()
-    self.client = client
-    self.policy = policy
-    self.agent = agent
-    lock.unlock()
-  }
+  init(policy: TLSPolicy) { switcher = MQTTCredentialSwitch(policy: policy, confirmationTimeout: 10) }
 
   func install(_ credential: Credential, _ key: TPMKey) {
     lock.lock()
     keys.append(key.publicKey.spki)
-    let (client, policy, agent) = (self.client, self.policy, self.agent)
     lock.unlock()
-    guard let client, let policy, let agent,
-      let context = try? TLSClientContext(certificateChain: credential.chain, key: key, policy: policy)
-    else { return }
-    let before = client.metrics.connections
-    client.replaceCredentials(context)
-    let deadline = Date().addingTimeInterval(10)
-    while Date() < deadline {
-      if client.isConnected && client.metrics.connections > before {
-        try? agent.confirmInUse()
-        return
-      }
-      Thread.sleep(forTimeInterval: 0.02)
-    }
+    switcher.install(credential, key)
   }
 
   var publicKeys: [[UInt8]] {

@@ -219,6 +219,10 @@ public final class HTTPSServer: @unchecked Sendable {
     var timeout = timeval(tv_sec: Int(limits.socketTimeout), tv_usec: 0)
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    // Answers go out at once: on a kept-alive connection Nagle's algorithm would hold a response
+    // behind the session tickets until the client's delayed ACK (40 ms, twice per enrollment).
+    var one: Int32 = 1
+    setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
     guard let ssl = SSL_new(context) else { return }
     defer { SSL_free(ssl) }
     SSL_set_fd(ssl, fd)
