@@ -39,6 +39,15 @@ let usage = """
     edgekey renew --state DIR --server URL --cafile CA [--force] [--keep-key]
                                               re-enroll if due (2/3 of the lifetime) or forced,
                                               with a new TPM key unless --keep-key; one JSON line
+    edgekey agent --state DIR --server URL --cafile CA -h BROKER [-p P] [--broker-cafile CA]
+                [-t TOPIC [--interval S] [-l]] [--outbox DB] [--subject ...] [--password-env VAR]
+                [--renew-at 0.66] [--channel-binding]
+                                              the long-running device: enrolls if needed, keeps the
+                                              MQTT connection, publishes, renews and switches to the
+                                              new certificate; SIGTERM stops, SIGHUP reloads;
+                                              writes DIR/status.json; systemd Type=notify ready
+    edgekey status --state DIR [--json]       certificate, expiry, renewal moment, key, anchors, and
+                                              what the agent last reported
     edgekey doctor --host H --port P --cafile CA --cert CERT (--file FILE | --handle H)
                 [--server-name N] [--crl FILE] [--tls-max 1.2|1.3] [--protocol mqtt|tls]
                                               walk the mTLS layers to a broker: TPM and key, our
@@ -127,7 +136,10 @@ func run(_ argv: [String]) throws {
   let args: Arguments
   do {
     args = try Arguments(
-      argv, booleans: ["json", "verbose", "help", "stdin-line", "print-accepted", "retain", "force", "keep-key"],
+      argv,
+      booleans: [
+        "json", "verbose", "help", "stdin-line", "print-accepted", "retain", "force", "keep-key", "channel-binding",
+      ],
       aliases: [
         "-a": "--algorithm", "-o": "--out", "-c": "--handle", "-v": "--verbose", "-h": "--host", "-p": "--port",
         "-t": "--topic", "-m": "--message", "-q": "--qos", "-l": "--stdin-line", "-r": "--retain", "-i": "--id",
@@ -252,6 +264,12 @@ func run(_ argv: [String]) throws {
 
   case "renew":
     try renewCommand(args, logger: logger)
+
+  case "agent":
+    try agentCommand(args, logger: logger)
+
+  case "status":
+    try statusCommand(args, logger: logger)
 
   case "doctor":
     try doctorCommand(args, logger: logger)

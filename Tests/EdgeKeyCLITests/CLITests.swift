@@ -51,6 +51,59 @@ struct CLITests {
     #expect(!FileManager.default.fileExists(atPath: keyPath))
   }
 
+  @Test("agent: enrolls by password, publishes, renews with 6-second certificates, stops on SIGTERM with nothing lost")
+  func agent() throws {
+    let swtpm = try SoftwareTPM()
+    let ca = try TestCA()
+    let ra = try RegistrationAuthority(ca: ca, lifetime: "6s", backdate: "1")
+    let serverCert = try ca.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM)
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    let caFile = dir.appendingPathComponent("ca.pem").path
+    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+    let state = dir.appendingPathComponent("state").path
+    let agent = try ChildProcess(
+      try edgekeyBinary(),
+      [
+        "agent", "--state", state, "--server", ra.localhostURL, "--cafile", caFile, "-h", "127.0.0.1", "-p",
+        String(broker.port), "-t", "devices/agent-1/telemetry", "--interval", "0.2", "--subject",
+        "O=EdgeKey Tests,CN=agent-1", "--password-env", "EST_PASSWORD", "--outbox",
+        dir.appendingPathComponent("outbox.db").path, "--tcti", swtpm.tcti,
+      ], logPath: dir.appendingPathComponent("agent.log").path,
+      environment: ProcessInfo.processInfo.environment.merging(["EST_PASSWORD": "device:factory-secret"]) { $1 })
+    func agentStatus() -> [String: Any] {
+      guard let data = FileManager.default.contents(atPath: state + "/status.json"),
+        let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+      else { return [:] }
+      return json
+    }
+    func renewals() -> Int { ((agentStatus()["renewal"] as? [String: Any])?["renewals"] as? Int) ?? 0 }
+    let deadline = Date().addingTimeInterval(30)
+    while renewals() < 3 && Date() < deadline && agent.isRunning { usleep(100_000) }
+    #expect(renewals() >= 3, "enrolled and renewed twice")
+    let shown = try run(["status", "--state", state, "--json"], tcti: swtpm.tcti)
+    #expect(shown.status == 0, "\(shown.stderr)")
+    #expect(shown.stdout.contains("\"subject\":\"CN=agent-1,O=EdgeKey Tests\""))
+    #expect(shown.stdout.contains("\"state\":\"connected\""))
+
+    agent.send(SIGTERM)
+    while agent.isRunning && Date() < deadline.addingTimeInterval(10) { usleep(50_000) }
+    #expect(!agent.isRunning, "SIGTERM stops the agent")
+    #expect(agent.exitCode == 0)
+    let final = agentStatus()
+    let mqtt = final["mqtt"] as? [String: Any] ?? [:]
+    #expect(final["state"] as? String == "stopped")
+    #expect((mqtt["messagesQueued"] as? Int ?? 0) > 5)
+    #expect(mqtt["messagesAcknowledged"] as? Int == mqtt["messagesQueued"] as? Int, "every message delivered")
+    #expect((mqtt["connections"] as? Int ?? 0) >= 3, "a new connection per certificate")
+    #expect(((final["renewal"] as? [String: Any])?["keysRetired"] as? Int ?? 0) >= 2)
+    let text = try String(contentsOfFile: dir.appendingPathComponent("agent.log").path, encoding: .utf8)
+    #expect(text.contains("agent stopped"))
+    #expect(!text.contains("factory-secret"), "the password is never logged")
+  }
+
   @Test("tpm info reports the simulator, as text and JSON")
   func tpmInfo() throws {
     let swtpm = try SoftwareTPM()

@@ -14,6 +14,11 @@ public final class ChildProcess: @unchecked Sendable {
   // @unchecked: `pid` is written once before the instance is shared.
   public private(set) var pid: pid_t = 0
   private var exitStatus: Int32?
+  /// The exit code once it has exited normally; nil while running or after a signal.
+  public var exitCode: Int32? {
+    guard !isRunning, let s = exitStatus, s & 0x7f == 0 else { return nil }
+    return (s >> 8) & 0xff
+  }
 
   /// Starts `path` with `arguments`, output appended to `logPath`.
   public init(_ path: String, _ arguments: [String], logPath: String, environment: [String: String]? = nil) throws {

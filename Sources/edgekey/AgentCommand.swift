@@ -1,0 +1,245 @@
+import EdgeKeyCore
+import EdgeKeyEnrollment
+import EdgeKeyMQTT
+import EdgeKeyTLS
+import EdgeKeyTPM
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// What `edgekey agent` writes to `status.json` in the state directory (and `status` reads).
+final class AgentStatus: @unchecked Sendable {
+  private let lock = NSLock()
+  private let path: String
+  private var lastEvent = ""
+  private var lastError = ""
+
+  init(directory: String) { path = directory + "/status.json" }
+
+  func event(_ e: RenewalEvent) {
+    lock.lock()
+    lastEvent = e.description
+    if case .failed(let error, _) = e { lastError = error.description }
+    if case .renewed = e { lastError = "" }
+    lock.unlock()
+  }
+
+  func write(agent: RenewalAgent, client: MQTTClient?, state: String) {
+    lock.lock()
+    let (event, error) = (lastEvent, lastError)
+    lock.unlock()
+    let c = agent.counters
+    let m = client?.metrics ?? MQTTMetrics()
+    let renewal =
+      "{\"attempts\":\(c.attempts),\"renewals\":\(c.renewals),\"failures\":\(c.failures),"
+      + "\"bootstrapFallbacks\":\(c.bootstrapFallbacks),\"keysCreated\":\(c.keysCreated),"
+      + "\"keysRetired\":\(c.keysRetired),\"anchorsAdded\":\(c.anchorsAdded),"
+      + "\"anchorsRemoved\":\(c.anchorsRemoved),\"clockRefusals\":\(c.clockRefusals)}"
+    let mqtt =
+      "{\"connected\":\(client?.isConnected ?? false),\"connections\":\(m.connections),"
+      + "\"messagesQueued\":\(m.messagesQueued),\"messagesAcknowledged\":\(m.messagesAcknowledged),"
+      + "\"messagesDropped\":\(m.messagesDroppedTotal),\"outboxMessages\":\(m.outboxMessages),"
+      + "\"credentialSwaps\":\(m.credentialSwaps),\"disconnections\":\(m.disconnections)}"
+    let text =
+      "{\"time\":\(jsonString(Certificate.format(Date()))),\"pid\":\(getpid()),\"state\":\(jsonString(state)),"
+      + "\"renewal\":\(renewal),\"mqtt\":\(mqtt),\"lastEvent\":\(jsonString(event)),"
+      + "\"lastError\":\(jsonString(error))}\n"
+    try? AtomicFile.write(Array(text.utf8), to: path, mode: 0o600)
+  }
+}
+
+/// systemd's readiness protocol without libsystemd: one datagram to $NOTIFY_SOCKET.
+func systemdNotify(_ message: String) {
+  guard let socketPath = getenv("NOTIFY_SOCKET").map({ String(cString: $0) }), !socketPath.isEmpty else { return }
+  let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+  guard fd >= 0 else { return }
+  defer { close(fd) }
+  var address = sockaddr_un()
+  address.sun_family = sa_family_t(AF_UNIX)
+  // An abstract socket is written with a leading NUL in place of '@'.
+  var bytes = Array(socketPath.utf8)
+  if bytes.first == UInt8(ascii: "@") { bytes[0] = 0 }
+  guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return }
+  withUnsafeMutableBytes(of: &address.sun_path) { raw in
+    for (i, b) in bytes.enumerated() { raw[i] = b }
+  }
+  let length = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count)
+  _ = message.withCString { text in
+    withUnsafePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, text, strlen(text), 0, $0, length) }
+    }
+  }
+}
+
+/// `edgekey agent`: the long-running device. Enrolls if it has to, keeps the MQTT connection,
+/// publishes telemetry, renews its certificate at the policy's moment and switches the
+/// connection to it; SIGTERM/SIGINT stop it cleanly, SIGHUP reloads (re-reads the stored
+/// credential, and renews now if it is due).
+func agentCommand(_ args: Arguments, logger: Logger) throws {
+  // The stop and reload signals go to sigtimedwait below, never to a default handler.
+  var signals = sigset_t()
+  sigemptyset(&signals)
+  for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&signals, s) }
+  pthread_sigmask(SIG_BLOCK, &signals, nil)
+
+  var (store, settings) = enrollmentSettings(args)
+  if args.flag("channel-binding") {
+    settings.channelBinding = true
+    settings.options.maximumVersion = .tls12
+  }
+  guard let host = args.option("host"), let port = UInt16(args.option("port") ?? "8883") else {
+    fail("agent needs -h/--host H (the broker; -p/--port P, default 8883)", .usage)
+  }
+  let brokerCA = readText(args.option("broker-cafile") ?? args.option("cafile")!)
+  let tlsPolicy = TLSPolicy(trustAnchorsPEM: brokerCA, serverName: args.option("server-name") ?? host)
+  var policy = RenewalPolicy()
+  if let text = args.option("renew-at") {
+    guard let share = Double(text), share > 0, share < 1 else { fail("--renew-at takes a share like 0.66", .usage) }
+    policy.renewAfter = share
+  }
+  let interval = Double(args.option("interval") ?? "0") ?? 0
+  let topic = args.option("topic")
+  if interval > 0 && topic == nil { fail("--interval needs -t/--topic", .usage) }
+  let identity = args.option("subject").map {
+    (subject: parseSubject($0), names: args.option("san").map(parseSANs) ?? [])
+  }
+
+  let tpm = openTPM(args, logger: logger)
+  let status = AgentStatus(directory: store.directory)
+  let switcher = MQTTCredentialSwitch(policy: tlsPolicy)
+  let agent = RenewalAgent(
+    store: store, tpm: tpm, settings: settings, policy: policy, identity: identity,
+    onEvent: { event in
+      logger.info("\(event)")
+      status.event(event)
+    },
+    install: switcher.install)
+
+  /// Waits up to `seconds` for a signal; returns it, or 0.
+  func waitForSignal(_ seconds: Double) -> Int32 {
+    var timeout = timespec(tv_sec: Int(seconds), tv_nsec: Int((seconds - seconds.rounded(.down)) * 1e9))
+    let s = sigtimedwait(&signals, nil, &timeout)
+    return s > 0 ? s : 0
+  }
+
+  // Not enrolled yet (a device fresh from the factory): enroll first, retrying until it works.
+  var failures = 0
+  while try agent.current() == nil {
+    status.write(agent: agent, client: nil, state: "enrolling")
+    do {
+      try agent.renew()
+    } catch {
+      failures += 1
+      let wait = policy.backoff(failures: failures, remaining: 0, random: Double.random(in: 0..<1))
+      logger.warning("enrollment failed: \(error); next try in \(Int(wait)) s")
+      let s = waitForSignal(wait)
+      if s == SIGTERM || s == SIGINT {
+        status.write(agent: agent, client: nil, state: "stopped")
+        return
+      }
+    }
+  }
+  guard let (credential, key) = try agent.current() else { return }
+
+  var configuration = MQTTConfiguration(
+    host: host, port: port, clientID: args.option("id") ?? credential.certificate?.commonName)
+  if args.option("protocol-version") == "311" { configuration.protocolVersion = .v311 }
+  let outbox = try args.option("outbox").map { try Outbox(path: $0) }
+  let client = try MQTTClient(
+    configuration, tls: try TLSClientContext(certificateChain: credential.chain, key: key, policy: tlsPolicy),
+    outbox: outbox, logger: logger)
+  switcher.attach(client, agent: agent)
+  client.start()
+  agent.start()
+  out(
+    "agent: \(credential.certificate?.subject ?? "?") → \(host):\(port); certificate until "
+      + "\(credential.certificate.map { Certificate.format($0.notAfter) } ?? "?"), state in \(store.directory)")
+  fflush(nil)
+
+  // Telemetry: a line read from stdin per message (-l), and/or a heartbeat every --interval s.
+  if let topic, args.flag("stdin-line") {
+    Thread.detachNewThread {
+      while let line = readLine() {
+        try? client.enqueue([MQTTMessage(topic: topic, payload: Array(line.utf8), qos: .atLeastOnce)])
+      }
+    }
+  }
+  let started = Date()
+  var nextBeat = interval > 0 ? Date() : Date.distantFuture
+  var ready = false
+  var sequence = 0
+  while true {
+    if !ready && client.isConnected {
+      ready = true
+      systemdNotify("READY=1\nSTATUS=connected to \(host):\(port)")
+    }
+    if let topic, Date() >= nextBeat {
+      let cert = (try? store.read(.current))?.certificate
+      let beat =
+        "{\"seq\":\(sequence),\"uptime\":\(Int(Date().timeIntervalSince(started))),"
+        + "\"certificateNotAfter\":\(jsonString(cert.map { Certificate.format($0.notAfter) } ?? ""))}"
+      try? client.enqueue([MQTTMessage(topic: topic, payload: Array(beat.utf8), qos: .atLeastOnce)])
+      sequence += 1
+      nextBeat = Date().addingTimeInterval(interval)
+    }
+    status.write(agent: agent, client: client, state: client.isConnected ? "connected" : "connecting")
+    let s = waitForSignal(min(1, max(nextBeat.timeIntervalSinceNow, 0.05)))
+    if s == SIGTERM || s == SIGINT { break }
+    if s == SIGHUP {
+      // Reload: a credential another command stored (edgekey renew), and a renewal if due.
+      logger.info("SIGHUP: reloading the stored credential")
+      if let (stored, storedKey) = try? agent.current(),
+        stored.certificate?.der != client.tls.certificateChain.first?.der
+      {
+        switcher.install(stored, storedKey)
+      }
+      agent.renewSoon()
+    }
+  }
+  systemdNotify("STOPPING=1")
+  agent.stop()
+  // Messages accepted but not yet acknowledged stay in the outbox (on disk with --outbox).
+  client.stop()
+  status.write(agent: agent, client: client, state: "stopped")
+  out(
+    "agent stopped: \(agent.counters.renewals) renewal(s), \(client.metrics.messagesAcknowledged) message(s) delivered")
+}
+
+/// `edgekey status --state DIR [--json]`: the stored credential, when it will be renewed, and
+/// what the agent last reported.
+func statusCommand(_ args: Arguments, logger: Logger) throws {
+  guard let state = args.option("state") else { fail("status needs --state DIR", .usage) }
+  let store = try CredentialStore(directory: state)
+  guard let current = try store.read(.current), let cert = current.certificate else {
+    fail("\(store.path(.current)) holds no credential: not enrolled", .failure)
+  }
+  let renewAt = RenewalPolicy().renewalDate(for: cert)
+  let keyFingerprint = (try? current.key.publicKey().fingerprint) ?? ""
+  let agentText = (try? AtomicFile.read(store.directory + "/status.json", limit: 1 << 16)).map {
+    String(decoding: $0, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+  }
+  let pending = (try? store.read(.next)) != nil
+  let previous = (try? store.read(.previous)) != nil
+  let anchors = (try? store.anchors().map(\.subject)) ?? []
+  if args.flag("json") {
+    out(
+      "{\"subject\":\(jsonString(cert.subject)),\"issuer\":\(jsonString(cert.issuer)),"
+        + "\"serial\":\(jsonString(cert.serialNumber)),\"notBefore\":\(jsonString(Certificate.format(cert.notBefore))),"
+        + "\"notAfter\":\(jsonString(Certificate.format(cert.notAfter))),\"renewAt\":\(jsonString(Certificate.format(renewAt))),"
+        + "\"valid\":\(cert.isValid()),\"keyFingerprint\":\(jsonString("sha256:" + keyFingerprint)),"
+        + "\"renewalPending\":\(pending),\"previousKept\":\(previous),"
+        + "\"anchors\":[\(anchors.map(jsonString).joined(separator: ","))],\"agent\":\(agentText ?? "null")}")
+    return
+  }
+  let left = cert.notAfter.timeIntervalSinceNow
+  out("certificate:  \(cert.subject)  (issuer \(cert.issuer), serial \(cert.serialNumber))")
+  out(
+    "valid:        \(Certificate.format(cert.notBefore)) to \(Certificate.format(cert.notAfter))"
+      + (left > 0 ? String(format: " (%.0f s left)", left) : " (EXPIRED)"))
+  out("renewal:      at \(Certificate.format(renewAt))\(pending ? "; a renewal is under way" : "")")
+  out("key:          sha256:\(keyFingerprint) (in the TPM; \(store.path(.current)))")
+  out("anchors:      \(anchors.isEmpty ? "none learnt yet" : anchors.joined(separator: ", "))")
+  if let agentText { out("agent:        \(agentText)") } else { out("agent:        no status.json (not running here)") }
+}
