@@ -34,9 +34,10 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
   /// Every PEM certificate in `pem`, in order; throws when there is none or one is damaged.
   public static func chain(pem: String) throws(TLSError) -> [Certificate] {
     var result: [Certificate] = []
-    // BIO_new_mem_buf does not copy: read everything while `text` is alive.
-    let text = Array(pem.utf8)
-    let copy = text.withUnsafeBufferPointer { BIO_new_mem_buf($0.baseAddress, Int32($0.count)) }
+    // The error queue is read below to tell "no more certificates" from damage: an error left
+    // by someone else (the TPM layer, another library) must not count.
+    ERR_clear_error()
+    let copy = memoryBIO(Array(pem.utf8))
     defer { BIO_free(copy) }
     while let x = PEM_read_bio_X509(copy, nil, nil, nil) {
       result.append(Certificate(owning: x))
@@ -46,7 +47,10 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
     // "no start line" ends the loop normally; anything else is damage.
     let noStartLine = Int32(108)  // PEM_R_NO_START_LINE
     if error != 0 && ERR_GET_REASON_swift(error) != noStartLine {
-      throw TLSError(.configuration, .badCertificateChain, "a PEM certificate is damaged")
+      var text = [CChar](repeating: 0, count: 256)
+      ERR_error_string_n(error, &text, text.count)
+      let reason = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+      throw TLSError(.configuration, .badCertificateChain, "a PEM certificate is damaged (\(reason))")
     }
     if result.isEmpty && pem.contains("-----BEGIN CERTIFICATE-----") {
       throw TLSError(.configuration, .badCertificateChain, "a PEM certificate is damaged")
@@ -339,6 +343,19 @@ func bioString(_ bio: OpaquePointer?) -> String {
     bytes += chunk[0..<Int(n)]
   }
   return String(decoding: bytes, as: UTF8.self)
+}
+
+/// A memory BIO holding a copy of `bytes`. (BIO_new_mem_buf does not copy, and an optimised
+/// build may free a Swift array right after its last use: reading such a BIO later read freed
+/// memory, "bad end line" in release builds.)
+package func memoryBIO(_ bytes: [UInt8]) -> OpaquePointer? {
+  guard let bio = BIO_new(BIO_s_mem()) else { return nil }
+  let written = bytes.withUnsafeBufferPointer { BIO_write(bio, $0.baseAddress, Int32($0.count)) }
+  guard bytes.isEmpty || written == Int32(bytes.count) else {
+    BIO_free(bio)
+    return nil
+  }
+  return bio
 }
 
 /// A name's relative distinguished names in order, as (short name, value).

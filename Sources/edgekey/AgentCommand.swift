@@ -124,9 +124,10 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
     return s > 0 ? s : 0
   }
 
-  // Not enrolled yet (a device fresh from the factory): enroll first, retrying until it works.
+  // Not enrolled yet (a device fresh from the factory), or the stored certificate has expired
+  // (a device that was off for too long): enroll first, retrying until it works.
   var failures = 0
-  while try agent.current() == nil {
+  while try agent.current()?.0.certificate?.isValid() != true {
     status.write(agent: agent, client: nil, state: "enrolling")
     do {
       try agent.renew()

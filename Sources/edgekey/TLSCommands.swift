@@ -86,8 +86,17 @@ func report(_ ok: Bool, _ layer: String, _ detail: String) {
 }
 
 func days(until date: Double) -> String {
-  let d = Int((date - Double(time(nil))) / 86400)
-  return d >= 0 ? "expires in \(d) days" : "expired \(-d) days ago"
+  let seconds = date - Double(time(nil))
+  let magnitude = abs(seconds)
+  let span =
+    magnitude >= 86400
+    ? "\(Int(magnitude / 86400)) days"
+    : magnitude >= 3600
+      ? "\(Int(magnitude / 3600)) hours"
+      : magnitude >= 60
+        ? "\(Int(magnitude / 60)) minutes"
+        : "\(Int(magnitude)) seconds"
+  return seconds >= 0 ? "expires in \(span)" : "expired \(span) ago"
 }
 
 /// Walks the layers the mTLS guide names and stops at the first that fails.

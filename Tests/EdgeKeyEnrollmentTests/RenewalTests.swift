@@ -72,6 +72,16 @@ struct RenewalTests {
     #expect(text.hasPrefix("-----BEGIN TSS2 PRIVATE KEY-----"))
     #expect(text.contains("-----BEGIN CERTIFICATE-----"))
 
+    // An OpenSSL error some other code left in this thread's queue does not make a stored
+    // credential look damaged.
+    let garbage: [UInt8] = [0x30, 0x05, 0x01]
+    garbage.withUnsafeBufferPointer { buffer in
+      var p: UnsafePointer<UInt8>? = buffer.baseAddress
+      #expect(d2i_X509(nil, &p, buffer.count) == nil)
+    }
+    #expect(ERR_peek_last_error() != 0)
+    #expect(try reopened.read(.current)?.certificate?.der == new.certificate?.der)
+
     // A certificate stored with another key, and a damaged file: errors, nothing discarded.
     try String(old.key.pem + new.chain.map(\.pem).joined()).write(
       toFile: reopened.path(.bootstrap), atomically: true, encoding: .utf8)

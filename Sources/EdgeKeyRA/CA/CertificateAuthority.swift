@@ -20,8 +20,7 @@ public final class CertificateAuthority: @unchecked Sendable {
   public convenience init(chainPEM: String, keyPEM: String) throws(RAError) {
     let chain: [Certificate]
     do { chain = try Certificate.chain(pem: chainPEM) } catch { throw RAError("the CA certificate: \(error.reason)") }
-    let text = Array(keyPEM.utf8)
-    let bio = text.withUnsafeBufferPointer { BIO_new_mem_buf($0.baseAddress, Int32($0.count)) }
+    let bio = memoryBIO(Array(keyPEM.utf8))
     defer { BIO_free(bio) }
     guard let key = PEM_read_bio_PrivateKey(bio, nil, nil, nil) else {
       ERR_clear_error()
