@@ -28,6 +28,10 @@ public struct TPMInfo: Sendable, Equatable {
   public var transientSlots: UInt32
   /// Objects persisted in NV memory.
   public var persistentHandles: [PersistentHandle]
+  /// NV indices holding endorsement key certificates (TCG: 0x01c00002 RSA 2048, 0x01c0000a ECC
+  /// P-256, 0x01c00012 and up for other keys); empty on a TPM shipped without them (swtpm
+  /// unless `swtpm_setup --create-ek-cert`).
+  public var endorsementCertificates: [UInt32]
   /// The TCTI in use, and whether a resource manager sits in between.
   public var tcti: String
   public var hasResourceManager: Bool
@@ -77,6 +81,9 @@ extension TPM {
         lockoutInterval: variable[TPM2_PT_VAR + 16] ?? 0,
         transientSlots: fixed[TPM2_PT_FIXED + 14] ?? 0,
         persistentHandles: try handles(ctx, from: 0x8100_0000).compactMap { PersistentHandle(rawValue: $0) },
+        endorsementCertificates: try handles(ctx, from: 0x01c0_0002, count: 32).filter {
+          $0 >= 0x01c0_0002 && $0 <= 0x01c0_001f
+        },
         tcti: tcti, hasResourceManager: !isDirect)
     }
   }

@@ -100,3 +100,109 @@ func renewCommand(_ args: Arguments, logger: Logger) throws {
   let credential = try agent.renew()
   out(credentialJSON(credential, store: store, action: "renewed", counters: agent.counters))
 }
+
+/// `edgekey provision`: the factory line's one-shot for one device. Checks the TPM (reachable,
+/// not in lockout, the key type supported, endorsement certificate present or not), enrolls
+/// (key, CSR, EST, crash-safe store), and proves the result by connecting to the broker with it.
+/// Prints one JSON line; exit 0 when the device is ready. Run again after an interruption (power
+/// pulled, cable out), it resumes: the key already made is used, a finished enrollment is kept.
+func provisionCommand(_ args: Arguments, logger: Logger) throws {
+  let started = Date()
+  let (store, settings) = enrollmentSettings(args)
+  guard let host = args.option("host"), let port = UInt16(args.option("port") ?? "8883") else {
+    fail("provision needs -h/--host H (the broker to verify with; -p/--port P, default 8883)", .usage)
+  }
+  var fields: [(String, String)] = []
+  func report(ok: Bool, step: String? = nil, reason: String? = nil, code: ExitCode = .failure) -> Never {
+    var all = [("ok", ok ? "true" : "false")] + fields
+    if let step { all.append(("failedStep", jsonString(step))) }
+    if let reason { all.append(("reason", jsonString(reason))) }
+    all.append(("ms", String(Int(Date().timeIntervalSince(started) * 1000))))
+    out("{" + all.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}")
+    exit(ok ? 0 : code.rawValue)
+  }
+  var policy = RenewalPolicy()
+  if let text = args.option("algorithm") {
+    guard let algorithm = KeyAlgorithm(rawValue: text) else { fail("unknown algorithm \(text)", .usage) }
+    policy.keyAlgorithm = algorithm
+  }
+
+  // 1. The TPM's health.
+  let tpm: TPM
+  do { tpm = try TPM.open(tcti: args.option("tcti"), logger: logger) } catch {
+    report(ok: false, step: "tpm", reason: error.description, code: .tpmUnreachable)
+  }
+  let info: TPMInfo
+  do { info = try tpm.info() } catch { report(ok: false, step: "tpm", reason: error.description) }
+  fields.append(
+    (
+      "tpm",
+      "{\"manufacturer\":\(jsonString(info.manufacturer)),\"firmware\":\(jsonString(info.firmwareVersion)),"
+        + "\"inLockout\":\(info.inLockout),\"supportsKey\":\(info.supportedKeys.contains(policy.keyAlgorithm)),"
+        + "\"ekCertificate\":\(!info.endorsementCertificates.isEmpty)}"
+    ))
+  if info.inLockout {
+    report(ok: false, step: "tpm", reason: "the TPM is in dictionary-attack lockout")
+  }
+  if !info.supportedKeys.contains(policy.keyAlgorithm) {
+    report(ok: false, step: "tpm", reason: "the TPM cannot create \(policy.keyAlgorithm) keys")
+  }
+
+  // 2. Enrollment, or what an earlier run left.
+  if let certFile = args.option("bootstrap-cert"), let keyFile = args.option("bootstrap-key") {
+    do {
+      let chain = try Certificate.chain(
+        pem: String(decoding: try AtomicFile.read(certFile, limit: 1 << 20), as: UTF8.self))
+      try store.write(Credential(key: try TSS2PrivateKey(contentsOf: keyFile), chain: chain), to: .bootstrap)
+      _ = try store.read(.bootstrap)
+    } catch {
+      report(ok: false, step: "bootstrap", reason: "\(error)")
+    }
+  }
+  let identity = args.option("subject").map {
+    (subject: parseSubject($0), names: args.option("san").map(parseSANs) ?? [])
+  }
+  let agent = RenewalAgent(
+    store: store, tpm: tpm, settings: settings, policy: policy, identity: identity, onEvent: { logger.info("\($0)") })
+  var resumed = store.recovery.finishedSwitch || (try? store.read(.next)) != nil
+  let credential: Credential
+  do {
+    if let existing = try store.read(.current), existing.certificate?.isValid() == true,
+      identity == nil
+        || existing.certificate?.subjectFields.map({ "\($0.0)=\($0.1)" })
+          == identity?.subject.map({ "\($0.0)=\($0.1)" })
+    {
+      credential = existing
+      resumed = true
+    } else {
+      credential = try agent.renew()
+    }
+  } catch {
+    report(ok: false, step: "enroll", reason: error.description)
+  }
+  let cert = credential.certificate!
+  fields += [
+    ("device", jsonString(cert.commonName ?? cert.subject)), ("subject", jsonString(cert.subject)),
+    ("serial", jsonString(cert.serialNumber)), ("notAfter", jsonString(cert.summary.notAfter)),
+    ("keyFingerprint", jsonString("sha256:" + ((try? credential.key.publicKey().fingerprint) ?? ""))),
+    ("resumed", resumed ? "true" : "false"), ("state", jsonString(store.directory)),
+  ]
+
+  // 3. Proof: an mTLS connection and MQTT CONNECT with the stored credential.
+  do {
+    let key = try tpm.loadKey(credential.key)
+    let brokerCA = readText(args.option("broker-cafile") ?? args.option("cafile")!)
+    let context = try TLSClientContext(
+      certificateChain: credential.chain, key: key,
+      policy: TLSPolicy(trustAnchorsPEM: brokerCA, serverName: args.option("server-name") ?? host))
+    let connection = try TLSConnection(context: context, host: host, port: port)
+    try connection.write(mqttConnectPacket(clientID: cert.commonName ?? "edgekey-provision"))
+    let connack = try connection.read()
+    guard connack.count >= 4, connack[0] == 0x20, connack[3] == 0 else {
+      report(ok: false, step: "verify", reason: "the broker refused the connection (CONNACK \(connack))")
+    }
+  } catch {
+    report(ok: false, step: "verify", reason: "\(error)")
+  }
+  report(ok: true)
+}

@@ -153,13 +153,18 @@ func doctorCommand(_ args: Arguments, logger: Logger) throws {
   }
 }
 
-/// MQTT 3.1.1 CONNECT (clean session, keepalive 30); returns the CONNACK bytes.
-func doctorMQTTConnect(_ connection: TLSConnection, clientID: String) -> [UInt8] {
-  let id = Array(clientID.utf8)
+/// An MQTT 3.1.1 CONNECT packet (clean session, keepalive 30).
+func mqttConnectPacket(clientID: String) -> [UInt8] {
+  let id = Array(clientID.utf8.prefix(100))
   let variable: [UInt8] = [0, 4] + Array("MQTT".utf8) + [4, 0x02, 0, 30]
   let payload: [UInt8] = [UInt8(id.count >> 8), UInt8(id.count & 0xFF)] + id
+  return [0x10, UInt8(variable.count + payload.count)] + variable + payload
+}
+
+/// MQTT 3.1.1 CONNECT; returns the CONNACK bytes.
+func doctorMQTTConnect(_ connection: TLSConnection, clientID: String) -> [UInt8] {
   do {
-    try connection.write([0x10, UInt8(variable.count + payload.count)] + variable + payload)
+    try connection.write(mqttConnectPacket(clientID: clientID))
     return try connection.read()
   } catch {
     report(false, error.layer == .rejectedByServer ? "server accepted us" : error.layer.rawValue, error.description)

@@ -39,6 +39,11 @@ let usage = """
     edgekey renew --state DIR --server URL --cafile CA [--force] [--keep-key]
                                               re-enroll if due (2/3 of the lifetime) or forced,
                                               with a new TPM key unless --keep-key; one JSON line
+    edgekey provision --state DIR --server URL --cafile CA --subject S -h BROKER [-p P]
+                [--bootstrap-cert PEM --bootstrap-key KEYFILE] [--password-env VAR] [--algorithm A]
+                                              the factory line's one-shot: TPM health, key, enrollment,
+                                              store, and a test connection to the broker; one JSON
+                                              line; run again after an interruption, it resumes
     edgekey agent --state DIR --server URL --cafile CA -h BROKER [-p P] [--broker-cafile CA]
                 [-t TOPIC [--interval S] [-l]] [--outbox DB] [--subject ...] [--password-env VAR]
                 [--renew-at 0.66] [--channel-binding]
@@ -167,7 +172,7 @@ func run(_ argv: [String]) throws {
           + "\"curves\":[\(info.curves.map(jsonString).joined(separator: ","))],"
           + "\"supportedKeys\":[\(info.supportedKeys.map { jsonString($0.rawValue) }.joined(separator: ","))],"
           + "\"inLockout\":\(info.inLockout),\"lockoutCounter\":\(info.lockoutCounter),\"maxAuthFail\":\(info.maxAuthFail),"
-          + "\"transientSlots\":\(info.transientSlots),"
+          + "\"transientSlots\":\(info.transientSlots),\"ekCertificates\":\(info.endorsementCertificates.count),"
           + "\"persistentHandles\":[\(info.persistentHandles.map { jsonString($0.description) }.joined(separator: ","))]}"
       )
     } else {
@@ -181,6 +186,9 @@ func run(_ argv: [String]) throws {
         "lockout:           \(info.inLockout ? "IN LOCKOUT" : "not in lockout") (\(info.lockoutCounter)/\(info.maxAuthFail) failures, interval \(info.lockoutInterval) s)"
       )
       out("transient slots:   \(info.transientSlots)")
+      out(
+        "EK certificates:   \(info.endorsementCertificates.isEmpty ? "none" : info.endorsementCertificates.map { "0x" + String($0, radix: 16) }.joined(separator: ", "))"
+      )
       out(
         "persistent:        \(info.persistentHandles.isEmpty ? "none" : info.persistentHandles.map(\.description).joined(separator: ", "))"
       )
@@ -267,6 +275,9 @@ func run(_ argv: [String]) throws {
 
   case "agent":
     try agentCommand(args, logger: logger)
+
+  case "provision":
+    try provisionCommand(args, logger: logger)
 
   case "status":
     try statusCommand(args, logger: logger)

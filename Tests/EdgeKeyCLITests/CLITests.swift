@@ -104,6 +104,76 @@ struct CLITests {
     #expect(!text.contains("factory-secret"), "the password is never logged")
   }
 
+  @Test("provision: one JSON line; interrupted at many points and run again, it resumes to one working credential")
+  func provision() throws {
+    let swtpm = try SoftwareTPM()
+    let ca = try TestCA()
+    let ra = try RegistrationAuthority(ca: ca)
+    let serverCert = try ca.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM)
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    let caFile = dir.appendingPathComponent("ca.pem").path
+    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+    let state = dir.appendingPathComponent("state").path
+    let arguments = [
+      "provision", "--state", state, "--server", ra.localhostURL, "--cafile", caFile, "--subject",
+      "O=EdgeKey Tests,CN=line-7", "-h", "127.0.0.1", "-p", String(broker.port), "--password-env", "EST_PASSWORD",
+      "--tcti", swtpm.tcti,
+    ]
+    let environment = ProcessInfo.processInfo.environment.merging(["EST_PASSWORD": "device:factory-secret"]) { $1 }
+    let log = dir.appendingPathComponent("provision.log").path
+
+    // Power pulled at growing moments until one run gets to the end by itself.
+    var delay = 0.0
+    var kills = 0
+    while true {
+      let p = try ChildProcess(try edgekeyBinary(), arguments, logPath: log, environment: environment)
+      let deadline = Date().addingTimeInterval(delay)
+      while p.isRunning && Date() < deadline { usleep(500) }
+      if !p.isRunning { break }
+      p.kill9()
+      kills += 1
+      delay += 0.01
+      // Whatever the moment: never a key without its certificate in current.pem, and at most
+      // one key waiting in next.pem. (A write cut short leaves its temporary file, which the
+      // next run removes.)
+      let files = ((try? FileManager.default.contentsOfDirectory(atPath: state)) ?? []).filter { !$0.contains(".tmp-") }
+      #expect(Set(files).isSubset(of: ["current.pem", "next.pem", "anchors.pem", "previous.pem"]), "\(files)")
+      if files.contains("current.pem") {
+        let text = try String(contentsOfFile: state + "/current.pem", encoding: .utf8)
+        #expect(text.contains("-----BEGIN CERTIFICATE-----"))
+      }
+    }
+    let finished = try String(contentsOfFile: log, encoding: .utf8)
+    #expect(finished.contains("\"ok\":true"), "\(finished)")
+    #expect(finished.contains("\"ekCertificate\":false"))
+    #expect(kills >= 3, "interrupted at several points before finishing")
+    // One key ever made, whatever the interruptions (a run killed after the RA answered gets
+    // that key certified again); and a later run changes nothing.
+    func keys() -> Set<String> {
+      Set(
+        ra.issuanceLog.compactMap { $0.components(separatedBy: "\"keyFingerprint\":\"").dropFirst().first?.prefix(64) }
+          .map(String.init))
+    }
+    #expect(keys().count == 1, "\(ra.issuanceLog)")
+    let issued = ra.issuanceLog.count
+    let again = try Command.runCapturing(try edgekeyBinary(), arguments, environment: environment)
+    #expect(again.status == 0, "\(again.stderr)")
+    #expect(again.stdout.contains("\"resumed\":true"))
+    #expect(ra.issuanceLog.count == issued)
+    #expect(!FileManager.default.fileExists(atPath: state + "/next.pem"))
+    #expect(try FileManager.default.contentsOfDirectory(atPath: state).allSatisfy { !$0.contains(".tmp-") })
+
+    // A device whose broker refuses it: the step that failed, exit 1.
+    let refused = try Command.runCapturing(
+      try edgekeyBinary(), arguments.map { $0 == String(broker.port) ? String(try! PortFinder.free()) : $0 },
+      environment: environment)
+    #expect(refused.status == 1)
+    #expect(refused.stdout.contains("\"failedStep\":\"verify\""))
+  }
+
   @Test("tpm info reports the simulator, as text and JSON")
   func tpmInfo() throws {
     let swtpm = try SoftwareTPM()

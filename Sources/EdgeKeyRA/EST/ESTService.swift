@@ -235,7 +235,8 @@ public final class ESTService: @unchecked Sendable {
       ("time", ISO8601DateFormatter().string(from: Date())), ("operation", operation),
       ("serial", certificate.serialNumber), ("subject", certificate.subject),
       ("notAfter", ISO8601DateFormatter().string(from: certificate.notAfter)),
-      ("fingerprint", certificate.fingerprint), ("authenticatedBy", authenticatedBy),
+      ("fingerprint", certificate.fingerprint), ("keyFingerprint", Certificate.sha256Hex(certificate.publicKeyDER)),
+      ("authenticatedBy", authenticatedBy),
     ]
     let line = "{" + fields.map { "\"\($0.0)\":\(JSON.string($0.1))" }.joined(separator: ",") + "}\n"
     lock.lock()
