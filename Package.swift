@@ -90,6 +90,13 @@ let package = Package(
       path: "Sources/edgekey"
     ),
 
+    // Examples, built with the package so that they keep compiling.
+    .executableTarget(
+      name: "edgekey-telemetry",
+      dependencies: ["EdgeKeyEnrollment", "EdgeKeyMQTT", "EdgeKeyTLS", "EdgeKeyTPM"],
+      path: "Examples/TelemetryDaemon"
+    ),
+
     // Benchmarks: figures side by side with their anchors in one run.
     .executableTarget(
       name: "edgekey-bench",

@@ -174,6 +174,71 @@ struct CLITests {
     #expect(refused.stdout.contains("\"failedStep\":\"verify\""))
   }
 
+  @Test("the example telemetry daemon: identity from the store, MQTT with outbox, SIGTERM stops it")
+  func telemetryExample() throws {
+    let swtpm = try SoftwareTPM()
+    let ca = try TestCA()
+    let ra = try RegistrationAuthority(ca: ca)
+    let serverCert = try ca.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM)
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    let caFile = dir.appendingPathComponent("ca.pem").path
+    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+    let state = dir.appendingPathComponent("state").path
+    var environment = ProcessInfo.processInfo.environment
+    environment["EST_PASSWORD"] = "device:factory-secret"
+    environment["EDGEKEY_TCTI"] = swtpm.tcti
+    environment["INTERVAL"] = "1"
+    let enrolled = try Command.runCapturing(
+      try edgekeyBinary(),
+      [
+        "enroll", "--state", state, "--server", ra.localhostURL, "--cafile", caFile, "--subject", "CN=sensor-3",
+        "--password-env", "EST_PASSWORD",
+      ], environment: environment)
+    #expect(enrolled.status == 0, "\(enrolled.stderr)")
+    let log = dir.appendingPathComponent("daemon.log").path
+    let daemon = try ChildProcess(
+      try builtExecutable("edgekey-telemetry"),
+      [state, ra.localhostURL, caFile, "127.0.0.1", String(broker.port)], logPath: log, environment: environment)
+    let deadline = Date().addingTimeInterval(20)
+    var text = ""
+    while Date() < deadline && daemon.isRunning && !text.contains("sent 2/") {
+      usleep(100_000)
+      text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+    }
+    #expect(text.contains("sensor-3 → 127.0.0.1"), "\(text)")
+    #expect(text.contains("sent 2/"), "messages acknowledged by the broker")
+    daemon.send(SIGTERM)
+    while daemon.isRunning && Date() < deadline.addingTimeInterval(10) { usleep(50_000) }
+    #expect(daemon.exitCode == 0)
+  }
+
+  @Test("the example factory script provisions a batch of simulated devices, one JSON line each")
+  func factoryExample() throws {
+    let root = URL(fileURLWithPath: try edgekeyBinary()).deletingLastPathComponent()
+    let out = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-batch-\(UUID().uuidString).jsonl")
+    var environment = ProcessInfo.processInfo.environment
+    environment["BIN_DIR"] = root.path
+    environment["OUT"] = out.path
+    let scriptPath = root.deletingLastPathComponent().deletingLastPathComponent()
+      .appendingPathComponent("Examples/factory/provision-batch.sh").path
+    // A ChildProcess, not Foundation's Process: it starts the script with no signal blocked, as
+    // a shell would (a test runner's threads block SIGTERM, and the script's servers inherit it).
+    let log = out.path + ".log"
+    let script = try ChildProcess("/bin/bash", [scriptPath, "3"], logPath: log, environment: environment)
+    let deadline = Date().addingTimeInterval(60)
+    while script.isRunning && Date() < deadline { usleep(50_000) }
+    let printed = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+    #expect(script.exitCode == 0, "\(printed)")
+    #expect(printed.contains("3 of 3 devices provisioned"))
+    let lines = try String(contentsOf: out, encoding: .utf8).split(separator: "\n")
+    #expect(lines.count == 3)
+    #expect(lines.allSatisfy { $0.contains("\"ok\":true") })
+    #expect(Set(lines.compactMap { $0.components(separatedBy: "\"keyFingerprint\":").last?.prefix(72) }).count == 3)
+  }
+
   @Test("tpm info reports the simulator, as text and JSON")
   func tpmInfo() throws {
     let swtpm = try SoftwareTPM()
