@@ -149,7 +149,7 @@ let package = Package(
     ),
     .testTarget(
       name: "EdgeKeyCLITests",
-      dependencies: ["EdgeKeyTestSupport"],
+      dependencies: ["EdgeKeyTestSupport", "EdgeKeyCore"],
       path: "Tests/EdgeKeyCLITests"
     ),
   ],

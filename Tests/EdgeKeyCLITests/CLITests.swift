@@ -1,3 +1,4 @@
+import EdgeKeyCore
 import EdgeKeyTestSupport
 import Foundation
 import Testing
@@ -86,7 +87,7 @@ struct CLITests {
     let shown = try run(["status", "--state", state, "--json"], tcti: swtpm.tcti)
     #expect(shown.status == 0, "\(shown.stderr)")
     #expect(shown.stdout.contains("\"subject\":\"CN=agent-1,O=EdgeKey Tests\""))
-    #expect(shown.stdout.contains("\"state\":\"connected\""))
+    #expect(shown.stdout.contains("\"state\":\"connect"), "running: connected, or reconnecting with a new certificate")
 
     agent.send(SIGTERM)
     while agent.isRunning && Date() < deadline.addingTimeInterval(10) { usleep(50_000) }
@@ -237,6 +238,67 @@ struct CLITests {
     #expect(lines.count == 3)
     #expect(lines.allSatisfy { $0.contains("\"ok\":true") })
     #expect(Set(lines.compactMap { $0.components(separatedBy: "\"keyFingerprint\":").last?.prefix(72) }).count == 3)
+  }
+
+  @Test(
+    "CMake builds and installs the C library with pkg-config and find_package files; the C daemon publishes with the TPM key"
+  )
+  func cmakeAndCDaemon() throws {
+    let root = URL(fileURLWithPath: try edgekeyBinary()).deletingLastPathComponent().deletingLastPathComponent()
+      .deletingLastPathComponent()
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cmake-\(UUID().uuidString)")
+    let (build, prefix, example) = (
+      dir.appendingPathComponent("build").path, dir.appendingPathComponent("prefix").path,
+      dir.appendingPathComponent("example").path
+    )
+    try Command.run(
+      "cmake", ["-S", root.appendingPathComponent("CMake").path, "-B", build, "-DCMAKE_INSTALL_PREFIX=\(prefix)"])
+    try Command.run("cmake", ["--build", build, "-j", "2"])
+    try Command.run("cmake", ["--install", build])
+    // A consumer of the installed package: find_package(EdgeKey), the shared library.
+    try Command.run(
+      "cmake",
+      ["-S", root.appendingPathComponent("Examples/c-daemon").path, "-B", example, "-DCMAKE_PREFIX_PATH=\(prefix)"])
+    try Command.run("cmake", ["--build", example])
+    let pc = try Command.run(
+      "pkg-config", ["--cflags", "--libs", "edgekey"], environment: ["PKG_CONFIG_PATH": prefix + "/lib/pkgconfig"])
+    #expect(pc.contains("-ledgekey") && pc.contains("include/edgekey"))
+
+    // A device: a key in swtpm made by the CLI, a certificate for it, a broker that wants it.
+    let swtpm = try SoftwareTPM()
+    let ca = try TestCA()
+    let keyPath = dir.appendingPathComponent("device.key").path
+    let created = try run(["key", "create", "--out", keyPath, "--json"], tcti: swtpm.tcti)
+    let publicPEM = try #require(
+      created.stdout.components(separatedBy: "\"publicKey\":\"").last?.components(separatedBy: "\"").first?
+        .replacingOccurrences(of: "\\n", with: "\n"))
+    let spki = try #require(PEM.decode(publicPEM, label: "PUBLIC KEY"))
+    let certPath = dir.appendingPathComponent("device.pem").path
+    try ca.issueClient(publicKeyDER: spki, commonName: "c-daemon-1").certificate.write(
+      toFile: certPath, atomically: true, encoding: .utf8)
+    let caPath = dir.appendingPathComponent("ca.pem").path
+    try ca.certificatePEM.write(toFile: caPath, atomically: true, encoding: .utf8)
+    let serverCert = try ca.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM)
+    var environment = ProcessInfo.processInfo.environment
+    environment["EDGEKEY_TCTI"] = swtpm.tcti
+    environment["LD_LIBRARY_PATH"] = prefix + "/lib"
+    for binary in [build + "/edgekey-c-daemon", example + "/edgekey-c-daemon"] {
+      let published = try Command.runCapturing(
+        binary, [keyPath, certPath, caPath, "127.0.0.1", String(broker.port), "devices/c-daemon-1/t", "20"],
+        environment: environment)
+      #expect(published.status == 0, "\(binary): \(published.stderr)")
+      #expect(published.stdout.contains("published 20, acknowledged 20"))
+    }
+    // A broker we do not trust: refused, and the reason names the server's certificate.
+    let stranger = dir.appendingPathComponent("other-ca.pem").path
+    try TestCA(name: "Other CA").certificatePEM.write(toFile: stranger, atomically: true, encoding: .utf8)
+    let refused = try Command.runCapturing(
+      build + "/edgekey-c-daemon", [keyPath, certPath, stranger, "127.0.0.1", String(broker.port), "t", "1"],
+      environment: environment)
+    #expect(refused.status == 1)
+    #expect(refused.stderr.contains("not among our trust anchors"), "\(refused.stderr)")
   }
 
   @Test("tpm info reports the simulator, as text and JSON")

@@ -130,6 +130,14 @@ public enum Command {
     p.standardOutput = out
     p.standardError = err
     p.standardInput = inp
+    // The child inherits this thread's signal mask, and the test runner's threads block signals:
+    // a tool started with SIGCHLD blocked (cmake) waits forever for its own children, one with
+    // SIGTERM blocked cannot be stopped. Start it with nothing blocked, as a shell would.
+    var everything = sigset_t()
+    var saved = sigset_t()
+    sigemptyset(&everything)
+    pthread_sigmask(SIG_SETMASK, &everything, &saved)
+    defer { pthread_sigmask(SIG_SETMASK, &saved, nil) }
     try p.run()
     if let input { inp.fileHandleForWriting.write(input) }
     try inp.fileHandleForWriting.close()
