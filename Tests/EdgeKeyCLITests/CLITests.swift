@@ -301,6 +301,30 @@ struct CLITests {
     #expect(refused.stderr.contains("not among our trust anchors"), "\(refused.stderr)")
   }
 
+  @Test("the hardware acceptance script passes on swtpm and reports each check")
+  func acceptanceScript() throws {
+    let swtpm = try SoftwareTPM()
+    let binary = try edgekeyBinary()
+    let script = URL(fileURLWithPath: binary).deletingLastPathComponent().deletingLastPathComponent()
+      .deletingLastPathComponent().appendingPathComponent("Hardware/acceptance.sh").path
+    var environment = ProcessInfo.processInfo.environment
+    environment["EDGEKEY_TCTI"] = swtpm.tcti
+    let result = try Command.runCapturing("bash", [script, "--edgekey", binary], environment: environment)
+    #expect(result.status == 0, "\(result.stdout)\n\(result.stderr)")
+    for check in ["✓ TPM reachable", "not in lockout", "✓ ECC P-256", "✓ sign (CSR, OpenSSL verifies)"] {
+      #expect(result.stdout.contains(check), "\(check)")
+    }
+    #expect(!result.stdout.contains("✗"))
+    #expect(result.stdout.contains("this TPM does what EdgeKey needs"))
+    // Nothing was left in the TPM.
+    #expect(try !run(["key", "list"], tcti: swtpm.tcti).stdout.contains("0x81"))
+    // No TPM at all: a failed check, exit 1.
+    environment["EDGEKEY_TCTI"] = "swtpm:host=127.0.0.1,port=\(try PortFinder.free())"
+    let missing = try Command.runCapturing("bash", [script, "--edgekey", binary], environment: environment)
+    #expect(missing.status == 1)
+    #expect(missing.stdout.contains("✗ TPM reachable"))
+  }
+
   @Test("tpm info reports the simulator, as text and JSON")
   func tpmInfo() throws {
     let swtpm = try SoftwareTPM()
