@@ -77,21 +77,25 @@ int main(int argc, char **argv) {
   mosquitto_void_option(m, MOSQ_OPT_SSL_CTX, ctx);
   mosquitto_publish_callback_set(m, on_publish);
   int rc = mosquitto_connect(m, host, port, 30);
-  if (rc != MOSQ_ERR_SUCCESS) {
-    /* The context knows why a handshake failed: which side, which certificate, which reason. */
-    edgekey_tls_failure failure;
-    if (edgekey_tls_last_failure(ctx, &failure) != EDGEKEY_LAYER_NONE)
-      fprintf(stderr, "connect: %s\n", failure.reason);
-    else
-      fprintf(stderr, "connect: %s\n", mosquitto_strerror(rc));
-    return 1;
-  }
-  for (int i = 0; i < count; i++) {
+  for (int i = 0; rc == MOSQ_ERR_SUCCESS && i < count; i++) {
     char payload[64];
     int n = snprintf(payload, sizeof payload, "{\"reading\":%d}", i);
-    mosquitto_publish(m, NULL, topic, n, payload, 1, false);
+    rc = mosquitto_publish(m, NULL, topic, n, payload, 1, false);
   }
-  for (int rounds = 0; acknowledged < count && rounds < 300; rounds++) mosquitto_loop(m, 100, 1);
+  for (int rounds = 0; rc == MOSQ_ERR_SUCCESS && acknowledged < count && rounds < 300; rounds++)
+    rc = mosquitto_loop(m, 100, 1);
+  if (rc != MOSQ_ERR_SUCCESS) {
+    /* The handshake may fail in mosquitto_connect or, with TLS 1.3, on the first read after it:
+     * either way the context knows which side failed, which certificate and why. */
+    edgekey_tls_failure failure;
+    SSL *ssl = mosquitto_ssl_get(m);
+    edgekey_tls_layer layer = ssl != NULL ? edgekey_tls_diagnose(ssl, SSL_ERROR_SSL, &failure)
+                                          : edgekey_tls_last_failure(ctx, &failure);
+    if (layer != EDGEKEY_LAYER_NONE && layer != EDGEKEY_LAYER_NETWORK)
+      fprintf(stderr, "connection failed: %s\n", failure.reason);
+    else
+      fprintf(stderr, "connection failed: %s\n", mosquitto_strerror(rc));
+  }
   printf("published %d, acknowledged %d\n", count, acknowledged);
   mosquitto_disconnect(m);
   mosquitto_destroy(m);

@@ -72,6 +72,7 @@ func enrollCommand(_ args: Arguments, logger: Logger) throws {
     guard let algorithm = KeyAlgorithm(rawValue: text) else { fail("unknown algorithm \(text)", .usage) }
     policy.keyAlgorithm = algorithm
   }
+  announceSlowKey(policy.keyAlgorithm)
   let agent = RenewalAgent(
     store: store, tpm: tpm, settings: settings, policy: policy, identity: identity,
     onEvent: { logger.info("\($0)") })
@@ -126,6 +127,7 @@ func provisionCommand(_ args: Arguments, logger: Logger) throws {
     guard let algorithm = KeyAlgorithm(rawValue: text) else { fail("unknown algorithm \(text)", .usage) }
     policy.keyAlgorithm = algorithm
   }
+  announceSlowKey(policy.keyAlgorithm)
 
   // 1. The TPM's health.
   let tpm: TPM

@@ -1,4 +1,5 @@
 import EdgeKeyCore
+import EdgeKeyEnrollment
 import EdgeKeyTLS
 import EdgeKeyTPM
 import Foundation
@@ -134,6 +135,10 @@ func doctorCommand(_ args: Arguments, logger: Logger) throws {
     report(true, "server accepted us", "handshake complete (TLS only: no MQTT CONNECT sent)")
     return
   }
+  if args.option("protocol") == "est" {
+    doctorEST(args, host: host, port: port, chain: chain, key: key, caFile: caFile)
+    return
+  }
   // An MQTT CONNECT: with TLS 1.3 the server's verdict on our certificate arrives here.
   let connack = doctorMQTTConnect(connection, clientID: args.option("client-id") ?? "edgekey-doctor")
   guard connack.count >= 4, connack[0] == 0x20 else {
@@ -149,6 +154,44 @@ func doctorCommand(_ args: Arguments, logger: Logger) throws {
     report(true, "MQTT connect", "CONNACK accepted")
   } else {
     report(false, "MQTT connect", "CONNACK refused: \(reasons[Int(connack[3])] ?? "code \(connack[3])")")
+    exit(ExitCode.failure.rawValue)
+  }
+}
+
+/// The EST layers, after the TLS ones: the server's verdict on our certificate (an HTTP request
+/// over the same policy, through libcurl as enrollment makes it), `cacerts`, `csrattrs`.
+func doctorEST(_ args: Arguments, host: String, port: UInt16, chain: [Certificate], key: TPMKey, caFile: String) {
+  do {
+    var options = ESTOptions()
+    options.timeout = 15
+    let server = try ESTServer(
+      url: "https://\(host.contains(":") ? "[\(host)]" : host):\(port)", label: args.option("label"))
+    let client = try ESTClient(
+      server: server, trustAnchors: try Certificate.chain(pem: readText(caFile)), options: options)
+    let authentication = ESTAuthentication.certificate(chain, key: key)
+    let cas = try client.caCertificates()
+    report(true, "server accepted us", "TLS client authentication passed (HTTPS through libcurl)")
+    report(true, "EST cacerts", "\(cas.count) certificate(s): \(cas.map(\.subject).joined(separator: "; "))")
+    let attributes = try client.csrAttributes(authentication: authentication)
+    report(true, "EST csrattrs", attributes.isEmpty ? "no preference (204)" : attributes.joined(separator: ", "))
+    let ours = cas.contains { anchor in chain.contains { $0.isIssued(by: anchor) } }
+    report(
+      ours, "re-enrollment",
+      ours
+        ? "our certificate comes from a CA this server publishes: simplereenroll can renew it"
+        : "no CA this server publishes issued our certificate: re-enrollment will be refused")
+    if !ours { exit(ExitCode.failure.rawValue) }
+  } catch let error as EnrollmentError {
+    let layer =
+      switch error.kind {
+      case .tls: error.tls?.layer == .rejectedByServer ? "server accepted us" : "TLS"
+      case .server: "EST request"
+      default: "EST"
+      }
+    report(false, layer, error.description)
+    exit(ExitCode.failure.rawValue)
+  } catch {
+    report(false, "EST", "\(error)")
     exit(ExitCode.failure.rawValue)
   }
 }

@@ -54,10 +54,11 @@ let usage = """
     edgekey status --state DIR [--json]       certificate, expiry, renewal moment, key, anchors, and
                                               what the agent last reported
     edgekey doctor --host H --port P --cafile CA --cert CERT (--file FILE | --handle H)
-                [--server-name N] [--crl FILE] [--tls-max 1.2|1.3] [--protocol mqtt|tls]
-                                              walk the mTLS layers to a broker: TPM and key, our
-                                              certificate, the server's chain, protocol, the
-                                              server's verdict on us, MQTT CONNECT; ✓/✗ each
+                [--server-name N] [--crl FILE] [--tls-max 1.2|1.3] [--protocol mqtt|tls|est]
+                                              walk the mTLS layers to a broker or an EST server: TPM
+                                              and key, our certificate, the server's chain, protocol,
+                                              the server's verdict on us, then MQTT CONNECT (or EST
+                                              cacerts, csrattrs, re-enrollment); ✓/✗ each
     edgekey pub -h H [-p P] --cafile CA --cert CERT (--file FILE | --handle H) -t TOPIC
                 (-m TEXT | --count N [--prefix P] | -l) [-q 0|1|2] [-r] [--outbox DB]
                 [--interval-ms MS] [--print-accepted] [--timeout S]
@@ -84,6 +85,30 @@ let usage = """
   Exit codes: 0 success, 1 failure (doctor: a layer failed), 2 usage error, 3 no TPM reachable.
 
   """
+
+/// `edgekey COMMAND --help`: that command's lines of the usage, then the options and exit codes.
+func commandUsage(_ command: String) -> String {
+  let lines = usage.split(separator: "\n", omittingEmptySubsequences: false)
+  var section: [Substring] = []
+  var inside = false
+  for line in lines {
+    if line.hasPrefix("  edgekey ") {
+      inside = line.hasPrefix("  edgekey \(command) ") || line == "  edgekey \(command)"
+    } else if line.isEmpty {
+      inside = false
+    }
+    if inside { section.append(line) }
+  }
+  guard !section.isEmpty, let options = usage.range(of: "\nOptions:") else { return usage }
+  return "Usage:\n" + section.joined(separator: "\n") + "\n" + usage[options.lowerBound...]
+}
+
+/// RSA keys take seconds on a real TPM: say so on stderr before the wait.
+func announceSlowKey(_ algorithm: KeyAlgorithm) {
+  guard !algorithm.isECC else { return }
+  var note = "edgekey: creating \(algorithm) in the TPM (up to several seconds on real chips)...\n"
+  note.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+}
 
 func fail(_ message: String, _ code: ExitCode) -> Never {
   var text = "edgekey: \(message)\n"
@@ -153,7 +178,7 @@ func run(_ argv: [String]) throws {
     fail("\(error)\n\(usage)", .usage)
   }
   if args.flag("help") || args.words.isEmpty {
-    print(usage, terminator: "")
+    print(args.words.isEmpty ? usage : commandUsage(args.words.joined(separator: " ")), terminator: "")
     exit(args.words.isEmpty && !args.flag("help") ? ExitCode.usage.rawValue : 0)
   }
   let logger =
@@ -211,11 +236,7 @@ func run(_ argv: [String]) throws {
       fail("key create needs exactly one of --out FILE or --handle H", .usage)
     }
     let tpm = openTPM(args, logger: logger)
-    if !algorithm.isECC {
-      // RSA keys take seconds on a real TPM: say so before the wait.
-      var note = "edgekey: creating \(algorithm) in the TPM (up to several seconds on real chips)...\n"
-      note.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
-    }
+    announceSlowKey(algorithm)
     let file = try tpm.createKey(algorithm, authValue: authValue(args))
     if let path {
       try file.write(to: path)

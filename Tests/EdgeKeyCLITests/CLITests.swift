@@ -325,6 +325,45 @@ struct CLITests {
     #expect(missing.stdout.contains("✗ TPM reachable"))
   }
 
+  @Test("doctor --protocol est walks the layers to an EST server; --help shows one command")
+  func doctorEST() throws {
+    let swtpm = try SoftwareTPM()
+    let ca = try TestCA()
+    let ra = try RegistrationAuthority(ca: ca)
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    let caFile = dir.appendingPathComponent("ca.pem").path
+    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+    let state = dir.appendingPathComponent("state").path
+    var environment = ProcessInfo.processInfo.environment
+    environment["EST_PASSWORD"] = "device:factory-secret"
+    environment["EDGEKEY_TCTI"] = swtpm.tcti
+    let enrolled = try Command.runCapturing(
+      try edgekeyBinary(),
+      [
+        "enroll", "--state", state, "--server", ra.localhostURL, "--cafile", caFile, "--subject", "CN=doc-1",
+        "--password-env", "EST_PASSWORD",
+      ], environment: environment)
+    #expect(enrolled.status == 0, "\(enrolled.stderr)")
+    let current = state + "/current.pem"
+    let walked = try run(
+      [
+        "doctor", "--protocol", "est", "--host", "localhost", "--port", String(ra.port), "--cafile", caFile,
+        "--cert", current, "--file", current,
+      ], tcti: swtpm.tcti)
+    #expect(walked.status == 0, "\(walked.stdout)\(walked.stderr)")
+    for layer in ["✓ server certificate", "✓ server accepted us", "✓ EST cacerts", "✓ EST csrattrs", "✓ re-enrollment"]
+    {
+      #expect(walked.stdout.contains(layer), "\(layer)")
+    }
+
+    let help = try run(["provision", "--help"], tcti: nil)
+    #expect(help.status == 0)
+    #expect(help.stdout.contains("edgekey provision --state"))
+    #expect(!help.stdout.contains("edgekey pub "))
+    #expect(help.stdout.contains("Exit codes"))
+  }
+
   @Test("tpm info reports the simulator, as text and JSON")
   func tpmInfo() throws {
     let swtpm = try SoftwareTPM()
