@@ -1,5 +1,6 @@
 import EdgeKeyCore
 import EdgeKeyEnrollment
+import EdgeKeyMQTT
 import EdgeKeyTLS
 import EdgeKeyTPM
 import Foundation
@@ -156,6 +157,34 @@ func doctorCommand(_ args: Arguments, logger: Logger) throws {
     report(false, "MQTT connect", "CONNACK refused: \(reasons[Int(connack[3])] ?? "code \(connack[3])")")
     exit(ExitCode.failure.rawValue)
   }
+  // Authorization: mTLS proved who we are; the broker's ACL decides what we may do. An MQTT 5
+  // PUBACK carries its verdict on one QoS 1 message.
+  let topic = args.option("topic") ?? "devices/\(leaf.commonName ?? "edgekey")/doctor"
+  var configuration = MQTTConfiguration(host: host, port: port, clientID: args.option("client-id") ?? "edgekey-doctor")
+  configuration.reconnect = ReconnectPolicy(
+    initialDelay: 0.2, maximumDelay: 1, stableAfter: 1, refusedInitialDelay: 60, refusedMaximumDelay: 60)
+  nonisolated(unsafe) var verdict: (Bool, String) = (false, "")
+  let client: MQTTClient
+  do { client = try MQTTClient(configuration, tls: context) } catch {
+    report(false, "authorized to publish", "\(error)")
+    exit(ExitCode.failure.rawValue)
+  }
+  runAsync {
+    do {
+      try await client.connect(timeout: 10)
+      try await client.publish(topic: topic, payload: Array("edgekey doctor".utf8), qos: .atLeastOnce)
+      verdict = (true, "\(topic): accepted (PUBACK)")
+    } catch let error as MQTTError {
+      if case .rejected = error.kind {
+        verdict = (false, "\(topic): \(error.reason); the broker's ACL does not let \(leaf.subject) publish there")
+      } else {
+        verdict = (false, "\(topic): \(error.reason)")
+      }
+    }
+    client.stop()
+  }
+  report(verdict.0, "authorized to publish", verdict.1)
+  if !verdict.0 { exit(ExitCode.failure.rawValue) }
 }
 
 /// The EST layers, after the TLS ones: the server's verdict on our certificate (an HTTP request

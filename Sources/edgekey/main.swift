@@ -55,10 +55,12 @@ let usage = """
                                               what the agent last reported
     edgekey doctor --host H --port P --cafile CA --cert CERT (--file FILE | --handle H)
                 [--server-name N] [--crl FILE] [--tls-max 1.2|1.3] [--protocol mqtt|tls|est]
+                [-t TOPIC]
                                               walk the mTLS layers to a broker or an EST server: TPM
                                               and key, our certificate, the server's chain, protocol,
-                                              the server's verdict on us, then MQTT CONNECT (or EST
-                                              cacerts, csrattrs, re-enrollment); ✓/✗ each
+                                              the server's verdict on us, then MQTT CONNECT and a
+                                              QoS 1 publish the ACL must allow (or EST cacerts,
+                                              csrattrs, re-enrollment); ✓/✗ each
     edgekey pub -h H [-p P] --cafile CA --cert CERT (--file FILE | --handle H) -t TOPIC
                 (-m TEXT | --count N [--prefix P] | -l) [-q 0|1|2] [-r] [--outbox DB]
                 [--interval-ms MS] [--print-accepted] [--timeout S]

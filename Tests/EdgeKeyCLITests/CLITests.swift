@@ -448,9 +448,24 @@ struct CLITests {
     #expect(good.status == 0, "\(good.stdout)\(good.stderr)")
     for layer in [
       "TPM and key", "our certificate", "server certificate", "protocol", "server accepted us", "MQTT connect",
+      "authorized to publish",
     ] {
       #expect(good.stdout.contains("✓ \(layer)"), "\(layer) in \(good.stdout)")
     }
+    // Authorization is the broker's ACL: devices/<CN>/# only. Another device's prefix is refused.
+    let acl = try String(
+      contentsOf: URL(fileURLWithPath: try edgekeyBinary()).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("Examples/broker/acl"), encoding: .utf8)
+    let guarded = try MosquittoBroker(
+      certificatePEM: server.certificate, keyPEM: server.key, clientCAPEM: ca.certificatePEM, aclFile: acl)
+    var own = args
+    own[own.firstIndex(of: String(broker.port))!] = String(guarded.port)
+    let allowed = try run(own, tcti: swtpm.tcti)
+    #expect(allowed.stdout.contains("✓ authorized to publish"), "\(allowed.stdout)")
+    let denied = try run(own + ["-t", "devices/device-10/doctor"], tcti: swtpm.tcti)
+    #expect(denied.status == 1)
+    #expect(denied.stdout.contains("✓ MQTT connect"))
+    #expect(denied.stdout.contains("✗ authorized to publish"), "\(denied.stdout)")
     let stranger = try TestCA(name: "Stranger CA")
     let strangerPath = dir.appendingPathComponent("stranger.pem").path
     try stranger.certificatePEM.write(toFile: strangerPath, atomically: true, encoding: .utf8)
