@@ -13,6 +13,8 @@ import Foundation
 final class AgentStatus: @unchecked Sendable {
   private let lock = NSLock()
   private let path: String
+  /// The broker this agent talks to, "host:port".
+  var broker = ""
   private var lastEvent = ""
   private var lastError = ""
 
@@ -44,6 +46,7 @@ final class AgentStatus: @unchecked Sendable {
       + "\"credentialSwaps\":\(m.credentialSwaps),\"disconnections\":\(m.disconnections)}"
     let text =
       "{\"time\":\(jsonString(Certificate.format(Date()))),\"pid\":\(getpid()),\"state\":\(jsonString(state)),"
+      + "\"broker\":\(jsonString(broker)),"
       + "\"renewal\":\(renewal),\"mqtt\":\(mqtt),\"lastEvent\":\(jsonString(event)),"
       + "\"lastError\":\(jsonString(error))}\n"
     try? AtomicFile.write(Array(text.utf8), to: path, mode: 0o600)
@@ -108,6 +111,7 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
 
   let tpm = openTPM(args, logger: logger)
   let status = AgentStatus(directory: store.directory)
+  status.broker = "\(host):\(port)"
   let switcher = MQTTCredentialSwitch(policy: tlsPolicy)
   let agent = RenewalAgent(
     store: store, tpm: tpm, settings: settings, policy: policy, identity: identity,

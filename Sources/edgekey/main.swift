@@ -186,6 +186,16 @@ func run(_ argv: [String]) throws {
   let logger =
     args.flag("verbose") ? Logger(label: "edgekey", level: .debug, handler: StandardErrorLogHandler()) : .disabled
   let command = args.words.joined(separator: " ")
+  // The commands that live in files of their own.
+  let handlers: [String: (Arguments, Logger) throws -> Void] = [
+    "csr": csrCommand, "enroll": enrollCommand, "renew": renewCommand, "agent": agentCommand,
+    "provision": provisionCommand, "status": statusCommand, "doctor": doctorCommand, "pub": pubCommand,
+    "sub": subCommand,
+  ]
+  if let handler = handlers[command] {
+    try handler(args, logger)
+    return
+  }
   switch command {
   case "tpm info":
     let tpm = openTPM(args, logger: logger)
@@ -286,33 +296,6 @@ func run(_ argv: [String]) throws {
     } else {
       fail("key delete needs --file FILE or --handle H", .usage)
     }
-
-  case "csr":
-    try csrCommand(args, logger: logger)
-
-  case "enroll":
-    try enrollCommand(args, logger: logger)
-
-  case "renew":
-    try renewCommand(args, logger: logger)
-
-  case "agent":
-    try agentCommand(args, logger: logger)
-
-  case "provision":
-    try provisionCommand(args, logger: logger)
-
-  case "status":
-    try statusCommand(args, logger: logger)
-
-  case "doctor":
-    try doctorCommand(args, logger: logger)
-
-  case "pub":
-    pubCommand(args, logger: logger)
-
-  case "sub":
-    subCommand(args, logger: logger)
 
   case "srk persist":
     let created = try openTPM(args, logger: logger).persistStorageRootKey()

@@ -14,6 +14,52 @@ func edgekeyBinary() throws -> String {
   throw HarnessError("edgekey is not built (swift build --build-tests builds it)")
 }
 
+/// A loopback fleet for one test: swtpm, a CA, the registration authority, an mTLS broker, and
+/// a work directory holding the CA file.
+struct Fleet {
+  let swtpm: SoftwareTPM
+  let ca: TestCA
+  let ra: RegistrationAuthority
+  let broker: MosquittoBroker
+  let dir: URL
+  let caFile: String
+
+  init(lifetime: String = "30d", backdate: String = "60") throws {
+    swtpm = try SoftwareTPM()
+    ca = try TestCA()
+    ra = try RegistrationAuthority(ca: ca, lifetime: lifetime, backdate: backdate)
+    let serverCert = try ca.issueServer()
+    broker = try MosquittoBroker(
+      certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM)
+    dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    caFile = dir.appendingPathComponent("ca.pem").path
+    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+  }
+
+  var state: String { dir.appendingPathComponent("state").path }
+  func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+
+  /// `edgekey enroll` by password into `state`; returns its exit status and stderr.
+  func enroll(commonName: String) throws -> (status: Int32, stderr: String) {
+    let result = try Command.runCapturing(
+      try edgekeyBinary(),
+      [
+        "enroll", "--state", state, "--server", ra.localhostURL, "--cafile", caFile, "--subject", "CN=\(commonName)",
+        "--password-env", "EST_PASSWORD",
+      ], environment: environment)
+    return (result.status, result.stderr)
+  }
+
+  /// The process environment plus the enrollment password and this fleet's TPM.
+  var environment: [String: String] {
+    var env = ProcessInfo.processInfo.environment
+    env["EST_PASSWORD"] = "device:factory-secret"
+    env["EDGEKEY_TCTI"] = swtpm.tcti
+    return env
+  }
+}
+
 @Suite("edgekey command line")
 struct CLITests {
   func run(_ args: [String], tcti: String?) throws -> (status: Int32, stdout: String, stderr: String) {
@@ -54,26 +100,16 @@ struct CLITests {
 
   @Test("agent: enrolls by password, publishes, renews with 6-second certificates, stops on SIGTERM with nothing lost")
   func agent() throws {
-    let swtpm = try SoftwareTPM()
-    let ca = try TestCA()
-    let ra = try RegistrationAuthority(ca: ca, lifetime: "6s", backdate: "1")
-    let serverCert = try ca.issueServer()
-    let broker = try MosquittoBroker(
-      certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM)
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    let caFile = dir.appendingPathComponent("ca.pem").path
-    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
-    let state = dir.appendingPathComponent("state").path
+    let f = try Fleet(lifetime: "6s", backdate: "1")
+    let (state, broker, swtpm) = (f.state, f.broker, f.swtpm)
     let agent = try ChildProcess(
       try edgekeyBinary(),
       [
-        "agent", "--state", state, "--server", ra.localhostURL, "--cafile", caFile, "-h", "127.0.0.1", "-p",
+        "agent", "--state", state, "--server", f.ra.localhostURL, "--cafile", f.caFile, "-h", "127.0.0.1", "-p",
         String(broker.port), "-t", "devices/agent-1/telemetry", "--interval", "0.2", "--subject",
-        "O=EdgeKey Tests,CN=agent-1", "--password-env", "EST_PASSWORD", "--outbox",
-        dir.appendingPathComponent("outbox.db").path, "--tcti", swtpm.tcti,
-      ], logPath: dir.appendingPathComponent("agent.log").path,
-      environment: ProcessInfo.processInfo.environment.merging(["EST_PASSWORD": "device:factory-secret"]) { $1 })
+        "O=EdgeKey Tests,CN=agent-1", "--password-env", "EST_PASSWORD", "--outbox", f.path("outbox.db"), "--tcti",
+        swtpm.tcti,
+      ], logPath: f.path("agent.log"), environment: f.environment)
     func agentStatus() -> [String: Any] {
       guard let data = FileManager.default.contents(atPath: state + "/status.json"),
         let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
@@ -89,8 +125,17 @@ struct CLITests {
     #expect(shown.stdout.contains("\"subject\":\"CN=agent-1,O=EdgeKey Tests\""))
     #expect(shown.stdout.contains("\"state\":\"connect"), "running: connected, or reconnecting with a new certificate")
 
+    #expect(shown.stdout.contains("\"broker\":\"127.0.0.1:\(broker.port)\""))
+    // SIGHUP reloads and renews now; the agent keeps running.
+    let before = renewals()
+    agent.send(SIGHUP)
+    let reload = Date().addingTimeInterval(10)
+    while renewals() == before && Date() < reload { usleep(100_000) }
+    #expect(renewals() > before, "SIGHUP renews at once")
+    #expect(agent.isRunning)
+
     agent.send(SIGTERM)
-    while agent.isRunning && Date() < deadline.addingTimeInterval(10) { usleep(50_000) }
+    while agent.isRunning && Date() < deadline.addingTimeInterval(20) { usleep(50_000) }
     #expect(!agent.isRunning, "SIGTERM stops the agent")
     #expect(agent.exitCode == 0)
     let final = agentStatus()
@@ -100,31 +145,22 @@ struct CLITests {
     #expect(mqtt["messagesAcknowledged"] as? Int == mqtt["messagesQueued"] as? Int, "every message delivered")
     #expect((mqtt["connections"] as? Int ?? 0) >= 3, "a new connection per certificate")
     #expect(((final["renewal"] as? [String: Any])?["keysRetired"] as? Int ?? 0) >= 2)
-    let text = try String(contentsOfFile: dir.appendingPathComponent("agent.log").path, encoding: .utf8)
+    let text = try String(contentsOfFile: f.path("agent.log"), encoding: .utf8)
     #expect(text.contains("agent stopped"))
     #expect(!text.contains("factory-secret"), "the password is never logged")
   }
 
   @Test("provision: one JSON line; interrupted at many points and run again, it resumes to one working credential")
   func provision() throws {
-    let swtpm = try SoftwareTPM()
-    let ca = try TestCA()
-    let ra = try RegistrationAuthority(ca: ca)
-    let serverCert = try ca.issueServer()
-    let broker = try MosquittoBroker(
-      certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM)
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    let caFile = dir.appendingPathComponent("ca.pem").path
-    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
-    let state = dir.appendingPathComponent("state").path
+    let f = try Fleet()
+    let (state, ra, broker) = (f.state, f.ra, f.broker)
     let arguments = [
-      "provision", "--state", state, "--server", ra.localhostURL, "--cafile", caFile, "--subject",
+      "provision", "--state", state, "--server", ra.localhostURL, "--cafile", f.caFile, "--subject",
       "O=EdgeKey Tests,CN=line-7", "-h", "127.0.0.1", "-p", String(broker.port), "--password-env", "EST_PASSWORD",
-      "--tcti", swtpm.tcti,
+      "--tcti", f.swtpm.tcti,
     ]
-    let environment = ProcessInfo.processInfo.environment.merging(["EST_PASSWORD": "device:factory-secret"]) { $1 }
-    let log = dir.appendingPathComponent("provision.log").path
+    let environment = f.environment
+    let log = f.path("provision.log")
 
     // Power pulled at growing moments until one run gets to the end by itself.
     var delay = 0.0
@@ -177,29 +213,13 @@ struct CLITests {
 
   @Test("the example telemetry daemon: identity from the store, MQTT with outbox, SIGTERM stops it")
   func telemetryExample() throws {
-    let swtpm = try SoftwareTPM()
-    let ca = try TestCA()
-    let ra = try RegistrationAuthority(ca: ca)
-    let serverCert = try ca.issueServer()
-    let broker = try MosquittoBroker(
-      certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM)
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    let caFile = dir.appendingPathComponent("ca.pem").path
-    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
-    let state = dir.appendingPathComponent("state").path
-    var environment = ProcessInfo.processInfo.environment
-    environment["EST_PASSWORD"] = "device:factory-secret"
-    environment["EDGEKEY_TCTI"] = swtpm.tcti
+    let f = try Fleet()
+    let (state, ra, broker, caFile) = (f.state, f.ra, f.broker, f.caFile)
+    var environment = f.environment
     environment["INTERVAL"] = "1"
-    let enrolled = try Command.runCapturing(
-      try edgekeyBinary(),
-      [
-        "enroll", "--state", state, "--server", ra.localhostURL, "--cafile", caFile, "--subject", "CN=sensor-3",
-        "--password-env", "EST_PASSWORD",
-      ], environment: environment)
+    let enrolled = try f.enroll(commonName: "sensor-3")
     #expect(enrolled.status == 0, "\(enrolled.stderr)")
-    let log = dir.appendingPathComponent("daemon.log").path
+    let log = f.path("daemon.log")
     let daemon = try ChildProcess(
       try builtExecutable("edgekey-telemetry"),
       [state, ra.localhostURL, caFile, "127.0.0.1", String(broker.port)], logPath: log, environment: environment)
@@ -327,23 +347,9 @@ struct CLITests {
 
   @Test("doctor --protocol est walks the layers to an EST server; --help shows one command")
   func doctorEST() throws {
-    let swtpm = try SoftwareTPM()
-    let ca = try TestCA()
-    let ra = try RegistrationAuthority(ca: ca)
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    let caFile = dir.appendingPathComponent("ca.pem").path
-    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
-    let state = dir.appendingPathComponent("state").path
-    var environment = ProcessInfo.processInfo.environment
-    environment["EST_PASSWORD"] = "device:factory-secret"
-    environment["EDGEKEY_TCTI"] = swtpm.tcti
-    let enrolled = try Command.runCapturing(
-      try edgekeyBinary(),
-      [
-        "enroll", "--state", state, "--server", ra.localhostURL, "--cafile", caFile, "--subject", "CN=doc-1",
-        "--password-env", "EST_PASSWORD",
-      ], environment: environment)
+    let f = try Fleet()
+    let (state, ra, caFile, swtpm) = (f.state, f.ra, f.caFile, f.swtpm)
+    let enrolled = try f.enroll(commonName: "doc-1")
     #expect(enrolled.status == 0, "\(enrolled.stderr)")
     let current = state + "/current.pem"
     let walked = try run(
