@@ -152,14 +152,7 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
   public var isSelfSigned: Bool { isIssued(by: self) }
 
   /// The SubjectPublicKeyInfo, DER.
-  public var publicKeyDER: [UInt8] {
-    guard let key = X509_get0_pubkey(x509) else { return [] }
-    var out: UnsafeMutablePointer<UInt8>?
-    let n = i2d_PUBKEY(key, &out)
-    defer { CRYPTO_free(out, #file, #line) }
-    guard n > 0, let out else { return [] }
-    return Array(UnsafeBufferPointer(start: out, count: Int(n)))
-  }
+  public var publicKeyDER: [UInt8] { subjectPublicKeyInfo(X509_get0_pubkey(x509)) }
 
   /// "EC P-256", "RSA 2048", ...
   public var keyType: String {
@@ -343,6 +336,16 @@ func bioString(_ bio: OpaquePointer?) -> String {
     bytes += chunk[0..<Int(n)]
   }
   return String(decoding: bytes, as: UTF8.self)
+}
+
+/// A key's SubjectPublicKeyInfo, DER (empty without a key).
+func subjectPublicKeyInfo(_ key: OpaquePointer?) -> [UInt8] {
+  guard let key else { return [] }
+  var out: UnsafeMutablePointer<UInt8>?
+  let n = i2d_PUBKEY(key, &out)
+  defer { CRYPTO_free(out, #file, #line) }
+  guard n > 0, let out else { return [] }
+  return Array(UnsafeBufferPointer(start: out, count: Int(n)))
 }
 
 /// A memory BIO holding a copy of `bytes`. (BIO_new_mem_buf does not copy, and an optimised

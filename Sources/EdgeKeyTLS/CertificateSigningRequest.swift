@@ -141,14 +141,7 @@ extension CertificateSigningRequest {
 
   /// The requested key, SubjectPublicKeyInfo DER.
   public var publicKeyDER: [UInt8] {
-    withRequest { req in
-      guard let key = X509_REQ_get0_pubkey(req) else { return [] }
-      var out: UnsafeMutablePointer<UInt8>?
-      let n = i2d_PUBKEY(key, &out)
-      defer { CRYPTO_free(out, #file, #line) }
-      guard n > 0, let out else { return [] }
-      return Array(UnsafeBufferPointer(start: out, count: Int(n)))
-    }
+    withRequest { subjectPublicKeyInfo(X509_REQ_get0_pubkey($0)) }
   }
 
   /// The requested key's type and size: "EC P-256", "RSA 2048", ...

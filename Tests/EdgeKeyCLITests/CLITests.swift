@@ -3,16 +3,8 @@ import EdgeKeyTestSupport
 import Foundation
 import Testing
 
-/// The built `edgekey` binary, next to this test bundle.
-func edgekeyBinary() throws -> String {
-  let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-    .deletingLastPathComponent()
-  for configuration in ["debug", "release"] {
-    let path = root.appendingPathComponent(".build/\(configuration)/edgekey").path
-    if FileManager.default.isExecutableFile(atPath: path) { return path }
-  }
-  throw HarnessError("edgekey is not built (swift build --build-tests builds it)")
-}
+/// The built `edgekey` binary.
+func edgekeyBinary() throws -> String { try builtExecutable("edgekey") }
 
 /// A loopback fleet for one test: swtpm, a CA, the registration authority, an mTLS broker, and
 /// a work directory holding the CA file.
