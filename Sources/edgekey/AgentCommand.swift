@@ -167,7 +167,9 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   if let topic, args.flag("stdin-line") {
     Thread.detachNewThread {
       while let line = readLine() {
-        try? client.enqueue([MQTTMessage(topic: topic, payload: Array(line.utf8), qos: .atLeastOnce)])
+        do { try client.enqueue([MQTTMessage(topic: topic, payload: Array(line.utf8), qos: .atLeastOnce)]) } catch {
+          logger.warning("a line was not accepted: \(error)")
+        }
       }
     }
   }
@@ -185,7 +187,9 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
       let beat =
         "{\"seq\":\(sequence),\"uptime\":\(Int(Date().timeIntervalSince(started))),"
         + "\"certificateNotAfter\":\(jsonString(cert.map { Certificate.format($0.notAfter) } ?? ""))}"
-      try? client.enqueue([MQTTMessage(topic: topic, payload: Array(beat.utf8), qos: .atLeastOnce)])
+      do { try client.enqueue([MQTTMessage(topic: topic, payload: Array(beat.utf8), qos: .atLeastOnce)]) } catch {
+        logger.warning("a heartbeat was not accepted: \(error)")
+      }
       sequence += 1
       nextBeat = Date().addingTimeInterval(interval)
     }
