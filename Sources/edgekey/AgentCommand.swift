@@ -105,9 +105,7 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   let interval = Double(args.option("interval") ?? "0") ?? 0
   let topic = args.option("topic")
   if interval > 0 && topic == nil { fail("--interval needs -t/--topic", .usage) }
-  let identity = args.option("subject").map {
-    (subject: parseSubject($0), names: args.option("san").map(parseSANs) ?? [])
-  }
+  let identity = identityOption(args)
 
   let tpm = openTPM(args, logger: logger)
   let status = AgentStatus(directory: store.directory)

@@ -36,6 +36,29 @@ func enrollmentSettings(_ args: Arguments) -> (CredentialStore, EnrollmentSettin
   }
 }
 
+/// `--subject "O=..,CN=.."` and `--san ...`: what to request; nil without --subject.
+func identityOption(_ args: Arguments) -> (subject: [(String, String)], names: [SubjectAlternativeName])? {
+  args.option("subject").map { (subject: parseSubject($0), names: args.option("san").map(parseSANs) ?? []) }
+}
+
+/// `--algorithm A` for the key enrollment creates (P-256 by default), announced when slow.
+func enrollmentPolicy(_ args: Arguments) -> RenewalPolicy {
+  var policy = RenewalPolicy()
+  policy.keyAlgorithm = algorithmOption(args)
+  announceSlowKey(policy.keyAlgorithm)
+  return policy
+}
+
+/// `--bootstrap-cert PEM --bootstrap-key KEYFILE`: the factory credential, copied into the store
+/// and read back (which checks that the certificate is for that key).
+func storeBootstrap(_ args: Arguments, in store: CredentialStore) throws {
+  guard let certFile = args.option("bootstrap-cert") else { return }
+  guard let keyFile = args.option("bootstrap-key") else { fail("--bootstrap-cert needs --bootstrap-key", .usage) }
+  let chain = try Certificate.chain(pem: String(decoding: try AtomicFile.read(certFile, limit: 1 << 20), as: UTF8.self))
+  try store.write(Credential(key: try TSS2PrivateKey(contentsOf: keyFile), chain: chain), to: .bootstrap)
+  _ = try store.read(.bootstrap)
+}
+
 func credentialJSON(_ credential: Credential, store: CredentialStore, action: String, counters: RenewalCounters)
   -> String
 {
@@ -52,27 +75,12 @@ func credentialJSON(_ credential: Credential, store: CredentialStore, action: St
 func enrollCommand(_ args: Arguments, logger: Logger) throws {
   let (store, settings) = enrollmentSettings(args)
   let tpm = openTPM(args, logger: logger)
-  if let certFile = args.option("bootstrap-cert") {
-    guard let keyFile = args.option("bootstrap-key") else { fail("--bootstrap-cert needs --bootstrap-key", .usage) }
-    let chain = try Certificate.chain(
-      pem: String(decoding: try AtomicFile.read(certFile, limit: 1 << 20), as: UTF8.self))
-    let bootstrap = Credential(key: try TSS2PrivateKey(contentsOf: keyFile), chain: chain)
-    // Checked (the certificate is for that key) by reading it back.
-    try store.write(bootstrap, to: .bootstrap)
-    _ = try store.read(.bootstrap)
-  }
-  let identity = args.option("subject").map {
-    (subject: parseSubject($0), names: args.option("san").map(parseSANs) ?? [])
-  }
+  try storeBootstrap(args, in: store)
+  let identity = identityOption(args)
   if try store.read(.current) != nil && !args.flag("force") {
     fail("\(store.path(.current)) exists: this device is enrolled (renew, or --force to enroll again)", .failure)
   }
-  var policy = RenewalPolicy()
-  if let text = args.option("algorithm") {
-    guard let algorithm = KeyAlgorithm(rawValue: text) else { fail("unknown algorithm \(text)", .usage) }
-    policy.keyAlgorithm = algorithm
-  }
-  announceSlowKey(policy.keyAlgorithm)
+  let policy = enrollmentPolicy(args)
   let agent = RenewalAgent(
     store: store, tpm: tpm, settings: settings, policy: policy, identity: identity,
     onEvent: { logger.info("\($0)") })
@@ -122,12 +130,7 @@ func provisionCommand(_ args: Arguments, logger: Logger) throws {
     out("{" + all.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}")
     exit(ok ? 0 : code.rawValue)
   }
-  var policy = RenewalPolicy()
-  if let text = args.option("algorithm") {
-    guard let algorithm = KeyAlgorithm(rawValue: text) else { fail("unknown algorithm \(text)", .usage) }
-    policy.keyAlgorithm = algorithm
-  }
-  announceSlowKey(policy.keyAlgorithm)
+  let policy = enrollmentPolicy(args)
 
   // 1. The TPM's health.
   let tpm: TPM
@@ -151,19 +154,8 @@ func provisionCommand(_ args: Arguments, logger: Logger) throws {
   }
 
   // 2. Enrollment, or what an earlier run left.
-  if let certFile = args.option("bootstrap-cert"), let keyFile = args.option("bootstrap-key") {
-    do {
-      let chain = try Certificate.chain(
-        pem: String(decoding: try AtomicFile.read(certFile, limit: 1 << 20), as: UTF8.self))
-      try store.write(Credential(key: try TSS2PrivateKey(contentsOf: keyFile), chain: chain), to: .bootstrap)
-      _ = try store.read(.bootstrap)
-    } catch {
-      report(ok: false, step: "bootstrap", reason: "\(error)")
-    }
-  }
-  let identity = args.option("subject").map {
-    (subject: parseSubject($0), names: args.option("san").map(parseSANs) ?? [])
-  }
+  do { try storeBootstrap(args, in: store) } catch { report(ok: false, step: "bootstrap", reason: "\(error)") }
+  let identity = identityOption(args)
   let agent = RenewalAgent(
     store: store, tpm: tpm, settings: settings, policy: policy, identity: identity, onEvent: { logger.info("\($0)") })
   var resumed = store.recovery.finishedSwitch || (try? store.read(.next)) != nil

@@ -105,6 +105,15 @@ func commandUsage(_ command: String) -> String {
   return "Usage:\n" + section.joined(separator: "\n") + "\n" + usage[options.lowerBound...]
 }
 
+/// `-a/--algorithm A`, P-256 by default.
+func algorithmOption(_ args: Arguments) -> KeyAlgorithm {
+  guard let text = args.option("algorithm") else { return .eccP256 }
+  guard let algorithm = KeyAlgorithm(rawValue: text) else {
+    fail("unknown algorithm \(text); one of \(KeyAlgorithm.allCases.map(\.rawValue).joined(separator: ", "))", .usage)
+  }
+  return algorithm
+}
+
 /// RSA keys take seconds on a real TPM: say so on stderr before the wait.
 func announceSlowKey(_ algorithm: KeyAlgorithm) {
   guard !algorithm.isECC else { return }
@@ -232,16 +241,7 @@ func run(_ argv: [String]) throws {
     }
 
   case "key create":
-    let algorithm: KeyAlgorithm
-    if let text = args.option("algorithm") {
-      guard let a = KeyAlgorithm(rawValue: text) else {
-        fail(
-          "unknown algorithm \(text); one of \(KeyAlgorithm.allCases.map(\.rawValue).joined(separator: ", "))", .usage)
-      }
-      algorithm = a
-    } else {
-      algorithm = .eccP256
-    }
+    let algorithm = algorithmOption(args)
     let path = args.option("out")
     let handle = handleOption(args)
     guard (path == nil) != (handle == nil) else {

@@ -123,17 +123,14 @@ public final class ESTClient: Sendable {
   public func enroll(_ csr: CertificateSigningRequest, authentication: ESTAuthentication) throws(EnrollmentError)
     -> [Certificate]
   {
-    try enroll(csr, operation: "simpleenroll", authentication: authentication)
+    try enroll(operation: "simpleenroll", authentication: authentication, bound: false) { _ in csr }
   }
 
   /// `/simplereenroll`: the same with the current certificate as the TLS client certificate.
   public func reenroll(_ csr: CertificateSigningRequest, authentication: ESTAuthentication) throws(EnrollmentError)
     -> [Certificate]
   {
-    guard !authentication.certificateChain.isEmpty else {
-      throw EnrollmentError(.configuration, "re-enrollment authenticates with the current certificate")
-    }
-    return try enroll(csr, operation: "simplereenroll", authentication: authentication)
+    try enroll(operation: "simplereenroll", authentication: authentication, bound: false) { _ in csr }
   }
 
   /// `/simpleenroll` (or `/simplereenroll`) with the request bound to its TLS connection
@@ -146,47 +143,43 @@ public final class ESTClient: Sendable {
     bindingTo makeRequest: @escaping (String) throws(EnrollmentError) -> CertificateSigningRequest,
     reenroll: Bool = false, authentication: ESTAuthentication
   ) throws(EnrollmentError) -> [Certificate] {
-    if reenroll && authentication.certificateChain.isEmpty {
+    try enroll(
+      operation: reenroll ? "simplereenroll" : "simpleenroll", authentication: authentication, bound: true
+    ) { unique throws(EnrollmentError) in try makeRequest(unique ?? "") }
+  }
+
+  /// The enrollment exchange: the request (`makeRequest` gets the connection's tls-unique when
+  /// `bound`, nil otherwise), 202 answers waited through up to `options.maximumPendingWait`, and
+  /// the issued chain checked against the request that was sent.
+  private func enroll(
+    operation: String, authentication: ESTAuthentication, bound: Bool,
+    makeRequest: @escaping (String?) throws(EnrollmentError) -> CertificateSigningRequest
+  ) throws(EnrollmentError) -> [Certificate] {
+    if operation == "simplereenroll" && authentication.certificateChain.isEmpty {
       throw EnrollmentError(.configuration, "re-enrollment authenticates with the current certificate")
     }
-    let operation = reenroll ? "simplereenroll" : "simpleenroll"
+    // RFC 8951: base64 of the DER request; lines of 64 ending in a newline, which every server reads.
+    func body(_ csr: CertificateSigningRequest) -> [UInt8] { Array(Base64.encodeLines(csr.der).utf8) }
     var waited: TimeInterval = 0
     while true {
       var sent: CertificateSigningRequest?
-      let binding = HTTPSTransport.Binding(url: server.url("cacerts")) { unique throws(EnrollmentError) -> [UInt8] in
-        let csr = try makeRequest(Base64.encode(unique))
-        sent = csr
-        return Array(Base64.encodeLines(csr.der).utf8)
-      }
-      let answer = try ESTClient.perform(
-        server: server, options: options, method: "POST", operation: operation, body: [],
-        contentType: "application/pkcs10", authentication: authentication,
-        trustAnchorsPEM: trustAnchors.map(\.pem).joined(), binding: binding)
-      if answer.status == 202 {
-        let delay = min(ESTBody.retryAfter(answer.retryAfter) ?? 60, options.maximumRetryAfter)
-        guard waited + delay <= options.maximumPendingWait else {
-          throw EnrollmentError(.pendingTooLong, "the server still answers 202 after \(Int(waited)) s")
+      let answer: HTTPAnswer
+      if bound {
+        let binding = HTTPSTransport.Binding(url: server.url("cacerts")) { unique throws(EnrollmentError) -> [UInt8] in
+          let csr = try makeRequest(Base64.encode(unique))
+          sent = csr
+          return body(csr)
         }
-        options.sleep(max(delay, 0))
-        waited += max(delay, 0)
-        continue
+        answer = try ESTClient.perform(
+          server: server, options: options, method: "POST", operation: operation, body: [],
+          contentType: "application/pkcs10", authentication: authentication,
+          trustAnchorsPEM: trustAnchors.map(\.pem).joined(), binding: binding)
+      } else {
+        let csr = try makeRequest(nil)
+        sent = csr
+        answer = try exchange(
+          "POST", operation, body: body(csr), contentType: "application/pkcs10", authentication: authentication)
       }
-      guard let csr = sent else { throw EnrollmentError(.malformedResponse, "no request was sent") }
-      let bag = try ESTClient.certificates(in: answer, what: operation)
-      return try IssuedCertificateCheck.validate(
-        bag, for: csr, anchors: trustAnchors, at: Date(), clockSkew: options.clockSkew)
-    }
-  }
-
-  private func enroll(_ csr: CertificateSigningRequest, operation: String, authentication: ESTAuthentication)
-    throws(EnrollmentError) -> [Certificate]
-  {
-    // RFC 8951: base64 of the DER request; lines of 64 ending in a newline, which every server reads.
-    let body = Array(Base64.encodeLines(csr.der).utf8)
-    var waited: TimeInterval = 0
-    while true {
-      let answer = try exchange(
-        "POST", operation, body: body, contentType: "application/pkcs10", authentication: authentication)
       if answer.status == 202 {
         let delay = min(ESTBody.retryAfter(answer.retryAfter) ?? 60, options.maximumRetryAfter)
         guard waited + delay <= options.maximumPendingWait else {
@@ -199,6 +192,7 @@ public final class ESTClient: Sendable {
         waited += max(delay, 0)
         continue
       }
+      guard let csr = sent else { throw EnrollmentError(.malformedResponse, "no request was sent") }
       let bag = try ESTClient.certificates(in: answer, what: operation)
       return try IssuedCertificateCheck.validate(
         bag, for: csr, anchors: trustAnchors, at: Date(), clockSkew: options.clockSkew)
