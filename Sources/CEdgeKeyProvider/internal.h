@@ -73,4 +73,9 @@ int edgekey_tpm_evict_lru_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys, edgekey_t
 void edgekey_set_why(char *why, size_t why_len, const char *fmt, ...);
 void edgekey_append_openssl_error(char *why, size_t why_len);
 
+/* The provider's last error on this thread ("" when none since the last clear): TLS failure
+ * diagnosis reads it when the OpenSSL error queue has been drained by the time it looks. */
+const char *edgekey_provider_thread_error(void);
+void edgekey_provider_thread_error_clear(void);
+
 #endif

@@ -59,11 +59,21 @@ typedef struct {
   const OSSL_CORE_HANDLE *handle;
 } provider_ctx;
 
+/* The last error this thread raised, kept apart from OpenSSL's error queue, which libraries
+ * between us and the handshake (libmosquitto) drain before the caller can read it. */
+static __thread char thread_error[256];
+
+const char *edgekey_provider_thread_error(void) { return thread_error; }
+void edgekey_provider_thread_error_clear(void) { thread_error[0] = '\0'; }
+
 static void raise_error(provider_ctx *prov, int reason, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(thread_error, sizeof(thread_error), fmt, ap);
+  va_end(ap);
   if (core_new_error == NULL || prov == NULL) return;
   core_new_error(prov->handle);
   core_set_error_debug(prov->handle, __FILE__, __LINE__, "edgekey");
-  va_list ap;
   va_start(ap, fmt);
   core_vset_error(prov->handle, (uint32_t)reason, fmt, ap);
   va_end(ap);

@@ -32,6 +32,11 @@ typedef struct {
   int tls13_cert_sent; /* we sent a non-empty Certificate message in TLS 1.3 (the server's
                         * Finished already checked: only our certificate is left to judge) */
   int ticket_received; /* the server sent a NewSessionTicket: it accepted our certificate */
+  /* We sent a non-empty Certificate but never the CertificateVerify after it: signing with our
+   * key failed (the TPM is gone, reset mid-command, or refused), whatever the server did next. */
+  int cert_sent;
+  int cert_verify_sent;
+  char sign_failure[256]; /* the provider's reason, when known */
 } failure_record;
 
 typedef struct {
@@ -49,15 +54,30 @@ static pthread_once_t index_once = PTHREAD_ONCE_INIT;
 
 static void describe_cert(X509 *cert, char *subject, char *issuer, char *nb, char *na);
 
+static int signing_failed(const failure_record *r) { return r->cert_sent && !r->cert_verify_sent; }
+
 /* Runs inside SSL_free, while the SSL and its context are still whole. */
 static int probably_refused(const failure_record *r) {
-  return r->verify_error == 0 && r->alert_received < 0 && r->tls13_cert_sent && !r->ticket_received;
+  return r->verify_error == 0 && r->alert_received < 0 && r->tls13_cert_sent && !r->ticket_received &&
+         !signing_failed(r);
+}
+
+/* What the TPM layer says about a handshake whose signature was never made. */
+static void signing_failure(const failure_record *r, const char *queued, edgekey_tls_failure *out) {
+  out->layer = EDGEKEY_LAYER_TPM;
+  const char *why = queued != NULL && queued[0] ? queued
+                    : r != NULL && r->sign_failure[0] ? r->sign_failure
+                    : edgekey_provider_thread_error()[0] ? edgekey_provider_thread_error()
+                                                         : "no reason recorded";
+  snprintf(out->reason, sizeof(out->reason), "the TPM did not sign: %s", why);
 }
 
 static void keep_last_failure(SSL *ssl, failure_record *r) {
   if (ssl == NULL || r == NULL ||
-      (r->verify_error == 0 && r->alert_received <= 0 && !probably_refused(r)))
+      (r->verify_error == 0 && r->alert_received <= 0 && !probably_refused(r) && !signing_failed(r)))
     return;
+  if (signing_failed(r) && r->sign_failure[0] == '\0')
+    snprintf(r->sign_failure, sizeof(r->sign_failure), "%s", edgekey_provider_thread_error());
   /* SSL_free has already freed the SSL's verify parameters: only the context is used here. */
   ctx_policy *policy = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_index);
   if (policy == NULL) return;
@@ -160,6 +180,16 @@ static void msg_callback(int write_p, int version, int content_type, const void 
   (void)arg;
   const unsigned char *p = buf;
   if (content_type != SSL3_RT_HANDSHAKE || len < 1 || SSL_is_server(ssl)) return;
+  if (write_p && p[0] == SSL3_MT_CLIENT_HELLO) {
+    edgekey_provider_thread_error_clear(); /* a new handshake: older errors are not its own */
+  } else if (write_p && p[0] == SSL3_MT_CERTIFICATE_VERIFY) {
+    failure_record *r = record_for(ssl, 1);
+    if (r != NULL) r->cert_verify_sent = 1;
+  }
+  if (write_p && p[0] == SSL3_MT_CERTIFICATE && len > (version == TLS1_3_VERSION ? 8u : 7u)) {
+    failure_record *r = record_for(ssl, 1);
+    if (r != NULL) r->cert_sent = 1;
+  }
   if (write_p && version == TLS1_3_VERSION && p[0] == SSL3_MT_CERTIFICATE && len > 8) {
     /* More than the empty list (type, length, context, list length). */
     failure_record *r = record_for(ssl, 1);
@@ -518,9 +548,8 @@ edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_fail
 
   if (rec != NULL && rec->verify_error != 0) {
     explain_server_certificate(rec, rec->expected_name, out);
-  } else if (tpm_reason[0] != '\0') {
-    out->layer = EDGEKEY_LAYER_TPM;
-    snprintf(out->reason, sizeof(out->reason), "the TPM did not sign: %s", tpm_reason);
+  } else if (tpm_reason[0] != '\0' || (rec != NULL && signing_failed(rec))) {
+    signing_failure(rec, tpm_reason, out);
   } else if (alert >= 0 && layer_of_alert(alert) != EDGEKEY_LAYER_TLS) {
     out->layer = layer_of_alert(alert);
     if (out->layer == EDGEKEY_LAYER_CLIENT_CERTIFICATE && ssl != NULL) {
@@ -568,6 +597,10 @@ edgekey_tls_layer edgekey_tls_last_failure(SSL_CTX *ctx, edgekey_tls_failure *ou
   if (!has) return EDGEKEY_LAYER_NONE;
   if (r.verify_error != 0) {
     explain_server_certificate(&r, r.expected_name, out);
+    return out->layer;
+  }
+  if (signing_failed(&r)) {
+    signing_failure(&r, NULL, out);
     return out->layer;
   }
   if (probably_refused(&r)) {

@@ -329,6 +329,27 @@ ESYS_CONTEXT *edgekey_tpm_acquire(edgekey_tpm *tpm, TSS2_RC *rc) {
 
 void edgekey_tpm_release(edgekey_tpm *tpm) { pthread_mutex_unlock(&tpm->lock); }
 
+int edgekey_rc_breaks_context(TSS2_RC rc) {
+  TSS2_RC layer = rc & TSS2_RC_LAYER_MASK;
+  if (layer == TSS2_TCTI_RC_LAYER) return 1;
+  if (layer != TSS2_ESAPI_RC_LAYER && layer != TSS2_SYS_RC_LAYER) return 0;
+  TSS2_RC base = rc & 0xFFFF;
+  return base == TSS2_BASE_RC_BAD_SEQUENCE || base == TSS2_BASE_RC_IO_ERROR ||
+         base == TSS2_BASE_RC_NO_CONNECTION || base == TSS2_BASE_RC_MALFORMED_RESPONSE ||
+         base == TSS2_BASE_RC_INSUFFICIENT_RESPONSE || base == TSS2_BASE_RC_TRY_AGAIN;
+}
+
+void edgekey_tpm_release_after(edgekey_tpm *tpm, TSS2_RC rc) {
+  if (edgekey_rc_breaks_context(rc) && tpm->pid == getpid()) {
+    esys_stack st = {tpm->tcti_ctx, tpm->counting, tpm->esys};
+    close_esys(&st);
+    tpm->tcti_ctx = NULL;
+    tpm->counting = NULL;
+    tpm->esys = NULL; /* the next acquire opens a new stack and bumps the generation */
+  }
+  pthread_mutex_unlock(&tpm->lock);
+}
+
 void edgekey_srk_template(TPM2B_PUBLIC *out) {
   memset(out, 0, sizeof(*out));
   TPMT_PUBLIC *p = &out->publicArea;

@@ -83,7 +83,7 @@ TSS2_RC edgekey_tpm_key_from_persistent(edgekey_tpm *tpm, uint32_t handle, const
     Esys_TR_Close(esys, &key->handle);
   }
   Esys_Free(pub);
-  edgekey_tpm_release(tpm);
+  edgekey_tpm_release_after(tpm, rc);
   if (rc != TSS2_RC_SUCCESS) goto fail;
   if (!is_signing_key(&key->public_area.publicArea)) {
     edgekey_tpm_key_free(key);
@@ -203,7 +203,7 @@ TSS2_RC edgekey_tpm_key_load(edgekey_tpm_key *key, const char **cmd) {
     return rc;
   }
   rc = load_locked(key, esys, cmd);
-  edgekey_tpm_release(key->tpm);
+  edgekey_tpm_release_after(key->tpm, rc);
   return rc;
 }
 
@@ -280,7 +280,7 @@ TSS2_RC edgekey_tpm_key_sign(edgekey_tpm_key *key, TPMI_ALG_SIG_SCHEME scheme, T
       *cmd = "TPM2_Sign";
     }
   }
-  edgekey_tpm_release(key->tpm);
+  edgekey_tpm_release_after(key->tpm, rc);
   return rc;
 }
 

@@ -39,6 +39,11 @@ public final class MQTTClient: Sendable {
     guard !configuration.endpoints.isEmpty else {
       throw MQTTError(kind: .invalidArgument, reason: "no broker endpoint configured")
     }
+    // libmosquitto refuses anything else, at connect time, as "invalid function arguments".
+    guard configuration.keepAlive == 0 || (5...65535).contains(configuration.keepAlive) else {
+      throw MQTTError(
+        kind: .invalidArgument, reason: "keepAlive \(configuration.keepAlive) s: 0 (off) or 5 to 65535 seconds")
+    }
     self.configuration = configuration
     self.outbox = outbox ?? Outbox.memory()
     let (messages, messageSink) = AsyncStream.makeStream(of: MQTTMessage.self, bufferingPolicy: .unbounded)

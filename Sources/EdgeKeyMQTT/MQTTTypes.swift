@@ -95,6 +95,7 @@ public struct MQTTConfiguration: Sendable {
   /// Defaults to the common name of the TLS identity's certificate.
   public var clientID: String?
   public var protocolVersion: MQTTProtocolVersion = .v5
+  /// Seconds: 0 (off) or 5 to 65535. A broker silent for 1.5 × keepAlive is given up on.
   public var keepAlive: Int32 = 60
   /// MQTT 3.1.1 clean session / MQTT 5 clean start. A session that outlives the connection
   /// needs MQTT 3.1.1 for now: libmosquitto's asynchronous connect sends no MQTT 5 session

@@ -106,8 +106,15 @@ public final class TPM: @unchecked Sendable {
     guard let ctx = edgekey_tpm_acquire(raw, &rc) else {
       throw TPMError(responseCode: rc, command: "Esys_Initialize", context: "re-creating the ESAPI context")
     }
-    defer { edgekey_tpm_release(raw) }
-    return try body(ctx)
+    do {
+      let result = try body(ctx)
+      edgekey_tpm_release(raw)
+      return result
+    } catch {
+      // A transport failure leaves ESAPI unusable: the context is made again on next use.
+      edgekey_tpm_release_after(raw, error.responseCode?.rawValue ?? 0)
+      throw error
+    }
   }
 }
 

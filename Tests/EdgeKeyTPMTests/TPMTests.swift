@@ -119,6 +119,28 @@ struct TPMTests {
     #expect(try verifyWithOpenSSL(publicKeyPEM: key.publicKey.pem, digest: digest, signature: signature, in: dir))
   }
 
+  @Test("a TPM that goes away is a typed error on every try, not a stuck context; back, the key signs again")
+  func tpmGoneAndBack() throws {
+    let swtpm = try SoftwareTPM()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let key = try tpm.loadKey(try tpm.createKey())
+    _ = try key.sign(digest: randomDigest(.sha256), hash: .sha256)
+    swtpm.stop()
+    for _ in 0..<3 {
+      // Each attempt reaches for the TPM again (ESAPI made anew after the transport failure).
+      #expect {
+        _ = try key.sign(digest: randomDigest(.sha256), hash: .sha256)
+      } throws: { error in
+        let e = error as! TPMError
+        return e.responseCode?.layer == 10 && "\(e)".contains("TPM2_Sign") || "\(e)".contains("Esys_Initialize")
+      }
+    }
+    try swtpm.start()  // a reset: our key is no longer loaded
+    _ = try key.sign(digest: randomDigest(.sha256), hash: .sha256)
+    #expect(key.loadCount == 2)
+    _ = try tpm.info()  // the Swift layer's own commands work again too
+  }
+
   @Test("tpm2-openssl loads and signs with a key file we wrote")
   func tpm2OpensslReadsOurKeyFile() throws {
     let swtpm = try SoftwareTPM()

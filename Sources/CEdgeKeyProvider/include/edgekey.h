@@ -89,6 +89,15 @@ int edgekey_tpm_leaked_flushed(const edgekey_tpm *tpm);
  */
 ESYS_CONTEXT *edgekey_tpm_acquire(edgekey_tpm *tpm, TSS2_RC *rc);
 void edgekey_tpm_release(edgekey_tpm *tpm);
+/*
+ * Release, telling the context how the last command ended. A transport failure (the TPM went
+ * away in the middle of a command: a TCTI error) leaves ESAPI refusing every later call with
+ * "bad sequence"; such a context is thrown away here and made again by the next acquire, which
+ * also loads our objects again (a TPM that went away has usually been reset).
+ */
+void edgekey_tpm_release_after(edgekey_tpm *tpm, TSS2_RC rc);
+/* 1 when `rc` is such a transport failure. */
+int edgekey_rc_breaks_context(TSS2_RC rc);
 
 /*
  * The storage root key, with the context held: the persistent SRK at 0x81000001 when present

@@ -1,0 +1,163 @@
+import EdgeKeyCore
+import EdgeKeyMQTT
+import EdgeKeyTLS
+import EdgeKeyTPM
+import EdgeKeyTestSupport
+import Foundation
+import Testing
+
+/// What a fault did to a QoS 1 stream: accepted by the client, arrived at an independent
+/// subscriber, arrived twice, never arrived (must be 0).
+struct DeliveryReport: CustomStringConvertible {
+  var fault: String
+  var accepted = 0
+  var delivered = 0
+  var duplicated = 0
+  var lost = 0
+  var connections = 0
+  var failures: [String: Int] = [:]
+  var handshakeFailures: [String: Int] = [:]
+
+  var description: String {
+    func list(_ d: [String: Int]) -> String {
+      d.isEmpty ? "none" : d.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+    }
+    return "fault report: \(fault): sent \(accepted), delivered \(delivered), duplicated \(duplicated), "
+      + "lost \(lost); connections \(connections); failed attempts: \(list(failures)); "
+      + "failed handshakes: \(list(handshakeFailures))"
+  }
+}
+
+/// The fault: called with the batch number about to be published (0..<batches).
+typealias FaultScript = @Sendable (Int) async throws -> Void
+
+@Suite("Fault injection: the broker paused, the network cut, connections reset, the TPM restarted", .serialized)
+struct FaultInjectionTests {
+  static let batches = 8
+  static let perBatch = 40
+
+  /// Publishes `batches` × `perBatch` QoS 1 messages through `endpoint` (the broker, or a proxy
+  /// before it) while `fault` runs, and counts what an independent subscriber on the broker got.
+  func stream(
+    _ name: String, f: Fixture, broker: MosquittoBroker, endpointPort: UInt16, fault: FaultScript
+  ) async throws -> DeliveryReport {
+    // The subscriber: software key, straight to the broker, a session that survives its own
+    // reconnects (keepalive long enough not to notice a paused broker).
+    var sinkConfiguration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+    sinkConfiguration.cleanSession = false
+    sinkConfiguration.protocolVersion = .v311
+    sinkConfiguration.reconnect = quickReconnect
+    let sink = try MQTTClient(sinkConfiguration, tls: try f.softwareParty("sink-\(name)"))
+    try await sink.connect()
+    try await sink.subscribe("devices/+/telemetry", qos: .atLeastOnce)
+
+    // The device: TPM key, durable outbox, a short keepalive so that a silent network is noticed.
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: endpointPort)
+    configuration.reconnect = quickReconnect
+    configuration.keepAlive = 5  // libmosquitto's minimum
+    configuration.connectTimeout = 3
+    let publisher = try MQTTClient(
+      configuration, tls: try f.context(serverName: "127.0.0.1"), outbox: try Outbox(path: temporaryPath("outbox.db")),
+      logger: ProcessInfo.processInfo.environment["EDGEKEY_TEST_LOG"] == nil
+        ? .disabled : Logger(label: name, level: .debug, handler: StandardErrorLogHandler()))
+    try await publisher.connect()
+    var tooShort = configuration
+    tooShort.keepAlive = 2
+    #expect(throws: MQTTError.self) { try MQTTClient(tooShort, tls: try f.context(serverName: "127.0.0.1")) }
+
+    var accepted = Set<String>()
+    for batch in 0..<Self.batches {
+      try await fault(batch)
+      for i in 0..<Self.perBatch {
+        let text = "\(name) \(batch * Self.perBatch + i)"
+        try publisher.enqueue([MQTTMessage(topic: "devices/d/telemetry", payload: Array(text.utf8), qos: .atLeastOnce)])
+        accepted.insert(text)
+      }
+      try await Task.sleep(nanoseconds: 250_000_000)
+    }
+    try await fault(Self.batches)  // the fault's chance to end (resume, heal, restart)
+    var undelivered: (any Error)?
+    do { try await publisher.waitUntilDelivered(timeout: 60) } catch { undelivered = error }
+    let (got, duplicates) = await drain(sink, expecting: accepted, within: undelivered == nil ? 30 : 1)
+    let m = publisher.metrics
+    publisher.stop()
+    sink.stop()
+    let report = DeliveryReport(
+      fault: name, accepted: accepted.count, delivered: got.intersection(accepted).count, duplicated: duplicates,
+      lost: accepted.subtracting(got).count, connections: m.connections, failures: m.connectFailures,
+      handshakeFailures: m.handshakeFailures)
+    print(report)
+    #expect(undelivered == nil, "\(undelivered.map { "\($0)" } ?? "")")
+    #expect(report.lost == 0, "\(report)")
+    #expect(m.messagesDroppedTotal == 0)
+    #expect(publisher.outbox.count == 0)
+    return report
+  }
+
+  @Test("the broker paused (SIGSTOP) for 13 s, then resumed: keepalive notices, nothing accepted is lost")
+  func brokerPaused() async throws {
+    let f = try Fixture(commonName: "device-0300")
+    let broker = try f.broker()
+    let report = try await stream("broker-paused", f: f, broker: broker, endpointPort: broker.port) { batch in
+      if batch == 2 { broker.pause() }
+      if batch > 2 && batch < Self.batches { try await Task.sleep(nanoseconds: 2_500_000_000) }
+      if batch == Self.batches { broker.resume() }
+    }
+    #expect(report.connections >= 2, "the silent broker was never noticed: \(report)")
+  }
+
+  @Test("the network cut (every byte dropped, both ways) for 12 s, then healed: reconnects, nothing lost")
+  func networkPartition() async throws {
+    let f = try Fixture(commonName: "device-0301")
+    let broker = try f.broker()
+    let proxy = try FaultProxy(to: broker.port)
+    defer { proxy.stop() }
+    let report = try await stream("network-partition", f: f, broker: broker, endpointPort: proxy.port) { batch in
+      if batch == 2 { proxy.partition() }
+      if batch > 2 && batch < 6 { try await Task.sleep(nanoseconds: 4_000_000_000) }
+      if batch == 6 { proxy.heal() }
+    }
+    #expect(proxy.droppedBytes > 0)
+    #expect(report.connections >= 2)
+    #expect(report.failures.values.reduce(0, +) >= 1, "connects during the cut must have failed: \(report)")
+  }
+
+  @Test("every connection reset three times mid-stream (a vanishing broker or middlebox): nothing lost")
+  func connectionsReset() async throws {
+    let f = try Fixture(commonName: "device-0302")
+    let broker = try f.broker()
+    let proxy = try FaultProxy(to: broker.port)
+    defer { proxy.stop() }
+    let report = try await stream("connection-reset", f: f, broker: broker, endpointPort: proxy.port) { batch in
+      if batch == 1 || batch == 3 || batch == 5 { proxy.resetAll() }
+    }
+    #expect(report.connections >= 4)
+  }
+
+  @Test(
+    "swtpm stopped, connections reset: handshakes fail at the TPM layer and are retried; swtpm back (reset): the key is reloaded, nothing lost"
+  )
+  func tpmRestarted() async throws {
+    let f = try Fixture(commonName: "device-0303")
+    let broker = try f.broker()
+    let proxy = try FaultProxy(to: broker.port)
+    defer { proxy.stop() }
+    let port = f.swtpm.port
+    let report = try await stream("tpm-restart", f: f, broker: broker, endpointPort: proxy.port) { batch in
+      if batch == 2 {
+        f.swtpm.stop()
+        proxy.resetAll()  // the next connection needs a signature
+      }
+      if batch > 2 && batch < 5 { try await Task.sleep(nanoseconds: 1_500_000_000) }
+      if batch == 5 {
+        try f.swtpm.start()  // a power cycle: the SRK and our key are no longer loaded
+        #expect(f.swtpm.port == port)
+      }
+    }
+    #expect(report.connections >= 2)
+    let tpmFailures = report.handshakeFailures["tpmSigningFailed", default: 0]
+    #expect(tpmFailures >= 1, "attempts while the TPM was down must fail at the TPM layer: \(report)")
+    // And the key still signs in the TPM that came back.
+    #expect(try f.key.sign(digest: [UInt8](repeating: 7, count: 32), hash: .sha256).bytes.count > 0)
+  }
+}
