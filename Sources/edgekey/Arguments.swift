@@ -1,3 +1,5 @@
+import EdgeKeyCore
+
 /// Command-line parsing written here (no outside packages): `--flag value`, `--flag=value`,
 /// short aliases, booleans, and positional words.
 struct Arguments {
@@ -33,6 +35,51 @@ struct Arguments {
       }
       i += 1
     }
+  }
+
+  /// `argv` with `--config FILE` replaced by the file's `key = value` lines as `--key value`,
+  /// placed before the other options so that the command line wins. A key must be one of
+  /// `known` (a long option's name); booleans take true/false, yes/no or on/off.
+  static func expandingConfig(_ argv: [String], booleans: Set<String>, known: Set<String>) throws(UsageError)
+    -> [String]
+  {
+    var rest: [String] = []
+    var path: String?
+    var i = 0
+    while i < argv.count {
+      if argv[i] == "--config" {
+        guard i + 1 < argv.count else { throw UsageError("--config needs a file") }
+        path = argv[i + 1]
+        i += 2
+        continue
+      }
+      if argv[i].hasPrefix("--config=") {
+        path = String(argv[i].dropFirst("--config=".count))
+      } else {
+        rest.append(argv[i])
+      }
+      i += 1
+    }
+    guard let path else { return argv }
+    let file: ConfigFile
+    do { file = try ConfigFile(contentsOf: path) } catch { throw UsageError(error.description) }
+    var expanded: [String] = []
+    for entry in file.entries {
+      guard known.contains(entry.key), entry.key != "config", entry.key != "help" else {
+        throw UsageError("\(path):\(entry.line): unknown option \"\(entry.key)\"")
+      }
+      if booleans.contains(entry.key) {
+        switch entry.value.lowercased() {
+        case "true", "yes", "on": expanded.append("--\(entry.key)")
+        case "false", "no", "off": break
+        default: throw UsageError("\(path):\(entry.line): \(entry.key) takes true or false, not \"\(entry.value)\"")
+        }
+      } else {
+        expanded += ["--\(entry.key)", entry.value]
+      }
+    }
+    let words = rest.prefix { !$0.hasPrefix("-") }
+    return Array(words) + expanded + rest.dropFirst(words.count)
   }
 
   func option(_ name: String) -> String? { options[name] }

@@ -80,13 +80,28 @@ let usage = """
     --auth-env VAR  take the key's auth value from environment variable VAR (never argv)
     --password-env VAR  EST HTTP Basic credentials USER:PASSWORD from environment variable VAR
     -h, --host H    the broker (pub, sub, doctor); -p, --port P (default 8883)
-    -i, --id ID     MQTT client id (default: our certificate's common name)
+    -i, --id ID     MQTT client id (default: our certificate's common name); doctor: --client-id ID
+    --protocol-version 5|311  MQTT version for pub, sub and agent (default 5)
     -v, --verbose   log to stderr
+    --config FILE   take options from FILE, one "name = value" per line (the long option's name
+                    without --; booleans true/false; # comments); the command line wins
     --help          this text
 
   Exit codes: 0 success, 1 failure (doctor: a layer failed), 2 usage error, 3 no TPM reachable.
 
   """
+
+/// Every long option the usage names: the keys a `--config` file may set.
+let longOptions: Set<String> = {
+  var names: Set<String> = []
+  var rest = Substring(usage)
+  while let range = rest.range(of: "--") {
+    let name = rest[range.upperBound...].prefix { $0.isLowercase || $0.isNumber || $0 == "-" }
+    if !name.isEmpty { names.insert(String(name)) }
+    rest = rest[range.upperBound...]
+  }
+  return names
+}()
 
 /// `edgekey COMMAND --help`: that command's lines of the usage, then the options and exit codes.
 func commandUsage(_ command: String) -> String {
@@ -175,12 +190,17 @@ func out(_ text: String, terminator: String) { print(text, terminator: terminato
 
 func run(_ argv: [String]) throws {
   let args: Arguments
+  let booleans: Set<String> = [
+    "json", "verbose", "help", "stdin-line", "print-accepted", "retain", "force", "keep-key", "channel-binding",
+  ]
+  let expanded: [String]
+  do { expanded = try Arguments.expandingConfig(argv, booleans: booleans, known: longOptions) } catch {
+    fail(error.description, .usage)  // names the file and line; the whole usage would bury it
+  }
   do {
     args = try Arguments(
-      argv,
-      booleans: [
-        "json", "verbose", "help", "stdin-line", "print-accepted", "retain", "force", "keep-key", "channel-binding",
-      ],
+      expanded,
+      booleans: booleans,
       aliases: [
         "-a": "--algorithm", "-o": "--out", "-c": "--handle", "-v": "--verbose", "-h": "--host", "-p": "--port",
         "-t": "--topic", "-m": "--message", "-q": "--qos", "-l": "--stdin-line", "-r": "--retain", "-i": "--id",
