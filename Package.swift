@@ -114,6 +114,19 @@ let package = Package(
       linkerSettings: [.linkedLibrary("mosquitto"), .linkedLibrary("ssl"), .linkedLibrary("crypto")]
     ),
 
+    // Fuzzing: one target per parser of outside input (Tests/Fuzz/Targets), run by libFuzzer
+    // through edgekey-fuzz (scripts/fuzz) and replayed from the corpus by the test suite.
+    .target(
+      name: "EdgeKeyFuzzTargets",
+      dependencies: ["EdgeKeyCore", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyEnrollment", "EdgeKeyRA", "CEdgeKeyHTTP"],
+      path: "Tests/Fuzz/Targets"
+    ),
+    .executableTarget(
+      name: "edgekey-fuzz",
+      dependencies: ["EdgeKeyFuzzTargets"],
+      path: "Tests/Fuzz/Driver"
+    ),
+
     // Test harness: starts swtpm (and later mosquitto, the RA) on free loopback ports.
     .target(
       name: "EdgeKeyTestSupport",
@@ -142,14 +155,14 @@ let package = Package(
       name: "EdgeKeyEnrollmentTests",
       dependencies: [
         "EdgeKeyEnrollment", "EdgeKeyRA", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyCore",
-        "EdgeKeyTestSupport",
+        "EdgeKeyTestSupport", "EdgeKeyFuzzTargets",
         "COpenSSL", "CEdgeKeyProvider",
       ],
       path: "Tests/EdgeKeyEnrollmentTests"
     ),
     .testTarget(
       name: "EdgeKeyCLITests",
-      dependencies: ["EdgeKeyTestSupport", "EdgeKeyCore"],
+      dependencies: ["EdgeKeyTestSupport", "EdgeKeyCore", "COpenSSL"],
       path: "Tests/EdgeKeyCLITests"
     ),
   ],

@@ -100,14 +100,18 @@ static size_t on_header(char *data, size_t size, size_t count, void *user) {
   edgekey_http_response *r = x->response;
   size_t n = size * count;
   capture_tls_unique(x);
-  if (n >= 5 && strncmp(data, "HTTP/", 5) == 0) {
+  edgekey_http_header_line(r, data, n);
+  return n;
+}
+
+void edgekey_http_header_line(edgekey_http_response *r, const char *line, size_t n) {
+  if (n >= 5 && strncmp(line, "HTTP/", 5) == 0) {
     /* A new response (after a 100 Continue): forget the previous one's headers. */
     r->content_type[0] = r->retry_after[0] = r->location[0] = '\0';
   }
-  take_header(data, n, "Content-Type", r->content_type, sizeof(r->content_type));
-  take_header(data, n, "Retry-After", r->retry_after, sizeof(r->retry_after));
-  take_header(data, n, "Location", r->location, sizeof(r->location));
-  return n;
+  take_header(line, n, "Content-Type", r->content_type, sizeof(r->content_type));
+  take_header(line, n, "Retry-After", r->retry_after, sizeof(r->retry_after));
+  take_header(line, n, "Location", r->location, sizeof(r->location));
 }
 
 static void reason(edgekey_http_response *r, const char *fmt, const char *detail) {

@@ -17,7 +17,7 @@ public struct PublicKey: Sendable, Equatable, CustomStringConvertible {
   /// The marshaled TPM2B_PUBLIC.
   public var tpmPublic: [UInt8]
 
-  init(marshaledPublic blob: [UInt8]) throws(TPMError) {
+  package init(marshaledPublic blob: [UInt8]) throws(TPMError) {
     var pub = TPM2B_PUBLIC()
     var offset = 0
     let rc = blob.withUnsafeBufferPointer {

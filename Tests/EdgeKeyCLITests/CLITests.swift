@@ -1,3 +1,4 @@
+import COpenSSL
 import EdgeKeyCore
 import EdgeKeyTestSupport
 import Foundation
@@ -374,6 +375,28 @@ struct CLITests {
     #expect((object?["supportedKeys"] as? [String])?.contains("ecc-p384") == true)
   }
 
+  @Test("--config: a file's options apply, the command line wins, a bad line is a usage error naming it")
+  func configFile() throws {
+    let swtpm = try SoftwareTPM()
+    let conf = temporaryPath("edgekey.conf")
+    try FileManager.default.createDirectory(
+      atPath: (conf as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+    try "# device settings\ntcti = \"\(swtpm.tcti)\"\njson = yes\n".write(
+      toFile: conf, atomically: true, encoding: .utf8)
+    let fromFile = try run(["tpm", "info", "--config", conf], tcti: nil)
+    #expect(fromFile.status == 0)
+    #expect(fromFile.stdout.hasPrefix("{\"tcti\":"))
+    let port = try PortFinder.freePair()
+    let overridden = try run(
+      ["tpm", "info", "--config", conf, "--tcti", "swtpm:host=127.0.0.1,port=\(port)"], tcti: nil)
+    #expect(overridden.status == 3)
+    try "json = yes\ntcit = x\n".write(toFile: conf, atomically: true, encoding: .utf8)
+    let unknown = try run(["tpm", "info", "--config", conf], tcti: swtpm.tcti)
+    #expect(unknown.status == 2)
+    #expect(unknown.stderr.contains("edgekey.conf:2: unknown option \"tcit\""))
+    #expect(!unknown.stderr.contains("Usage:"))
+  }
+
   @Test("exit codes: 2 for usage errors, 3 when no TPM answers, errors on stderr")
   func exitCodes() throws {
     let usage = try run(["key", "frobnicate"], tcti: nil)
@@ -523,6 +546,7 @@ struct PublisherKillTests {
       certificatePEM: server.certificate, keyPEM: server.key, clientCAPEM: ca.certificatePEM)
     // An independent subscriber: mosquitto_sub with a software key.
     let sinkIdentity = try ca.issueSoftwareClient(commonName: "sink-kill")
+    defer { EVP_PKEY_free(sinkIdentity.key) }
     let sinkCert = dir.appendingPathComponent("sink.pem").path
     let sinkKey = dir.appendingPathComponent("sink.key").path
     try sinkIdentity.certificate.write(toFile: sinkCert, atomically: true, encoding: .utf8)

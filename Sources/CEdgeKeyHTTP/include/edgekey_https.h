@@ -71,6 +71,11 @@ edgekey_http_outcome edgekey_https(const edgekey_http_request *request,
 
 void edgekey_http_response_free(edgekey_http_response *response);
 
+/* Reads one response header line, as the server sent it (not NUL-terminated, CRLF included),
+ * into `response`'s content_type, retry_after and location; a status line ("HTTP/...") clears
+ * them. edgekey_https calls it for every line; it is public so that it can be fuzzed. */
+void edgekey_http_header_line(edgekey_http_response *response, const char *line, size_t len);
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,9 +3,9 @@ import Foundation
 
 /// Reading what EST servers actually send (RFC 8951): base64 with or without line breaks,
 /// CRLF, PEM armour, a trailing NUL; the Content-Transfer-Encoding header is ignored.
-enum ESTBody {
+package enum ESTBody {
   /// The DER inside `body`, or nil.
-  static func decode(_ body: [UInt8]) -> [UInt8]? {
+  package static func decode(_ body: [UInt8]) -> [UInt8]? {
     var bytes = body
     while let last = bytes.last, last == 0 || last == 10 || last == 13 || last == 32 || last == 9 {
       bytes.removeLast()
@@ -28,7 +28,7 @@ enum ESTBody {
   }
 
   /// Retry-After as seconds from now: delta-seconds or an HTTP-date.
-  static func retryAfter(_ value: String, now: Date = Date()) -> TimeInterval? {
+  package static func retryAfter(_ value: String, now: Date = Date()) -> TimeInterval? {
     let trimmed = value.trimmingCharacters(in: .whitespaces)
     if trimmed.isEmpty { return nil }
     if let seconds = Int(trimmed) { return TimeInterval(max(seconds, 0)) }
@@ -43,7 +43,7 @@ enum ESTBody {
   }
 
   /// A server's error text, made safe for a log line: printable, one line, bounded.
-  static func message(_ body: [UInt8]) -> String {
+  package static func message(_ body: [UInt8]) -> String {
     let text = String(decoding: body.prefix(2048), as: UTF8.self)
     let printable = text.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7F ? " " : String($0) }.joined()
     let collapsed = printable.split(separator: " ", omittingEmptySubsequences: true).joined(separator: " ")
@@ -52,7 +52,7 @@ enum ESTBody {
   }
 
   /// Every OBJECT IDENTIFIER in a DER structure, as dotted text (csrattrs).
-  static func objectIdentifiers(in der: [UInt8]) -> [String] {
+  package static func objectIdentifiers(in der: [UInt8]) -> [String] {
     var result: [String] = []
     func walk(_ bytes: ArraySlice<UInt8>, depth: Int) {
       guard depth < 8 else { return }

@@ -137,7 +137,6 @@ public final class RenewalAgent: @unchecked Sendable {
     var running = false
     var stopping = false
     var kick = false
-    var thread: Thread?
     var finished = false
   }
 
@@ -354,9 +353,10 @@ public final class RenewalAgent: @unchecked Sendable {
       s.running = true
       s.stopping = false
       s.finished = false
+      // The thread holds the agent while it runs; the agent never holds the thread (that
+      // cycle outlived stop() and leaked the agent, its store and the MQTT client it feeds).
       let t = Thread { [self] in run() }
       t.name = "edgekey-renewal"
-      s.thread = t
       return t
     }
     thread?.start()

@@ -250,12 +250,12 @@ public final class ESTService: @unchecked Sendable {
   static func base64Lines(_ der: [UInt8]) -> String { Base64.encodeLines(der, newline: "\r\n") }
 
   /// Base64 with any whitespace; nil for anything else.
-  static func decodeBase64(_ body: [UInt8]) -> [UInt8]? {
+  package static func decodeBase64(_ body: [UInt8]) -> [UInt8]? {
     let compact = body.filter { !($0 == 32 || $0 == 9 || $0 == 10 || $0 == 13) }
     return Base64.decode(String(decoding: compact, as: UTF8.self))
   }
 
-  static func basicCredentials(_ header: String?) -> (String, String)? {
+  package static func basicCredentials(_ header: String?) -> (String, String)? {
     guard let header, header.lowercased().hasPrefix("basic "),
       let raw = Base64.decode(String(header.dropFirst(6)).trimmingCharacters(in: .whitespaces))
     else { return nil }

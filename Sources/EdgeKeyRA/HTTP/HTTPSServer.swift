@@ -293,28 +293,11 @@ public final class HTTPSServer: @unchecked Sendable {
       if buffer.count > limits.maximumHeaderBytes { return .refused(.text(431, "request headers too large")) }
       if !readMore() { return buffer.isEmpty && !first ? .closed : .refused(.text(408, "incomplete request")) }
     }
-    let head = String(decoding: buffer[0..<headerEnd!], as: UTF8.self)
-    var lines = head.components(separatedBy: "\r\n")
-    let requestLine = lines.removeFirst().split(separator: " ")
-    guard requestLine.count == 3, requestLine[2].hasPrefix("HTTP/1.") else {
-      return .refused(.text(400, "malformed request line"))
-    }
-    var headers: [(name: String, value: String)] = []
-    for line in lines where !line.isEmpty {
-      guard let colon = line.firstIndex(of: ":") else { return .refused(.text(400, "malformed header line")) }
-      headers.append(
-        (line[..<colon].lowercased(), line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)))
-    }
+    let head: HTTPRequestHead
+    do { head = try HTTPRequestHead(parsing: buffer[0..<headerEnd!]) } catch { return .refused(error.response) }
     var body = Array(buffer[(headerEnd! + 4)...])
     buffer.removeAll()
-    let lengthText = headers.first { $0.name == "content-length" }?.value
-    if headers.contains(where: { $0.name == "transfer-encoding" }) {
-      return .refused(.text(411, "chunked bodies are not accepted: send Content-Length"))
-    }
-    let length = lengthText.flatMap { Int($0) } ?? 0
-    guard length >= 0, lengthText == nil || Int(lengthText!) != nil else {
-      return .refused(.text(400, "malformed Content-Length"))
-    }
+    let length = head.contentLength
     if length > limits.maximumBodyBytes {
       // Read (and drop) a moderately oversized body, so that the client is not reset while
       // sending and sees the 413; a huge one is cut off.
@@ -335,16 +318,63 @@ public final class HTTPSServer: @unchecked Sendable {
       buffer = Array(body[length...])  // the start of the next request
       body = Array(body[0..<length])
     }
-    let target = String(requestLine[1])
-    let path = target.split(separator: "?", maxSplits: 1).first.map(String.init) ?? target
-
     let peers = SSL_get0_verified_chain(ssl).map(Certificate.copies(of:)) ?? []
     var unique = [UInt8](repeating: 0, count: 64)
     let uniqueLength = edgekey_tls_unique(ssl, 1, &unique, unique.count)
     return .request(
       HTTPRequest(
-        method: String(requestLine[0]), path: path, headers: headers, body: body, clientCertificates: peers,
+        method: head.method, path: head.path, headers: head.headers, body: body, clientCertificates: peers,
         tlsUnique: uniqueLength > 0 ? Array(unique[0..<Int(uniqueLength)]) : [], tlsVersion: SSL_version(ssl)))
+  }
+}
+
+/// The request line and headers of an HTTP/1.1 request: the bytes before the blank line, as a
+/// client sent them. Anything the server will not serve is a refusal with its status.
+package struct HTTPRequestHead: Sendable {
+  package var method: String
+  /// The path, without the query.
+  package var path: String
+  /// Header names lower-cased, in arrival order.
+  package var headers: [(name: String, value: String)]
+  /// Content-Length, 0 when absent.
+  package var contentLength: Int
+
+  package struct Refusal: Error {
+    package var response: HTTPResponse
+    init(_ status: Int, _ message: String) { response = .text(status, message) }
+  }
+
+  package init(parsing bytes: ArraySlice<UInt8>) throws(Refusal) {
+    let text = String(decoding: bytes, as: UTF8.self)
+    var lines = text.components(separatedBy: "\r\n")
+    let requestLine = lines.removeFirst().split(separator: " ", omittingEmptySubsequences: false)
+    guard requestLine.count == 3, !requestLine[0].isEmpty, requestLine[1].hasPrefix("/"),
+      requestLine[2].hasPrefix("HTTP/1.")
+    else { throw Refusal(400, "malformed request line") }
+    headers = []
+    for line in lines where !line.isEmpty {
+      guard let colon = line.firstIndex(of: ":"), colon != line.startIndex else {
+        throw Refusal(400, "malformed header line")
+      }
+      headers.append(
+        (line[..<colon].lowercased(), line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)))
+    }
+    if headers.contains(where: { $0.name == "transfer-encoding" }) {
+      throw Refusal(411, "chunked bodies are not accepted: send Content-Length")
+    }
+    let lengths = headers.filter { $0.name == "content-length" }.map(\.value)
+    guard lengths.count <= 1 else { throw Refusal(400, "more than one Content-Length") }
+    if let text = lengths.first {
+      guard !text.isEmpty, text.utf8.count <= 12, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+        let length = Int(text)
+      else { throw Refusal(400, "malformed Content-Length") }
+      contentLength = length
+    } else {
+      contentLength = 0
+    }
+    method = String(requestLine[0])
+    let target = requestLine[1]
+    path = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? "/"
   }
 }
 
