@@ -162,7 +162,7 @@ let package = Package(
     ),
     .testTarget(
       name: "EdgeKeyCLITests",
-      dependencies: ["EdgeKeyTestSupport", "EdgeKeyCore", "COpenSSL"],
+      dependencies: ["EdgeKeyTestSupport", "EdgeKeyCore", "EdgeKeyMQTT", "COpenSSL"],
       path: "Tests/EdgeKeyCLITests"
     ),
   ],

@@ -1,5 +1,6 @@
 import COpenSSL
 import EdgeKeyCore
+import EdgeKeyMQTT
 import EdgeKeyTestSupport
 import Foundation
 import Testing
@@ -527,7 +528,7 @@ struct CLIDevice {
 
 @Suite("edgekey pub: killed mid-stream, restarted, nothing accepted is lost", .serialized)
 struct PublisherKillTests {
-  @Test("SIGKILL at a random point of a QoS 1 stream; the next run delivers what the outbox holds")
+  @Test("SIGKILL at 100 random instants of a QoS 1 stream into one outbox; the next run delivers all accepted")
   func killAndRestart() throws {
     let swtpm = try SoftwareTPM()
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
@@ -562,36 +563,33 @@ struct PublisherKillTests {
     let deadline = Date().addingTimeInterval(10)
     while !broker.log.contains("Received SUBSCRIBE from sink-kill") && Date() < deadline { usleep(50_000) }
 
+    // One device, one outbox, killed 100 times at random instants: while starting, loading the
+    // key, handshaking, appending to the outbox (SQLite WAL) or publishing. Each run delivers
+    // what the runs before it left, then adds 30 messages of its own.
+    let outbox = dir.appendingPathComponent("outbox.db").path
     var accepted = Set<String>()
-    for trial in 0..<3 {
-      let outbox = dir.appendingPathComponent("outbox-\(trial).db").path
+    var killedWhileRunning = 0
+    for trial in 0..<100 {
       let publishLog = dir.appendingPathComponent("pub-\(trial).log").path
-      let killAfter = Int.random(in: 20...250)
       let publisher = try ChildProcess(
         binary,
         ["pub"] + device.mqttArguments(broker) + [
-          "-t", "devices/device-kill/t", "-q", "1", "--count", "400", "--prefix", "t\(trial)-", "--interval-ms", "2",
+          "-t", "devices/device-kill/t", "-q", "1", "--count", "60", "--prefix", "t\(trial)-", "--interval-ms", "2",
           "--print-accepted", "--outbox", outbox,
         ], logPath: publishLog, environment: env)
-      var lines: [String] = []
-      let until = Date().addingTimeInterval(30)
-      while Date() < until {
-        lines = ((try? String(contentsOfFile: publishLog, encoding: .utf8)) ?? "").split(separator: "\n").map(
-          String.init)
-        if lines.filter({ $0.hasPrefix("accepted ") }).count >= killAfter || !publisher.isRunning { break }
-        usleep(2_000)
-      }
+      usleep(UInt32.random(in: 0...250_000))
+      if publisher.isRunning { killedWhileRunning += 1 }
       publisher.kill9()
-      lines = ((try? String(contentsOfFile: publishLog, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
-      let thisTrial = lines.filter { $0.hasPrefix("accepted ") }.map { String($0.dropFirst("accepted ".count)) }
-      #expect(thisTrial.count >= min(killAfter, 400), "the publisher stopped early: \(lines.suffix(5))")
-      accepted.formUnion(thisTrial)
-      // The next run finds the outbox and delivers what is left, then exits.
-      let drain = try Command.runCapturing(
-        binary, ["pub"] + device.mqttArguments(broker) + ["-t", "devices/device-kill/t", "--outbox", outbox],
-        environment: env)
-      #expect(drain.status == 0, "\(drain.stderr)")
+      let lines = ((try? String(contentsOfFile: publishLog, encoding: .utf8)) ?? "").split(separator: "\n")
+      #expect(!lines.contains { $0.contains("damaged") || $0.contains("malformed") }, "\(lines.suffix(3))")
+      accepted.formUnion(lines.filter { $0.hasPrefix("accepted ") }.map { String($0.dropFirst("accepted ".count)) })
     }
+    // The next run finds the outbox and delivers what is left, then exits.
+    let drain = try Command.runCapturing(
+      binary, ["pub"] + device.mqttArguments(broker) + ["-t", "devices/device-kill/t", "--outbox", outbox],
+      environment: env)
+    #expect(drain.status == 0, "\(drain.stderr)")
+    #expect(killedWhileRunning >= 50, "most kills must land while the publisher runs")
     var received = Set<String>()
     let until = Date().addingTimeInterval(15)
     while Date() < until {
@@ -606,6 +604,9 @@ struct PublisherKillTests {
     #expect(
       missing.isEmpty,
       "\(missing.count) of \(accepted.count) accepted messages never arrived: \(missing.sorted().prefix(5))")
+    print(
+      "publisher kill report: 100 SIGKILLs (\(killedWhileRunning) while running), accepted \(accepted.count), lost \(missing.count)"
+    )
   }
 }
 
@@ -614,5 +615,184 @@ enum PEMText {
   static func decode(_ text: String) -> [UInt8]? {
     let body = text.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
     return Data(base64Encoded: body).map { [UInt8]($0) }
+  }
+}
+
+/// Runs `script` (bash, with `args` as $1...) in a mount namespace of its own, where it may mount
+/// a small tmpfs: a disk that really fills (ENOSPC from the kernel), for one process tree only.
+func inPrivateMounts(_ script: String, _ args: [String], environment: [String: String]) throws -> (
+  status: Int32, stdout: String, stderr: String
+) {
+  let unshare = try #require(findExecutable("unshare"))
+  return try Command.runCapturing(
+    unshare, (getuid() == 0 ? ["--mount"] : ["--map-root-user", "--mount"]) + ["bash", "-c", script, "bash"] + args,
+    environment: environment)
+}
+
+@Suite("a full disk: the credential store and the outbox keep their state and say why", .serialized)
+struct DiskFullTests {
+  /// $1 mount point, $2 state directory to copy in, $3 where to copy it back, $4 pages left
+  /// free, then the edgekey command (its --state is the copy on the tmpfs).
+  static let renewOnFullDisk = """
+    set -u
+    M=$1 SRC=$2 OUT=$3 FREE=$4; shift 4
+    mount -t tmpfs -o size=256k,mode=0700 tmpfs "$M" || exit 90
+    cp -a "$SRC" "$M/state"
+    dd if=/dev/zero of="$M/fill" bs=4096 2>/dev/null
+    size=$(stat -c %s "$M/fill"); keep=$((size - FREE * 4096)); [ $keep -lt 0 ] && keep=0
+    truncate -s $keep "$M/fill"
+    "$@" --state "$M/state"; rc=$?
+    cp -a "$M/state" "$OUT"
+    exit $rc
+    """
+
+  @Test(
+    "renewal with the disk full at each point: the old credential stays, the error says no space, the next renewal works"
+  )
+  func renewal() throws {
+    let fleet = try Fleet()
+    #expect(try fleet.enroll(commonName: "device-full").status == 0)
+    let original = try String(contentsOfFile: fleet.state + "/current.pem", encoding: .utf8)
+    let binary = try edgekeyBinary()
+    var outcomes: [String] = []
+    for free in 0..<5 {
+      let mount = fleet.path("mnt-\(free)")
+      let out = fleet.path("out-\(free)")
+      try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+      let renew = [binary, "renew", "--server", fleet.ra.localhostURL, "--cafile", fleet.caFile, "--force"]
+      let result = try inPrivateMounts(
+        Self.renewOnFullDisk, [mount, fleet.state, out, String(free)] + renew, environment: fleet.environment)
+      #expect(result.status != 90, "tmpfs could not be mounted: \(result.stderr)")
+      let current = try String(contentsOfFile: out + "/current.pem", encoding: .utf8)
+      let pending = FileManager.default.fileExists(atPath: out + "/next.pem")
+      if result.status == 0 {
+        #expect(current != original)
+        outcomes.append("\(free) free pages: renewed")
+      } else {
+        #expect(result.stderr.contains("No space left on device"), "\(result.stderr)")
+        #expect(current == original, "the old credential was damaged with \(free) free pages")
+        outcomes.append("\(free) free pages: refused\(pending ? " after the new key was stored" : "")")
+      }
+      // Whatever happened, the state directory works: status reads it, and a renewal with
+      // room succeeds (reusing a key left waiting in next.pem).
+      let status = try Command.runCapturing(
+        binary, ["status", "--state", out, "--json"], environment: fleet.environment)
+      #expect(status.status == 0, "\(status.stderr)")
+      let again = try Command.runCapturing(
+        binary, ["renew", "--state", out, "--server", fleet.ra.localhostURL, "--cafile", fleet.caFile, "--force"],
+        environment: fleet.environment)
+      #expect(again.status == 0, "\(again.stderr)")
+    }
+    print("disk full during renewal: " + outcomes.joined(separator: "; "))
+    #expect(outcomes.contains { $0.hasSuffix("after the new key was stored") }, "no case hit the certificate write")
+    #expect(outcomes.contains { $0.hasSuffix("renewed") }, "no case had room enough")
+  }
+
+  /// $1 mount point, $2 where to copy the outbox back, then the edgekey pub arguments (before
+  /// --outbox, --count and --prefix).
+  static let publishOnFullDisk = """
+    set -u
+    M=$1 OUT=$2; shift 2
+    mount -t tmpfs -o size=1m,mode=0700 tmpfs "$M" || exit 90
+    "$@" --outbox "$M/outbox.db" --count 30 --prefix a- > "$OUT.first" 2>&1
+    dd if=/dev/zero of="$M/fill" bs=4096 2>/dev/null
+    "$@" --outbox "$M/outbox.db" --count 3000 --prefix b- > "$OUT.second" 2>&1; rc=$?
+    mkdir -p "$OUT"; cp -a "$M"/outbox.db* "$OUT/"
+    exit $rc
+    """
+
+  @Test("an outbox append on a full disk fails with the reason; every message accepted before is still there")
+  func outbox() throws {
+    let fleet = try Fleet()
+    let binary = try edgekeyBinary()
+    let device = try CLIDevice(in: fleet.dir, swtpm: fleet.swtpm, ca: fleet.ca, commonName: "device-outbox") {
+      try Command.runCapturing(binary, $0, environment: fleet.environment).status
+    }
+    let closed = try PortFinder.freePair()  // no broker: everything stays in the outbox
+    let mount = fleet.path("mnt")
+    let out = fleet.path("outbox-copy")
+    try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+    let pub =
+      [binary, "pub", "-h", "127.0.0.1", "-p", String(closed), "--cafile", device.caPath, "--cert", device.certPath]
+      + ["--file", device.keyPath, "-t", "devices/device-outbox/t", "-q", "1", "--print-accepted", "--timeout", "1"]
+    let result = try inPrivateMounts(Self.publishOnFullDisk, [mount, out] + pub, environment: fleet.environment)
+    #expect(result.status != 90, "tmpfs could not be mounted: \(result.stderr)")
+    let first = try String(contentsOfFile: out + ".first", encoding: .utf8)
+    let second = try String(contentsOfFile: out + ".second", encoding: .utf8)
+    func accepted(_ text: String) -> [String] {
+      text.split(separator: "\n").filter { $0.hasPrefix("accepted ") }.map { String($0.dropFirst(9)) }
+    }
+    #expect(accepted(first).count == 30)
+    #expect(result.status != 0)
+    #expect(second.contains("disk is full") || second.contains("No space left"), "\(second.suffix(300))")
+    #expect(accepted(second).count < 3000)
+    // The copy of the outbox holds exactly what was accepted, in order.
+    let outbox = try Outbox(path: out + "/outbox.db")
+    let stored = try outbox.next(after: 0, limit: 10_000).messages.map { String(decoding: $0.payload, as: UTF8.self) }
+    #expect(stored == accepted(first) + accepted(second))
+    print(
+      "disk full during outbox appends: \(accepted(first).count) + \(accepted(second).count) accepted, \(stored.count) kept"
+    )
+  }
+}
+
+@Suite("a skewed clock at boot: the edgekey process under libfaketime, everything else on real time")
+struct ClockSkewTests {
+  func underFakeTime(_ offset: String, _ args: [String], _ fleet: Fleet) throws -> (
+    status: Int32, stdout: String, stderr: String
+  ) {
+    let faketime = try #require(findExecutable("faketime"), "faketime is installed by scripts/install-deps")
+    return try Command.runCapturing(
+      faketime, ["-f", offset, try edgekeyBinary()] + args, environment: fleet.environment)
+  }
+
+  @Test(
+    "a clock two days behind our certificate: renewal refused with the reason, nothing changed; no connection tried")
+  func behind() throws {
+    let fleet = try Fleet()
+    #expect(try fleet.enroll(commonName: "device-behind").status == 0)
+    let before = try String(contentsOfFile: fleet.state + "/current.pem", encoding: .utf8)
+    let renew = try underFakeTime(
+      "-2d", ["renew", "--state", fleet.state, "--server", fleet.ra.localhostURL, "--cafile", fleet.caFile, "--force"],
+      fleet)
+    #expect(renew.status == 1)
+    #expect(renew.stderr.contains("before our certificate was issued"), "\(renew.stderr)")
+    #expect(try String(contentsOfFile: fleet.state + "/current.pem", encoding: .utf8) == before)
+    #expect(!FileManager.default.fileExists(atPath: fleet.state + "/next.pem"), "no key was made")
+    #expect(fleet.ra.issuanceLog.count == 1, "the RA was not asked")
+    // The same clock, connecting: our certificate is not yet valid, said before any network.
+    let doctor = try underFakeTime(
+      "-2d",
+      [
+        "doctor", "--host", "127.0.0.1", "--port", String(fleet.broker.port), "--cafile", fleet.caFile, "--cert",
+        fleet.state + "/current.pem", "--file", fleet.state + "/current.pem",
+      ], fleet)
+    #expect(doctor.status == 1)
+    #expect(doctor.stdout.contains("✗ our certificate"), "\(doctor.stdout)\(doctor.stderr)")
+    #expect(doctor.stdout.contains("is not valid before") && doctor.stdout.contains("check the clock"))
+  }
+
+  @Test("expired at boot (off longer than the certificate lived): renew falls back to the password and recovers")
+  func expiredAtBoot() throws {
+    let fleet = try Fleet(lifetime: "3s", backdate: "0")
+    #expect(try fleet.enroll(commonName: "device-expired").status == 0)
+    let before = try String(contentsOfFile: fleet.state + "/current.pem", encoding: .utf8)
+    Thread.sleep(forTimeInterval: 4)
+    let renewArguments = ["renew", "--state", fleet.state, "--server", fleet.ra.localhostURL, "--cafile", fleet.caFile]
+    // Without a way to authenticate but the expired certificate: refused, with the reason.
+    let stuck = try Command.runCapturing(try edgekeyBinary(), renewArguments, environment: fleet.environment)
+    #expect(stuck.status == 1)
+    #expect(stuck.stderr.contains("the certificate expired and there is no valid bootstrap credential or password"))
+    #expect(try String(contentsOfFile: fleet.state + "/current.pem", encoding: .utf8) == before)
+    let renew = try Command.runCapturing(
+      try edgekeyBinary(), renewArguments + ["--password-env", "EST_PASSWORD"], environment: fleet.environment)
+    #expect(renew.status == 0, "\(renew.stderr)")
+    #expect(try String(contentsOfFile: fleet.state + "/current.pem", encoding: .utf8) != before)
+    // A clock forty days ahead sees even the new certificate as expired: it says so and keeps it.
+    let ahead = try underFakeTime(
+      "+40d", ["renew", "--state", fleet.state, "--server", fleet.ra.localhostURL, "--cafile", fleet.caFile], fleet)
+    #expect(ahead.status == 1)
+    #expect(ahead.stderr.contains("expired") || ahead.stderr.contains("not valid"), "\(ahead.stderr)")
+    #expect(FileManager.default.fileExists(atPath: fleet.state + "/current.pem"))
   }
 }

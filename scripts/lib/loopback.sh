@@ -30,12 +30,18 @@ lb_cleanup() {
 }
 
 lb_free_port() { # a port whose successor is free too (swtpm takes two)
-  python3 -c 'import socket
-for _ in range(100):
+  local port
+  port=$(python3 -c 'import socket
+for _ in range(200):
     s=socket.socket(); s.bind(("127.0.0.1",0)); p=s.getsockname()[1]; s.close()
+    if p >= 65535: continue
     t=socket.socket()
-    try: t.bind(("127.0.0.1",p+1)); t.close(); print(p); break
-    except OSError: t.close()'
+    try:
+        t.bind(("127.0.0.1",p+1)); t.close(); print(p); break
+    except Exception:
+        t.close()') || true
+  [ -n "$port" ] || { echo "loopback: no free pair of ports found" >&2; return 1; }
+  echo "$port"
 }
 
 lb_wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
