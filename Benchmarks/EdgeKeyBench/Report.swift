@@ -7,7 +7,8 @@ final class Report: @unchecked Sendable {
   private let lock = NSLock()
   private var lines: [(figure: String, ours: String, anchor: String, ratio: String)] = []
 
-  /// `higherIsBetter` decides how the ratio reads: "3.1× faster" or "0.26× the memory".
+  /// `higherIsBetter` decides how the ratio reads: ours / anchor ("38.8×"), or for costs
+  /// "8.9× less" / "4.57× more".
   func add(_ figure: String, ours: Double, anchorName: String, anchor: Double, unit: String, higherIsBetter: Bool) {
     let ratio: String
     if anchor <= 0 || ours <= 0 {
@@ -15,7 +16,10 @@ final class Report: @unchecked Sendable {
     } else if higherIsBetter {
       ratio = String(format: "%.2f×", ours / anchor)
     } else {
-      ratio = String(format: "%.2f× (%@)", ours / anchor, ours <= anchor ? "less" : "more")
+      // Lower is better: say how many times less (or more) EdgeKey needs.
+      ratio =
+        ours <= anchor
+        ? String(format: "%.1f× less", anchor / ours) : String(format: "%.2f× more", ours / anchor)
     }
     lock.withLock {
       lines.append((figure, Report.format(ours) + " " + unit, "\(anchorName): \(Report.format(anchor)) \(unit)", ratio))

@@ -107,6 +107,10 @@ func sTimeRate(_ arguments: [String], environment: [String: String]?) throws -> 
 
 func run() throws {
   let options = Options(CommandLine.arguments)
+  defer {
+    let cores = ProcessInfo.processInfo.activeProcessorCount
+    Report.shared.print(machine: "\(cores) cores, swtpm and mosquitto on loopback, one run")
+  }
   let work = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-bench-\(getpid())")
   try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
   defer { try? FileManager.default.removeItem(at: work) }
@@ -240,7 +244,16 @@ func run() throws {
   }
   if let anchor = rows.first(where: { $0.name.hasPrefix("tpm2-openssl") }) {
     print(String(format: "EdgeKey / tpm2-openssl: %.0f×", ours / anchor.perSecond))
+    Report.shared.add(
+      "mTLS handshakes/s, TPM key", ours: ours, anchorName: "tpm2-openssl", anchor: anchor.perSecond, unit: "/s",
+      higherIsBetter: true)
+    Report.shared.add(
+      "TPM commands per handshake", ours: rows.first?.commandsPerHandshake ?? 0, anchorName: "tpm2-openssl",
+      anchor: anchor.commandsPerHandshake ?? 0, unit: "", higherIsBetter: false)
   }
+  Report.shared.add(
+    "mTLS handshakes/s, TPM key vs software key", ours: ours, anchorName: "software key", anchor: floor, unit: "/s",
+    higherIsBetter: true)
   print(anchorNote)
   print(String(format: "EdgeKey / software key: %.2f× (goal ≥ 0.8×)", floor > 0 ? ours / floor : 0))
 }
@@ -259,6 +272,11 @@ func runMQTT(_ options: Options, ca: TestCA, broker: MosquittoBroker, work: URL)
         + String(format: "%11d", row.messages) + String(format: "   %5.2f×", row.perSecond / anchor))
   }
   print(String(format: "EdgeKey (in-memory outbox) / libmosquitto: %.2f× (goal ≥ 0.9×)", rows[1].perSecond / anchor))
+  for row in rows.dropFirst() {
+    Report.shared.add(
+      "QoS 1 messages/s, \(row.name)", ours: row.perSecond, anchorName: "libmosquitto C", anchor: anchor, unit: "/s",
+      higherIsBetter: true)
+  }
 
   // Peak resident memory of a process publishing the same messages: edgekey pub (TPM key)
   // and mosquitto_pub (software key: it cannot use the TPM).
@@ -301,6 +319,9 @@ func runMQTT(_ options: Options, ca: TestCA, broker: MosquittoBroker, work: URL)
   print("  edgekey pub (TPM key)          \(ours) KiB" + (ourStatus == 0 ? "" : " (exit \(ourStatus))"))
   print("  mosquitto_pub (software key)   \(theirs) KiB" + (theirStatus == 0 ? "" : " (exit \(theirStatus))"))
   print(String(format: "  edgekey / mosquitto_pub: %.2f×", Double(ours) / Double(max(theirs, 1))))
+  Report.shared.add(
+    "peak RSS publishing \(count) QoS 1 messages", ours: Double(ours), anchorName: "mosquitto_pub",
+    anchor: Double(theirs), unit: "KiB", higherIsBetter: false)
 }
 
 do {
