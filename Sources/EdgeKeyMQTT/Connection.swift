@@ -248,13 +248,15 @@ final class Connection {
           midToID[mid] = m.id
           sent += 1
           if !engine.handedBefore.insert(m.id).inserted { resent += 1 }
-        } else if rc == MOSQ_ERR_NO_CONN.rawValue || rc == MOSQ_ERR_CONN_LOST.rawValue || rc == MOSQ_ERR_NOMEM.rawValue
-        {
-          return engine.countSent(sent, resent: resent)
-        } else {
+        } else if Connection.neverSendable(rc) {
           // Too large for the broker, QoS above its maximum, a bad topic: it can never go.
           engine.logger.error("message \(m.id) to \(m.topic) cannot be sent: \(Connection.describe(rc))")
           unsendable.append(m.id)
+        } else {
+          // The connection broke under the write (a reset: MOSQ_ERR_ERRNO, MOSQ_ERR_TLS, ...):
+          // the message stays in the outbox and goes out on the next connection. Found by the
+          // connection-reset fault test, which saw such a message dropped as "unsendable".
+          return engine.countSent(sent, resent: resent)
         }
       }
       if batch.messages.isEmpty { break }
@@ -264,6 +266,14 @@ final class Connection {
       engine.dropped(unsendable, reason: "unsendable")
     }
     engine.countSent(sent, resent: resent)
+  }
+
+  /// libmosquitto's answers to a publish that no reconnection can change.
+  static func neverSendable(_ rc: Int32) -> Bool {
+    [
+      MOSQ_ERR_INVAL, MOSQ_ERR_PAYLOAD_SIZE, MOSQ_ERR_NOT_SUPPORTED, MOSQ_ERR_MALFORMED_UTF8,
+      MOSQ_ERR_QOS_NOT_SUPPORTED, MOSQ_ERR_OVERSIZE_PACKET, MOSQ_ERR_RETAIN_NOT_SUPPORTED, MOSQ_ERR_TOPIC_ALIAS_INVALID,
+    ].contains { $0.rawValue == rc }
   }
 
   private func send(_ m: OutboxMessage, mid: inout Int32) -> Int32 {

@@ -17,6 +17,7 @@ struct DeliveryReport: CustomStringConvertible {
   var connections = 0
   var failures: [String: Int] = [:]
   var handshakeFailures: [String: Int] = [:]
+  var dropped: [String: Int] = [:]
 
   var description: String {
     func list(_ d: [String: Int]) -> String {
@@ -24,7 +25,7 @@ struct DeliveryReport: CustomStringConvertible {
     }
     return "fault report: \(fault): sent \(accepted), delivered \(delivered), duplicated \(duplicated), "
       + "lost \(lost); connections \(connections); failed attempts: \(list(failures)); "
-      + "failed handshakes: \(list(handshakeFailures))"
+      + "failed handshakes: \(list(handshakeFailures)); dropped: \(list(dropped))"
   }
 }
 
@@ -85,7 +86,7 @@ struct FaultInjectionTests {
     let report = DeliveryReport(
       fault: name, accepted: accepted.count, delivered: got.intersection(accepted).count, duplicated: duplicates,
       lost: accepted.subtracting(got).count, connections: m.connections, failures: m.connectFailures,
-      handshakeFailures: m.handshakeFailures)
+      handshakeFailures: m.handshakeFailures, dropped: m.messagesDropped)
     print(report)
     #expect(undelivered == nil, "\(undelivered.map { "\($0)" } ?? "")")
     #expect(report.lost == 0, "\(report)")
