@@ -187,14 +187,11 @@ static void msg_callback(int write_p, int version, int content_type, const void 
     if (r != NULL) r->cert_verify_sent = 1;
   }
   if (write_p && p[0] == SSL3_MT_CERTIFICATE && len > (version == TLS1_3_VERSION ? 8u : 7u)) {
-    failure_record *r = record_for(ssl, 1);
-    if (r != NULL) r->cert_sent = 1;
-  }
-  if (write_p && version == TLS1_3_VERSION && p[0] == SSL3_MT_CERTIFICATE && len > 8) {
-    /* More than the empty list (type, length, context, list length). */
+    /* More than the empty list (type, length, [TLS 1.3 context,] list length). */
     failure_record *r = record_for(ssl, 1);
     if (r != NULL) {
-      r->tls13_cert_sent = 1;
+      r->cert_sent = 1;
+      r->tls13_cert_sent = version == TLS1_3_VERSION;
       describe_cert(SSL_get_certificate(ssl), r->own_subject, r->own_issuer, r->own_not_before,
                     r->own_not_after);
     }

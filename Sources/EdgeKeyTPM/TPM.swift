@@ -1,7 +1,10 @@
 import CEdgeKeyProvider
 import CTSS2
 import EdgeKeyCore
-import Synchronization
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// A TPM 2.0, reached through one TCTI: the process's one ESAPI context for it.
 ///
@@ -27,7 +30,7 @@ public final class TPM: @unchecked Sendable {
   public var commandCount: UInt64 { edgekey_tpm_command_count(raw) }
   let logger: Logger
 
-  private static let registry = Mutex<[String: WeakTPM]>([:])
+  private static let registry = Registry()
 
   private init(raw: OpaquePointer, logger: Logger) {
     self.raw = raw
@@ -115,6 +118,21 @@ public final class TPM: @unchecked Sendable {
       edgekey_tpm_release_after(raw, error.responseCode?.rawValue ?? 0)
       throw error
     }
+  }
+}
+
+/// The open TPMs by TCTI, behind a pthread mutex: ThreadSanitizer sees it, while it does not
+/// see the futex calls of Synchronization.Mutex (which it reported as a race here).
+private final class Registry: @unchecked Sendable {
+  private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+  private var table: [String: WeakTPM] = [:]
+
+  init() { pthread_mutex_init(mutex, nil) }
+
+  func withLock<T>(_ body: (inout [String: WeakTPM]) -> T) -> T {
+    pthread_mutex_lock(mutex)
+    defer { pthread_mutex_unlock(mutex) }
+    return body(&table)
   }
 }
 
