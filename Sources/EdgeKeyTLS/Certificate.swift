@@ -1,4 +1,5 @@
 import COpenSSL
+import EdgeKeyCore
 import Foundation
 
 /// An X.509 certificate, parsed by OpenSSL; everything a log, a store or a policy asks of it.
@@ -183,11 +184,7 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
 
   /// A date as the summaries print it: UTC, ISO 8601, seconds.
   public static func format(_ date: Date) -> String {
-    let f = DateFormatter()
-    f.locale = Locale(identifier: "en_US_POSIX")
-    f.timeZone = TimeZone(identifier: "UTC")
-    f.dateFormat = "yyyy-MM-dd'T'HH:mm:ss'Z'"
-    return f.string(from: date)
+    Timestamp.iso8601(date)
   }
 }
 

@@ -32,14 +32,8 @@ package enum ESTBody {
     let trimmed = value.trimmingCharacters(in: .whitespaces)
     if trimmed.isEmpty { return nil }
     if let seconds = Int(trimmed) { return TimeInterval(max(seconds, 0)) }
-    let formatter = DateFormatter()
-    formatter.locale = Locale(identifier: "en_US_POSIX")
-    formatter.timeZone = TimeZone(identifier: "GMT")
-    for format in ["EEE, dd MMM yyyy HH:mm:ss zzz", "EEEE, dd-MMM-yy HH:mm:ss zzz", "EEE MMM d HH:mm:ss yyyy"] {
-      formatter.dateFormat = format
-      if let date = formatter.date(from: trimmed) { return max(date.timeIntervalSince(now), 0) }
-    }
-    return nil
+    guard let date = Timestamp.httpDate(trimmed, now: now) else { return nil }
+    return max(date.timeIntervalSince(now), 0)
   }
 
   /// A server's error text, made safe for a log line: printable, one line, bounded.

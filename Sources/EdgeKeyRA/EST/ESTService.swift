@@ -232,9 +232,9 @@ public final class ESTService: @unchecked Sendable {
   private func log(_ certificate: Certificate, operation: String, authenticatedBy: String) throws(FileError) {
     guard let path = policy.issuanceLogPath else { return }
     let fields: [(String, String)] = [
-      ("time", ISO8601DateFormatter().string(from: Date())), ("operation", operation),
+      ("time", Timestamp.iso8601(Date())), ("operation", operation),
       ("serial", certificate.serialNumber), ("subject", certificate.subject),
-      ("notAfter", ISO8601DateFormatter().string(from: certificate.notAfter)),
+      ("notAfter", Timestamp.iso8601(certificate.notAfter)),
       ("fingerprint", certificate.fingerprint), ("keyFingerprint", Certificate.sha256Hex(certificate.publicKeyDER)),
       ("authenticatedBy", authenticatedBy),
     ]
