@@ -30,16 +30,26 @@ lb_cleanup() {
 }
 
 lb_free_port() { # a port whose successor is free too (swtpm takes two)
+  # Below the kernel's ephemeral range (32768 and up), where outgoing connections never leave
+  # ports in TIME_WAIT (the swtpm TCTI opens one per TPM command: a busy machine has thousands),
+  # and tested with SO_REUSEADDR as the servers bind. As Tests/Support's SoftwareTPM.freePair.
   local port
-  port=$(python3 -c 'import socket
-for _ in range(200):
-    s=socket.socket(); s.bind(("127.0.0.1",0)); p=s.getsockname()[1]; s.close()
-    if p >= 65535: continue
-    t=socket.socket()
+  port=$(python3 -c 'import random, socket
+def free(p):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        t.bind(("127.0.0.1",p+1)); t.close(); print(p); break
-    except Exception:
-        t.close()') || true
+        s.bind(("127.0.0.1", p))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+for _ in range(500):
+    p = random.randrange(20000, 32700)
+    if free(p) and free(p + 1):
+        print(p)
+        break') || true
   [ -n "$port" ] || { echo "loopback: no free pair of ports found" >&2; return 1; }
   echo "$port"
 }
@@ -47,13 +57,20 @@ for _ in range(200):
 lb_wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 lb_swtpm() {
-  local dir="$LB_WORK/$1.tpm" port
+  local dir="$LB_WORK/$1.tpm" port attempt
   mkdir -p "$dir"
-  port=$(lb_free_port)
-  swtpm socket --tpm2 --tpmstate dir="$dir" --server type=tcp,port="$port",bindaddr=127.0.0.1 \
-    --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 --flags not-need-init,startup-clear \
-    --pid file="$LB_WORK/$1.swtpm.pid" --daemon
-  echo "swtpm:host=127.0.0.1,port=$port"
+  # A port found free can be taken before swtpm binds it (tests run side by side): try again.
+  for attempt in 1 2 3 4 5; do
+    port=$(lb_free_port) || continue
+    if swtpm socket --tpm2 --tpmstate dir="$dir" --server type=tcp,port="$port",bindaddr=127.0.0.1 \
+      --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 --flags not-need-init,startup-clear \
+      --pid file="$LB_WORK/$1.swtpm.pid" --daemon; then
+      echo "swtpm:host=127.0.0.1,port=$port"
+      return 0
+    fi
+    echo "loopback: swtpm could not start on port $port (attempt $attempt of 5)" >&2
+  done
+  return 1
 }
 
 lb_ca() {
