@@ -1,11 +1,12 @@
 // Provisioning one device, end to end: a key created in the TPM, a CSR signed by it, EST
 // enrollment at the project's RA, the credential stored, and the first MQTT connection with it
 // (CONNECT/CONNACK, so the broker verified the new certificate). Side by side with the shell
-// pipeline a user would write instead: tpm2-openssl's `openssl genpkey` and `openssl req`, curl,
-// `openssl pkcs7`, `openssl s_client` (mosquitto_pub cannot use a tpm2-openssl 1.1.1 key:
-// "missing private key"). Both reach swtpm through the same tpm2-abrmd; EdgeKey is also timed
-// on swtpm directly, its embedded default. TPM commands per device: our TCTI counter, and the
-// pcap TCTI inside each openssl process of the pipeline.
+// pipelines a user would write instead. The key comes from tpm2-tools (`tpm2_createprimary`,
+// `tpm2_create`, `tpm2_encodeobject`) or from tpm2-openssl's `openssl genpkey`; then
+// `openssl req` through tpm2-openssl, curl, `openssl pkcs7`, `openssl s_client` (mosquitto_pub
+// cannot use a tpm2-openssl 1.1.1 key: "missing private key"). All reach swtpm through the same
+// tpm2-abrmd; EdgeKey is also timed on swtpm directly, its embedded default. TPM commands per
+// device: our TCTI counter, and the pcap TCTI inside each tpm2-tools and openssl process.
 import EdgeKeyCore
 import EdgeKeyEnrollment
 import EdgeKeyTLS
@@ -17,11 +18,21 @@ import Foundation
   import Glibc
 #endif
 
-/// The user's pipeline, one device per run: $1 work dir, $2 CA file, $3 EST URL, $4 broker port.
+/// The user's pipelines, one device per run: $1 work dir, $2 CA file, $3 EST URL, $4 broker
+/// port, $5 where the key comes from (`tools` or `genpkey`).
 let pipelineScript = """
   set -euo pipefail
   d=$1; ca=$2; url=$3; port=$4
-  openssl genpkey -provider tpm2 -algorithm EC -pkeyopt group:P-256 -out "$d/key.pem" 2>/dev/null
+  if [ "$5" = tools ]; then
+    # The SRK template tpm2-openssl re-creates for parent 0x40000001 (TCG ECC P-256, noda).
+    tpm2_createprimary -Q -C o -g sha256 -G ecc256:aes128cfb \\
+      -a 'fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|decrypt' -c "$d/srk.ctx"
+    tpm2_create -Q -C "$d/srk.ctx" -G ecc256:ecdsa-sha256 -u "$d/key.pub" -r "$d/key.priv"
+    # tpm2-tools 5.4 writes emptyAuth inverted: -p is what gives a key without a password.
+    tpm2_encodeobject -C "$d/srk.ctx" -u "$d/key.pub" -r "$d/key.priv" -p -o "$d/key.pem"
+  else
+    openssl genpkey -provider tpm2 -algorithm EC -pkeyopt group:P-256 -out "$d/key.pem" 2>/dev/null
+  fi
   openssl req -new -provider tpm2 -provider default -key "$d/key.pem" -subj "/CN=anchor-dev" -outform DER \\
     | base64 -w 64 > "$d/csr.b64"
   curl -sS --fail --cacert "$ca" -u "$EST_USER" -H 'Content-Type: application/pkcs10' \\
@@ -93,40 +104,44 @@ func runProvisioning(_ options: Options, ca: TestCA, broker: MosquittoBroker, wo
     var env = abrmd.toolEnvironment
     env["EST_USER"] = "device:factory-secret"
     env["PATH"] = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
-    // TPM commands, recorded by the pcap TCTI inside each openssl process (the first device
-    // warms up and is not counted).
-    var commands = 0
-    for i in 0...options.devices {
-      let dir = work.appendingPathComponent("anchor-\(i)")
-      try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-      let pcap = dir.appendingPathComponent("tpm.pcap")
-      var runEnv = env
-      if i > 0 {
-        runEnv["TPM2OPENSSL_TCTI"] = "pcap:" + abrmd.tcti
-        runEnv["TCTI_PCAP_FILE"] = pcap.path
+    for (keys, name, note) in [
+      ("tools", "tpm2-tools + openssl + curl (bash)", "8 processes"),
+      ("genpkey", "tpm2-openssl + curl + openssl (bash)", "5 processes"),
+    ] {
+      func run(_ dir: URL, _ environment: [String: String]) throws {
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let result = try Command.runCapturing(
+          "bash", [script.path, dir.path, caFile.path, ra.localhostURL, String(broker.port), keys],
+          environment: environment)
+        guard result.status == 0 else { throw HarnessError("the \(name) pipeline failed: \(result.stderr)") }
       }
-      let result = try Command.runCapturing(
-        "bash", [script.path, dir.path, caFile.path, ra.localhostURL, String(broker.port)], environment: runEnv)
-      guard result.status == 0 else { throw HarnessError("the pipeline failed: \(result.stderr)") }
-      if i > 0 { commands += try PcapRecord.commands(in: pcap).count }
+      // TPM commands, recorded by the pcap TCTI inside each tpm2-tools and openssl process (the
+      // first device warms up and is not counted).
+      var commands = 0
+      for i in 0...options.devices {
+        let dir = work.appendingPathComponent("anchor-\(keys)-\(i)")
+        let pcap = dir.appendingPathComponent("tpm.pcap")
+        var recording = env
+        if i > 0 {
+          recording["TPM2OPENSSL_TCTI"] = "pcap:" + abrmd.tcti
+          recording["TPM2TOOLS_TCTI"] = "pcap:" + abrmd.tcti
+          recording["TCTI_PCAP_FILE"] = pcap.path
+        }
+        try run(dir, recording)
+        if i > 0 { commands += try PcapRecord.commands(in: pcap).count }
+      }
+      // Timed without the pcap TCTI, which adds its own cost.
+      var plain: [Double] = []
+      for i in 0..<options.devices {
+        let start = Date()
+        try run(work.appendingPathComponent("anchor-\(keys)-plain-\(i)"), env)
+        plain.append(Date().timeIntervalSince(start))
+      }
+      rows.append(
+        ProvisionRow(name: name, seconds: plain, commands: Double(commands) / Double(options.devices), note: note))
     }
-    // Timed without the pcap TCTI, which adds its own cost.
-    var plain: [Double] = []
-    for i in 0..<options.devices {
-      let dir = work.appendingPathComponent("anchor-plain-\(i)")
-      try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-      let start = Date()
-      let result = try Command.runCapturing(
-        "bash", [script.path, dir.path, caFile.path, ra.localhostURL, String(broker.port)], environment: env)
-      guard result.status == 0 else { throw HarnessError("the pipeline failed: \(result.stderr)") }
-      plain.append(Date().timeIntervalSince(start))
-    }
-    rows.append(
-      ProvisionRow(
-        name: "tpm2-openssl + curl + openssl (bash)", seconds: plain,
-        commands: Double(commands) / Double(options.devices), note: "5 processes"))
   } else {
-    print("tpm2-openssl or tpm2-abrmd not installed: the pipeline anchor was not measured")
+    print("tpm2-openssl or tpm2-abrmd not installed: the pipeline anchors were not measured")
   }
 
   print("")
@@ -138,19 +153,21 @@ func runProvisioning(_ options: Options, ca: TestCA, broker: MosquittoBroker, wo
       row.name.padding(toLength: 48, withPad: " ", startingAt: 0) + String(format: "%9.1f", row.median * 1000)
         + String(format: "%18.1f", row.commands) + "   " + row.note)
   }
-  if let anchor = rows.first(where: { $0.name.hasPrefix("tpm2-openssl") }),
-    let same = rows.first(where: { $0.name.contains("abrmd") })
-  {
-    print(
-      String(
-        format: "EdgeKey / shell pipeline, same tpm2-abrmd: %.1f× faster, %.1f× fewer TPM commands",
-        anchor.median / same.median, anchor.commands / max(same.commands, 1)))
-    Report.shared.add(
-      "provisioning time per device", ours: same.median * 1000, anchorName: "shell pipeline",
-      anchor: anchor.median * 1000,
-      unit: "ms", higherIsBetter: false)
-    Report.shared.add(
-      "TPM commands per provisioning", ours: same.commands, anchorName: "shell pipeline", anchor: anchor.commands,
-      unit: "", higherIsBetter: false)
+  if let same = rows.first(where: { $0.name.contains("abrmd") }) {
+    for anchor in rows where anchor.name.hasSuffix("(bash)") {
+      let tools = anchor.name.hasPrefix("tpm2-tools")
+      let anchorName = tools ? "tpm2-tools pipeline" : "tpm2-openssl pipeline"
+      print(
+        "EdgeKey / \(anchorName), same tpm2-abrmd: "
+          + String(
+            format: "%.1f× faster, %.1f× fewer TPM commands", anchor.median / same.median,
+            anchor.commands / max(same.commands, 1)))
+      Report.shared.add(
+        "provisioning time per device", ours: same.median * 1000, anchorName: anchorName, anchor: anchor.median * 1000,
+        unit: "ms", higherIsBetter: false)
+      Report.shared.add(
+        "TPM commands per provisioning", ours: same.commands, anchorName: anchorName, anchor: anchor.commands,
+        unit: "", higherIsBetter: false)
+    }
   }
 }
