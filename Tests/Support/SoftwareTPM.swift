@@ -171,7 +171,6 @@ public func findExecutable(_ name: String) -> String? {
 
 /// Free loopback TCP ports.
 public enum PortFinder {
-  /// A free port chosen by the kernel.
   /// Ports handed out in this process: never handed out twice, so that two tests running in
   /// parallel cannot both start a server on the same port before either binds it (the second
   /// would then talk to the first one's swtpm and wait forever behind its connection).
@@ -186,38 +185,27 @@ public enum PortFinder {
     return true
   }
 
+  /// A free port below the kernel's ephemeral range (see `freePair`): a port the kernel chose
+  /// for us can be handed to one of the outgoing connections (thousands, one per TPM command)
+  /// before our server binds it.
   public static func free() throws -> UInt16 {
-    for _ in 0..<100 {
-      let port = try kernelChosenPort()
-      if claim([port]) { return port }
+    for _ in 0..<500 {
+      let port = UInt16.random(in: range)
+      if isFree(port), claim([port]) { return port }
     }
     throw HarnessError("no free loopback port")
   }
 
-  private static func kernelChosenPort() throws -> UInt16 {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { throw HarnessError("socket: \(errno)") }
-    defer { close(fd) }
-    var addr = sockaddr_in()
-    addr.sin_family = sa_family_t(AF_INET)
-    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-    addr.sin_port = 0
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let ok = withUnsafeMutablePointer(to: &addr) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-        bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0
-      }
-    }
-    guard ok else { throw HarnessError("bind: \(errno)") }
-    return UInt16(bigEndian: addr.sin_port)
-  }
+  /// The ports this harness hands out; scripts/lib/loopback.sh takes 10000–19999, so that the
+  /// shell helpers the tests run cannot race this process for a port.
+  static let range: Range<UInt16> = 20000..<32700
 
   /// A port p with p+1 also free (swtpm's server and control ports). Chosen below the
   /// kernel's ephemeral range, where outgoing connections (the swtpm TCTI opens one per TPM
   /// command) never leave ports in TIME_WAIT, so pairs stay easy to find on a busy machine.
   public static func freePair() throws -> UInt16 {
     for _ in 0..<500 {
-      let p = UInt16.random(in: 20000..<32700)
+      let p = UInt16.random(in: range)
       if isFree(p), isFree(p + 1), claim([p, p + 1]) { return p }
     }
     throw HarnessError("no free pair of loopback ports")

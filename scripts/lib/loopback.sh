@@ -32,7 +32,8 @@ lb_cleanup() {
 lb_free_port() { # a port whose successor is free too (swtpm takes two)
   # Below the kernel's ephemeral range (32768 and up), where outgoing connections never leave
   # ports in TIME_WAIT (the swtpm TCTI opens one per TPM command: a busy machine has thousands),
-  # and tested with SO_REUSEADDR as the servers bind. As Tests/Support's SoftwareTPM.freePair.
+  # and tested with SO_REUSEADDR as the servers bind. As Tests/Support's PortFinder, in a range
+  # of its own (the harness takes 20000-32699), so that tests and the scripts they run never race.
   local port
   port=$(python3 -c 'import random, socket
 def free(p):
@@ -46,7 +47,7 @@ def free(p):
     finally:
         s.close()
 for _ in range(500):
-    p = random.randrange(20000, 32700)
+    p = random.randrange(10000, 19999)
     if free(p) and free(p + 1):
         print(p)
         break') || true
