@@ -1,7 +1,8 @@
 import CMosquitto
+import Dispatch
 import EdgeKeyCore
 import EdgeKeyTLS
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
   import Glibc
@@ -164,7 +165,7 @@ final class Engine: @unchecked Sendable {
   /// Outbox ids handed to the network at least once, not yet acknowledged (to count resends).
   /// The network thread's alone.
   var handedBefore = Set<Int64>()
-  private let lock = NSLock()
+  private let lock = Lock()
   private var shared: Shared
   private let finished = DispatchSemaphore(value: 0)
 
@@ -257,12 +258,10 @@ final class Engine: @unchecked Sendable {
       return true
     }
     guard begin else { return }
-    let thread = Thread { [self] in
+    Threads.detach(name: "edgekey-mqtt") { [self] in
       self.run()
       self.finished.signal()
     }
-    thread.name = "edgekey-mqtt"
-    thread.start()
   }
 
   func connect(timeout: Double) async throws {
@@ -483,7 +482,7 @@ final class Engine: @unchecked Sendable {
       }
       if case .stopped = outcome { break }
       setState(.waiting(retryIn: delay, reason: why))
-      logger.info("next attempt in \(String(format: "%.1f", delay)) s after: \(why)")
+      logger.info("next attempt in \(Text.fixed(delay, 1)) s after: \(why)")
       waitInterruptibly(delay)
     }
     finish()

@@ -1,4 +1,5 @@
-import Foundation
+import EdgeKeyCore
+import FoundationEssentials
 
 /// Counters of one `MQTTClient`, for a daemon to export.
 public struct MQTTMetrics: Sendable, Equatable {
@@ -78,13 +79,21 @@ public struct MQTTMetrics: Sendable, Equatable {
     gauge("connected", "1 while connected.", connected ? "1" : "0")
     gauge(
       "certificate_expiry_seconds", "Seconds until the client certificate expires.",
-      String(format: "%.0f", certificateExpiresIn))
+      Text.fixed(certificateExpiresIn))
     out += "# EOF\n"
     return out
   }
 
   static func escape(_ s: String) -> String {
-    s.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
-      .replacingOccurrences(of: "\n", with: "\\n")
+    var out = ""
+    for c in s.unicodeScalars {
+      switch c {
+      case "\\": out += "\\\\"
+      case "\"": out += "\\\""
+      case "\n": out += "\\n"
+      default: out.unicodeScalars.append(c)
+      }
+    }
+    return out
   }
 }

@@ -1,5 +1,5 @@
 import EdgeKeyTLS
-import Foundation
+import FoundationEssentials
 
 /// A message received on a subscription.
 public struct MQTTMessage: Sendable, Equatable {

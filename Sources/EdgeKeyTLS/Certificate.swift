@@ -1,6 +1,6 @@
 import COpenSSL
 import EdgeKeyCore
-import Foundation
+import FoundationEssentials
 
 /// An X.509 certificate, parsed by OpenSSL; everything a log, a store or a policy asks of it.
 public final class Certificate: @unchecked Sendable, CustomStringConvertible {
@@ -170,7 +170,7 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
     var digest = [UInt8](repeating: 0, count: 32)
     var length: UInt32 = 32
     EVP_Digest(bytes, bytes.count, &digest, &length, EVP_sha256(), nil)
-    return digest.map { String(format: "%02x", $0) }.joined()
+    return Text.hex(digest)
   }
 
   /// A summary for logs and errors.
@@ -394,7 +394,7 @@ func ipText(_ bytes: [UInt8]) -> String {
     inet_ntop(AF_INET6, &addr, &buffer, socklen_t(buffer.count))
     return cString(buffer)
   }
-  return bytes.map { String(format: "%02x", $0) }.joined()
+  return Text.hex(bytes)
 }
 
 func date(_ t: UnsafePointer<ASN1_TIME>?) -> Date {

@@ -124,15 +124,11 @@ public final class TPM: @unchecked Sendable {
 /// The open TPMs by TCTI, behind a pthread mutex: ThreadSanitizer sees it, while it does not
 /// see the futex calls of Synchronization.Mutex (which it reported as a race here).
 private final class Registry: @unchecked Sendable {
-  private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+  private let lock = Lock()
   private var table: [String: WeakTPM] = [:]
 
-  init() { pthread_mutex_init(mutex, nil) }
-
   func withLock<T>(_ body: (inout [String: WeakTPM]) -> T) -> T {
-    pthread_mutex_lock(mutex)
-    defer { pthread_mutex_unlock(mutex) }
-    return body(&table)
+    lock.withLock { body(&table) }
   }
 }
 

@@ -3,7 +3,7 @@ import EdgeKeyEnrollment
 import EdgeKeyMQTT
 import EdgeKeyTLS
 import EdgeKeyTPM
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
   import Glibc
@@ -11,7 +11,7 @@ import Foundation
 
 /// What `edgekey agent` writes to `status.json` in the state directory (and `status` reads).
 final class AgentStatus: @unchecked Sendable {
-  private let lock = NSLock()
+  private let lock = Lock()
   private let path: String
   /// The broker this agent talks to, "host:port".
   var broker = ""
@@ -163,7 +163,7 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
 
   // Telemetry: a line read from stdin per message (-l), and/or a heartbeat every --interval s.
   if let topic, args.flag("stdin-line") {
-    Thread.detachNewThread {
+    Threads.detach(name: "edgekey-stdin") {
       while let line = readLine() {
         do { try client.enqueue([MQTTMessage(topic: topic, payload: Array(line.utf8), qos: .atLeastOnce)]) } catch {
           logger.warning("a line was not accepted: \(error)")
@@ -225,7 +225,7 @@ func statusCommand(_ args: Arguments, logger: Logger) throws {
   let renewAt = RenewalPolicy().renewalDate(for: cert)
   let keyFingerprint = (try? current.key.publicKey().fingerprint) ?? ""
   let agentText = (try? AtomicFile.read(store.directory + "/status.json", limit: 1 << 16)).map {
-    String(decoding: $0, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    String(decoding: $0, as: UTF8.self).trimmingWhitespace()
   }
   let pending = (try? store.read(.next)) != nil
   let previous = (try? store.read(.previous)) != nil
@@ -244,7 +244,7 @@ func statusCommand(_ args: Arguments, logger: Logger) throws {
   out("certificate:  \(cert.subject)  (issuer \(cert.issuer), serial \(cert.serialNumber))")
   out(
     "valid:        \(Certificate.format(cert.notBefore)) to \(Certificate.format(cert.notAfter))"
-      + (left > 0 ? String(format: " (%.0f s left)", left) : " (EXPIRED)"))
+      + (left > 0 ? " (\(Text.fixed(left)) s left)" : " (EXPIRED)"))
   out("renewal:      at \(Certificate.format(renewAt))\(pending ? "; a renewal is under way" : "")")
   out("key:          sha256:\(keyFingerprint) (in the TPM; \(store.path(.current)))")
   out("anchors:      \(anchors.isEmpty ? "none learnt yet" : anchors.joined(separator: ", "))")

@@ -2,7 +2,7 @@ import EdgeKeyCore
 import EdgeKeyEnrollment
 import EdgeKeyTLS
 import EdgeKeyTPM
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
   import Glibc

@@ -3,7 +3,7 @@ import EdgeKeyCore
 import EdgeKeyMQTT
 import EdgeKeyTLS
 import EdgeKeyTPM
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
   import Glibc

@@ -3,7 +3,7 @@ import EdgeKeyEnrollment
 import EdgeKeyMQTT
 import EdgeKeyTLS
 import EdgeKeyTPM
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
   import Glibc
@@ -84,7 +84,7 @@ func csrCommand(_ args: Arguments, logger: Logger) throws {
 
 /// One line of the doctor's walk.
 func report(_ ok: Bool, _ layer: String, _ detail: String) {
-  out("\(ok ? "✓" : "✗") \(layer.padding(toLength: 22, withPad: " ", startingAt: 0)) \(detail)")
+  out("\(ok ? "✓" : "✗") \(layer.padded(to: 22)) \(detail)")
 }
 
 func days(until date: Double) -> String {

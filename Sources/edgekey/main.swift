@@ -95,7 +95,7 @@ let usage = """
 let longOptions: Set<String> = {
   var names: Set<String> = []
   var rest = Substring(usage)
-  while let range = rest.range(of: "--") {
+  while let range = rest.firstRange(of: "--") {
     let name = rest[range.upperBound...].prefix { $0.isLowercase || $0.isNumber || $0 == "-" }
     if !name.isEmpty { names.insert(String(name)) }
     rest = rest[range.upperBound...]
@@ -116,7 +116,7 @@ func commandUsage(_ command: String) -> String {
     }
     if inside { section.append(line) }
   }
-  guard !section.isEmpty, let options = usage.range(of: "\nOptions:") else { return usage }
+  guard !section.isEmpty, let options = usage.firstRange(of: "\nOptions:") else { return usage }
   return "Usage:\n" + section.joined(separator: "\n") + "\n" + usage[options.lowerBound...]
 }
 

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// The two date forms EdgeKey reads and writes: ISO 8601 in UTC for logs and reports, and the
 /// HTTP-date of Retry-After (RFC 9110 §5.6.7). Plain arithmetic on the proleptic Gregorian

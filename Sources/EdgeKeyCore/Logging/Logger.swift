@@ -126,7 +126,7 @@ public struct StandardErrorLogHandler: LogHandler {
         .joined(separator: " ")
     }
     line += "\n"
-    FileHandleStandardError.write(line)
+    StandardError.write(line)
   }
 }
 
@@ -136,8 +136,10 @@ public struct StandardErrorLogHandler: LogHandler {
   import Musl
 #endif
 
-enum FileHandleStandardError {
-  static func write(_ s: String) {
+/// Lines for standard error, written whole with write(2): unbuffered, and no shared FILE* to
+/// reason about across threads.
+public enum StandardError {
+  public static func write(_ s: String) {
     var s = s
     // write(2) on fd 2: unbuffered, and no shared FILE* to reason about across threads.
     s.withUTF8 { buf in _ = Glibc.write(2, buf.baseAddress, buf.count) }

@@ -1,5 +1,5 @@
 import EdgeKeyCore
-import Foundation
+import FoundationEssentials
 
 /// Reading what EST servers actually send (RFC 8951): base64 with or without line breaks,
 /// CRLF, PEM armour, a trailing NUL; the Content-Transfer-Encoding header is ignored.
@@ -29,7 +29,7 @@ package enum ESTBody {
 
   /// Retry-After as seconds from now: delta-seconds or an HTTP-date.
   package static func retryAfter(_ value: String, now: Date = Date()) -> TimeInterval? {
-    let trimmed = value.trimmingCharacters(in: .whitespaces)
+    let trimmed = value.trimmingSpaces()
     if trimmed.isEmpty { return nil }
     if let seconds = Int(trimmed) { return TimeInterval(max(seconds, 0)) }
     guard let date = Timestamp.httpDate(trimmed, now: now) else { return nil }

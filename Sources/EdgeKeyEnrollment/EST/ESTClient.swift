@@ -1,6 +1,6 @@
 import EdgeKeyCore
 import EdgeKeyTLS
-import Foundation
+import FoundationEssentials
 
 /// Limits and preferences of an EST client.
 public struct ESTOptions: Sendable {
@@ -20,7 +20,7 @@ public struct ESTOptions: Sendable {
   /// How much the server's clock may be ahead of ours when a certificate's notBefore is checked.
   public var clockSkew: TimeInterval = 300
   /// Sleeps between 202 answers; replaceable so that tests need not wait.
-  public var sleep: @Sendable (TimeInterval) -> Void = { Thread.sleep(forTimeInterval: $0) }
+  public var sleep: @Sendable (TimeInterval) -> Void = { Threads.sleep($0) }
 
   public init() {}
 }
@@ -247,7 +247,7 @@ public final class ESTClient: Sendable {
     guard answer.status == 200 else {
       throw EnrollmentError(.malformedResponse, "\(what) answered \(answer.status) with no certificates")
     }
-    let mediaType = answer.contentType.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased()
+    let mediaType = answer.contentType.split(separator: ";").first?.trimmingSpaces().lowercased()
     guard mediaType == "application/pkcs7-mime" || mediaType == "application/x-pkcs7-certificates" else {
       throw EnrollmentError(
         .malformedResponse,

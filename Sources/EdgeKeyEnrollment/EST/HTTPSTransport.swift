@@ -2,7 +2,7 @@ import CEdgeKeyHTTP
 import CEdgeKeyProvider
 import EdgeKeyTLS
 import EdgeKeyTPM
-import Foundation
+import FoundationEssentials
 
 /// One HTTP answer, as EST reads it.
 struct HTTPAnswer {

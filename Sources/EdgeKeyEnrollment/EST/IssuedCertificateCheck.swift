@@ -1,5 +1,5 @@
 import EdgeKeyTLS
-import Foundation
+import FoundationEssentials
 
 /// What a device checks before it installs a certificate an enrollment server issued. Servers
 /// are known to drop SANs, change the subject or answer with someone else's certificate.

@@ -1,7 +1,8 @@
+import EdgeKeyCore
 import EdgeKeyMQTT
 import EdgeKeyTLS
 import EdgeKeyTPM
-import Foundation
+import FoundationEssentials
 
 /// Hands each credential the renewal agent installs to an MQTT client, and tells the agent once
 /// the client has connected with it, which retires the previous key. Messages queued in the
@@ -18,7 +19,7 @@ public final class MQTTCredentialSwitch: @unchecked Sendable {
   /// How long to wait for the client to connect with a new credential before leaving the
   /// previous one in place (it is retired at the next successful switch).
   public var confirmationTimeout: TimeInterval
-  private let lock = NSLock()
+  private let lock = Lock()
   private var client: MQTTClient?
   private weak var agent: RenewalAgent?
 
@@ -51,7 +52,7 @@ public final class MQTTCredentialSwitch: @unchecked Sendable {
         try? agent.confirmInUse()
         return
       }
-      Thread.sleep(forTimeInterval: 0.02)
+      Threads.sleep(0.02)
     }
   }
 }

@@ -1,7 +1,7 @@
 import EdgeKeyCore
 import EdgeKeyTLS
 import EdgeKeyTPM
-import Foundation
+import FoundationEssentials
 
 /// Where and how the device enrolls.
 public struct EnrollmentSettings: Sendable {
@@ -59,7 +59,8 @@ public struct RenewalPolicy: Sendable {
 
   /// The wait after `failures` consecutive failures, `remaining` seconds before expiry.
   public func backoff(failures: Int, remaining: TimeInterval, random: Double) -> TimeInterval {
-    let exponential = min(initialBackoff * pow(2, Double(max(failures - 1, 0))), maximumBackoff)
+    let exponential = min(
+      initialBackoff * Double(sign: .plus, exponent: min(max(failures - 1, 0), 60), significand: 1), maximumBackoff)
     let capped = remaining > 0 ? min(exponential, max(remaining / 3, 1)) : exponential
     return capped * (0.5 + random / 2)
   }
@@ -91,7 +92,7 @@ public enum RenewalEvent: Sendable, CustomStringConvertible {
     case .anchorsRemoved(let removed): return "trust anchors removed: \(removed)"
     case .previousRetired(let keyRetired): return "previous credential retired\(keyRetired ? " with its key" : "")"
     case .failed(let error, let retry):
-      return "renewal failed: \(error)\(retry.map { String(format: "; retry in %.0f s", $0) } ?? "")"
+      return "renewal failed: \(error)\(retry.map { "; retry in \(Text.fixed($0)) s" } ?? "")"
     case .clockRefused(let why): return "clock refused: \(why)"
     }
   }
@@ -128,7 +129,7 @@ public final class RenewalAgent: @unchecked Sendable {
   private let onEvent: @Sendable (RenewalEvent) -> Void
   private let install: @Sendable (Credential, TPMKey) -> Void
   private let clock: @Sendable () -> Date
-  private let condition = NSCondition()
+  private let condition = Condition()
   private var state = State()
 
   private struct State {
@@ -348,18 +349,16 @@ public final class RenewalAgent: @unchecked Sendable {
 
   /// Renews in a thread of its own at the policy's moments until `stop()`.
   public func start() {
-    let thread: Thread? = locked { s in
-      guard !s.running else { return nil }
+    let begin: Bool = locked { s in
+      guard !s.running else { return false }
       s.running = true
       s.stopping = false
       s.finished = false
       // The thread holds the agent while it runs; the agent never holds the thread (that
       // cycle outlived stop() and leaked the agent, its store and the MQTT client it feeds).
-      let t = Thread { [self] in run() }
-      t.name = "edgekey-renewal"
-      return t
+      return true
     }
-    thread?.start()
+    if begin { Threads.detach(name: "edgekey-renewal") { [self] in run() } }
   }
 
   /// Asks for a renewal now (a SIGHUP, an operator's command, a broker that refused us).
@@ -426,7 +425,7 @@ public final class RenewalAgent: @unchecked Sendable {
       let left = date.timeIntervalSince(clock())
       if left <= 0 { return }
       // Wake at least once a minute: a clock that jumped (NTP after boot) is noticed.
-      _ = condition.wait(until: Date().addingTimeInterval(min(left, 60)))
+      condition.wait(seconds: min(left, 60))
     }
   }
 

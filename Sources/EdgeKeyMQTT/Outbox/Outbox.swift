@@ -1,5 +1,6 @@
 import CSQLite
-import Foundation
+import EdgeKeyCore
+import FoundationEssentials
 
 /// A message waiting in the outbox: accepted from the application, not yet acknowledged by the
 /// broker.
@@ -76,7 +77,7 @@ public final class Outbox: @unchecked Sendable {
   public let limits: OutboxLimits
   /// The database file, or nil for an in-memory outbox.
   public let path: String?
-  private let lock = NSLock()
+  private let lock = Lock()
   private let store: any OutboxStorage
   private var countCache = 0
   private var bytesCache = 0

@@ -1,5 +1,5 @@
 import CSQLite
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
   import Glibc
@@ -17,7 +17,7 @@ final class SQLiteOutboxStorage: OutboxStorage {
   init(path: String, durability: OutboxDurability) throws(MQTTError) {
     self.path = path
     durableSynchronous = durability == .powerSafe ? "FULL" : "NORMAL"
-    let directory = (path as NSString).deletingLastPathComponent
+    let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
     if !directory.isEmpty && !FileManager.default.fileExists(atPath: directory) {
       do {
         try FileManager.default.createDirectory(
