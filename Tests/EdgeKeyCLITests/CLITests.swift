@@ -63,6 +63,16 @@ struct CLITests {
     return try Command.runCapturing(try edgekeyBinary(), args, environment: env)
   }
 
+  @Test("edgekey links FoundationEssentials, never the full Foundation with ICU (6.5 MB of resident memory)")
+  func noFoundation() throws {
+    let linked = try Command.runCapturing(
+      "ldd", [try edgekeyBinary()], environment: ProcessInfo.processInfo.environment)
+    #expect(linked.status == 0, "\(linked.stderr)")
+    #expect(linked.stdout.contains("libFoundationEssentials.so"))
+    #expect(!linked.stdout.contains("libFoundation.so"), "a device library imports Foundation: \(linked.stdout)")
+    #expect(!linked.stdout.contains("FoundationICU"))
+  }
+
   @Test("key create, show, list and delete round trip through the binary")
   func keyLifecycle() throws {
     let swtpm = try SoftwareTPM()
