@@ -8,7 +8,7 @@
 /// it (it does not see `Synchronization.Mutex`'s futex calls on Linux), and it needs no
 /// Foundation.
 public final class Lock: @unchecked Sendable {
-  private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+  let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
   public init() { pthread_mutex_init(mutex, nil) }
 
@@ -27,14 +27,13 @@ public final class Lock: @unchecked Sendable {
   }
 }
 
-/// A mutex with a condition variable whose timed waits run on the monotonic clock (a wall
+/// A `Lock` with a condition variable whose timed waits run on the monotonic clock (a wall
 /// clock set back by NTP must not stretch a renewal agent's sleep).
 public final class Condition: @unchecked Sendable {
-  private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+  private let mutex = Lock()
   private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
   public init() {
-    pthread_mutex_init(mutex, nil)
     var attributes = pthread_condattr_t()
     pthread_condattr_init(&attributes)
     pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
@@ -44,18 +43,16 @@ public final class Condition: @unchecked Sendable {
 
   deinit {
     pthread_cond_destroy(cond)
-    pthread_mutex_destroy(mutex)
     cond.deallocate()
-    mutex.deallocate()
   }
 
-  public func lock() { pthread_mutex_lock(mutex) }
-  public func unlock() { pthread_mutex_unlock(mutex) }
+  public func lock() { mutex.lock() }
+  public func unlock() { mutex.unlock() }
   public func signal() { pthread_cond_signal(cond) }
   public func broadcast() { pthread_cond_broadcast(cond) }
 
   /// Waits for a signal; the lock must be held.
-  public func wait() { pthread_cond_wait(cond, mutex) }
+  public func wait() { pthread_cond_wait(cond, mutex.mutex) }
 
   /// Waits for a signal or `seconds`; the lock must be held. False when the time ran out.
   @discardableResult
@@ -70,7 +67,7 @@ public final class Condition: @unchecked Sendable {
       deadline.tv_sec += 1
       deadline.tv_nsec -= 1_000_000_000
     }
-    return pthread_cond_timedwait(cond, mutex, &deadline) == 0
+    return pthread_cond_timedwait(cond, mutex.mutex, &deadline) == 0
   }
 }
 

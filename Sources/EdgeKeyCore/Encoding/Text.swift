@@ -35,17 +35,14 @@ public enum Text {
 extension StringProtocol {
   /// Without leading and trailing spaces and tabs (what `trimmingCharacters(in: .whitespaces)`
   /// removes from header and configuration values).
-  public func trimmingSpaces() -> String {
-    let isSpace: (Character) -> Bool = { $0 == " " || $0 == "\t" }
-    guard let first = firstIndex(where: { !isSpace($0) }) else { return "" }
-    let last = lastIndex(where: { !isSpace($0) })!
-    return String(self[first...last])
-  }
+  public func trimmingSpaces() -> String { trimming { $0 == " " || $0 == "\t" } }
 
   /// Without leading and trailing white space and line breaks.
-  public func trimmingWhitespace() -> String {
-    guard let first = firstIndex(where: { !$0.isWhitespace }) else { return "" }
-    let last = lastIndex(where: { !$0.isWhitespace })!
+  public func trimmingWhitespace() -> String { trimming(\.isWhitespace) }
+
+  private func trimming(_ trimmed: (Character) -> Bool) -> String {
+    guard let first = firstIndex(where: { !trimmed($0) }) else { return "" }
+    let last = lastIndex(where: { !trimmed($0) })!
     return String(self[first...last])
   }
 

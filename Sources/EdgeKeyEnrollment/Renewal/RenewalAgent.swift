@@ -59,8 +59,7 @@ public struct RenewalPolicy: Sendable {
 
   /// The wait after `failures` consecutive failures, `remaining` seconds before expiry.
   public func backoff(failures: Int, remaining: TimeInterval, random: Double) -> TimeInterval {
-    let exponential = min(
-      initialBackoff * Double(sign: .plus, exponent: min(max(failures - 1, 0), 60), significand: 1), maximumBackoff)
+    let exponential = min(initialBackoff * Double(1 << min(max(failures - 1, 0), 60)), maximumBackoff)
     let capped = remaining > 0 ? min(exponential, max(remaining / 3, 1)) : exponential
     return capped * (0.5 + random / 2)
   }
