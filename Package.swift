@@ -141,7 +141,7 @@ let package = Package(
     ),
     .testTarget(
       name: "EdgeKeyTPMTests",
-      dependencies: ["EdgeKeyTPM", "EdgeKeyTestSupport", "CEdgeKeyTestHelpers"],
+      dependencies: ["EdgeKeyTPM", "EdgeKeyTestSupport", "CEdgeKeyTestHelpers", "CEdgeKeyProvider"],
       path: "Tests/EdgeKeyTPMTests"
     ),
     .testTarget(

@@ -21,7 +21,7 @@ typedef struct {
 
 ASN1_SEQUENCE(EDGEKEY_TSSPRIVKEY) = {
     ASN1_SIMPLE(EDGEKEY_TSSPRIVKEY, type, ASN1_OBJECT),
-    ASN1_EXP_OPT(EDGEKEY_TSSPRIVKEY, empty_auth, ASN1_FBOOLEAN, 0),
+    ASN1_EXP_OPT(EDGEKEY_TSSPRIVKEY, empty_auth, ASN1_BOOLEAN, 0),
     ASN1_SIMPLE(EDGEKEY_TSSPRIVKEY, parent, ASN1_INTEGER),
     ASN1_SIMPLE(EDGEKEY_TSSPRIVKEY, pubkey, ASN1_OCTET_STRING),
     ASN1_SIMPLE(EDGEKEY_TSSPRIVKEY, privkey, ASN1_OCTET_STRING),
@@ -81,6 +81,7 @@ TSS2_RC edgekey_keyfile_decode(const uint8_t *der, size_t der_len, edgekey_keyfi
     rc = fail(why, why_len, "private part is not a TPM2B_PRIVATE");
     goto out;
   }
+  /* ASN1_BOOLEAN: -1 when absent, which DER's DEFAULT makes FALSE (a password is needed). */
   out->empty_auth = k->empty_auth > 0;
   out->parent = (uint32_t)parent;
   memcpy(out->pub, ASN1_STRING_get0_data(k->pubkey), pub_len);
@@ -101,7 +102,9 @@ TSS2_RC edgekey_keyfile_encode(const edgekey_keyfile *in, uint8_t **der, size_t 
   EDGEKEY_TSSPRIVKEY *k = EDGEKEY_TSSPRIVKEY_new();
   if (k == NULL) goto out;
   k->type = OBJ_txt2obj("2.23.133.10.1.3", 1);
-  /* ASN1_FBOOLEAN: false is the default and is left out, as tpm2-openssl does. */
+  /* Written both ways. DER would leave out a FALSE that equals the default (ASN1_FBOOLEAN does),
+   * but tpm2-openssl reads an absent emptyAuth as TRUE and then signs with an empty password
+   * (0x9a2, and a dictionary-attack strike): a key with a password must say so explicitly. */
   k->empty_auth = in->empty_auth ? 0xff : 0;
   if (k->type == NULL || !ASN1_INTEGER_set_uint64(k->parent, in->parent) ||
       !ASN1_OCTET_STRING_set(k->pubkey, in->pub, (int)in->pub_len) ||
@@ -143,7 +146,12 @@ TSS2_RC edgekey_tpm_key_from_file(edgekey_tpm *tpm, const char *path, const uint
   } else {
     edgekey_keyfile kf;
     rc = edgekey_keyfile_decode(der, (size_t)len, &kf, why, why_len);
-    if (rc == TSS2_RC_SUCCESS)
+    if (rc == TSS2_RC_SUCCESS && !kf.empty_auth && auth_len == 0) {
+      /* Refused before any TPM command: an empty auth for a key that has a password would only
+       * cost a dictionary-attack strike. */
+      if (why != NULL) snprintf(why, why_len, "%s says the key has a password; none was given", path);
+      rc = EDGEKEY_RC_AUTH_REQUIRED;
+    } else if (rc == TSS2_RC_SUCCESS)
       rc = edgekey_tpm_key_from_blobs(tpm, kf.parent, kf.pub, kf.pub_len, kf.priv, kf.priv_len,
                                       auth, auth_len, out);
   }

@@ -36,11 +36,13 @@ public enum KeyAlgorithm: String, Sendable, CaseIterable, Codable, CustomStringC
     }
   }
 
-  /// The creation template: a non-exportable, unrestricted signing key, no DA lockout.
-  func template() -> TPM2B_PUBLIC {
+  /// The creation template: a non-exportable, unrestricted signing key; noDA unless
+  /// `dictionaryAttackProtected` (keys with a password).
+  func template(dictionaryAttackProtected: Bool = false) -> TPM2B_PUBLIC {
     var t = TPM2B_PUBLIC()
     t.publicArea.nameAlg = TPM2_ALG_SHA256
-    t.publicArea.objectAttributes = ObjectAttributes.deviceKey.rawValue
+    t.publicArea.objectAttributes =
+      (dictionaryAttackProtected ? ObjectAttributes.passwordDeviceKey : ObjectAttributes.deviceKey).rawValue
     switch self {
     case .eccP256, .eccP384:
       t.publicArea.type = TPM2_ALG_ECC
@@ -117,6 +119,10 @@ public struct ObjectAttributes: OptionSet, Sendable, Hashable, CustomStringConve
   public static let deviceKey: ObjectAttributes = [
     .fixedTPM, .fixedParent, .sensitiveDataOrigin, .userWithAuth, .noDA, .sign,
   ]
+
+  /// A device key with a password: as ``deviceKey`` but DA-protected (no noDA), so that the
+  /// TPM's dictionary-attack lockout bounds how often the password can be guessed.
+  public static let passwordDeviceKey: ObjectAttributes = deviceKey.subtracting(.noDA)
 
   /// True when the private part can neither be duplicated nor exported.
   public var isNonExportable: Bool { contains([.fixedTPM, .fixedParent, .sensitiveDataOrigin]) }

@@ -4,8 +4,12 @@ import CTSS2
 extension TPM {
   /// Creates a device key under the standard SRK and returns it as a key file.
   ///
-  /// The key is non-exportable (fixedTPM, fixedParent, sensitiveDataOrigin), exempt from
-  /// dictionary-attack lockout, and can only sign. Costs TPM2_Create (ECC: ~10 ms on swtpm,
+  /// The key is non-exportable (fixedTPM, fixedParent, sensitiveDataOrigin) and can only sign.
+  /// A key without a password is exempt from dictionary-attack lockout (noDA): there is nothing
+  /// to guess, and a power cut mid-authorization must not lock a fleet's TPMs. A key with a
+  /// password is DA-protected: the TPM's lockout is then the only bound on guessing it, and
+  /// EdgeKey never spends a strike by itself (a missing password is refused before the TPM is
+  /// asked, see ``loadKey(_:authValue:)``). Costs TPM2_Create (ECC: ~10 ms on swtpm,
   /// 85–310 ms on real chips; RSA-2048: 0.15–0.5 s on swtpm, up to 7.5 s on real chips) plus
   /// the SRK (TPM2_CreatePrimary unless persisted at 0x81000001).
   public func createKey(_ algorithm: KeyAlgorithm = .eccP256, authValue: [UInt8] = []) throws(TPMError)
@@ -24,7 +28,7 @@ extension TPM {
       var sensitive = TPM2B_SENSITIVE_CREATE()
       sensitive.sensitive.userAuth.size = UInt16(authValue.count)
       withUnsafeMutableBytes(of: &sensitive.sensitive.userAuth.buffer) { $0.copyBytes(from: authValue) }
-      var template = algorithm.template()
+      var template = algorithm.template(dictionaryAttackProtected: !authValue.isEmpty)
       var outside = TPM2B_DATA()
       var pcrs = TPML_PCR_SELECTION()
       var outPrivate: UnsafeMutablePointer<TPM2B_PRIVATE>? = nil
@@ -54,7 +58,17 @@ extension TPM {
 
   /// Opens a key file (ours, tpm2-openssl's or tpm2-tss-engine's) for signing. No TPM traffic
   /// until the first use.
+  ///
+  /// Throws ``TPMError/Code/authRequired`` when the file says the key has a password
+  /// (`emptyAuth` FALSE) and `authValue` is empty: signing with an empty auth would only cost a
+  /// dictionary-attack strike, so nothing is sent to the TPM.
   public func loadKey(_ file: TSS2PrivateKey, authValue: [UInt8] = []) throws(TPMError) -> TPMKey {
+    if !file.emptyAuth && authValue.isEmpty {
+      throw TPMError(
+        .authRequired,
+        reason: "the key file says the key has a password and none was given (refused before any TPM "
+          + "command, so no dictionary-attack strike)")
+    }
     var key: OpaquePointer? = nil
     let rc = file.publicBlob.withUnsafeBufferPointer { pub in
       file.privateBlob.withUnsafeBufferPointer { priv in

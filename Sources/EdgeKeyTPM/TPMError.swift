@@ -49,6 +49,7 @@ public struct ResponseCode: RawRepresentable, Hashable, Sendable, CustomStringCo
   public static let badArgument = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 3)
   public static let srkMismatch = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 5)
   public static let notASigningKey = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 6)
+  public static let authRequired = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 7)
 }
 
 let EDGEKEY_RC_LAYER_VALUE: UInt32 = 12 << 16
@@ -69,6 +70,8 @@ public struct TPMError: Error, Sendable, Equatable, CustomStringConvertible {
     public static let lockout = Code("lockout")
     /// A wrong auth value for the key or hierarchy.
     public static let authFailed = Code("authFailed")
+    /// The key has a password and none was given; refused before the TPM was asked.
+    public static let authRequired = Code("authRequired")
     /// All transient object slots are in use (3 on swtpm without a resource manager).
     public static let objectSlotsFull = Code("objectSlotsFull")
     /// No object at the handle, or the key's parent (SRK) is not the one it was created under.
@@ -177,6 +180,8 @@ public struct TPMError: Error, Sendable, Equatable, CustomStringConvertible {
       return (.srkMismatch, "0x81000001 holds a key that is not the standard storage root key")
     case .notASigningKey:
       return (.invalidArgument, "the object is not an unrestricted signing key")
+    case .authRequired:
+      return (.authRequired, "the key has a password and none was given (nothing was sent to the TPM)")
     default:
       if rc.layer == 10 || rc.layer == 11 {
         return (.unreachable, "the TPM could not be reached (\(rc.decoded))")

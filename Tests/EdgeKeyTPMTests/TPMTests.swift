@@ -1,3 +1,4 @@
+import CEdgeKeyProvider
 import CEdgeKeyTestHelpers
 import EdgeKeyTPM
 import EdgeKeyTestSupport
@@ -250,22 +251,23 @@ struct TPMTests {
     let swtpm = try SoftwareTPM()
     let dir = try scratchDirectory()
     let tpm = try TPM.open(tcti: swtpm.tcti)
-    // Our keys: an auth value is enforced; noDA keeps them out of lockout.
+    // Our password keys: the auth value is enforced, and each wrong guess is a DA strike.
     let secret = Array("s3cret".utf8)
     let file = try tpm.createKey(.eccP256, authValue: secret)
     #expect(!file.emptyAuth)
+    #expect(try file.publicKey().attributes == .passwordDeviceKey)
     let right = try tpm.loadKey(file, authValue: secret)
     _ = try right.sign(digest: randomDigest(.sha256), hash: .sha256)
     let wrong = try tpm.loadKey(file, authValue: Array("guess".utf8))
-    for _ in 0..<3 {
-      #expect(throws: TPMError.self) { try wrong.sign(digest: randomDigest(.sha256), hash: .sha256) }
-    }
     do {
       _ = try wrong.sign(digest: randomDigest(.sha256), hash: .sha256)
+      Issue.record("signed with a wrong password")
     } catch {
       #expect(error.code == .authFailed)
       #expect(error.command == "TPM2_Sign")
     }
+    #expect(try tpm.info().lockoutCounter == 1)
+    try swtpm.run("tpm2_dictionarylockout", ["-c"])
     // tpm2-openssl's keys are DA-protected: with a threshold of 2, wrong guesses lock the TPM out.
     let theirs = dir.appendingPathComponent("da.pem").path
     // Over a direct TCTI there are 3 slots: make room for tpm2-openssl's primary and key.
@@ -284,6 +286,65 @@ struct TPMTests {
     #expect(try tpm.info().inLockout)
     let lockout = TPMError(responseCode: 0x921, command: "TPM2_Sign")
     #expect(lockout.description.contains("dictionary-attack lockout"))
+  }
+
+  @Test("a key with a password writes emptyAuth FALSE, and tpm2-openssl signs with it given the password")
+  func tpm2OpensslSignsWithOurPasswordKey() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let file = try tpm.createKey(.eccP256, authValue: Array("s3cret".utf8))
+    // [0] EXPLICIT BOOLEAN FALSE right after the type OID: present, not left to DER's default.
+    #expect(Array(file.der[11..<16]) == [0xA0, 0x03, 0x01, 0x01, 0x00])
+    #expect(try TSS2PrivateKey(der: file.der) == file)
+    let keyPath = dir.appendingPathComponent("password.pem").path
+    try file.write(to: keyPath)
+    let digest = randomDigest(.sha256)
+    let digestPath = dir.appendingPathComponent("digest.bin").path
+    let signaturePath = dir.appendingPathComponent("sig.der").path
+    try Data(digest).write(to: URL(fileURLWithPath: digestPath))
+    // Free the slots: tpm2-openssl loads its own SRK and the key over the same direct TCTI.
+    _ = try tpm.flushAllTransientObjects()
+    try swtpm.run(
+      "openssl",
+      [
+        "pkeyutl", "-provider", "tpm2", "-provider", "default", "-sign", "-inkey", keyPath, "-passin",
+        "pass:s3cret", "-in", digestPath, "-out", signaturePath,
+      ])
+    let signature = Signature(bytes: try [UInt8](Data(contentsOf: URL(fileURLWithPath: signaturePath))), hash: .sha256)
+    #expect(
+      try verifyWithOpenSSL(publicKeyPEM: try file.publicKey().pem, digest: digest, signature: signature, in: dir))
+    #expect(try tpm.info().lockoutCounter == 0)
+  }
+
+  @Test("a password key used without its password is refused before any TPM command: no DA strike")
+  func missingPasswordCostsNoStrike() throws {
+    let swtpm = try SoftwareTPM()
+    let dir = try scratchDirectory()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let file = try tpm.createKey(.eccP256, authValue: Array("s3cret".utf8))
+    let keyPath = dir.appendingPathComponent("password.pem").path
+    try file.write(to: keyPath)
+    let before = tpm.commandCount
+    for _ in 0..<3 {
+      do {
+        _ = try tpm.loadKey(try TSS2PrivateKey(contentsOf: keyPath))
+        Issue.record("opened a password key without its password")
+      } catch {
+        #expect(error.code == .authRequired)
+        #expect(error.reason.contains("no dictionary-attack strike"))
+      }
+    }
+    #expect(tpm.commandCount == before)
+    // The C API for daemons refuses the same way.
+    var raw: OpaquePointer? = nil
+    var why = [CChar](repeating: 0, count: 256)
+    let rc = edgekey_tpm_key_from_file(tpm.raw, keyPath, nil, 0, &raw, &why, why.count)
+    #expect(ResponseCode(rawValue: rc) == .authRequired)
+    #expect(raw == nil)
+    #expect(String(cString: why).contains("none was given"))
+    #expect(tpm.commandCount == before)
+    #expect(try tpm.info().lockoutCounter == 0)
   }
 
   @Test("concurrent signatures from many threads against one key all verify")

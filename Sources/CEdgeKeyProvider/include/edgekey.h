@@ -31,6 +31,7 @@ extern "C" {
 #define EDGEKEY_RC_MEMORY (EDGEKEY_RC_LAYER | 4u)       /* allocation failed */
 #define EDGEKEY_RC_SRK_MISMATCH (EDGEKEY_RC_LAYER | 5u) /* 0x81000001 is not the standard SRK */
 #define EDGEKEY_RC_NOT_A_SIGNING_KEY (EDGEKEY_RC_LAYER | 6u)
+#define EDGEKEY_RC_AUTH_REQUIRED (EDGEKEY_RC_LAYER | 7u) /* the key has a password; none given */
 
 /* The owner hierarchy: the parent that TSS2 PRIVATE KEY readers re-create the SRK under. */
 #define EDGEKEY_PARENT_OWNER 0x40000001u
@@ -187,6 +188,8 @@ TSS2_RC edgekey_keyfile_decode(const uint8_t *der, size_t der_len, edgekey_keyfi
 /*
  * Opens a TSS2 PRIVATE KEY PEM file (EdgeKey's, tpm2-openssl's or tpm2-tss-engine's) as a key
  * of `tpm`, for C daemons. No TPM traffic until first use. On failure `why` says what was wrong.
+ * A file whose emptyAuth is FALSE (or absent) needs `auth`: without it the call returns
+ * EDGEKEY_RC_AUTH_REQUIRED and sends nothing to the TPM (no dictionary-attack strike).
  */
 TSS2_RC edgekey_tpm_key_from_file(edgekey_tpm *tpm, const char *path, const uint8_t *auth,
                                   size_t auth_len, edgekey_tpm_key **out, char *why,
