@@ -14,15 +14,21 @@ struct edgekey_tpm {
   pthread_mutex_t lock;
   atomic_int refs;
   char *tcti;
-  TSS2_TCTI_CONTEXT *tcti_ctx; /* the real TCTI, from tctildr */
-  TSS2_TCTI_CONTEXT *counting; /* the counting TCTI in front of it, which ESAPI uses */
+  /* The guard TCTI (tcti_guard.c) ESAPI talks to; it owns the real TCTI from tctildr. */
+  TSS2_TCTI_CONTEXT *guard;
   atomic_uint_fast64_t commands;
+  edgekey_tcti_stats *stats;
+  int32_t timeout_ms;      /* per command */
+  int32_t long_timeout_ms; /* per key generation command */
+  /* A context was discarded after a transport failure or timeout: over a direct TCTI, the
+   * objects it had loaded are still in the TPM and are flushed by the next acquire. */
+  int flush_on_reopen;
   ESYS_CONTEXT *esys;
   pid_t pid;
   /* Bumped whenever ESYS_TR values become meaningless (context re-created after fork). */
   uint64_t generation;
   int direct;
-  int leaked_flushed;
+  atomic_int leaked_flushed;
   /* The persistent SRK's ESYS_TR, cached for this generation (ESYS_TR_NONE when unknown). */
   ESYS_TR srk;
   uint64_t srk_generation;
@@ -60,13 +66,37 @@ int edgekey_rc_is_missing_object(TSS2_RC rc);
 TSS2_RC edgekey_rc_base(TSS2_RC rc);
 /* The public area as a software EVP_PKEY of the default provider (NULL if unsupported). */
 EVP_PKEY *edgekey_public_to_evp(const TPM2B_PUBLIC *pub);
-/* Number of TPM commands sent through the context's TCTI (tcti_count.c). */
-TSS2_RC edgekey_tcti_counting_wrap(TSS2_TCTI_CONTEXT *inner, TSS2_TCTI_CONTEXT **out,
-                                   atomic_uint_fast64_t *counter);
-void edgekey_tcti_counting_free(TSS2_TCTI_CONTEXT *wrapper);
+/*
+ * The guard TCTI (tcti_guard.c): opens `conf` through tctildr, counts every command into
+ * `counter` and bounds each one (`timeout_ms`, `long_timeout_ms` for key generation), ending
+ * an overdue one in EDGEKEY_RC_TPM_TIMEOUT; opening is bounded by `timeout_ms` too. Freed with
+ * edgekey_tcti_guard_free, after Esys_Finalize of the context using it.
+ */
+TSS2_RC edgekey_tcti_guard_open(const char *conf, atomic_uint_fast64_t *counter,
+                                edgekey_tcti_stats *stats, int32_t timeout_ms,
+                                int32_t long_timeout_ms, TSS2_TCTI_CONTEXT **out);
+/* What a context's guards share: how many of their abandoned commands are still stuck. */
+edgekey_tcti_stats *edgekey_tcti_stats_new(void);
+void edgekey_tcti_stats_unref(edgekey_tcti_stats *stats);
+int edgekey_tcti_stats_stuck(const edgekey_tcti_stats *stats);
+void edgekey_tcti_guard_set_timeouts(TSS2_TCTI_CONTEXT *guard, int32_t timeout_ms,
+                                     int32_t long_timeout_ms);
+/* 1 once a command through `guard` timed out: the ESAPI context on it must be discarded. */
+int edgekey_tcti_guard_broken(TSS2_TCTI_CONTEXT *guard);
+void edgekey_tcti_guard_free(TSS2_TCTI_CONTEXT *guard);
 
 /* Flushes the least recently used loaded key other than `keep`; 0 when there was none. */
 int edgekey_tpm_evict_lru_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys, edgekey_tpm_key *keep);
+/* Flushes every loaded key of ours (their next use loads them again). */
+void edgekey_tpm_unload_all_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys);
+/* Flushes every transient object that is neither a loaded key of ours nor `keep`. */
+TSS2_RC edgekey_tpm_flush_foreign_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys, ESYS_TR keep,
+                                         int *flushed);
+/* Makes room for one object when the TPM's slots are full: evicts our least recently used key
+ * but `keep`; when there is none and the TCTI is direct, flushes leaked objects (all but ours
+ * and `keep_parent`). Returns 1 when something was flushed. */
+int edgekey_tpm_make_room_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys, edgekey_tpm_key *keep,
+                                 ESYS_TR keep_parent);
 
 /* `why` (for callers that explain a refusal): a printf-formatted reason, and OpenSSL's last
  * queued error appended to it (the TLS context builders use both). */

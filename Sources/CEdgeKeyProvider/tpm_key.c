@@ -126,6 +126,17 @@ static void unload_locked(edgekey_tpm_key *key, ESYS_CONTEXT *esys, int flush) {
   key->handle = ESYS_TR_NONE;
 }
 
+void edgekey_tpm_unload_all_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys) {
+  for (edgekey_tpm_key *k = tpm->loaded; k != NULL;) {
+    edgekey_tpm_key *next = k->next_loaded;
+    if (k->generation == tpm->generation && k->persistent == 0) Esys_FlushContext(esys, k->handle);
+    k->handle = ESYS_TR_NONE;
+    k->next_loaded = NULL;
+    k = next;
+  }
+  tpm->loaded = NULL;
+}
+
 int edgekey_tpm_evict_lru_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys, edgekey_tpm_key *keep) {
   edgekey_tpm_key *victim = NULL;
   for (edgekey_tpm_key *k = tpm->loaded; k != NULL; k = k->next_loaded) {
@@ -169,8 +180,10 @@ static TSS2_RC load_locked(edgekey_tpm_key *key, ESYS_CONTEXT *esys, const char 
     rc = Esys_Load(esys, parent, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &key->private_area,
                    &key->public_area, &key->handle);
     if (edgekey_rc_base(rc) != TPM2_RC_OBJECT_MEMORY) break;
-    /* Slots full: make room by flushing the key of ours used longest ago. */
-    if (!edgekey_tpm_evict_lru_locked(tpm, esys, key)) break;
+    /* Slots full: make room by flushing the key of ours used longest ago, or, over a TCTI
+     * without a resource manager, objects leaked by processes that exited without flushing. */
+    if (!edgekey_tpm_make_room_locked(tpm, esys, key, parent_transient ? parent : ESYS_TR_NONE))
+      break;
   }
   if (rc == TSS2_RC_SUCCESS) key->loads++;
   if (parent_transient) {

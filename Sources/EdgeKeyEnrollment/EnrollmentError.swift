@@ -29,6 +29,10 @@ public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatab
     case storage
     /// The clock is obviously wrong; nothing was renewed, rotated or discarded.
     case clock
+    /// The TPM can no longer load the device's keys (cleared, or the state directory is on
+    /// another TPM) and there is no bootstrap credential or password to enrol a new key:
+    /// the device must be provisioned again.
+    case credentialLost
   }
 
   public var kind: Kind

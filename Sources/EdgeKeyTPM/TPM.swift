@@ -19,16 +19,54 @@ public final class TPM: @unchecked Sendable {
   package let raw: OpaquePointer
   /// The TCTI this context talks through, e.g. `swtpm:host=127.0.0.1,port=2321`.
   public let tcti: String
-  /// True when there is no resource manager between us and the TPM (swtpm, mssim, /dev/tpm0):
-  /// the TPM's few object slots are then shared with every other process.
+  /// True unless a resource manager we know sits between us and the TPM (tpm2-abrmd, the
+  /// kernel's /dev/tpmrm*): swtpm, mssim, /dev/tpm0, and anything wrapped or spelled otherwise
+  /// (`pcap:swtpm:…`). Without one, the TPM's few object slots are shared with every other
+  /// process, and objects leaked by processes that died are flushed when slots run out.
   public let isDirect: Bool
-  /// Transient objects leaked by dead processes that were flushed when this context opened.
-  public let leakedObjectsFlushed: Int
+  /// Transient objects leaked by other processes that this context flushed: when it opened,
+  /// and whenever the TPM's slots ran out over a TCTI without a resource manager.
+  public var leakedObjectsFlushed: Int { Int(edgekey_tpm_leaked_flushed(raw)) }
 
   /// TPM commands this process has sent to this TPM so far, counted at the TCTI. The
   /// difference across an operation is its cost (a TLS handshake: 1, TPM2_Sign).
   public var commandCount: UInt64 { edgekey_tpm_command_count(raw) }
   let logger: Logger
+
+  /// How long one TPM command may take before it ends in ``TPMError/Code/timeout``: every
+  /// command is bounded, over every TCTI (default 10 s, or `EDGEKEY_TPM_TIMEOUT_MS`; a real
+  /// chip signs in 25–540 ms). Set it for the whole process: the context is shared.
+  public var commandTimeout: Duration {
+    get { timeouts().command }
+    set { setTimeouts(command: newValue, keyGeneration: keyGenerationTimeout) }
+  }
+
+  /// The bound for key generation (TPM2_Create, TPM2_CreatePrimary, TPM2_CreateLoaded) and
+  /// self tests: default 120 s, or `EDGEKEY_TPM_KEYGEN_TIMEOUT_MS` (RSA-2048 creation takes up
+  /// to 7.5 s on real chips).
+  public var keyGenerationTimeout: Duration {
+    get { timeouts().keyGeneration }
+    set { setTimeouts(command: commandTimeout, keyGeneration: newValue) }
+  }
+
+  /// Commands that timed out and whose TCTI call has not returned yet (over swtpm and mssim,
+  /// whose reads have no deadline, until the TPM answers again); 0 in steady state.
+  public var stuckCommands: Int { Int(edgekey_tpm_stuck_commands(raw)) }
+
+  private func timeouts() -> (command: Duration, keyGeneration: Duration) {
+    var command: Int32 = 0
+    var keyGeneration: Int32 = 0
+    edgekey_tpm_get_timeouts(raw, &command, &keyGeneration)
+    return (.milliseconds(command), .milliseconds(keyGeneration))
+  }
+
+  private func setTimeouts(command: Duration, keyGeneration: Duration) {
+    func milliseconds(_ d: Duration) -> Int32 {
+      let ms = d.components.seconds * 1000 + d.components.attoseconds / 1_000_000_000_000_000
+      return Int32(clamping: max(1, ms))
+    }
+    edgekey_tpm_set_timeouts(raw, milliseconds(command), milliseconds(keyGeneration))
+  }
 
   private static let registry = Registry()
 
@@ -36,7 +74,6 @@ public final class TPM: @unchecked Sendable {
     self.raw = raw
     self.tcti = String(cString: edgekey_tpm_tcti(raw))
     self.isDirect = edgekey_tpm_is_direct(raw) != 0
-    self.leakedObjectsFlushed = Int(edgekey_tpm_leaked_flushed(raw))
     self.logger = logger
   }
 

@@ -50,6 +50,7 @@ public struct ResponseCode: RawRepresentable, Hashable, Sendable, CustomStringCo
   public static let srkMismatch = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 5)
   public static let notASigningKey = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 6)
   public static let authRequired = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 7)
+  public static let timeout = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 8)
 }
 
 let EDGEKEY_RC_LAYER_VALUE: UInt32 = 12 << 16
@@ -86,6 +87,9 @@ public struct TPMError: Error, Sendable, Equatable, CustomStringConvertible {
     public static let srkMismatch = Code("srkMismatch")
     /// The TPM is busy (self test, yielded, retry): the same call may succeed later.
     public static let busy = Code("busy")
+    /// The TPM did not answer within the command timeout (``TPM/commandTimeout``). The context
+    /// was discarded; the next call reaches for the TPM again.
+    public static let timeout = Code("timeout")
     /// A caller error caught before the TPM was asked.
     public static let invalidArgument = Code("invalidArgument")
     /// Anything else the TPM or the TSS reported (see ``TPMError/responseCode``).
@@ -124,6 +128,15 @@ public struct TPMError: Error, Sendable, Equatable, CustomStringConvertible {
     var reason = explanation
     if let context { reason = "\(context): \(reason)" }
     self.init(code, responseCode: response, command: command, reason: reason, file: file, line: line)
+  }
+
+  /// True when the TPM says this key can never be loaded here again: the blob fails its
+  /// integrity check (the TPM was cleared, or it is another TPM: the state directory moved to
+  /// new hardware), or a persistent key's handle is empty. A busy, unreachable or hung TPM is
+  /// not a loss.
+  public var meansKeyLost: Bool {
+    guard let responseCode, code == .keyNotFound else { return false }
+    return responseCode.base == .integrity || (command == "TPM2_ReadPublic" && responseCode.base == .handle)
   }
 
   public static func == (a: TPMError, b: TPMError) -> Bool {
@@ -182,6 +195,12 @@ public struct TPMError: Error, Sendable, Equatable, CustomStringConvertible {
       return (.invalidArgument, "the object is not an unrestricted signing key")
     case .authRequired:
       return (.authRequired, "the key has a password and none was given (nothing was sent to the TPM)")
+    case .timeout:
+      return (
+        .timeout,
+        "the TPM did not answer in time (EDGEKEY_TPM_TIMEOUT_MS); the connection to it was dropped and is "
+          + "made again on the next use"
+      )
     default:
       if rc.layer == 10 || rc.layer == 11 {
         return (.unreachable, "the TPM could not be reached (\(rc.decoded))")

@@ -38,7 +38,8 @@ final class AgentStatus: @unchecked Sendable {
       "{\"attempts\":\(c.attempts),\"renewals\":\(c.renewals),\"failures\":\(c.failures),"
       + "\"bootstrapFallbacks\":\(c.bootstrapFallbacks),\"keysCreated\":\(c.keysCreated),"
       + "\"keysRetired\":\(c.keysRetired),\"anchorsAdded\":\(c.anchorsAdded),"
-      + "\"anchorsRemoved\":\(c.anchorsRemoved),\"clockRefusals\":\(c.clockRefusals)}"
+      + "\"anchorsRemoved\":\(c.anchorsRemoved),\"clockRefusals\":\(c.clockRefusals),"
+      + "\"credentialsLost\":\(c.credentialsLost)}"
     let mqtt =
       "{\"connected\":\(client?.isConnected ?? false),\"connections\":\(m.connections),"
       + "\"messagesQueued\":\(m.messagesQueued),\"messagesAcknowledged\":\(m.messagesAcknowledged),"
@@ -116,6 +117,12 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
     onEvent: { event in
       logger.info("\(event)")
       status.event(event)
+      // What an operator must see without -v (journald keeps stderr).
+      switch event {
+      case .credentialLost, .bootstrapFallback, .clockRefused, .failed:
+        warn("agent: \(event)")
+      default: break
+      }
     },
     install: switcher.install)
 
@@ -129,10 +136,14 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   // Not enrolled yet (a device fresh from the factory), or the stored certificate has expired
   // (a device that was off for too long): enroll first, retrying until it works.
   var failures = 0
-  while try agent.current()?.0.certificate?.isValid() != true {
+  while try !agent.hasWorkingCredential() {
     status.write(agent: agent, client: nil, state: "enrolling")
     do {
       try agent.renew()
+    } catch  where error.kind == .credentialLost {
+      // No way to enroll a new key: retrying cannot help.
+      status.write(agent: agent, client: nil, state: "stopped")
+      fail("\(error)", .failure)
     } catch {
       failures += 1
       let wait = policy.backoff(failures: failures, remaining: 0, random: Double.random(in: 0..<1))

@@ -146,6 +146,12 @@ func out(_ text: String) {
   print(text)
 }
 
+/// A line on stderr, whatever the log level: what an operator must see (journald keeps it).
+func warn(_ text: String) {
+  var line = "edgekey: \(text)\n"
+  line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+}
+
 func jsonString(_ s: String) -> String { JSON.string(s) }
 
 func authValue(_ args: Arguments) -> [UInt8] {
@@ -326,9 +332,9 @@ func run(_ argv: [String]) throws {
   }
 }
 
-// tpm2-tss prints its own errors to stderr; ours say the same, typed. Keep them for -v.
-if !CommandLine.arguments.contains("-v") && !CommandLine.arguments.contains("--verbose") {
-  setenv("TSS2_LOG", "all+none", 0)
+// The library keeps tpm2-tss quiet (its errors say the same as ours, typed); -v shows them.
+if CommandLine.arguments.contains("-v") || CommandLine.arguments.contains("--verbose") {
+  setenv("TSS2_LOG", "all+warning", 0)
 }
 
 do {

@@ -154,6 +154,40 @@ struct CLITests {
     #expect(!text.contains("factory-secret"), "the password is never logged")
   }
 
+  @Test("agent on a TPM cleared or replaced under its state: refuses without a password, re-enrolls with one")
+  func agentAfterTPMReplaced() throws {
+    let f = try Fleet()
+    #expect(try f.enroll(commonName: "agent-lost").status == 0)
+    try f.swtpm.replaceWithFresh()
+    let common = [
+      "agent", "--state", f.state, "--server", f.ra.localhostURL, "--cafile", f.caFile, "-h", "127.0.0.1", "-p",
+      String(f.broker.port), "--tcti", f.swtpm.tcti,
+    ]
+    let refused = try Command.runCapturing(try edgekeyBinary(), common, environment: f.environment)
+    #expect(refused.status == 1)
+    #expect(refused.stderr.contains("can no longer load"), "\(refused.stderr)")
+    #expect(refused.stderr.contains("provision the device again"))
+
+    let agent = try ChildProcess(
+      try edgekeyBinary(), common + ["--password-env", "EST_PASSWORD"], logPath: f.path("agent.log"),
+      environment: f.environment)
+    func renewal() -> [String: Any] {
+      guard let data = FileManager.default.contents(atPath: f.state + "/status.json"),
+        let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+      else { return [:] }
+      return json["renewal"] as? [String: Any] ?? [:]
+    }
+    let deadline = Date().addingTimeInterval(30)
+    while (renewal()["renewals"] as? Int ?? 0) < 1 && Date() < deadline && agent.isRunning { usleep(100_000) }
+    #expect(renewal()["renewals"] as? Int == 1, "enrolled a new key")
+    #expect((renewal()["credentialsLost"] as? Int ?? 0) >= 1)
+    agent.send(SIGTERM)
+    while agent.isRunning && Date() < deadline.addingTimeInterval(20) { usleep(50_000) }
+    #expect(agent.exitCode == 0)
+    let log = try String(contentsOfFile: f.path("agent.log"), encoding: .utf8)
+    #expect(log.contains("can no longer be loaded by this TPM"), "\(log)")
+  }
+
   @Test("provision: one JSON line; interrupted at many points and run again, it resumes to one working credential")
   func provision() throws {
     let f = try Fleet()
@@ -431,6 +465,45 @@ struct CLITests {
     #expect(!unreachable.stderr.contains("ERROR:tcti"))
     let help = try run(["--help"], tcti: nil)
     #expect(help.status == 0 && help.stdout.contains("Exit codes"))
+  }
+
+  @Test("a command that exits with a key loaded flushes it, over a TCTI without a resource manager however spelled")
+  func exitFlushesLoadedKeys() throws {
+    let swtpm = try SoftwareTPM()
+    let tcti = "libtss2-tcti-swtpm.so.0:host=127.0.0.1,port=\(swtpm.port)"
+    let key = temporaryPath("flush.key")
+    try FileManager.default.createDirectory(
+      atPath: (key as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+    #expect(try run(["key", "create", "--out", key], tcti: tcti).status == 0)
+    for _ in 0..<4 {
+      // Signs a CSR (loads the key), then exits: nothing may stay in the TPM's three slots.
+      let made = try run(["csr", "--file", key, "--subject", "CN=flush", "--out", key + ".csr"], tcti: tcti)
+      #expect(made.status == 0, "\(made.stderr)")
+      let left = try swtpm.run("tpm2_getcap", ["handles-transient"])
+      #expect(left.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "left loaded: \(left)")
+    }
+  }
+
+  @Test("a TPM that hangs: tpm info and csr end with a typed timeout instead of waiting forever")
+  func hungTPMEndsCommands() throws {
+    let swtpm = try SoftwareTPM()
+    let key = temporaryPath("hung.key")
+    try FileManager.default.createDirectory(
+      atPath: (key as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+    #expect(try run(["key", "create", "--out", key], tcti: swtpm.tcti).status == 0)
+    swtpm.pause()
+    defer { swtpm.resume() }
+    var env = ProcessInfo.processInfo.environment
+    env["EDGEKEY_TCTI"] = swtpm.tcti
+    env["TPM2TOOLS_TCTI"] = nil
+    env["EDGEKEY_TPM_TIMEOUT_MS"] = "500"
+    let info = try Command.runCapturing(try edgekeyBinary(), ["tpm", "info"], environment: env)
+    #expect(info.status == 3, "\(info.stderr)")
+    #expect(info.stderr.contains("did not answer in time"), "\(info.stderr)")
+    let csr = try Command.runCapturing(
+      try edgekeyBinary(), ["csr", "--file", key, "--subject", "CN=hung", "--out", key + ".csr"], environment: env)
+    #expect(csr.status != 0)
+    #expect(csr.stderr.contains("did not answer in time") || csr.stderr.contains("no TPM answered"), "\(csr.stderr)")
   }
 
   @Test("csr writes a request that openssl req -verify accepts")

@@ -120,6 +120,49 @@ struct RenewalTests {
     #expect(policy.backoff(failures: 30, remaining: 120, random: 0) == 20)
   }
 
+  @Test("a TPM cleared or replaced under the state directory: a new key is enrolled with the password, and said so")
+  func clearedTPMReenrollsWithPassword() throws {
+    let f = try EnrollmentFixture()
+    let store = try CredentialStore(directory: stateDirectory())
+    let events = EventLog()
+    let agent = RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")),
+      identity: ([("CN", "device-lost")], []), onEvent: events.add)
+    let first = try agent.renew()
+    #expect(try agent.hasWorkingCredential())
+    try f.swtpm.replaceWithFresh()
+    // The certificate is still valid, but its key will never load in this TPM.
+    #expect(try !agent.hasWorkingCredential())
+    #expect(events.all.contains { $0.contains("can no longer be loaded by this TPM") })
+    let second = try agent.renew()
+    #expect(second.certificate?.der != first.certificate?.der)
+    #expect(try second.key.publicKey() != first.key.publicKey(), "a new key, made in the new TPM")
+    #expect(try agent.hasWorkingCredential())
+    #expect(agent.counters.credentialsLost >= 1)
+    #expect(events.all.contains { $0.contains("falling back to the bootstrap credential") })
+    let (_, key) = try #require(try agent.current())
+    _ = try key.sign(digest: [UInt8](repeating: 1, count: 32), hash: .sha256)
+  }
+
+  @Test("a TPM cleared or replaced with no password and no bootstrap credential: a clear refusal, nothing issued")
+  func clearedTPMWithoutPasswordIsRefused() throws {
+    let f = try EnrollmentFixture()
+    let store = try CredentialStore(directory: stateDirectory())
+    let enrolling = RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")),
+      identity: ([("CN", "device-lost-2")], []))
+    try enrolling.renew()
+    try f.swtpm.replaceWithFresh()
+    let issued = f.ra.issuanceLog.count
+    let agent = RenewalAgent(store: store, tpm: f.tpm, settings: try f.settings())
+    let error = #expect(throws: EnrollmentError.self) { try agent.renew() }
+    #expect(error?.kind == .credentialLost)
+    #expect(error?.message.contains("provision the device again") == true)
+    #expect(error?.isTransient == false)
+    #expect(f.ra.issuanceLog.count == issued)
+    #expect(try store.read(.current) != nil, "the lost credential is kept, not deleted")
+  }
+
   @Test("a clock before the build or before our certificate renews, rotates and discards nothing")
   func wrongClock() throws {
     let factory = try TestCA(name: "Factory CA")

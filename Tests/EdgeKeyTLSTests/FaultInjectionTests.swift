@@ -161,4 +161,25 @@ struct FaultInjectionTests {
     // And the key still signs in the TPM that came back.
     #expect(try f.key.sign(digest: [UInt8](repeating: 7, count: 32), hash: .sha256).bytes.count > 0)
   }
+
+  @Test(
+    "swtpm hung (SIGSTOP) while connections reset: each handshake ends in a TPM timeout and is retried; nothing lost")
+  func tpmHung() async throws {
+    let f = try Fixture(commonName: "device-0304")
+    let broker = try f.broker()
+    let proxy = try FaultProxy(to: broker.port)
+    defer { proxy.stop() }
+    f.key.tpm.commandTimeout = .seconds(1)
+    let report = try await stream("tpm-hung", f: f, broker: broker, endpointPort: proxy.port) { batch in
+      if batch == 2 {
+        f.swtpm.pause()
+        proxy.resetAll()  // the next connection needs a signature from a TPM that answers nothing
+      }
+      if batch > 2 && batch < 5 { try await Task.sleep(nanoseconds: 1_500_000_000) }
+      if batch == 5 { f.swtpm.resume() }
+    }
+    #expect(report.connections >= 2)
+    let tpmFailures = report.handshakeFailures["tpmSigningFailed", default: 0]
+    #expect(tpmFailures >= 1, "attempts while the TPM hung must fail at the TPM layer: \(report)")
+  }
 }

@@ -79,6 +79,25 @@ public final class SoftwareTPM: @unchecked Sendable {
     process = nil
   }
 
+  /// Another TPM in its place (a cleared chip, or the state directory moved to new hardware):
+  /// stopped, its state deleted, started fresh on the same ports. Every key blob made by the old
+  /// one now fails the integrity check.
+  public func replaceWithFresh() throws {
+    stop()
+    for name in try FileManager.default.contentsOfDirectory(atPath: stateDirectory.path)
+    where name != "swtpm.log" {
+      try FileManager.default.removeItem(at: stateDirectory.appendingPathComponent(name))
+    }
+    try start()
+  }
+
+  /// Freezes swtpm (SIGSTOP): it accepts connections but answers nothing, as a hung chip
+  /// would, until ``resume()``.
+  public func pause() { process?.send(SIGSTOP) }
+
+  /// Lets a paused swtpm run again (SIGCONT); it answers the commands queued meanwhile.
+  public func resume() { process?.send(SIGCONT) }
+
   /// A power cycle: stop, start again on the same state and ports. Transient objects are
   /// gone; persistent ones and the seeds remain.
   public func powerCycle() throws {

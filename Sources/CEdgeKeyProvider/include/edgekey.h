@@ -32,6 +32,7 @@ extern "C" {
 #define EDGEKEY_RC_SRK_MISMATCH (EDGEKEY_RC_LAYER | 5u) /* 0x81000001 is not the standard SRK */
 #define EDGEKEY_RC_NOT_A_SIGNING_KEY (EDGEKEY_RC_LAYER | 6u)
 #define EDGEKEY_RC_AUTH_REQUIRED (EDGEKEY_RC_LAYER | 7u) /* the key has a password; none given */
+#define EDGEKEY_RC_TPM_TIMEOUT (EDGEKEY_RC_LAYER | 8u)   /* the TPM did not answer in time */
 
 /* The owner hierarchy: the parent that TSS2 PRIVATE KEY readers re-create the SRK under. */
 #define EDGEKEY_PARENT_OWNER 0x40000001u
@@ -41,6 +42,7 @@ extern "C" {
 /* ---- The shared TPM context -------------------------------------------------------------- */
 
 typedef struct edgekey_tpm edgekey_tpm;
+typedef struct edgekey_tcti_stats edgekey_tcti_stats;
 
 /*
  * Opens a TPM. `tcti` is a tctildr string ("device:/dev/tpmrm0", "tabrmd",
@@ -60,13 +62,26 @@ int edgekey_tcti_candidates(const char *tcti, const char *out[4]);
 TSS2_RC edgekey_tpm_open_exact(const char *tcti, edgekey_tpm **out, char *why, size_t why_len);
 
 /*
- * The ESAPI timeout set on every context (EDGEKEY_TPM_TIMEOUT_MS, else 60 s). Note: ESAPI's
- * synchronous calls, which EdgeKey uses, block until the TPM answers whatever this says; it
- * bounds only asynchronous calls. A TPM that never answers blocks the calling thread; fork()
- * waits at most 5 s for it (see tpm_context.c).
+ * Every TPM command is bounded: one that gets no answer within the timeout ends in
+ * EDGEKEY_RC_TPM_TIMEOUT, the ESAPI context is discarded, and the next use makes it again
+ * (so a TPM that answers again is used again). The bound holds over every TCTI, including
+ * those whose reads have no deadline (swtpm, mssim): the command runs on a thread of the
+ * context's own that is abandoned when it is overdue.
+ * Defaults: EDGEKEY_TPM_TIMEOUT_MS (else 10 s: a real chip signs in 25-540 ms) for every
+ * command but key generation (TPM2_Create, CreatePrimary, CreateLoaded, SelfTest), which gets
+ * EDGEKEY_TPM_KEYGEN_TIMEOUT_MS (else 120 s: RSA-2048 creation takes up to 7.5 s on real
+ * chips, RSA-3072 several times that).
  */
-#define EDGEKEY_DEFAULT_TPM_TIMEOUT_MS 60000
+#define EDGEKEY_DEFAULT_TPM_TIMEOUT_MS 10000
+#define EDGEKEY_DEFAULT_TPM_KEYGEN_TIMEOUT_MS 120000
 int32_t edgekey_tpm_timeout_ms(void);
+int32_t edgekey_tpm_keygen_timeout_ms(void);
+/* Sets this context's bounds (milliseconds, > 0), from the next command on. Thread-safe. */
+void edgekey_tpm_set_timeouts(edgekey_tpm *tpm, int32_t timeout_ms, int32_t keygen_timeout_ms);
+void edgekey_tpm_get_timeouts(edgekey_tpm *tpm, int32_t *timeout_ms, int32_t *keygen_timeout_ms);
+/* Commands given up on (timed out) whose TCTI call has not returned yet: over swtpm and mssim,
+ * whose reads have no deadline, until the TPM answers; 0 in steady state. No TPM traffic. */
+int edgekey_tpm_stuck_commands(const edgekey_tpm *tpm);
 
 /* Adds a reference. */
 edgekey_tpm *edgekey_tpm_ref(edgekey_tpm *tpm);

@@ -77,6 +77,9 @@ public enum RenewalEvent: Sendable, CustomStringConvertible {
   case previousRetired(keyRetired: Bool)
   case failed(EnrollmentError, retryIn: TimeInterval?)
   case clockRefused(String)
+  /// A stored key the TPM can never load again (a cleared or replaced TPM): its credential is
+  /// treated as lost and a new key is enrolled with the bootstrap credential or password.
+  case credentialLost(slot: String, reason: String)
 
   public var description: String {
     switch self {
@@ -93,6 +96,8 @@ public enum RenewalEvent: Sendable, CustomStringConvertible {
     case .failed(let error, let retry):
       return "renewal failed: \(error)\(retry.map { "; retry in \(Text.fixed($0)) s" } ?? "")"
     case .clockRefused(let why): return "clock refused: \(why)"
+    case .credentialLost(let slot, let reason):
+      return "the \(slot) credential's key can no longer be loaded by this TPM (cleared or replaced): \(reason)"
     }
   }
 }
@@ -108,6 +113,8 @@ public struct RenewalCounters: Sendable, Equatable {
   public var anchorsAdded = 0
   public var anchorsRemoved = 0
   public var clockRefusals = 0
+  /// Stored credentials found unusable because the TPM can never load their key again.
+  public var credentialsLost = 0
 }
 
 /// Keeps the device's certificate valid: enrolls, renews at the policy's moment, rotates the
@@ -165,6 +172,16 @@ public final class RenewalAgent: @unchecked Sendable {
     return (credential, try load(credential.key))
   }
 
+  /// True when the current certificate is valid now and its key still loads in this TPM:
+  /// false before the first enrollment, after expiry, and after a TPM clear or replacement
+  /// (then ``renew()`` enrolls a new key). Costs a key load (SRK + TPM2_Load) the first time.
+  public func hasWorkingCredential() throws(EnrollmentError) -> Bool {
+    guard let current = try store.read(.current), let cert = current.certificate, cert.isValid(at: clock()) else {
+      return false
+    }
+    return try usableKey(current.key, slot: .current) != nil
+  }
+
   // MARK: - One attempt
 
   /// Enrolls or renews now: re-enrollment with the current certificate while it is valid;
@@ -190,21 +207,45 @@ public final class RenewalAgent: @unchecked Sendable {
     let bootstrap = try store.read(.bootstrap)
     try checkClock(now, against: current?.certificate ?? bootstrap?.certificate)
 
-    // Who we are to the server.
+    // Who we are to the server: the current certificate while it is valid and its key still
+    // loads; else the bootstrap credential and/or the password.
     var authentication: ESTAuthentication
     let reenroll: Bool
-    if let current, let cert = current.certificate, cert.isValid(at: now) {
-      authentication = .certificate(current.chain, key: try load(current.key))
+    var lost: [String] = []
+    let currentKey: TPMKey? =
+      if let current, let cert = current.certificate, cert.isValid(at: now) {
+        try usableKey(current.key, slot: .current)
+      } else { nil }
+    if let current, let currentKey {
+      authentication = .certificate(current.chain, key: currentKey)
       reenroll = true
     } else {
-      if current != nil {
-        let why = "the current certificate expired at \(current?.certificate?.notAfter ?? now)"
+      if let current {
+        let why =
+          current.certificate?.isValid(at: now) == true
+          ? "the current credential's key can no longer be loaded by this TPM"
+          : "the current certificate expired at \(current.certificate?.notAfter ?? now)"
+        if current.certificate?.isValid(at: now) == true { lost.append("current") }
         locked { $0.counters.bootstrapFallbacks += 1 }
         onEvent(.bootstrapFallback(reason: why))
       }
-      if let bootstrap, let cert = bootstrap.certificate, cert.isValid(at: now) {
-        authentication = .certificate(bootstrap.chain, key: try load(bootstrap.key))
+      let bootstrapKey: TPMKey? =
+        if let bootstrap, let cert = bootstrap.certificate, cert.isValid(at: now) {
+          try usableKey(bootstrap.key, slot: .bootstrap)
+        } else { nil }
+      if let bootstrap, bootstrapKey == nil, bootstrap.certificate?.isValid(at: now) == true {
+        lost.append("bootstrap")
+      }
+      if let bootstrap, let bootstrapKey {
+        authentication = .certificate(bootstrap.chain, key: bootstrapKey)
       } else if settings.password == nil {
+        if !lost.isEmpty {
+          throw EnrollmentError(
+            .credentialLost,
+            "this TPM can no longer load the device's \(lost.joined(separator: " and ")) key (the TPM was cleared, "
+              + "or the state directory is on another TPM), and there is no enrollment password to enroll a new "
+              + "key: provision the device again")
+        }
         throw EnrollmentError(
           .configuration,
           current == nil
@@ -384,13 +425,22 @@ public final class RenewalAgent: @unchecked Sendable {
 
   private func run() {
     var failures = 0
+    var checkedKey: String?
     while !locked({ $0.stopping }) {
       let now = clock()
       let current = try? store.read(.current)
       var wait: TimeInterval
       if let cert = current?.certificate, !locked({ $0.kick }) {
         let due = policy.renewalDate(for: cert)
-        if due > now {
+        // A key this TPM can no longer load (cleared, replaced) is a credential to replace now.
+        let usable: Bool
+        if cert.fingerprint == checkedKey {
+          usable = true
+        } else {
+          do { usable = try usableKey(current!.key, slot: .current) != nil } catch { usable = true }
+          if usable { checkedKey = cert.fingerprint }
+        }
+        if due > now && usable {
           if failures == 0 { onEvent(.scheduled(due, certificate: cert.summary)) }
           failures = 0
           sleep(until: due)
@@ -429,6 +479,22 @@ public final class RenewalAgent: @unchecked Sendable {
   }
 
   // MARK: - Helpers
+
+  /// The stored key, loaded; nil when the TPM says it can never load it (counted and reported
+  /// once per attempt). Other TPM failures (unreachable, busy, hung) are thrown: not a loss.
+  private func usableKey(_ file: TSS2PrivateKey, slot: CredentialStore.Slot) throws(EnrollmentError) -> TPMKey? {
+    let key = try load(file)
+    do {
+      try key.load()
+      return key
+    } catch  where error.meansKeyLost {
+      locked { $0.counters.credentialsLost += 1 }
+      onEvent(.credentialLost(slot: slot.rawValue, reason: error.reason))
+      return nil
+    } catch {
+      throw EnrollmentError(.tpm, "loading the \(slot.rawValue) key: \(error)")
+    }
+  }
 
   private func load(_ file: TSS2PrivateKey) throws(EnrollmentError) -> TPMKey {
     do { return try tpm.loadKey(file) } catch { throw EnrollmentError(.tpm, "loading a stored key: \(error)") }

@@ -24,4 +24,8 @@ int edgekey_test_sign_in_child(edgekey_tpm_key *key, TPMI_ALG_SIG_SCHEME scheme,
 /* posix_spawn_file_actions_addclosefrom_np, which Swift's Glibc module does not expose. */
 int edgekey_test_spawn_closefrom(posix_spawn_file_actions_t *actions, int from);
 
+/* A pseudo-terminal: returns the master's descriptor and writes the slave's path into `name`;
+ * -1 on failure. */
+int edgekey_test_open_pty(char *name, size_t name_len);
+
 #endif
