@@ -32,6 +32,9 @@ typedef struct {
   int tls13_cert_sent; /* we sent a non-empty Certificate message in TLS 1.3 (the server's
                         * Finished already checked: only our certificate is left to judge) */
   int ticket_received; /* the server sent a NewSessionTicket: it accepted our certificate */
+  int handshake_done;
+  int version;
+  int hello_sent; /* our ClientHello is written to the socket (msg_callback runs after the write) */
   /* We sent a non-empty Certificate but never the CertificateVerify after it: signing with our
    * key failed (the TPM is gone, reset mid-command, or refused), whatever the server did next. */
   int cert_sent;
@@ -41,11 +44,17 @@ typedef struct {
 
 typedef struct {
   int require_server_auth_eku;
+  int accept_cmc_ra;
+  int crl_missing_ok;
+  /* The SNI every connection sends: the verified name when it is a DNS name; "" for none. */
+  char sni[256];
   /* The last failed connection of this context, kept after its SSL is freed: libraries that
    * free the SSL before telling us (libmosquitto 2.0 on a lost connection) still get a reason. */
   pthread_mutex_t lock;
   int has_last;
   failure_record last;
+  int has_last_connection;
+  failure_record last_connection;
 } ctx_policy;
 
 static int ssl_index = -1;
@@ -73,8 +82,15 @@ static void signing_failure(const failure_record *r, const char *queued, edgekey
 }
 
 static void keep_last_failure(SSL *ssl, failure_record *r) {
-  if (ssl == NULL || r == NULL ||
-      (r->verify_error == 0 && r->alert_received <= 0 && !probably_refused(r) && !signing_failed(r)))
+  if (ssl == NULL || r == NULL) return;
+  ctx_policy *any = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_index);
+  if (any != NULL) {
+    pthread_mutex_lock(&any->lock);
+    any->last_connection = *r;
+    any->has_last_connection = 1;
+    pthread_mutex_unlock(&any->lock);
+  }
+  if (r->verify_error == 0 && r->alert_received <= 0 && !probably_refused(r) && !signing_failed(r))
     return;
   if (signing_failed(r) && r->sign_failure[0] == '\0')
     snprintf(r->sign_failure, sizeof(r->sign_failure), "%s", edgekey_provider_thread_error());
@@ -146,15 +162,39 @@ static void describe_cert(X509 *cert, char *subject, char *issuer, char *nb, cha
   print_time(X509_get0_notAfter(cert), na, 40);
 }
 
+/* The certificate's EKU names id-kp-cmcRA (1.3.6.1.5.5.7.3.28). */
+static int has_cmc_ra(X509 *cert) {
+  EXTENDED_KEY_USAGE *eku = X509_get_ext_d2i(cert, NID_ext_key_usage, NULL, NULL);
+  int found = 0;
+  for (int i = 0; eku != NULL && i < sk_ASN1_OBJECT_num(eku); i++)
+    found |= OBJ_obj2nid(sk_ASN1_OBJECT_value(eku, i)) == NID_cmcRA;
+  EXTENDED_KEY_USAGE_free(eku);
+  return found;
+}
+
 static int verify_callback(int ok, X509_STORE_CTX *store) {
   SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
   int depth = X509_STORE_CTX_get_error_depth(store);
   X509 *cert = X509_STORE_CTX_get_current_cert(store);
-  if (ok && depth == 0 && ssl != NULL) {
-    ctx_policy *policy = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_index);
+  ctx_policy *policy = ssl != NULL ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_index) : NULL;
+  int error = X509_STORE_CTX_get_error(store);
+  if (!ok && policy != NULL && error == X509_V_ERR_UNABLE_TO_GET_CRL && policy->crl_missing_ok) {
+    /* A level of the chain whose issuer published no CRL we have: allowed by policy. */
+    X509_STORE_CTX_set_error(store, X509_V_OK);
+    ok = 1;
+  }
+  if (!ok && policy != NULL && depth == 0 && error == X509_V_ERR_INVALID_PURPOSE &&
+      policy->accept_cmc_ra && has_cmc_ra(cert)) {
+    /* OpenSSL's SSL-server purpose knows only serverAuth; RFC 7030 3.6.1 lets an EST server
+     * show id-kp-cmcRA instead. */
+    X509_STORE_CTX_set_error(store, X509_V_OK);
+    ok = 1;
+  }
+  if (ok && depth == 0 && policy != NULL) {
     int has_eku = (X509_get_extension_flags(cert) & EXFLAG_XKUSAGE) != 0;
-    int server_auth = has_eku && (X509_get_extended_key_usage(cert) & XKU_SSL_SERVER);
-    if (policy != NULL && policy->require_server_auth_eku && !server_auth) {
+    int server_auth = has_eku && ((X509_get_extended_key_usage(cert) & XKU_SSL_SERVER) ||
+                                  (policy->accept_cmc_ra && has_cmc_ra(cert)));
+    if (policy->require_server_auth_eku && !server_auth) {
       X509_STORE_CTX_set_error(store, X509_V_ERR_INVALID_PURPOSE);
       ok = 0;
     }
@@ -182,6 +222,8 @@ static void msg_callback(int write_p, int version, int content_type, const void 
   if (content_type != SSL3_RT_HANDSHAKE || len < 1 || SSL_is_server(ssl)) return;
   if (write_p && p[0] == SSL3_MT_CLIENT_HELLO) {
     edgekey_provider_thread_error_clear(); /* a new handshake: older errors are not its own */
+    failure_record *r = record_for(ssl, 1);
+    if (r != NULL) r->hello_sent = 1;
   } else if (write_p && p[0] == SSL3_MT_CERTIFICATE_VERIFY) {
     failure_record *r = record_for(ssl, 1);
     if (r != NULL) r->cert_verify_sent = 1;
@@ -202,6 +244,21 @@ static void msg_callback(int write_p, int version, int content_type, const void 
 }
 
 static void info_callback(const SSL *ssl, int where, int ret) {
+  if ((where & SSL_CB_HANDSHAKE_START) && !SSL_is_server(ssl) && SSL_in_before(ssl)) {
+    /* Before the ClientHello is written: the SNI is ours to choose, not the caller's. */
+    ctx_policy *policy = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_index);
+    if (policy != NULL) {
+      const char *sni = policy->sni[0] != '\0' ? policy->sni : NULL;
+      SSL_set_tlsext_host_name((SSL *)ssl, sni);
+    }
+  }
+  if (where & SSL_CB_HANDSHAKE_DONE) {
+    failure_record *r = record_for((SSL *)ssl, 1);
+    if (r != NULL) {
+      r->handshake_done = 1;
+      r->version = SSL_version(ssl);
+    }
+  }
 
   if ((where & SSL_CB_ALERT) && (where & SSL_CB_READ)) {
     failure_record *r = record_for((SSL *)ssl, 1);
@@ -354,6 +411,26 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
   SSL_CTX_set_cert_store(ctx, store);
   for (int i = 0; i < sk_X509_num(anchors); i++)
     if (!X509_STORE_add_cert(store, sk_X509_value(anchors, i))) goto fail;
+  if (cfg->alpn != NULL && cfg->alpn[0] != '\0') {
+    /* "a,b" as ALPN's wire format: each protocol prefixed with its length (RFC 7301 3.1). */
+    unsigned char wire[256];
+    size_t n = 0;
+    const char *p = cfg->alpn;
+    while (*p != '\0') {
+      const char *end = strchr(p, ',');
+      size_t len = end != NULL ? (size_t)(end - p) : strlen(p);
+      if (len == 0 || len > 255 || n + 1 + len > sizeof(wire)) {
+        edgekey_set_why(why, why_len, "ALPN list \"%s\": each protocol 1 to 255 bytes, 255 in all",
+                        cfg->alpn);
+        goto out;
+      }
+      wire[n++] = (unsigned char)len;
+      memcpy(wire + n, p, len);
+      n += len;
+      p += len + (end != NULL);
+    }
+    if (SSL_CTX_set_alpn_protos(ctx, wire, (unsigned int)n) != 0) goto fail;
+  }
   if (cfg->crl_pem != NULL) {
     BIO *b = BIO_new_mem_buf(cfg->crl_pem, -1);
     X509_CRL *crl;
@@ -370,8 +447,9 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
       edgekey_set_why(why, why_len, "the CRL text holds no PEM CRL");
       goto out;
     }
-    /* The server's own certificate is checked against its issuer's CRL. */
-    X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK);
+    /* Every certificate of the server's chain against its issuer's CRL: a revoked
+     * intermediate must fail as a revoked leaf does (openssl verify -crl_check_all). */
+    X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL);
   }
 
   X509_VERIFY_PARAM *param = SSL_CTX_get0_param(ctx);
@@ -393,6 +471,16 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
     SSL_CTX_set_ex_data(ctx, ctx_index, policy);
   }
   policy->require_server_auth_eku = !cfg->allow_missing_server_auth_eku;
+  policy->accept_cmc_ra = cfg->accept_cmc_ra;
+  policy->crl_missing_ok = cfg->crl_missing_ok;
+  policy->sni[0] = '\0';
+  if (cfg->server_name != NULL) {
+    unsigned char addr[16];
+    int is_ip = inet_pton(AF_INET, cfg->server_name, addr) == 1 ||
+                inet_pton(AF_INET6, cfg->server_name, addr) == 1;
+    if (!is_ip && strlen(cfg->server_name) < sizeof(policy->sni))
+      snprintf(policy->sni, sizeof(policy->sni), "%s", cfg->server_name);
+  }
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, verify_callback);
   SSL_CTX_set_info_callback(ctx, info_callback);
   SSL_CTX_set_msg_callback(ctx, msg_callback);
@@ -490,6 +578,11 @@ static void explain_server_certificate(const failure_record *rec, const char *ex
            rec->verify_error == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT)
     what = "its issuer was neither sent by the server nor is it a trust anchor (a missing "
            "intermediate certificate, or a CA we do not trust)";
+  else if (rec->verify_error == X509_V_ERR_UNABLE_TO_GET_CRL)
+    what = "no CRL from this certificate's issuer: revocation is checked at every level of the "
+           "chain (give that issuer's CRL too, or allow levels without one)";
+  else if (rec->verify_error == X509_V_ERR_CERT_REVOKED)
+    what = "certificate revoked (by its issuer's CRL)";
   else if (rec->verify_error == X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN ||
            rec->verify_error == X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT)
     what = "the chain ends in a CA that is not among our trust anchors";
@@ -503,17 +596,19 @@ static void explain_server_certificate(const failure_record *rec, const char *ex
 }
 
 /* The connection ended right after we sent our certificate in TLS 1.3, with no session ticket
- * and no alert that reached us: a refusal whose alert a reset overtook. */
+ * and no alert that reached us: a refusal whose alert a reset overtook, or just a reset. The
+ * evidence does not name our certificate, so it is reported as the network failure it surely
+ * is, marked ambiguous; a caller that sees it repeat may escalate. */
 static void refused_without_alert(const failure_record *r, edgekey_tls_failure *out) {
-  out->layer = EDGEKEY_LAYER_CLIENT_CERTIFICATE;
+  out->layer = EDGEKEY_LAYER_NETWORK;
+  out->ambiguous = 1;
   memcpy(out->subject, r->own_subject, sizeof(out->subject));
   memcpy(out->issuer, r->own_issuer, sizeof(out->issuer));
   memcpy(out->not_before, r->own_not_before, sizeof(out->not_before));
   memcpy(out->not_after, r->own_not_after, sizeof(out->not_after));
   snprintf(out->reason, sizeof(out->reason),
-           "the server closed the connection right after receiving our certificate (TLS 1.3, "
-           "no session ticket, its alert lost to the reset): it most likely refused our "
-           "certificate");
+           "the connection ended right after we sent our certificate (TLS 1.3, no alert, no "
+           "session ticket): a reset, or a refusal whose alert was lost; treated as transient");
 }
 
 edgekey_tls_layer edgekey_tls_diagnose(SSL *ssl, int ssl_error, edgekey_tls_failure *out) {
@@ -618,4 +713,56 @@ edgekey_tls_layer edgekey_tls_last_failure(SSL_CTX *ctx, edgekey_tls_failure *ou
              SSL_alert_desc_string_long(r.alert_received));
   }
   return out->layer;
+}
+
+int edgekey_tls_last_connection(SSL_CTX *ctx, edgekey_tls_connection_info *out) {
+  memset(out, 0, sizeof(*out));
+  out->alert = -1;
+  pthread_once(&index_once, make_indexes);
+  ctx_policy *policy = ctx != NULL ? SSL_CTX_get_ex_data(ctx, ctx_index) : NULL;
+  if (policy == NULL) return 0;
+  pthread_mutex_lock(&policy->lock);
+  failure_record r = policy->last_connection;
+  int has = policy->has_last_connection;
+  policy->has_last_connection = 0;
+  pthread_mutex_unlock(&policy->lock);
+  if (!has) return 0;
+  out->handshake_done = r.handshake_done;
+  out->version = r.version;
+  out->ticket_received = r.ticket_received;
+  out->alert = r.alert_received;
+  out->cert_sent = r.cert_sent;
+  return 1;
+}
+
+int edgekey_tls_alpn_selected(const SSL *ssl, char *out, size_t cap) {
+  const unsigned char *data = NULL;
+  unsigned int len = 0;
+  if (cap > 0) out[0] = '\0';
+  if (ssl == NULL) return 0;
+  SSL_get0_alpn_selected(ssl, &data, &len);
+  if (data == NULL || len == 0 || len + 1 > cap) return 0;
+  memcpy(out, data, len);
+  out[len] = '\0';
+  return 1;
+}
+
+int edgekey_tls_connection_of(SSL *ssl, edgekey_tls_connection_info *out) {
+  memset(out, 0, sizeof(*out));
+  out->alert = -1;
+  pthread_once(&index_once, make_indexes);
+  failure_record *r = ssl != NULL ? record_for(ssl, 0) : NULL;
+  if (r == NULL) return 0;
+  out->handshake_done = r->handshake_done;
+  out->version = r->version;
+  out->ticket_received = r->ticket_received;
+  out->alert = r->alert_received;
+  out->cert_sent = r->cert_sent;
+  return 1;
+}
+
+int edgekey_tls_client_hello_sent(SSL *ssl) {
+  pthread_once(&index_once, make_indexes);
+  failure_record *r = ssl != NULL ? record_for(ssl, 0) : NULL;
+  return r != NULL && r->hello_sent;
 }

@@ -315,6 +315,10 @@ int edgekey_tpm_make_room_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys, edgekey_t
   return flushed > 0;
 }
 
+int edgekey_tpm_make_room(edgekey_tpm *tpm, ESYS_CONTEXT *esys, ESYS_TR keep) {
+  return edgekey_tpm_make_room_locked(tpm, esys, NULL, keep);
+}
+
 int edgekey_tcti_candidates(const char *tcti, const char *out[4]) {
   int n = 0;
   if (tcti != NULL && tcti[0] != '\0') out[n++] = tcti;

@@ -13,6 +13,8 @@ final class Connection {
   let engine: Engine
   let endpoint: MQTTEndpoint
   let tls: TLSClientContext
+  /// The version this connection speaks (never `.automatic`).
+  let version: MQTTProtocolVersion
   private let mosq: OpaquePointer
   private var connectedAt: Date?
   private var ended = false
@@ -20,6 +22,7 @@ final class Connection {
   private var endErrno: Int32 = 0
   private var refusal: Int32?
   private var tlsFailure: TLSError?
+  private var tlsSummary: TLSConnectionSummary?
   private var midToID: [Int32: Int64] = [:]
   private var lastHanded: Int64 = 0
   private var mayHaveMore = true
@@ -27,21 +30,30 @@ final class Connection {
   private var acked: [Int64] = []
   private var rejected: [(Int64, Int32)] = []
 
-  init(engine: Engine, tls: TLSClientContext, endpoint: MQTTEndpoint) throws(MQTTError) {
+  /// The first connection in 3.1.1 after the automatic version fell back: counted on CONNACK.
+  private let countsFallback: Bool
+
+  init(
+    engine: Engine, tls: TLSClientContext, endpoint: MQTTEndpoint, version: MQTTProtocolVersion,
+    countsFallback: Bool = false
+  ) throws(MQTTError) {
+    self.countsFallback = countsFallback
     self.engine = engine
     self.tls = tls
     self.endpoint = endpoint
+    self.version = version
     let configuration = engine.configuration
     guard let m = mosquitto_new(engine.clientID, configuration.cleanSession, nil) else {
       throw MQTTError(kind: .invalidArgument, reason: "mosquitto_new failed for client id \(engine.clientID)")
     }
     mosq = m
-    mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, configuration.protocolVersion.rawValue)
+    mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, version.level)
     mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, 1)
     mosquitto_int_option(m, MOSQ_OPT_SSL_CTX_WITH_DEFAULTS, 0)
     // libmosquitto takes its own reference and drops it in mosquitto_destroy.
     mosquitto_void_option(m, MOSQ_OPT_SSL_CTX, UnsafeMutableRawPointer(tls.sslContext))
-    _ = TLSError.lastFailure(of: tls)  // forget an earlier connection's failure
+    _ = TLSError.lastFailure(of: tls)  // forget an earlier connection's failure and summary
+    _ = TLSConnectionSummary.last(of: tls)
     if let will = configuration.will {
       let rc = will.payload.withUnsafeBytes {
         mosquitto_will_set_v5(m, will.topic, Int32($0.count), $0.baseAddress, will.qos.rawValue, will.retain, nil)
@@ -98,8 +110,17 @@ final class Connection {
     loop: while !ended {
       let sock = mosquitto_socket(mosq)
       if sock < 0 { break }
+      // libmosquitto's external-loop API drives a pending TLS connect only from loop_read, and
+      // reports no wish to write while one is pending: if the TCP connect was not complete when
+      // connect_async tried the handshake (a loaded machine), the ClientHello waited for a
+      // readable socket that the server, waiting for it, never made readable, until the
+      // connect timeout. So while handshaking we poll for what OpenSSL needs, and a writable
+      // socket drives the handshake too. (The untrusted-CA flake; LateAcceptProxy repeats it.)
+      let progress = mosquitto_ssl_get(mosq).map { TLSHandshakeProgress.of(ssl: OpaquePointer($0)) }
+      let handshaking = progress != nil && progress != .finished
+      let wantWrite = handshaking ? progress == .waitingToWrite : mosquitto_want_write(mosq)
       var fds = [
-        pollfd(fd: sock, events: Int16(POLLIN) | (mosquitto_want_write(mosq) ? Int16(POLLOUT) : 0), revents: 0),
+        pollfd(fd: sock, events: Int16(POLLIN) | (wantWrite ? Int16(POLLOUT) : 0), revents: 0),
         pollfd(fd: engine.wakeDescriptor, events: Int16(POLLIN), revents: 0),
       ]
       var timeout = 1000.0
@@ -112,7 +133,12 @@ final class Connection {
         noteEnd(MOSQ_ERR_ERRNO.rawValue)
         break
       }
-      if fds[0].revents & Int16(POLLIN | POLLERR | POLLHUP) != 0 {
+      if !isConnected, let ssl = mosquitto_ssl_get(mosq) {
+        // libmosquitto frees the SSL when the read fails: what it recorded is kept here first.
+        tlsSummary = TLSConnectionSummary.of(ssl: OpaquePointer(ssl)) ?? tlsSummary
+      }
+      let readable = fds[0].revents & Int16(POLLIN | POLLERR | POLLHUP) != 0
+      if readable || (handshaking && fds[0].revents & Int16(POLLOUT) != 0) {
         let rc = mosquitto_loop_read(mosq, 1)
         if rc != MOSQ_ERR_SUCCESS.rawValue || ended {
           noteEnd(rc)
@@ -132,7 +158,7 @@ final class Connection {
         disconnectAsked = Date()
       }
       if isConnected && leaving == nil { pump() }
-      if fds[0].revents & Int16(POLLOUT) != 0 || mosquitto_want_write(mosq) {
+      if !handshaking && (fds[0].revents & Int16(POLLOUT) != 0 || mosquitto_want_write(mosq)) {
         let rc = mosquitto_loop_write(mosq, 1)
         if rc != MOSQ_ERR_SUCCESS.rawValue || ended {
           noteEnd(rc)
@@ -158,7 +184,17 @@ final class Connection {
       return .lost(reason: "\(reason) (\(endpoint))", upFor: Date().timeIntervalSince(connectedAt))
     }
     if let refusal {
-      let v5 = configuration.protocolVersion == .v5
+      let v5 = version == .v5
+      // 3.1.1 §3.1.2.2: a server that does not speak the requested level answers 0x01; MQTT 5
+      // calls it 0x84 (Unsupported Protocol Version).
+      // (libmosquitto turns a 3.1.1 broker's v3 CONNACK 0x01 to an MQTT 5 CONNECT into 0x84.)
+      if v5 && refusal == 0x84 {
+        return .failed(
+          MQTTError(
+            kind: .protocolVersionUnsupported,
+            reason: "\(endpoint) does not accept MQTT \(v5 ? "5" : "3.1.1"): unacceptable protocol version"),
+          refused: false, reason: "protocol")
+      }
       let text = String(cString: v5 ? mosquitto_reason_string(refusal) : mosquitto_connack_string(refusal))
       // Not authorized, bad credentials, banned, bad authentication method, client id refused.
       let permanent: Set<Int32> = v5 ? [0x85, 0x86, 0x87, 0x8A, 0x8C, 0x84] : [1, 2, 4, 5]
@@ -169,10 +205,36 @@ final class Connection {
     if let tlsFailure {
       return .failed(tlsFailure, refused: tlsFailure.isRefusal, reason: "tls")
     }
+    let summary = tlsSummary ?? TLSConnectionSummary.last(of: tls)
     if timedOut {
+      if version == .v5, let summary, summary.serverAcceptedUs, summary.alert == nil {
+        // Some 3.1.1-only brokers (amqtt) misread an MQTT 5 CONNECT and wait for bytes that
+        // never come: TLS fine, our certificate accepted, then silence.
+        let error = MQTTError(
+          kind: .timedOut,
+          reason: "\(endpoint) accepted our certificate but did not answer our MQTT 5 CONNECT within "
+            + "\(configuration.connectTimeout) s: a broker that speaks only MQTT 3.1.1 does this")
+        return .failed(error, refused: false, reason: "timeout-after-tls")
+      }
       let error = MQTTError(
         kind: .timedOut, reason: "no CONNACK from \(endpoint) within \(configuration.connectTimeout) s")
       return .failed(error, refused: false, reason: "timeout")
+    }
+    if let summary, summary.serverAcceptedUs, summary.alert == nil {
+      // The server accepted our certificate and then closed without a CONNACK: not a TLS matter,
+      // and not our certificate. After an MQTT 5 CONNECT, the mark of a 3.1.1-only broker.
+      if version == .v5 {
+        return .failed(
+          MQTTError(
+            kind: .protocolVersionUnsupported,
+            reason: "\(endpoint) accepted our certificate, then closed the connection without answering our "
+              + "MQTT 5 CONNECT: it speaks MQTT 3.1.1 only (use automatic or 3.1.1)"),
+          refused: false, reason: "protocol")
+      }
+      let error = MQTTError(
+        kind: .connectionFailed(endCode),
+        reason: "\(endpoint) accepted our certificate, then closed the connection without a CONNACK")
+      return .failed(error, refused: false, reason: "network")
     }
     let error = MQTTError(
       kind: .connectionFailed(endCode), reason: "cannot connect to \(endpoint): \(endText)")
@@ -279,7 +341,7 @@ final class Connection {
   private func send(_ m: OutboxMessage, mid: inout Int32) -> Int32 {
     var properties: OpaquePointer?
     defer { mosquitto_property_free_all(&properties) }
-    if engine.configuration.protocolVersion == .v5, let expires = m.expires {
+    if version == .v5, let expires = m.expires {
       let left = UInt32(max(1, min(expires.timeIntervalSinceNow.rounded(.up), Double(UInt32.max))))
       mosquitto_property_add_int32(&properties, Int32(MQTT_PROP_MESSAGE_EXPIRY_INTERVAL.rawValue), left)
     }
@@ -300,7 +362,7 @@ final class Connection {
   private func didConnect(_ rc: Int32) {
     if rc == 0 {
       connectedAt = Date()
-      engine.connected(endpoint)
+      engine.connected(endpoint, afterFallback: countsFallback)
     } else {
       refusal = rc
     }
@@ -327,7 +389,8 @@ final class Connection {
     let savedErrno = errno
     guard let ssl = mosquitto_ssl_get(mosq) else {
       // libmosquitto freed the SSL already (a lost connection): the context kept the reason.
-      return TLSError.lastFailure(of: tls)
+      let recorded = TLSError.lastFailure(of: tls)
+      return recorded?.layer == .network && recorded?.code != .closedAfterOurCertificate ? nil : recorded
     }
     errno = savedErrno
     // The handshake (or the first read after it, where TLS 1.3 hears that the server refused
@@ -337,8 +400,12 @@ final class Connection {
     let tlsLike = rc == MOSQ_ERR_TLS.rawValue || rc == MOSQ_ERR_PROTOCOL.rawValue
     let diagnosis = TLSError.diagnose(
       ssl: OpaquePointer(ssl), sslError: tlsLike ? 1 : 5 /* SSL_ERROR_SSL : SSL_ERROR_SYSCALL */)
-    if diagnosis.layer != .network { return diagnosis }
-    if let recorded = TLSError.lastFailure(of: tls), recorded.layer != .network { return recorded }
+    if diagnosis.layer != .network || diagnosis.code == .closedAfterOurCertificate { return diagnosis }
+    if let recorded = TLSError.lastFailure(of: tls),
+      recorded.layer != .network || recorded.code == .closedAfterOurCertificate
+    {
+      return recorded
+    }
     return nil
   }
 

@@ -186,6 +186,8 @@ final class Engine: @unchecked Sendable {
     /// Set when the outbox may hold messages the network thread has not fetched.
     var outboxChanged = true
     var metrics = MQTTMetrics()
+    /// The error of the last failed attempt, until a connection succeeds.
+    var lastFailure: (any Error)?
   }
 
   private static let libraryInit: Void = { mosquitto_lib_init() }()
@@ -265,12 +267,15 @@ final class Engine: @unchecked Sendable {
   }
 
   func connect(timeout: Double) async throws {
-    start()
     let id = UUID()
     try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+      // The waiter is in place before the network thread starts: a first attempt that fails at
+      // once (a refusal on an idle core) must reach it, not leave it waiting for the next
+      // attempt minutes later (the untrusted-CA flake's second half).
       let now: Result<Void, any Error>? = withShared { s in
         if case .connected = s.state { return .success(()) }
         if s.stopping { return .failure(MQTTError(kind: .stopped, reason: "the client was stopped")) }
+        if case .waiting = s.state, let failure = s.lastFailure { return .failure(failure) }
         s.connectWaiters[id] = c
         return nil
       }
@@ -278,6 +283,7 @@ final class Engine: @unchecked Sendable {
         c.resume(with: now)
         return
       }
+      start()
       DispatchQueue.global().asyncAfter(deadline: .now() + timeout) { [weak self] in
         guard let self else { return }
         let waiter = self.withShared { $0.connectWaiters.removeValue(forKey: id) }
@@ -287,16 +293,7 @@ final class Engine: @unchecked Sendable {
     }
   }
 
-  static func checkTopic(_ topic: String) throws(MQTTError) {
-    let bytes = Array(topic.utf8)
-    let rc = bytes.withUnsafeBufferPointer { b in
-      b.withMemoryRebound(to: CChar.self) { mosquitto_pub_topic_check2($0.baseAddress, b.count) }
-    }
-    guard rc == MOSQ_ERR_SUCCESS.rawValue, !bytes.isEmpty else {
-      throw MQTTError(
-        kind: .invalidArgument, reason: "\"\(topic)\" is not a topic to publish to (empty, wildcards, or too long)")
-    }
-  }
+  static func checkTopic(_ topic: String) throws(MQTTError) { try MQTTTopic.checkName(topic) }
 
   func sendAtMostOnce(_ message: MQTTMessage) throws(MQTTError) {
     try Engine.checkTopic(message.topic)
@@ -377,6 +374,7 @@ final class Engine: @unchecked Sendable {
   }
 
   func subscribe(_ filter: String, qos: MQTTQoS) async throws -> MQTTQoS {
+    try MQTTTopic.checkFilter(filter)
     start()
     let granted = try await withCheckedThrowingContinuation { (c: CheckedContinuation<MQTTQoS, any Error>) in
       let stopped = withShared { s -> Bool in
@@ -435,9 +433,29 @@ final class Engine: @unchecked Sendable {
     stateSink.yield(new)
   }
 
+  /// The version to speak to `endpoint`: the pinned one, or for `.automatic` MQTT 5 until the
+  /// endpoint showed it speaks only 3.1.1.
+  private func version(for endpoint: MQTTEndpoint, fallbacks: Set<String>) -> MQTTProtocolVersion {
+    switch configuration.protocolVersion {
+    case .automatic: return fallbacks.contains(endpoint.description) ? .v311 : .v5
+    case let pinned: return pinned
+    }
+  }
+
   private func run() {
     var failures = 0
     var endpointIndex = 0
+    // Endpoints that showed they do not speak MQTT 5 (automatic version only), for this
+    // client's lifetime.
+    var fallbacks = Set<String>()
+    // Endpoints being tried in 3.1.1 after an MQTT 5 CONNECT went unanswered: kept if 3.1.1
+    // connects, forgotten if it fails too (then it was not the version).
+    var tentative = Set<String>()
+    // Endpoints whose next connection is the first in 3.1.1 (counted when it connects).
+    var firstFallback = Set<String>()
+    // TLS 1.3 connections in a row that ended right after our certificate with no alert: a
+    // reset or a refusal whose alert was lost. Transient, until it keeps happening.
+    var closedAfterCertificate = 0
     while true {
       let (tls, stopping) = withShared { s -> (TLSClientContext, Bool) in
         s.swapRequested = false
@@ -447,12 +465,45 @@ final class Engine: @unchecked Sendable {
       let endpoint = configuration.endpoints[endpointIndex % configuration.endpoints.count]
       setState(.connecting(endpoint))
       withShared { $0.metrics.connectAttempts += 1 }
-      let outcome: ConnectionOutcome
+      let speaking = version(for: endpoint, fallbacks: fallbacks)
+      var outcome: ConnectionOutcome
       do {
-        let connection = try Connection(engine: self, tls: tls, endpoint: endpoint)
+        let connection = try Connection(
+          engine: self, tls: tls, endpoint: endpoint, version: speaking,
+          countsFallback: firstFallback.remove(endpoint.description) != nil)
         outcome = connection.run()
       } catch {
         outcome = .failed(error, refused: false, reason: "client")
+      }
+      let key = endpoint.description
+      if configuration.protocolVersion == .automatic, speaking == .v5, case .failed(let error, _, let reason) = outcome
+      {
+        if (error as? MQTTError)?.kind == .protocolVersionUnsupported {
+          // Not a failure of ours or of the network: speak 3.1.1 to this endpoint, now.
+          fallbacks.insert(key)
+          firstFallback.insert(key)
+          logger.warning("\(error); speaking MQTT 3.1.1 to \(endpoint) from now on")
+          continue
+        }
+        if reason == "timeout-after-tls" {
+          fallbacks.insert(key)
+          firstFallback.insert(key)
+          tentative.insert(key)
+          logger.warning("\(error); trying MQTT 3.1.1")
+          continue
+        }
+      }
+      if tentative.contains(key) {
+        tentative.remove(key)
+        // 3.1.1 fared no better: the version was not the problem.
+        if case .failed = outcome { fallbacks.remove(key) }
+      }
+      if case .failed(let error, _, let reason) = outcome, (error as? TLSError)?.code == .closedAfterOurCertificate {
+        closedAfterCertificate += 1
+        // Three in a row is no longer a coincidence: wait as after a refusal.
+        if closedAfterCertificate >= 3 { outcome = .failed(error, refused: true, reason: reason) }
+      } else if case .failed = outcome {
+        closedAfterCertificate = 0
       }
       var delay = 0.0
       var why = ""
@@ -461,6 +512,7 @@ final class Engine: @unchecked Sendable {
         break
       case .swapped:
         failures = 0
+        closedAfterCertificate = 0
         continue
       case .failed(let error, let refused, let reason):
         failures += 1
@@ -474,6 +526,7 @@ final class Engine: @unchecked Sendable {
         delay = configuration.reconnect.delay(
           failures: failures, refused: refused, random: Double.random(in: 0..<1))
       case .lost(let reason, let upFor):
+        closedAfterCertificate = 0
         if upFor >= configuration.reconnect.stableAfter { failures = 0 }
         failures += 1
         why = reason
@@ -503,6 +556,7 @@ final class Engine: @unchecked Sendable {
 
   private func failConnectWaiters(_ error: any Error) {
     let waiters = withShared { s -> [CheckedContinuation<Void, any Error>] in
+      s.lastFailure = error
       defer { s.connectWaiters.removeAll() }
       return Array(s.connectWaiters.values)
     }
@@ -528,9 +582,11 @@ final class Engine: @unchecked Sendable {
 
   // Called by `Connection` on the network thread.
 
-  func connected(_ endpoint: MQTTEndpoint) {
+  func connected(_ endpoint: MQTTEndpoint, afterFallback: Bool) {
     let waiters = withShared { s -> [CheckedContinuation<Void, any Error>] in
       s.metrics.connections += 1
+      s.lastFailure = nil
+      if afterFallback { s.metrics.protocolFallbacks += 1 }
       // Everything we want is subscribed again on a new connection.
       s.pendingSubscribes = s.subscriptions.map(\.filter)
       s.outboxChanged = true

@@ -26,6 +26,8 @@ public struct MQTTMetrics: Sendable, Equatable {
   /// TLS handshakes that failed, by reason (a subset of `connectFailures`).
   public var handshakeFailures: [String: Int] = [:]
   public var credentialSwaps = 0
+  /// Endpoints the automatic version fell back to MQTT 3.1.1 for (they do not speak 5).
+  public var protocolFallbacks = 0
   /// Messages waiting in the outbox, and their size.
   public var outboxMessages = 0
   public var outboxBytes = 0
@@ -74,6 +76,7 @@ public struct MQTTMetrics: Sendable, Equatable {
     counters("connect_failures", "Failed connection attempts by reason.", "reason", connectFailures)
     counters("handshake_failures", "Failed TLS handshakes by reason.", "reason", handshakeFailures)
     counter("credential_swaps", "TLS identities replaced (certificate renewal).", credentialSwaps)
+    counter("protocol_fallbacks", "Endpoints spoken to in MQTT 3.1.1 after they refused MQTT 5.", protocolFallbacks)
     gauge("outbox_messages", "Messages waiting for an acknowledgement.", "\(outboxMessages)")
     gauge("outbox_bytes", "Bytes waiting for an acknowledgement.", "\(outboxBytes)")
     gauge("connected", "1 while connected.", connected ? "1" : "0")

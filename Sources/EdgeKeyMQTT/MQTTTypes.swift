@@ -24,9 +24,17 @@ public enum MQTTQoS: Int32, Sendable, Equatable, Comparable {
   public static func < (a: MQTTQoS, b: MQTTQoS) -> Bool { a.rawValue < b.rawValue }
 }
 
-public enum MQTTProtocolVersion: Int32, Sendable {
-  case v311 = 4
-  case v5 = 5
+/// The MQTT version to speak. `.automatic` (the default) starts with MQTT 5 and falls back to
+/// 3.1.1 for an endpoint that shows it does not speak 5: it accepts our certificate, then
+/// closes the connection after our MQTT 5 CONNECT without a CONNACK, or answers "unacceptable
+/// protocol version". `.v5` and `.v311` pin the version.
+public enum MQTTProtocolVersion: Sendable, Equatable {
+  case v311
+  case v5
+  case automatic
+
+  /// MOSQ_OPT_PROTOCOL_VERSION's value for a pinned version (automatic starts with 5).
+  var level: Int32 { self == .v311 ? 4 : 5 }
 }
 
 /// A failure of the MQTT layer. TLS failures are thrown as `TLSError` (with their layer).
@@ -52,6 +60,9 @@ public struct MQTTError: Error, CustomStringConvertible, Sendable, Equatable {
     case diskFull
     /// The client was stopped.
     case stopped
+    /// The broker accepted our certificate, then closed the connection without answering our
+    /// MQTT 5 CONNECT (or answered "unacceptable protocol version"): it speaks only 3.1.1.
+    case protocolVersionUnsupported
   }
   public var kind: Kind
   public var reason: String
@@ -94,7 +105,7 @@ public struct MQTTConfiguration: Sendable {
   public var endpoints: [MQTTEndpoint]
   /// Defaults to the common name of the TLS identity's certificate.
   public var clientID: String?
-  public var protocolVersion: MQTTProtocolVersion = .v5
+  public var protocolVersion: MQTTProtocolVersion = .automatic
   /// Seconds: 0 (off) or 5 to 65535. A broker silent for 1.5 × keepAlive is given up on.
   public var keepAlive: Int32 = 60
   /// MQTT 3.1.1 clean session / MQTT 5 clean start. A session that outlives the connection

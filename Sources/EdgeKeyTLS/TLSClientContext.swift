@@ -6,25 +6,50 @@ import EdgeKeyTPM
 public struct TLSPolicy: Sendable {
   /// The CA certificates the server's chain must end in (PEM). Not the system store.
   public var trustAnchorsPEM: String
-  /// CRLs to check the server's chain against (PEM), if any.
+  /// CRLs to check the server's chain against (PEM), if any. Every certificate of the chain is
+  /// checked against its issuer's CRL, intermediates included.
   public var crlPEM: String?
-  /// The host name or IP address the server's certificate must name.
+  /// What a level of the server's chain whose issuer has no CRL here means (with `crlPEM`).
+  public var missingCRL: MissingCRL
+  /// The host name or IP address the server's certificate must name. A host name is also sent
+  /// as SNI; an IP address never is (RFC 6066 §3).
   public var serverName: String?
   public var minimumVersion: TLSVersion
   public var maximumVersion: TLSVersion
-  /// Require serverAuth in the server certificate's extended key usage (default: yes).
+  /// Require serverAuth in the server certificate's extended key usage (default: yes). False
+  /// also accepts a certificate with no EKU at all (RFC 5280: unrestricted); an EKU that lists
+  /// other purposes only is refused either way.
   public var requireServerAuth: Bool
+  /// Accept id-kp-cmcRA in place of serverAuth: an EST server's certificate may carry it
+  /// (RFC 7030 §3.6.1). Off for brokers.
+  public var acceptCMCRA: Bool
+  /// Application protocols offered by ALPN, in order of preference (RFC 7301), e.g.
+  /// `["x-amzn-mqtt-ca"]` for AWS IoT Core on port 443. Empty: no ALPN extension.
+  public var alpn: [String]
+
+  /// How to treat a chain level without a CRL.
+  public enum MissingCRL: Sendable, Equatable {
+    /// The handshake fails: "no CRL from this certificate's issuer" (the default: a CRL that
+    /// is missing cannot say a certificate is revoked).
+    case fail
+    /// The level passes unchecked; levels with a CRL are still checked.
+    case allow
+  }
 
   public init(
-    trustAnchorsPEM: String, serverName: String?, crlPEM: String? = nil, minimumVersion: TLSVersion = .tls12,
-    maximumVersion: TLSVersion = .tls13, requireServerAuth: Bool = true
+    trustAnchorsPEM: String, serverName: String?, crlPEM: String? = nil, missingCRL: MissingCRL = .fail,
+    minimumVersion: TLSVersion = .tls12, maximumVersion: TLSVersion = .tls13, requireServerAuth: Bool = true,
+    acceptCMCRA: Bool = false, alpn: [String] = []
   ) {
     self.trustAnchorsPEM = trustAnchorsPEM
     self.serverName = serverName
     self.crlPEM = crlPEM
+    self.missingCRL = missingCRL
     self.minimumVersion = minimumVersion
     self.maximumVersion = maximumVersion
     self.requireServerAuth = requireServerAuth
+    self.acceptCMCRA = acceptCMCRA
+    self.alpn = alpn
   }
 }
 
@@ -68,24 +93,29 @@ public final class TLSClientContext: @unchecked Sendable {
     guard let leaf = certificateChain.first else {
       throw TLSError(.configuration, .badCertificateChain, "no certificate")
     }
+    if let bad = policy.alpn.first(where: { $0.isEmpty || $0.utf8.count > 255 || $0.contains(",") }) {
+      throw TLSError(
+        .configuration, .other, "ALPN protocol \"\(bad)\": 1 to 255 bytes, no comma (RFC 7301 §3.1)")
+    }
     let chainPEM = certificateChain.map(\.pem).joined()
     var status = EDGEKEY_TLS_OK
     var why = [CChar](repeating: 0, count: 512)
     var config = edgekey_tls_config()
     config.key = key?.raw
     config.software_key = softwareKey
-    config.min_version = policy.minimumVersion.rawValue
-    config.max_version = policy.maximumVersion.rawValue
-    config.allow_missing_server_auth_eku = policy.requireServerAuth ? 0 : 1
+    policy.apply(to: &config)
     let context: OpaquePointer? = chainPEM.withCString { chain in
       policy.trustAnchorsPEM.withCString { trust in
         withOptionalCString(policy.crlPEM) { crl in
           withOptionalCString(policy.serverName) { name in
-            config.chain_pem = chain
-            config.trust_pem = trust
-            config.crl_pem = crl
-            config.server_name = name
-            return edgekey_tls_client_ctx(&config, &status, &why, why.count)
+            withOptionalCString(policy.alpnList) { alpn in
+              config.chain_pem = chain
+              config.trust_pem = trust
+              config.crl_pem = crl
+              config.server_name = name
+              config.alpn = alpn
+              return edgekey_tls_client_ctx(&config, &status, &why, why.count)
+            }
           }
         }
       }
@@ -101,6 +131,20 @@ public final class TLSClientContext: @unchecked Sendable {
   }
 
   deinit { SSL_CTX_free(sslContext) }
+}
+
+extension TLSPolicy {
+  /// The policy's switches in the C core's terms (the strings are set by the caller).
+  package func apply(to config: inout edgekey_tls_config) {
+    config.min_version = minimumVersion.rawValue
+    config.max_version = maximumVersion.rawValue
+    config.allow_missing_server_auth_eku = requireServerAuth ? 0 : 1
+    config.accept_cmc_ra = acceptCMCRA ? 1 : 0
+    config.crl_missing_ok = missingCRL == .allow ? 1 : 0
+  }
+
+  /// The ALPN list as the C core takes it ("a,b"), nil when empty.
+  package var alpnList: String? { alpn.isEmpty ? nil : alpn.joined(separator: ",") }
 }
 
 package func withOptionalCString<R>(_ s: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {

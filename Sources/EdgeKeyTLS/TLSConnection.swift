@@ -28,12 +28,7 @@ public final class TLSConnection {
     }
     self.ssl = ssl
     SSL_set_fd(ssl, fd)
-    var scratch = in6_addr()
-    let isIP = inet_pton(AF_INET, host, &scratch) == 1 || inet_pton(AF_INET6, host, &scratch) == 1
-    if !isIP {
-      // SSL_set_tlsext_host_name is a macro: SSL_ctrl(SSL_CTRL_SET_TLSEXT_HOSTNAME, host_name).
-      _ = host.withCString { SSL_ctrl(ssl, 55, 0, UnsafeMutableRawPointer(mutating: $0)) }
-    }
+    // SNI is the context's: the name it verifies, never an IP literal (edgekey_tls.h).
     ERR_clear_error()
     let rc = SSL_connect(ssl)
     if rc != 1 {
@@ -55,6 +50,12 @@ public final class TLSConnection {
   public var protocolVersion: String { String(cString: SSL_get_version(ssl)) }
   /// The negotiated cipher suite, e.g. "TLS_AES_256_GCM_SHA384".
   public var cipherSuite: String { String(cString: SSL_CIPHER_get_name(SSL_get_current_cipher(ssl))) }
+  /// The application protocol the server chose from ``TLSPolicy/alpn`` (RFC 7301), if any.
+  public var alpnProtocol: String? {
+    var name = [CChar](repeating: 0, count: 256)
+    guard edgekey_tls_alpn_selected(ssl, &name, name.count) == 1 else { return nil }
+    return String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+  }
   /// The server's certificate.
   public var peerCertificate: Certificate? { SSL_get1_peer_certificate(ssl).map { Certificate(owning: $0) } }
 

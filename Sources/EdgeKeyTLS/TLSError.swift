@@ -1,4 +1,9 @@
 import CEdgeKeyProvider
+import COpenSSL
+
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// A TLS failure, with the layer that failed and the certificate at fault.
 ///
@@ -56,6 +61,10 @@ public struct TLSError: Error, CustomStringConvertible, Sendable, Equatable {
     /// The server sent this TLS alert (e.g. 42 bad_certificate, 48 unknown_ca).
     case alert(Int)
     case protocolMismatch
+    /// TLS 1.3: the connection ended right after we sent our certificate, with no alert and no
+    /// session ticket. A reset, or a refusal whose alert was lost: transient, and worth
+    /// treating as a refusal only when it keeps happening.
+    case closedAfterOurCertificate
     case tpmSigningFailed
     case connectionFailed
     case timedOut
@@ -144,7 +153,8 @@ extension TLSError {
     case EDGEKEY_LAYER_TPM:
       self.init(.tpm, .tpmSigningFailed, reason)
     case EDGEKEY_LAYER_NETWORK:
-      self.init(.network, .connectionFailed, reason)
+      self.init(
+        .network, f.ambiguous != 0 ? .closedAfterOurCertificate : .connectionFailed, reason, certificate: summary)
     default:
       self.init(.tls, f.alert >= 0 ? .alert(Int(f.alert)) : .other, reason)
     }
@@ -207,5 +217,57 @@ extension TLSError {
       let text = "\(code)"
       return text
     }
+  }
+}
+
+/// How a connection from one of our contexts went at the TLS level, whether it failed or not:
+/// for telling a server that accepted our certificate and then closed (a broker that does not
+/// speak the MQTT version we sent) from one that refused it.
+package struct TLSConnectionSummary: Sendable, Equatable {
+  /// The handshake completed on our side.
+  package var handshakeCompleted: Bool
+  /// The server showed that it accepted our certificate: TLS 1.2 (its Finished follows its
+  /// check of our certificate), or a TLS 1.3 session ticket.
+  package var serverAcceptedUs: Bool
+  /// The first alert the server sent, if any.
+  package var alert: Int?
+
+  init(_ info: edgekey_tls_connection_info) {
+    handshakeCompleted = info.handshake_done != 0
+    serverAcceptedUs = info.handshake_done != 0 && (info.version == 0x0303 || info.ticket_received != 0)
+    alert = info.alert >= 0 ? Int(info.alert) : nil
+  }
+
+  /// What the live SSL recorded (libmosquitto still holds it).
+  package static func of(ssl: OpaquePointer) -> TLSConnectionSummary? {
+    var info = edgekey_tls_connection_info()
+    guard edgekey_tls_connection_of(ssl, &info) == 1 else { return nil }
+    return TLSConnectionSummary(info)
+  }
+
+  /// The last connection of `context` whose SSL was freed, once (each call clears it).
+  package static func last(of context: TLSClientContext) -> TLSConnectionSummary? {
+    var info = edgekey_tls_connection_info()
+    guard edgekey_tls_last_connection(context.sslContext, &info) == 1 else { return nil }
+    return TLSConnectionSummary(info)
+  }
+}
+
+/// Where a client TLS handshake driven by someone else (libmosquitto) stands.
+package enum TLSHandshakeProgress: Sendable {
+  /// Done (or no TLS).
+  case finished
+  /// Waiting for the server's answer: poll for reading.
+  case waitingToRead
+  /// Our next flight (the ClientHello first of all) waits for a writable socket: the TCP
+  /// connect may still be pending.
+  case waitingToWrite
+
+  package static func of(ssl: OpaquePointer) -> TLSHandshakeProgress {
+    if SSL_is_init_finished(ssl) == 1 { return .finished }
+    // Until the ClientHello is on the wire (the TCP connect may still be pending), or while
+    // OpenSSL waits to write, only a writable socket makes progress.
+    if edgekey_tls_client_hello_sent(ssl) == 0 || SSL_want(ssl) == SSL_WRITING { return .waitingToWrite }
+    return .waitingToRead
   }
 }

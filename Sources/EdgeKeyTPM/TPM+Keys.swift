@@ -43,12 +43,17 @@ extension TPM {
         esysFree(creationHash)
         esysFree(ticket)
       }
-      try esys(
-        "TPM2_Create", "creating a \(algorithm) key",
-        Esys_Create(
+      var rc: UInt32 = 0
+      for _ in 0..<4 {
+        rc = Esys_Create(
           ctx, srk, ESYS_TR(ESYS_TR_PASSWORD), ESYS_TR(ESYS_TR_NONE), ESYS_TR(ESYS_TR_NONE),
           &sensitive, &template, &outside, &pcrs, &outPrivate, &outPublic, &creationData,
-          &creationHash, &ticket))
+          &creationHash, &ticket)
+        // The TPM needs a free slot while it creates: make one (our least recently used key,
+        // loaded again when next used) and try again.
+        guard ResponseCode(rawValue: rc) ~= .objectMemory, edgekey_tpm_make_room(raw, ctx, srk) == 1 else { break }
+      }
+      try esys("TPM2_Create", "creating a \(algorithm) key", rc)
       return TSS2PrivateKey(
         parent: EDGEKEY_PARENT_OWNER, emptyAuth: authValue.isEmpty,
         publicBlob: try marshal(outPublic!.pointee, Tss2_MU_TPM2B_PUBLIC_Marshal),
@@ -115,9 +120,13 @@ extension TPM {
         parent = try object(ctx, at: file.parent, "opening the parent")
       }
       var loaded = ESYS_TR(ESYS_TR_NONE)
-      let rc = Esys_Load(
-        ctx, parent, ESYS_TR(ESYS_TR_PASSWORD), ESYS_TR(ESYS_TR_NONE), ESYS_TR(ESYS_TR_NONE), &priv, &pub,
-        &loaded)
+      var rc: UInt32 = 0
+      for _ in 0..<4 {
+        rc = Esys_Load(
+          ctx, parent, ESYS_TR(ESYS_TR_PASSWORD), ESYS_TR(ESYS_TR_NONE), ESYS_TR(ESYS_TR_NONE), &priv, &pub,
+          &loaded)
+        guard ResponseCode(rawValue: rc) ~= .objectMemory, edgekey_tpm_make_room(raw, ctx, parent) == 1 else { break }
+      }
       if parentTransient != 0 {
         Esys_FlushContext(ctx, parent)
       } else if file.parent != EDGEKEY_PARENT_OWNER {

@@ -194,12 +194,13 @@ func describe(_ key: PublicKey, storage: String, json: Bool) {
 
 func out(_ text: String, terminator: String) { print(text, terminator: terminator) }
 
-func run(_ argv: [String]) throws {
+func run(_ argv: [[UInt8]]) throws {
   let args: Arguments
   let booleans: Set<String> = [
-    "json", "verbose", "help", "stdin-line", "print-accepted", "retain", "force", "keep-key", "channel-binding",
+    "json", "verbose", "help", "stdin-line", "stdin-file", "print-accepted", "retain", "force", "keep-key",
+    "channel-binding", "will-retain", "disable-clean-session", "allow-missing-crl", "allow-server-without-eku",
   ]
-  let expanded: [String]
+  let expanded: [[UInt8]]
   do { expanded = try Arguments.expandingConfig(argv, booleans: booleans, known: longOptions) } catch {
     fail(error.description, .usage)  // names the file and line; the whole usage would bury it
   }
@@ -210,6 +211,7 @@ func run(_ argv: [String]) throws {
       aliases: [
         "-a": "--algorithm", "-o": "--out", "-c": "--handle", "-v": "--verbose", "-h": "--host", "-p": "--port",
         "-t": "--topic", "-m": "--message", "-q": "--qos", "-l": "--stdin-line", "-r": "--retain", "-i": "--id",
+        "-f": "--file-message", "-s": "--stdin-file", "-V": "--protocol-version",
       ])
   } catch {
     fail("\(error)\n\(usage)", .usage)
@@ -338,7 +340,7 @@ if CommandLine.arguments.contains("-v") || CommandLine.arguments.contains("--ver
 }
 
 do {
-  try run(Array(CommandLine.arguments.dropFirst()))
+  try run(Arguments.processArguments)
 } catch let error as TPMError {
   fail(error.description, error.code == .unreachable ? .tpmUnreachable : .failure)
 } catch let error as TLSError {

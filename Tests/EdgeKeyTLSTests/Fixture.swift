@@ -48,14 +48,15 @@ final class Fixture: @unchecked Sendable {
   }
 
   func context(
-    serverName: String = "localhost", trust: String? = nil, crl: String? = nil, maximumVersion: TLSVersion = .tls13,
-    chainPEM: String? = nil
+    serverName: String = "localhost", trust: String? = nil, crl: String? = nil,
+    missingCRL: TLSPolicy.MissingCRL = .fail, maximumVersion: TLSVersion = .tls13, chainPEM: String? = nil,
+    alpn: [String] = [], requireServerAuth: Bool = true, acceptCMCRA: Bool = false
   ) throws -> TLSClientContext {
     try TLSClientContext(
       certificateChain: try Certificate.chain(pem: chainPEM ?? clientCertificatePEM), key: key,
       policy: TLSPolicy(
-        trustAnchorsPEM: trust ?? ca.certificatePEM, serverName: serverName, crlPEM: crl,
-        maximumVersion: maximumVersion))
+        trustAnchorsPEM: trust ?? ca.certificatePEM, serverName: serverName, crlPEM: crl, missingCRL: missingCRL,
+        maximumVersion: maximumVersion, requireServerAuth: requireServerAuth, acceptCMCRA: acceptCMCRA, alpn: alpn))
   }
 
   /// One request to s_server -www; returns the page (which describes our certificate).

@@ -167,6 +167,78 @@ struct MQTTDeliveryTests {
     client.stop()
   }
 
+  @Test("a broker we do not trust, 60 times with every core busy: always the server-certificate error, never a timeout")
+  func untrustedBrokerUnderLoad() async throws {
+    let f = try Fixture()
+    let stranger = try TestCA(name: "Stranger CA")
+    let cert = try stranger.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: cert.certificate, keyPEM: cert.key, clientCAPEM: f.ca.certificatePEM)
+    let load = CPULoad(threads: ProcessInfo.processInfo.activeProcessorCount)
+    defer { load.stop() }
+    var outcomes: [String: Int] = [:]
+    for _ in 0..<60 {
+      var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+      configuration.reconnect = quickReconnect
+      let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
+      do {
+        try await client.connect(timeout: 30)
+        outcomes["connected", default: 0] += 1
+      } catch let error as TLSError {
+        outcomes["\(error.layer.rawValue) \(error.codeName)", default: 0] += 1
+      } catch {
+        outcomes["\(error)", default: 0] += 1
+      }
+      client.stop()
+    }
+    print("untrusted broker under load: \(outcomes)")
+    #expect(outcomes.keys.allSatisfy { $0.hasPrefix("server certificate") }, "\(outcomes)")
+  }
+
+  @Test("connect() after the first attempt already failed throws that failure, not a timeout minutes later")
+  func connectAfterFailure() async throws {
+    // The other half of the flake: connect() started the client and only then registered its
+    // waiter, so an attempt that failed in between (a refusal, on an idle core) was missed and
+    // the waiter sat out the timeout while the client waited minutes to retry.
+    let f = try Fixture()
+    let stranger = try TestCA(name: "Stranger CA")
+    let cert = try stranger.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: cert.certificate, keyPEM: cert.key, clientCAPEM: f.ca.certificatePEM)
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+    configuration.reconnect = quickReconnect
+    let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
+    defer { client.stop() }
+    client.start()
+    for await state in client.stateChanges {
+      if case .waiting = state { break }
+    }
+    let error = await #expect(throws: TLSError.self) { try await client.connect(timeout: 60) }
+    #expect(error?.layer == .serverCertificate)
+  }
+
+  @Test("a TCP connect that completes late (the SYN retransmitted): the handshake still runs, the error is typed")
+  func lateTCPConnect() async throws {
+    // The root cause of the untrusted-CA flake: when the loopback connect was not complete inside
+    // mosquitto_connect_bind_async, the TLS handshake waited for a readable socket that the
+    // server, waiting for our ClientHello, never made readable; the attempt ended at the connect
+    // timeout instead of the certificate error.
+    let f = try Fixture()
+    let stranger = try TestCA(name: "Stranger CA")
+    let cert = try stranger.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: cert.certificate, keyPEM: cert.key, clientCAPEM: f.ca.certificatePEM)
+    let proxy = try LateAcceptProxy(to: broker.port)
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: proxy.port)
+    configuration.reconnect = quickReconnect
+    configuration.connectTimeout = 20
+    let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
+    defer { client.stop() }
+    proxy.releaseWhenConnectPending()
+    let error = await #expect(throws: TLSError.self) { try await client.connect(timeout: 30) }
+    #expect(error?.layer == .serverCertificate, "\(String(describing: error))")
+  }
+
   @Test("a revoked client certificate: the broker's refusal is a typed error and no retry storm")
   func revokedClient() async throws {
     let f = try Fixture(commonName: "device-0202")
@@ -175,10 +247,16 @@ struct MQTTDeliveryTests {
     configuration.reconnect = quickReconnect
     let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
     let error = await #expect(throws: TLSError.self) { try await client.connect() }
-    #expect(error?.layer == .rejectedByServer)
+    // mosquitto's certificate_revoked alert, when it reaches us before the reset that our
+    // CONNECT provokes; else the end right after our certificate, which alone proves nothing.
+    #expect(
+      error?.layer == .rejectedByServer || error?.code == .closedAfterOurCertificate, "\(String(describing: error))")
     #expect(error?.certificate?.subject.contains("device-0202") == true)
-    try await Task.sleep(nanoseconds: 1_000_000_000)
-    #expect(client.metrics.connectAttempts == 1)
+    // Either way no retry storm: a refusal waits at once, the ambiguous end after three in a row.
+    for await state in client.stateChanges {
+      if case .waiting(let retryIn, _) = state, retryIn >= configuration.reconnect.refusedInitialDelay / 2 { break }
+    }
+    #expect(client.metrics.connectAttempts <= 3)
     client.stop()
   }
 

@@ -33,3 +33,38 @@ public func drain(_ client: MQTTClient, expecting expected: Set<String>, within 
   timer.cancel()
   return result
 }
+
+/// Busy threads that keep every core loaded, for tests that must pass on a loaded machine.
+public final class CPULoad: @unchecked Sendable {
+  // @unchecked: `running` is only read by the spinning threads and written once by stop().
+  private let running = ManagedAtomicFlag()
+
+  public init(threads: Int) {
+    for _ in 0..<threads {
+      let flag = running
+      Thread.detachNewThread {
+        var x: UInt64 = 1
+        while flag.isSet { x = x &* 6_364_136_223_846_793_005 &+ 1 }
+        _ = x
+      }
+    }
+  }
+
+  public func stop() { running.clear() }
+}
+
+/// A flag the load threads poll, behind a lock (TSan sees it).
+final class ManagedAtomicFlag: @unchecked Sendable {
+  private let lock = NSLock()
+  private var value = true
+  var isSet: Bool {
+    lock.lock()
+    defer { lock.unlock() }
+    return value
+  }
+  func clear() {
+    lock.lock()
+    value = false
+    lock.unlock()
+  }
+}

@@ -9,20 +9,24 @@ public final class TestCA: @unchecked Sendable {
   public let key: OpaquePointer
   public let certificate: OpaquePointer
   public let name: String
+  /// This CA certificate's serial number (to revoke an intermediate in its issuer's CRL).
+  public let serialNumber: Int
   private let lock = NSLock()
   private var nextSerial: Int = 100
 
   /// A self-signed root.
   public init(name: String = "EdgeKey Test Root CA") throws {
     self.name = name
+    serialNumber = 1
     key = try TestCA.generateKey()
     certificate = try TestCA.makeCertificate(
       subject: name, publicKey: key, issuerName: name, issuerKey: key, serial: 1, isCA: true,
       notBefore: -3600, notAfter: 86400 * 365, extendedKeyUsage: nil, subjectAlternativeNames: [])
   }
 
-  private init(name: String, key: OpaquePointer, certificate: OpaquePointer) {
+  private init(name: String, key: OpaquePointer, certificate: OpaquePointer, serial: Int) {
     self.name = name
+    self.serialNumber = serial
     self.key = key
     self.certificate = certificate
   }
@@ -35,10 +39,11 @@ public final class TestCA: @unchecked Sendable {
   /// An intermediate CA under this one.
   public func intermediate(name: String = "EdgeKey Test Issuing CA") throws -> TestCA {
     let key = try TestCA.generateKey()
+    let serial = serial()
     let cert = try TestCA.makeCertificate(
-      subject: name, publicKey: key, issuerName: self.name, issuerKey: self.key, serial: serial(), isCA: true,
+      subject: name, publicKey: key, issuerName: self.name, issuerKey: self.key, serial: serial, isCA: true,
       notBefore: -3600, notAfter: 86400 * 365, extendedKeyUsage: nil, subjectAlternativeNames: [])
-    return TestCA(name: name, key: key, certificate: cert)
+    return TestCA(name: name, key: key, certificate: cert, serial: serial)
   }
 
   /// A link certificate for a CA rollover (RFC 4210 §4.4): `other`'s name and key, issued by

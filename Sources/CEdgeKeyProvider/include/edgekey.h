@@ -126,6 +126,15 @@ TSS2_RC edgekey_tpm_srk_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys, ESYS_TR *sr
 /* The standard SRK template: ECC P-256, AES-128-CFB, empty unique (what tpm2-openssl uses). */
 void edgekey_srk_template(TPM2B_PUBLIC *out);
 
+/*
+ * Makes room for one more object when the TPM answered TPM2_RC_OBJECT_MEMORY (0x902): flushes
+ * the key of ours used longest ago (it is loaded again on its next use), or over a TCTI without
+ * a resource manager the objects leaked by other processes, but never `keep` (the parent the
+ * caller is using). Returns 1 when something was flushed, 0 when there was nothing to flush.
+ * Context held.
+ */
+int edgekey_tpm_make_room(edgekey_tpm *tpm, ESYS_CONTEXT *esys, ESYS_TR keep);
+
 /* Flushes every transient object in the TPM (leaked by dead processes). Context held. */
 TSS2_RC edgekey_tpm_flush_all_transients_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys,
                                                 int *flushed);

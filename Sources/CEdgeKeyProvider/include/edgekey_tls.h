@@ -24,8 +24,14 @@ typedef struct {
   const char *server_name; /* host name or IP literal the server's certificate must name */
   int min_version;         /* TLS1_2_VERSION when 0 */
   int max_version;         /* TLS1_3_VERSION when 0 */
-  int allow_missing_server_auth_eku; /* 0: the server's certificate must say serverAuth */
+  int allow_missing_server_auth_eku; /* 1: a server certificate with no EKU at all is accepted
+                                      * (RFC 5280: unrestricted); 0: it must name serverAuth */
   int allow_unverified_name;         /* 0: server_name is required */
+  int accept_cmc_ra;  /* 1: id-kp-cmcRA stands in for serverAuth (EST servers, RFC 7030 3.6.1) */
+  int crl_missing_ok; /* with crl_pem, every certificate of the server's chain is checked against
+                       * its issuer's CRL; 0: a level with no CRL fails the handshake
+                       * (X509_V_ERR_UNABLE_TO_GET_CRL), 1: it passes unchecked */
+  const char *alpn;   /* ALPN protocols to offer, comma-separated ("x-amzn-mqtt-ca"), or NULL */
 } edgekey_tls_config;
 
 /* Why a context could not be made; the first few concern our own certificate. */
@@ -52,6 +58,12 @@ typedef enum {
  */
 SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *config, edgekey_tls_status *status,
                                 char *why, size_t why_len);
+
+/*
+ * SNI (RFC 6066 3): every connection from a context of ours sends the name it verifies when that
+ * is a DNS name, and no server_name extension at all when it is an IP address (literal IPs are
+ * not permitted in SNI), whatever the library driving the SSL set (libmosquitto sets its host).
+ */
 
 /*
  * The same policy applied to a context made elsewhere (libcurl's, in its
@@ -83,7 +95,35 @@ typedef struct {
   char not_before[40];
   char not_after[40];
   char reason[512];
+  /* 1 when the evidence fits a refusal of our certificate and a plain network failure alike
+   * (TLS 1.3: the connection ended after our Certificate with no alert and no session ticket);
+   * reported at the network layer, as transient. */
+  int ambiguous;
 } edgekey_tls_failure;
+
+/* How the last connection made from a context ended, whether it failed or not: for telling
+ * "the server accepted our certificate and then closed" (a broker that does not speak the MQTT
+ * version we asked for) from a refusal. */
+typedef struct {
+  int handshake_done;  /* the TLS handshake completed on our side */
+  int version;         /* TLS1_2_VERSION, TLS1_3_VERSION, or 0 */
+  int ticket_received; /* TLS 1.3: the server sent a session ticket, so it accepted our certificate */
+  int alert;           /* the first alert the server sent, or -1 */
+  int cert_sent;       /* we sent a non-empty Certificate */
+} edgekey_tls_connection_info;
+
+/* The last connection from `ctx` whose SSL was freed; returns 0 when there is none since the
+ * last call (each call clears it). */
+int edgekey_tls_last_connection(SSL_CTX *ctx, edgekey_tls_connection_info *out);
+/* The same for a connection whose SSL is still there; returns 0 when it recorded nothing. */
+int edgekey_tls_connection_of(SSL *ssl, edgekey_tls_connection_info *out);
+
+/* 1 once our ClientHello has been written to the socket (for code that drives a handshake
+ * from its own event loop: before that, only a writable socket makes progress). */
+int edgekey_tls_client_hello_sent(SSL *ssl);
+
+/* The ALPN protocol the server selected on `ssl` into `out` (NUL-terminated); 0 when none. */
+int edgekey_tls_alpn_selected(const SSL *ssl, char *out, size_t cap);
 
 /*
  * Explains why SSL_connect/SSL_read/SSL_write on `ssl` (made from a context of

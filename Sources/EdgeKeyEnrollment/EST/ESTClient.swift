@@ -19,6 +19,13 @@ public struct ESTOptions: Sendable {
   public var maximumVersion: TLSVersion = .tls13
   /// How much the server's clock may be ahead of ours when a certificate's notBefore is checked.
   public var clockSkew: TimeInterval = 300
+  /// CRLs (PEM) for the EST server's chain, checked at every level of it.
+  public var crlPEM: String?
+  /// What a level of the server's chain without a CRL here means (with `crlPEM`).
+  public var missingCRL: TLSPolicy.MissingCRL = .fail
+  /// Accept an EST server certificate with no extended key usage at all (RFC 5280 reads it as
+  /// unrestricted). Off: it must name serverAuth or id-kp-cmcRA (RFC 7030 §3.6.1 allows both).
+  public var allowServerCertificateWithoutEKU = false
   /// Sleeps between 202 answers; replaceable so that tests need not wait.
   public var sleep: @Sendable (TimeInterval) -> Void = { Threads.sleep($0) }
 
@@ -221,7 +228,9 @@ public final class ESTClient: Sendable {
         HTTPSTransport.Request(
           method: method, url: url, contentType: contentType, body: body, authentication: authentication,
           trustAnchorsPEM: trustAnchorsPEM, serverName: server.serverName, minimumVersion: options.minimumVersion,
-          maximumVersion: options.maximumVersion, timeout: options.timeout, connectTimeout: options.connectTimeout,
+          maximumVersion: options.maximumVersion, crlPEM: options.crlPEM, missingCRL: options.missingCRL,
+          allowNoEKU: options.allowServerCertificateWithoutEKU, timeout: options.timeout,
+          connectTimeout: options.connectTimeout,
           maximumResponseBytes: options.maximumResponseBytes, binding: binding))
       switch answer.status {
       case 200, 202, 204: return answer

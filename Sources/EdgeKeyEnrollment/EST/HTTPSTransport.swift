@@ -58,6 +58,9 @@ enum HTTPSTransport {
     var serverName: String
     var minimumVersion: TLSVersion
     var maximumVersion: TLSVersion
+    var crlPEM: String? = nil
+    var missingCRL: TLSPolicy.MissingCRL = .fail
+    var allowNoEKU = false
     var timeout: TimeInterval
     var connectTimeout: TimeInterval
     var maximumResponseBytes: Int
@@ -88,58 +91,65 @@ enum HTTPSTransport {
     defer { edgekey_http_response_free(&response) }
     var config = edgekey_tls_config()
     config.key = auth.key?.raw
-    config.min_version = r.minimumVersion.rawValue
-    config.max_version = r.maximumVersion.rawValue
+    // An EST server: serverAuth or id-kp-cmcRA (RFC 7030 §3.6.1); no EKU only when configured.
+    TLSPolicy(
+      trustAnchorsPEM: "", serverName: nil, missingCRL: r.missingCRL, minimumVersion: r.minimumVersion,
+      maximumVersion: r.maximumVersion, requireServerAuth: !r.allowNoEKU, acceptCMCRA: true
+    ).apply(to: &config)
     let maker = r.binding.map { BodyMaker($0.makeBody) }
     let makerPointer = maker.map { Unmanaged.passUnretained($0).toOpaque() }
     let outcome = withExtendedLifetime(maker) {
-      withOptionalCString(r.binding?.url) { bindingURL in
-        withOptionalCString(chainPEM) { chain in
-          withOptionalCString(r.trustAnchorsPEM) { trust in
-            r.serverName.withCString { name in
-              withOptionalCString(r.contentType) { contentType in
-                withOptionalCString(auth.username) { user in
-                  withOptionalCString(auth.password) { password in
-                    r.method.withCString { method in
-                      r.url.withCString { url in
-                        r.body.withUnsafeBufferPointer { body in
-                          config.chain_pem = chain
-                          config.trust_pem = trust
-                          config.server_name = name
-                          return withUnsafePointer(to: &config) { tls in
-                            var request = edgekey_http_request()
-                            request.method = method
-                            request.url = url
-                            request.content_type = contentType
-                            request.body = body.baseAddress
-                            request.body_len = body.count
-                            request.username = user
-                            request.password = password
-                            request.tls = trust == nil ? nil : tls
-                            request.timeout_ms = Int(r.timeout * 1000)
-                            request.connect_timeout_ms = Int(r.connectTimeout * 1000)
-                            request.max_response = r.maximumResponseBytes
-                            if let makerPointer {
-                              request.binding_url = bindingURL
-                              request.make_body_arg = makerPointer
-                              request.make_body = { arg, unique, length, bodyOut, bodyLength in
-                                let maker = Unmanaged<BodyMaker>.fromOpaque(arg!).takeUnretainedValue()
-                                do {
-                                  let body = try maker.make(Array(UnsafeBufferPointer(start: unique, count: length)))
-                                  let copy = malloc(max(body.count, 1))!.assumingMemoryBound(to: UInt8.self)
-                                  body.withUnsafeBufferPointer { source in
-                                    if let base = source.baseAddress { copy.update(from: base, count: source.count) }
+      withOptionalCString(r.crlPEM) { crl in
+        withOptionalCString(r.binding?.url) { bindingURL in
+          withOptionalCString(chainPEM) { chain in
+            withOptionalCString(r.trustAnchorsPEM) { trust in
+              r.serverName.withCString { name in
+                withOptionalCString(r.contentType) { contentType in
+                  withOptionalCString(auth.username) { user in
+                    withOptionalCString(auth.password) { password in
+                      r.method.withCString { method in
+                        r.url.withCString { url in
+                          r.body.withUnsafeBufferPointer { body in
+                            config.chain_pem = chain
+                            config.trust_pem = trust
+                            config.server_name = name
+                            config.crl_pem = crl
+                            return withUnsafePointer(to: &config) { tls in
+                              var request = edgekey_http_request()
+                              request.method = method
+                              request.url = url
+                              request.content_type = contentType
+                              request.body = body.baseAddress
+                              request.body_len = body.count
+                              request.username = user
+                              request.password = password
+                              request.tls = trust == nil ? nil : tls
+                              request.timeout_ms = Int(r.timeout * 1000)
+                              request.connect_timeout_ms = Int(r.connectTimeout * 1000)
+                              request.max_response = r.maximumResponseBytes
+                              if let makerPointer {
+                                request.binding_url = bindingURL
+                                request.make_body_arg = makerPointer
+                                request.make_body = { arg, unique, length, bodyOut, bodyLength in
+                                  let maker = Unmanaged<BodyMaker>.fromOpaque(arg!).takeUnretainedValue()
+                                  do {
+                                    let body = try maker.make(Array(UnsafeBufferPointer(start: unique, count: length)))
+                                    let copy = malloc(max(body.count, 1))!.assumingMemoryBound(to: UInt8.self)
+                                    body.withUnsafeBufferPointer { source in
+                                      if let base = source.baseAddress { copy.update(from: base, count: source.count) }
+                                    }
+                                    bodyOut?.pointee = copy
+                                    bodyLength?.pointee = body.count
+                                    return 1
+                                  } catch {
+                                    maker.error =
+                                      error as? EnrollmentError ?? EnrollmentError(.configuration, "\(error)")
+                                    return 0
                                   }
-                                  bodyOut?.pointee = copy
-                                  bodyLength?.pointee = body.count
-                                  return 1
-                                } catch {
-                                  maker.error = error as? EnrollmentError ?? EnrollmentError(.configuration, "\(error)")
-                                  return 0
                                 }
                               }
+                              return edgekey_https(&request, &response)
                             }
-                            return edgekey_https(&request, &response)
                           }
                         }
                       }
