@@ -362,7 +362,7 @@ final class Connection {
   private func didConnect(_ rc: Int32) {
     if rc == 0 {
       connectedAt = Date()
-      engine.connected(endpoint, afterFallback: countsFallback)
+      engine.connected(endpoint, afterFallback: countsFallback, version: version)
     } else {
       refusal = rc
     }

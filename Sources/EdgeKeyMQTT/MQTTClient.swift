@@ -67,6 +67,9 @@ public final class MQTTClient: Sendable {
     return false
   }
   public var metrics: MQTTMetrics { engine.metricsSnapshot() }
+  /// The MQTT version of the current (or last) connection: 5 or 3.1.1 (with `.automatic`, what
+  /// the broker turned out to speak); nil before the first connection.
+  public var protocolVersionInUse: MQTTProtocolVersion? { engine.withShared { $0.versionInUse } }
 
   /// Starts connecting in the background (and reconnecting, until `stop()`); returns at once.
   public func start() { engine.start() }
@@ -188,6 +191,7 @@ final class Engine: @unchecked Sendable {
     var metrics = MQTTMetrics()
     /// The error of the last failed attempt, until a connection succeeds.
     var lastFailure: (any Error)?
+    var versionInUse: MQTTProtocolVersion?
   }
 
   private static let libraryInit: Void = { mosquitto_lib_init() }()
@@ -582,8 +586,9 @@ final class Engine: @unchecked Sendable {
 
   // Called by `Connection` on the network thread.
 
-  func connected(_ endpoint: MQTTEndpoint, afterFallback: Bool) {
+  func connected(_ endpoint: MQTTEndpoint, afterFallback: Bool, version: MQTTProtocolVersion) {
     let waiters = withShared { s -> [CheckedContinuation<Void, any Error>] in
+      s.versionInUse = version
       s.metrics.connections += 1
       s.lastFailure = nil
       if afterFallback { s.metrics.protocolFallbacks += 1 }

@@ -50,6 +50,10 @@ public final class TLSConnection {
   public var protocolVersion: String { String(cString: SSL_get_version(ssl)) }
   /// The negotiated cipher suite, e.g. "TLS_AES_256_GCM_SHA384".
   public var cipherSuite: String { String(cString: SSL_CIPHER_get_name(SSL_get_current_cipher(ssl))) }
+  /// The server showed it accepted our certificate: TLS 1.2 (its Finished came after its check
+  /// of it), or a TLS 1.3 session ticket.
+  public var acceptedOurCertificate: Bool { TLSConnectionSummary.of(ssl: ssl)?.serverAcceptedUs ?? false }
+
   /// The application protocol the server chose from ``TLSPolicy/alpn`` (RFC 7301), if any.
   public var alpnProtocol: String? {
     var name = [CChar](repeating: 0, count: 256)

@@ -88,16 +88,11 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&signals, s) }
   pthread_sigmask(SIG_BLOCK, &signals, nil)
 
-  var (store, settings) = enrollmentSettings(args)
-  if args.flag("channel-binding") {
-    settings.channelBinding = true
-    settings.options.maximumVersion = .tls12
-  }
+  let (store, settings) = enrollmentSettings(args)
   guard let host = args.option("host"), let port = UInt16(args.option("port") ?? "8883") else {
     fail("agent needs -h/--host H (the broker; -p/--port P, default 8883)", .usage)
   }
-  let brokerCA = readText(args.option("broker-cafile") ?? args.option("cafile")!)
-  let tlsPolicy = TLSPolicy(trustAnchorsPEM: brokerCA, serverName: args.option("server-name") ?? host)
+  let tlsPolicy = brokerPolicy(args, host: host, caFile: args.option("broker-cafile") ?? args.option("cafile")!)
   var policy = RenewalPolicy()
   if let text = args.option("renew-at") {
     guard let share = Double(text), share > 0, share < 1 else { fail("--renew-at takes a share like 0.66", .usage) }
@@ -106,6 +101,10 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   let interval = Double(args.option("interval") ?? "0") ?? 0
   let topic = args.option("topic")
   if interval > 0 && topic == nil { fail("--interval needs -t/--topic", .usage) }
+  if args.flag("stdin-line") && topic == nil { fail("-l/--stdin-line needs -t/--topic", .usage) }
+  if let topic {
+    do { try MQTTTopic.checkName(topic) } catch { fail("-t/--topic: \(error.reason)", .usage) }
+  }
   let identity = identityOption(args)
 
   let tpm = openTPM(args, logger: logger)
@@ -159,7 +158,7 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
 
   var configuration = MQTTConfiguration(
     host: host, port: port, clientID: args.option("id") ?? credential.certificate?.commonName)
-  if args.option("protocol-version") == "311" { configuration.protocolVersion = .v311 }
+  applyMQTTOptions(args, to: &configuration)
   let outbox = try args.option("outbox").map { try Outbox(path: $0) }
   let client = try MQTTClient(
     configuration, tls: try TLSClientContext(certificateChain: credential.chain, key: key, policy: tlsPolicy),
@@ -175,8 +174,9 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   // Telemetry: a line read from stdin per message (-l), and/or a heartbeat every --interval s.
   if let topic, args.flag("stdin-line") {
     Threads.detach(name: "edgekey-stdin") {
-      while let line = readLine() {
-        do { try client.enqueue([MQTTMessage(topic: topic, payload: Array(line.utf8), qos: .atLeastOnce)]) } catch {
+      let lines = LineReader()
+      while let line = lines.next() {
+        do { try client.enqueue([MQTTMessage(topic: topic, payload: line, qos: .atLeastOnce)]) } catch {
           logger.warning("a line was not accepted: \(error)")
         }
       }

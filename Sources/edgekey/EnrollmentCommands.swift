@@ -30,7 +30,18 @@ func enrollmentSettings(_ args: Arguments) -> (CredentialStore, EnrollmentSettin
   do {
     let store = try CredentialStore(directory: state)
     let server = try ESTServer(url: url, label: args.option("label"))
-    return (store, EnrollmentSettings(server: server, trustAnchors: anchors, password: password))
+    var options = ESTOptions()
+    let crl = crlOptions(args)
+    options.crlPEM = crl.pem
+    options.missingCRL = crl.missing
+    options.allowServerCertificateWithoutEKU = args.flag("allow-server-without-eku")
+    var settings = EnrollmentSettings(server: server, trustAnchors: anchors, options: options, password: password)
+    if args.flag("channel-binding") {
+      // tls-unique exists in TLS 1.2 only (RFC 5929; RFC 8446 has no equivalent).
+      settings.channelBinding = true
+      settings.options.maximumVersion = .tls12
+    }
+    return (store, settings)
   } catch {
     fail(error.description, error.kind == .storage ? .failure : .usage)
   }
@@ -185,10 +196,9 @@ func provisionCommand(_ args: Arguments, logger: Logger) throws {
   // 3. Proof: an mTLS connection and MQTT CONNECT with the stored credential.
   do {
     let key = try tpm.loadKey(credential.key)
-    let brokerCA = readText(args.option("broker-cafile") ?? args.option("cafile")!)
     let context = try TLSClientContext(
       certificateChain: credential.chain, key: key,
-      policy: TLSPolicy(trustAnchorsPEM: brokerCA, serverName: args.option("server-name") ?? host))
+      policy: brokerPolicy(args, host: host, caFile: args.option("broker-cafile") ?? args.option("cafile")!))
     let connection = try TLSConnection(context: context, host: host, port: port)
     try connection.write(mqttConnectPacket(clientID: cert.commonName ?? "edgekey-provision"))
     let connack = try connection.read()

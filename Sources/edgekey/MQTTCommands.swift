@@ -39,9 +39,9 @@ func mqttClient(_ args: Arguments, logger: Logger) -> (MQTTClient, TPM, TPMKey) 
     let key = try loadKeyOption(args, tpm: tpm)
     let context = try TLSClientContext(
       certificateChain: try Certificate.chain(pem: readText(certFile)), key: key,
-      policy: TLSPolicy(trustAnchorsPEM: readText(caFile), serverName: args.option("server-name") ?? host))
+      policy: brokerPolicy(args, host: host, caFile: caFile))
     var configuration = MQTTConfiguration(host: host, port: port, clientID: args.option("id"))
-    if args.option("protocol-version") == "311" { configuration.protocolVersion = .v311 }
+    applyMQTTOptions(args, to: &configuration)
     let outbox = try args.option("outbox").map { try Outbox(path: $0) }
     return (try MQTTClient(configuration, tls: context, outbox: outbox, logger: logger), tpm, key)
   } catch let error as TPMError {
@@ -58,19 +58,31 @@ func qosOption(_ args: Arguments) -> MQTTQoS {
 
 /// `edgekey pub`: like mosquitto_pub, with the TPM key; QoS ≥ 1 messages go through the outbox
 /// (durable with --outbox), and the command returns when the broker has acknowledged them all.
+/// Payloads are bytes and pass unchanged (-m, -f FILE, -s whole stdin, -l a message per line);
+/// the topic must be UTF-8 and a valid name, checked before connecting.
 func pubCommand(_ args: Arguments, logger: Logger) {
   guard let topic = args.option("topic") else { fail("pub needs -t/--topic", .usage) }
+  do { try MQTTTopic.checkName(topic) } catch { fail("-t/--topic: \(error.reason)", .usage) }
   let qos = qosOption(args)
-  var payloads: [String] = []
-  if let message = args.option("message") { payloads.append(message) }
+  var payloads: [[UInt8]] = []
+  if let message = args.optionBytes("message") { payloads.append(message) }
+  if let path = args.option("file-message") {
+    do { payloads.append(try AtomicFile.read(path, limit: 256 << 20)) } catch {
+      fail("-f/--file-message \(path): \(error)", .usage)
+    }
+  }
+  if args.flag("stdin-file") { payloads.append(readStandardInput(limit: 256 << 20)) }
   if let count = args.option("count").flatMap(Int.init) {
     let prefix = args.option("prefix") ?? "message "
-    payloads += (0..<count).map { "\(prefix)\($0)" }
+    payloads += (0..<count).map { Array("\(prefix)\($0)".utf8) }
   }
   let fromStdin = args.flag("stdin-line")
   if payloads.isEmpty && !fromStdin && args.option("outbox") == nil {
-    fail("pub needs -m/--message, --count N, -l/--stdin-line, or an --outbox to drain", .usage)
+    fail(
+      "pub needs -m/--message, -f/--file-message, -s/--stdin-file, --count N, -l/--stdin-line, or an --outbox to drain",
+      .usage)
   }
+  if fromStdin && args.flag("stdin-file") { fail("-l and -s both read standard input: choose one", .usage) }
   let interval = Double(args.option("interval-ms") ?? "0").map { $0 / 1000 } ?? 0
   let timeout = Double(args.option("timeout") ?? "60") ?? 60
   let printAccepted = args.flag("print-accepted")
@@ -79,23 +91,23 @@ func pubCommand(_ args: Arguments, logger: Logger) {
   let messages = payloads
   runAsync {
     client.start()
-    func accept(_ text: String) async throws {
+    func accept(_ payload: [UInt8]) async throws {
       if qos == .atMostOnce {
         try await client.connect(timeout: timeout)
-        try await client.publish(topic: topic, payload: Array(text.utf8), qos: qos, retain: retain)
+        try await client.publish(topic: topic, payload: payload, qos: qos, retain: retain)
       } else {
-        try client.enqueue([MQTTMessage(topic: topic, payload: Array(text.utf8), qos: qos, retain: retain)])
+        try client.enqueue([MQTTMessage(topic: topic, payload: payload, qos: qos, retain: retain)])
       }
       // Printed only once the message is ours to deliver (stored in the outbox).
       if printAccepted {
-        print("accepted \(text)")
-        flushStandardOutput()
+        writeStandardOutput(Array("accepted ".utf8) + payload + [0x0A])
       }
       if interval > 0 { try await Task.sleep(nanoseconds: UInt64(interval * 1e9)) }
     }
-    for text in messages { try await accept(text) }
+    for payload in messages { try await accept(payload) }
     if fromStdin {
-      while let line = readLine() { try await accept(line) }
+      let lines = LineReader()
+      while let line = lines.next() { try await accept(line) }
     }
     try await client.waitUntilDelivered(timeout: timeout)
     let m = client.metrics
@@ -105,9 +117,11 @@ func pubCommand(_ args: Arguments, logger: Logger) {
   _ = (tpm, key)
 }
 
-/// `edgekey sub`: prints `topic payload` per message, like mosquitto_sub -v.
+/// `edgekey sub`: prints `topic payload` per message, like mosquitto_sub -v; the payload's bytes
+/// unchanged. The filter is checked before connecting (`a/#/b` is a usage error).
 func subCommand(_ args: Arguments, logger: Logger) {
   guard let topic = args.option("topic") else { fail("sub needs -t/--topic", .usage) }
+  do { try MQTTTopic.checkFilter(topic) } catch { fail("-t/--topic: \(error.reason)", .usage) }
   let qos = qosOption(args)
   let count = args.option("count").flatMap(Int.init)
   let (client, tpm, key) = mqttClient(args, logger: logger)
@@ -116,8 +130,7 @@ func subCommand(_ args: Arguments, logger: Logger) {
     try await client.subscribe(topic, qos: qos)
     var seen = 0
     for await message in client.messages {
-      print("\(message.topic) \(String(decoding: message.payload, as: UTF8.self))")
-      flushStandardOutput()
+      writeStandardOutput(Array(message.topic.utf8) + [0x20] + message.payload + [0x0A])
       seen += 1
       if let count, seen >= count { break }
     }

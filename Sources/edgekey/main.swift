@@ -32,7 +32,7 @@ let usage = """
                                               a PKCS#10 request signed inside the TPM
     edgekey enroll --state DIR --server URL --cafile CA [--subject "O=Acme,CN=device-1"]
                 [--san DNS:x] [--bootstrap-cert PEM --bootstrap-key KEYFILE] [--password-env VAR]
-                [--algorithm A] [--label L] [--force]
+                [--algorithm A] [--label L] [--force] [--channel-binding]
                                               first enrollment over EST (RFC 7030): a new TPM key,
                                               a CSR, the certificate, all kept in the state
                                               directory (crash-safe); one JSON line
@@ -62,14 +62,17 @@ let usage = """
                                               QoS 1 publish the ACL must allow (or EST cacerts,
                                               csrattrs, re-enrollment); ✓/✗ each
     edgekey pub -h H [-p P] --cafile CA --cert CERT (--file FILE | --handle H) -t TOPIC
-                (-m TEXT | --count N [--prefix P] | -l) [-q 0|1|2] [-r] [--outbox DB]
-                [--interval-ms MS] [--print-accepted] [--timeout S]
-                                              publish with the TPM key, like mosquitto_pub; QoS ≥ 1
-                                              messages wait in the outbox (on disk with --outbox,
-                                              which a later run delivers if this one is killed)
+                (-m BYTES | -f FILE | -s | -l | --count N [--prefix P]) [-q 0|1|2] [-r]
+                [--outbox DB] [--interval-ms MS] [--print-accepted] [--timeout S]
+                                              publish with the TPM key, like mosquitto_pub; payloads
+                                              are bytes, sent unchanged (-f a file, -s all of stdin,
+                                              -l a message per line); QoS ≥ 1 messages wait in the
+                                              outbox (on disk with --outbox, which a later run
+                                              delivers if this one is killed)
     edgekey sub -h H [-p P] --cafile CA --cert CERT (--file FILE | --handle H) -t FILTER
                 [-q 0|1|2] [--count N]
                                               print "topic payload" per message, like mosquitto_sub -v
+                                              (the payload's bytes unchanged)
 
   Options:
     --tcti T        TCTI: device:/dev/tpmrm0, tabrmd, swtpm:host=127.0.0.1,port=2321
@@ -81,7 +84,18 @@ let usage = """
     --password-env VAR  EST HTTP Basic credentials USER:PASSWORD from environment variable VAR
     -h, --host H    the broker (pub, sub, doctor); -p, --port P (default 8883)
     -i, --id ID     MQTT client id (default: our certificate's common name); doctor: --client-id ID
-    --protocol-version 5|311  MQTT version for pub, sub and agent (default 5)
+    -V, --protocol-version 5|311|auto  MQTT version for pub, sub, agent and doctor (default auto:
+                    MQTT 5, and 3.1.1 for a broker that shows it does not speak 5)
+    --disable-clean-session  a session that outlives the connection (pub, sub, agent; MQTT 3.1.1)
+    --will-topic T [--will-payload BYTES] [--will-qos Q] [--will-retain]
+                    a last will the broker publishes if we vanish (pub, sub, agent)
+    --crl FILE      CRLs (PEM) for the server's chain, checked at every level (pub, sub, agent,
+                    doctor, and the EST server for enroll, renew, provision, agent); a level whose
+                    issuer has no CRL in FILE fails unless --allow-missing-crl
+    --alpn LIST     ALPN protocols to offer, comma-separated (AWS IoT Core on 443: x-amzn-mqtt-ca)
+    --allow-server-without-eku  accept an EST server certificate with no extended key usage
+                    (serverAuth and id-kp-cmcRA are accepted either way)
+    --channel-binding  bind each EST request to its TLS connection (tls-unique; TLS 1.2)
     -v, --verbose   log to stderr
     --config FILE   take options from FILE, one "name = value" per line (the long option's name
                     without --; booleans true/false; # comments); the command line wins
@@ -102,6 +116,51 @@ let longOptions: Set<String> = {
   }
   return names
 }()
+
+/// The options each command reads: any other is a usage error, never accepted and ignored.
+let commandOptions: [String: Set<String>] = {
+  let key: Set<String> = ["file", "handle", "auth-env"]
+  let serverTLS: Set<String> = ["server-name", "crl", "allow-missing-crl", "alpn"]
+  let mqtt: Set<String> = [
+    "protocol-version", "disable-clean-session", "will-topic", "will-payload", "will-qos", "will-retain",
+  ]
+  let est: Set<String> = [
+    "state", "server", "cafile", "label", "password-env", "crl", "allow-missing-crl", "allow-server-without-eku",
+    "channel-binding",
+  ]
+  let enrollment = est.union(["subject", "san", "bootstrap-cert", "bootstrap-key", "algorithm"])
+  let client = key.union(serverTLS).union(mqtt).union([
+    "host", "port", "cafile", "cert", "id", "topic", "qos", "timeout",
+  ])
+  return [
+    "tpm info": ["json"],
+    "key create": ["algorithm", "out", "handle", "auth-env", "json"],
+    "key show": key.union(["json"]),
+    "key list": [],
+    "key delete": ["file", "handle"],
+    "srk persist": [],
+    "csr": key.union(["subject", "san", "challenge-env", "out"]),
+    "enroll": enrollment.union(["force"]),
+    "renew": est.union(["force", "keep-key"]),
+    "provision": enrollment.union(serverTLS).union(["host", "port", "broker-cafile"]),
+    "agent": enrollment.union(serverTLS).union(mqtt).union([
+      "host", "port", "broker-cafile", "id", "topic", "interval", "stdin-line", "outbox", "renew-at",
+    ]),
+    "status": ["state", "json"],
+    "doctor": key.union(serverTLS).union(mqtt).union([
+      "host", "port", "cafile", "cert", "tls-max", "protocol", "topic", "client-id", "label",
+      "allow-server-without-eku",
+    ]),
+    "pub": client.union([
+      "message", "file-message", "stdin-file", "stdin-line", "count", "prefix", "retain", "outbox", "interval-ms",
+      "print-accepted",
+    ]),
+    "sub": client.union(["count"]),
+  ]
+}()
+
+/// Options every command takes.
+let globalOptions: Set<String> = ["tcti", "verbose", "help", "config"]
 
 /// `edgekey COMMAND --help`: that command's lines of the usage, then the options and exit codes.
 func commandUsage(_ command: String) -> String {
@@ -223,6 +282,12 @@ func run(_ argv: [[UInt8]]) throws {
   let logger =
     args.flag("verbose") ? Logger(label: "edgekey", level: .debug, handler: StandardErrorLogHandler()) : .disabled
   let command = args.words.joined(separator: " ")
+  if let allowed = commandOptions[command] {
+    let stray = args.optionNames.filter { !allowed.contains($0) && !globalOptions.contains($0) }.sorted()
+    if let first = stray.first {
+      fail("--\(first) is not an option of `edgekey \(command)` (edgekey \(command) --help)", .usage)
+    }
+  }
   // The commands that live in files of their own.
   let handlers: [String: (Arguments, Logger) throws -> Void] = [
     "csr": csrCommand, "enroll": enrollCommand, "renew": renewCommand, "agent": agentCommand,
