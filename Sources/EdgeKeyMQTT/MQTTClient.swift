@@ -70,6 +70,8 @@ public final class MQTTClient: Sendable {
   /// The MQTT version of the current (or last) connection: 5 or 3.1.1 (with `.automatic`, what
   /// the broker turned out to speak); nil before the first connection.
   public var protocolVersionInUse: MQTTProtocolVersion? { engine.withShared { $0.versionInUse } }
+  /// The last failed attempt or lost connection (kept after a later success).
+  public var lastFailure: MQTTFailure? { engine.withShared { $0.lastFailureRecord } }
 
   /// Starts connecting in the background (and reconnecting, until `stop()`); returns at once.
   public func start() { engine.start() }
@@ -192,6 +194,7 @@ final class Engine: @unchecked Sendable {
     /// The error of the last failed attempt, until a connection succeeds.
     var lastFailure: (any Error)?
     var versionInUse: MQTTProtocolVersion?
+    var lastFailureRecord: MQTTFailure?
   }
 
   private static let libraryInit: Void = { mosquitto_lib_init() }()
@@ -523,6 +526,8 @@ final class Engine: @unchecked Sendable {
         endpointIndex += 1
         why = "\(error)"
         withShared { s in
+          s.lastFailureRecord = MQTTFailure(
+            time: Date(), layer: (error as? TLSError)?.layer.rawValue ?? "mqtt", description: why)
           s.metrics.connectFailures[reason, default: 0] += 1
           if let t = error as? TLSError { s.metrics.handshakeFailures[t.codeName, default: 0] += 1 }
         }
@@ -534,7 +539,10 @@ final class Engine: @unchecked Sendable {
         if upFor >= configuration.reconnect.stableAfter { failures = 0 }
         failures += 1
         why = reason
-        withShared { $0.metrics.disconnections += 1 }
+        withShared { s in
+          s.metrics.disconnections += 1
+          s.lastFailureRecord = MQTTFailure(time: Date(), layer: "network", description: reason)
+        }
         delay = configuration.reconnect.delay(failures: failures, refused: false, random: Double.random(in: 0..<1))
       }
       if case .stopped = outcome { break }

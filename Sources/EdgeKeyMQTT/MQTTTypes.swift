@@ -143,3 +143,12 @@ public enum MQTTConnectionState: Sendable, Equatable {
   case waiting(retryIn: Double, reason: String)
   case stopped
 }
+
+/// The last thing that went wrong with the connection, for a status file or a log: when, the
+/// layer that failed (a TLS layer such as "server certificate" or "TPM", "mqtt" for the broker's
+/// MQTT answer, "network" for a lost connection), and the error's text.
+public struct MQTTFailure: Sendable, Equatable {
+  public var time: Date
+  public var layer: String
+  public var description: String
+}

@@ -16,22 +16,53 @@ final class AgentStatus: @unchecked Sendable {
   /// The broker this agent talks to, "host:port".
   var broker = ""
   private var lastEvent = ""
-  private var lastError = ""
+  /// The last error of each layer, with its time: kept after later successes, so that an
+  /// operator sees what happened during an outage that is over.
+  private var errors: [String: (time: Date, text: String)] = [:]
 
   init(directory: String) { path = directory + "/status.json" }
 
   func event(_ e: RenewalEvent) {
     lock.lock()
+    defer { lock.unlock() }
     lastEvent = e.description
-    if case .failed(let error, _) = e { lastError = error.description }
-    if case .renewed = e { lastError = "" }
-    lock.unlock()
+    switch e {
+    case .failed(let error, _):
+      let layer: String
+      switch error.kind {
+      case .tpm: layer = "tpm"
+      case .clock: layer = "clock"
+      case .credentialLost: layer = "credential"
+      case .storage: layer = "storage"
+      case .tls where error.tls?.layer == .tpm: layer = "tpm"
+      default: layer = "enrollment"
+      }
+      errors[layer] = (Date(), error.description)
+    case .credentialLost(let slot, let reason):
+      errors["credential"] = (Date(), "the \(slot) key can no longer be loaded by this TPM: \(reason)")
+    case .clockRefused(let why):
+      errors["clock"] = (Date(), why)
+    default: break
+    }
   }
 
   func write(agent: RenewalAgent, client: MQTTClient?, state: String) {
     lock.lock()
-    let (event, error) = (lastEvent, lastError)
+    if let failure = client?.lastFailure {
+      let layer = failure.layer == "TPM" ? "tpm" : "broker"
+      if errors[layer].map({ $0.time < failure.time }) ?? true {
+        errors[layer] = (failure.time, "\(failure.layer): \(failure.description)")
+      }
+    }
+    let event = lastEvent
+    let latest = errors.values.max { $0.time < $1.time }
+    let errorsJSON =
+      "{"
+      + errors.sorted { $0.key < $1.key }.map {
+        "\(jsonString($0.key)):{\"time\":\(jsonString(Certificate.format($0.value.time))),\"error\":\(jsonString($0.value.text))}"
+      }.joined(separator: ",") + "}"
     lock.unlock()
+    let error = latest?.text ?? ""
     let c = agent.counters
     let m = client?.metrics ?? MQTTMetrics()
     let renewal =
@@ -49,7 +80,8 @@ final class AgentStatus: @unchecked Sendable {
       "{\"time\":\(jsonString(Certificate.format(Date()))),\"pid\":\(getpid()),\"state\":\(jsonString(state)),"
       + "\"broker\":\(jsonString(broker)),"
       + "\"renewal\":\(renewal),\"mqtt\":\(mqtt),\"lastEvent\":\(jsonString(event)),"
-      + "\"lastError\":\(jsonString(error))}\n"
+      + "\"lastError\":\(jsonString(error)),\"lastErrorTime\":\(jsonString(latest.map { Certificate.format($0.time) } ?? "")),"
+      + "\"errors\":\(errorsJSON)}\n"
     try? AtomicFile.write(Array(text.utf8), to: path, mode: 0o600)
   }
 }
@@ -107,6 +139,10 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   }
   let identity = identityOption(args)
 
+  // One agent per state directory: a second one would renew over the first and evict its keys.
+  let lock: StateLock
+  do { lock = try StateLock(store) } catch { fail(error.message, .failure) }
+  defer { withExtendedLifetime(lock) {} }
   let tpm = openTPM(args, logger: logger)
   let status = AgentStatus(directory: store.directory)
   status.broker = "\(host):\(port)"
@@ -248,7 +284,8 @@ func statusCommand(_ args: Arguments, logger: Logger) throws {
         + "\"notAfter\":\(jsonString(Certificate.format(cert.notAfter))),\"renewAt\":\(jsonString(Certificate.format(renewAt))),"
         + "\"valid\":\(cert.isValid()),\"keyFingerprint\":\(jsonString("sha256:" + keyFingerprint)),"
         + "\"renewalPending\":\(pending),\"previousKept\":\(previous),"
-        + "\"anchors\":[\(anchors.map(jsonString).joined(separator: ","))],\"agent\":\(agentText ?? "null")}")
+        + "\"anchors\":[\(anchors.map(jsonString).joined(separator: ","))],"
+        + "\"agent\":\(agentText.map(escapingControlCharacters) ?? "null")}")
     return
   }
   let left = cert.notAfter.timeIntervalSinceNow
@@ -259,5 +296,23 @@ func statusCommand(_ args: Arguments, logger: Logger) throws {
   out("renewal:      at \(Certificate.format(renewAt))\(pending ? "; a renewal is under way" : "")")
   out("key:          sha256:\(keyFingerprint) (in the TPM; \(store.path(.current)))")
   out("anchors:      \(anchors.isEmpty ? "none learnt yet" : anchors.joined(separator: ", "))")
-  if let agentText { out("agent:        \(agentText)") } else { out("agent:        no status.json (not running here)") }
+  // The file is ours, but text from it reaches a terminal: control characters are shown escaped.
+  if let agentText { out("agent:        \(escapingControlCharacters(agentText))") } else {
+    out("agent:        no status.json (not running here)")
+  }
+}
+
+/// `text` with every control character (C0, DEL, C1) written as `\u00XX`, so that what a file
+/// says cannot move a terminal's cursor, change its colours or end a line.
+func escapingControlCharacters(_ text: String) -> String {
+  var out = ""
+  for scalar in text.unicodeScalars {
+    let v = scalar.value
+    if v < 0x20 || v == 0x7F || (0x80...0x9F).contains(v) {
+      out += "\\u" + String(repeating: "0", count: 4 - String(v, radix: 16).count) + String(v, radix: 16)
+    } else {
+      out.unicodeScalars.append(scalar)
+    }
+  }
+  return out
 }

@@ -188,6 +188,58 @@ struct CLITests {
     #expect(log.contains("can no longer be loaded by this TPM"), "\(log)")
   }
 
+  @Test("status.json keeps each layer's last error with its time; status escapes control characters; one agent per state")
+  func agentStatusErrors() throws {
+    let f = try Fleet()
+    #expect(try f.enroll(commonName: "status-1").status == 0)
+    let args = [
+      "agent", "--state", f.state, "--server", f.ra.localhostURL, "--cafile", f.caFile, "-h", "127.0.0.1", "-p",
+      String(f.broker.port), "--tcti", f.swtpm.tcti, "--password-env", "EST_PASSWORD",
+    ]
+    let agent = try ChildProcess(try edgekeyBinary(), args, logPath: f.path("agent.log"), environment: f.environment)
+    defer { agent.stop() }
+    func status() -> [String: Any] {
+      guard let data = FileManager.default.contents(atPath: f.state + "/status.json"),
+        let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+      else { return [:] }
+      return json
+    }
+    var deadline = Date().addingTimeInterval(30)
+    while status()["state"] as? String != "connected" && Date() < deadline && agent.isRunning { usleep(100_000) }
+    #expect(status()["state"] as? String == "connected")
+
+    // A second agent on the same state directory is refused at start.
+    let second = try Command.runCapturing(try edgekeyBinary(), args, environment: f.environment)
+    #expect(second.status == 1)
+    #expect(second.stderr.contains("another edgekey agent (pid \(agent.pid)) already uses"), "\(second.stderr)")
+
+    // The broker goes away: the broker layer's error is recorded; the RA goes away and a renewal
+    // is asked for (SIGHUP): the enrollment layer's too. Both keep their time.
+    f.broker.kill9()
+    f.ra.stop()
+    agent.send(SIGHUP)
+    deadline = Date().addingTimeInterval(30)
+    func errors() -> [String: [String: String]] { status()["errors"] as? [String: [String: String]] ?? [:] }
+    while (errors()["broker"] == nil || errors()["enrollment"] == nil) && Date() < deadline && agent.isRunning {
+      usleep(100_000)
+    }
+    let recorded = errors()
+    #expect(recorded["broker"]?["error"]?.isEmpty == false, "\(recorded)")
+    #expect(recorded["enrollment"]?["error"]?.contains("enrollment") == true, "\(recorded)")
+    #expect(recorded["broker"]?["time"]?.hasSuffix("Z") == true)
+    #expect((status()["lastError"] as? String)?.isEmpty == false)
+    agent.stop()
+
+    // What the file says reaches the terminal escaped.
+    try "{\"state\":\"stopped\",\"lastError\":\"\u{1B}[2J\u{1B}[31mboom\u{07}\"}\n".write(
+      toFile: f.state + "/status.json", atomically: true, encoding: .utf8)
+    let shown = try run(["status", "--state", f.state], tcti: f.swtpm.tcti)
+    #expect(shown.status == 0, "\(shown.stderr)")
+    #expect(!shown.stdout.contains("\u{1B}"))
+    #expect(!shown.stdout.contains("\u{07}"))
+    #expect(shown.stdout.contains("\\u001b[2J"))
+  }
+
   @Test("provision: one JSON line; interrupted at many points and run again, it resumes to one working credential")
   func provision() throws {
     let f = try Fleet()
