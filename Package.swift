@@ -131,7 +131,8 @@ let package = Package(
     .target(
       name: "EdgeKeyTestSupport",
       dependencies: ["EdgeKeyCore", "EdgeKeyMQTT", "COpenSSL", "CEdgeKeyTestHelpers"],
-      path: "Tests/Support"
+      path: "Tests/Support",
+      exclude: ["Peers"]  // test peers' launchers (Python), run by the harness
     ),
     // C helpers for what Swift cannot do safely itself (fork in a threaded test process).
     .target(

@@ -23,6 +23,7 @@ typedef struct {
   size_t body_cap;
   int too_large;
   int configuration_failed;
+  int cancelled;
   SSL_CTX *last_ctx; /* referenced: read for its last failure after libcurl frees it */
 } exchange;
 
@@ -107,11 +108,24 @@ static size_t on_header(char *data, size_t size, size_t count, void *user) {
 void edgekey_http_header_line(edgekey_http_response *r, const char *line, size_t n) {
   if (n >= 5 && strncmp(line, "HTTP/", 5) == 0) {
     /* A new response (after a 100 Continue): forget the previous one's headers. */
-    r->content_type[0] = r->retry_after[0] = r->location[0] = '\0';
+    r->content_type[0] = r->retry_after[0] = r->location[0] = r->www_authenticate[0] = '\0';
   }
+  take_header(line, n, "WWW-Authenticate", r->www_authenticate, sizeof(r->www_authenticate));
   take_header(line, n, "Content-Type", r->content_type, sizeof(r->content_type));
   take_header(line, n, "Retry-After", r->retry_after, sizeof(r->retry_after));
   take_header(line, n, "Location", r->location, sizeof(r->location));
+}
+
+/* libcurl's progress callback: also called while connecting and while waiting for data. */
+static int on_progress(void *user, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+                       curl_off_t ulnow) {
+  (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+  exchange *x = user;
+  if (x->request->cancelled != NULL && x->request->cancelled(x->request->cancelled_arg)) {
+    x->cancelled = 1;
+    return 1;
+  }
+  return 0;
 }
 
 static void reason(edgekey_http_response *r, const char *fmt, const char *detail) {
@@ -152,6 +166,11 @@ edgekey_http_outcome edgekey_https(const edgekey_http_request *request,
   curl_easy_setopt(curl, CURLOPT_WRITEDATA, &x);
   curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, on_header);
   curl_easy_setopt(curl, CURLOPT_HEADERDATA, &x);
+  if (request->cancelled != NULL) {
+    curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, on_progress);
+    curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &x);
+  }
   /* libcurl's own checks are off because ours run inside the handshake (edgekey_tls_configure:
    * our anchors only, the host name on the verify parameters, serverAuth required). */
   curl_easy_setopt(curl, CURLOPT_SSL_VERIFYPEER, 0L);
@@ -213,7 +232,8 @@ edgekey_http_outcome edgekey_https(const edgekey_http_request *request,
       curl_easy_setopt(curl, CURLOPT_POST, 1L);
       curl_easy_setopt(curl, CURLOPT_POSTFIELDS, bound_body ? (const char *)bound_body : "");
       curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)bound_len);
-      response->content_type[0] = response->retry_after[0] = response->location[0] = '\0';
+      response->content_type[0] = response->retry_after[0] = response->location[0] =
+          response->www_authenticate[0] = '\0';
       rc = curl_easy_perform(curl);
       long connects = 0;
       curl_easy_getinfo(curl, CURLINFO_NUM_CONNECTS, &connects);
@@ -248,7 +268,10 @@ edgekey_http_outcome edgekey_https(const edgekey_http_request *request,
   edgekey_http_outcome outcome = EDGEKEY_HTTP_OK;
   if (rc != CURLE_OK) {
     edgekey_tls_failure failure;
-    if (abandoned) {
+    if (x.cancelled) {
+      outcome = EDGEKEY_HTTP_CANCELLED;
+      reason(response, "%s", "stopped");
+    } else if (abandoned) {
       outcome = EDGEKEY_HTTP_ABANDONED;
       reason(response, "%s", "the bound request was not made");
     } else if (x.configuration_failed) {

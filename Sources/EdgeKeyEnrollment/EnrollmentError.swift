@@ -1,4 +1,5 @@
 import EdgeKeyTLS
+import FoundationEssentials
 
 /// A failure of enrollment or renewal, with the step that failed.
 public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatable {
@@ -33,6 +34,8 @@ public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatab
     /// another TPM) and there is no bootstrap credential or password to enrol a new key:
     /// the device must be provisioned again.
     case credentialLost
+    /// Stopped from outside (`RenewalAgent.stop()`, an `ESTCancellation`): nothing was issued.
+    case cancelled
   }
 
   public var kind: Kind
@@ -41,14 +44,19 @@ public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatab
   public var tls: TLSError?
   /// The certificate concerned (a refused issued certificate, our expired one).
   public var certificate: TLSError.CertificateSummary?
+  /// For `.pendingTooLong` (and a 503 that said so): how long the server asked us to wait
+  /// before asking again (Retry-After). RFC 7030 §4.2.3: the client MUST NOT ask sooner.
+  public var retryAfter: TimeInterval?
 
   public init(
-    _ kind: Kind, _ message: String, tls: TLSError? = nil, certificate: TLSError.CertificateSummary? = nil
+    _ kind: Kind, _ message: String, tls: TLSError? = nil, certificate: TLSError.CertificateSummary? = nil,
+    retryAfter: TimeInterval? = nil
   ) {
     self.kind = kind
     self.message = message
     self.tls = tls
     self.certificate = certificate
+    self.retryAfter = retryAfter
   }
 
   /// Worth retrying later with the same credentials (the server or the network may recover).

@@ -34,6 +34,9 @@ let usage = """
     --tls-max 1.2|1.3      highest TLS version (default 1.3)
     --max-body BYTES       largest request body (default 65536)
     --log PATH             append-only issuance log (JSON lines, fsync'd)
+    --reenroll-password USER:PASS
+                           re-enrollment also needs these HTTP Basic credentials (RFC 7030 3.2.3);
+                           a request without them gets 401 with a Basic challenge
 
   Prints "listening on https://HOST:PORT" when ready; stops on SIGTERM or SIGINT.
   """
@@ -125,7 +128,13 @@ let policy = ESTPolicy(
   retryAfterSeconds: number("--retry-after", 1),
   requireChannelBinding: flags.contains("--channel-binding"), label: option("--label"),
   issuanceLogPath: option("--log"))
-let service = ESTService(ca: ca, policy: policy)
+var reenrollPolicy = policy
+if let credentials = option("--reenroll-password") {
+  guard let colon = credentials.firstIndex(of: ":") else { fail("--reenroll-password takes USER:PASS") }
+  reenrollPolicy.reenrollUser = String(credentials[..<colon])
+  reenrollPolicy.reenrollPassword = String(credentials[credentials.index(after: colon)...])
+}
+let service = ESTService(ca: ca, policy: reenrollPolicy)
 
 // Client certificates accepted at the TLS layer: bootstrap identities and our own devices'.
 let clientCAs = (bootstrapCAs + ca.chain + caCertificates).map(\.pem).joined()

@@ -120,7 +120,7 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&signals, s) }
   pthread_sigmask(SIG_BLOCK, &signals, nil)
 
-  let (store, settings) = enrollmentSettings(args)
+  let (store, settings) = enrollmentSettings(args, logger: logger)
   guard let host = args.option("host"), let port = UInt16(args.option("port") ?? "8883") else {
     fail("agent needs -h/--host H (the broker; -p/--port P, default 8883)", .usage)
   }
@@ -168,26 +168,29 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
     return s > 0 ? s : 0
   }
 
-  // Not enrolled yet (a device fresh from the factory), or the stored certificate has expired
-  // (a device that was off for too long): enroll first, retrying until it works.
-  var failures = 0
-  while try !agent.hasWorkingCredential() {
+  // Not enrolled yet (a device fresh from the factory), the stored certificate expired (off for
+  // too long), or its key lost (a TPM cleared or replaced): the agent's thread enrolls, with its
+  // back-off, while this one listens for SIGTERM, which cuts an attempt short (an EST transfer
+  // or a long Retry-After) within a second.
+  let enrolled = try agent.hasWorkingCredential()
+  agent.start()
+  if !enrolled {
+    let before = agent.counters.renewals
     status.write(agent: agent, client: nil, state: "enrolling")
-    do {
-      try agent.renew()
-    } catch  where error.kind == .credentialLost {
-      // No way to enroll a new key: retrying cannot help.
-      status.write(agent: agent, client: nil, state: "stopped")
-      fail("\(error)", .failure)
-    } catch {
-      failures += 1
-      let wait = policy.backoff(failures: failures, remaining: 0, random: Double.random(in: 0..<1))
-      logger.warning("enrollment failed: \(error); next try in \(Int(wait)) s")
-      let s = waitForSignal(wait)
+    while agent.counters.renewals == before {
+      if let error = agent.lastError, error.kind == .credentialLost {
+        // No way to enroll a new key: retrying cannot help.
+        agent.stop()
+        status.write(agent: agent, client: nil, state: "stopped")
+        fail("\(error)", .failure)
+      }
+      let s = waitForSignal(0.2)
       if s == SIGTERM || s == SIGINT {
+        agent.stop()
         status.write(agent: agent, client: nil, state: "stopped")
         return
       }
+      status.write(agent: agent, client: nil, state: "enrolling")
     }
   }
   guard let (credential, key) = try agent.current() else { return }
@@ -201,7 +204,6 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
     outbox: outbox, logger: logger)
   switcher.attach(client, agent: agent)
   client.start()
-  agent.start()
   out(
     "agent: \(credential.certificate?.subject ?? "?") → \(host):\(port); certificate until "
       + "\(credential.certificate.map { Certificate.format($0.notAfter) } ?? "?"), state in \(store.directory)")
@@ -297,7 +299,9 @@ func statusCommand(_ args: Arguments, logger: Logger) throws {
   out("key:          sha256:\(keyFingerprint) (in the TPM; \(store.path(.current)))")
   out("anchors:      \(anchors.isEmpty ? "none learnt yet" : anchors.joined(separator: ", "))")
   // The file is ours, but text from it reaches a terminal: control characters are shown escaped.
-  if let agentText { out("agent:        \(escapingControlCharacters(agentText))") } else {
+  if let agentText {
+    out("agent:        \(escapingControlCharacters(agentText))")
+  } else {
     out("agent:        no status.json (not running here)")
   }
 }

@@ -10,7 +10,7 @@ import FoundationEssentials
 
 /// The settings `enroll` and `renew` share: --state DIR --server URL --cafile CA [--label L]
 /// [--password-env VAR].
-func enrollmentSettings(_ args: Arguments) -> (CredentialStore, EnrollmentSettings) {
+func enrollmentSettings(_ args: Arguments, logger: Logger) -> (CredentialStore, EnrollmentSettings) {
   guard let state = args.option("state") else { fail("needs --state DIR (the credential store)", .usage) }
   guard let url = args.option("server") else { fail("needs --server https://HOST:PORT (the EST server)", .usage) }
   guard let caFile = args.option("cafile") else { fail("needs --cafile CA.pem (trust for the EST server)", .usage) }
@@ -35,6 +35,7 @@ func enrollmentSettings(_ args: Arguments) -> (CredentialStore, EnrollmentSettin
     options.crlPEM = crl.pem
     options.missingCRL = crl.missing
     options.allowServerCertificateWithoutEKU = args.flag("allow-server-without-eku")
+    options.logger = logger.labeled("edgekey.est")
     var settings = EnrollmentSettings(server: server, trustAnchors: anchors, options: options, password: password)
     if args.flag("channel-binding") {
       // tls-unique exists in TLS 1.2 only (RFC 5929; RFC 8446 has no equivalent).
@@ -84,7 +85,7 @@ func credentialJSON(_ credential: Credential, store: CredentialStore, action: St
 /// `edgekey enroll`: first enrollment (the factory line), with a bootstrap certificate and key
 /// (copied into the store) and/or a password.
 func enrollCommand(_ args: Arguments, logger: Logger) throws {
-  let (store, settings) = enrollmentSettings(args)
+  let (store, settings) = enrollmentSettings(args, logger: logger)
   let tpm = openTPM(args, logger: logger)
   try storeBootstrap(args, in: store)
   let identity = identityOption(args)
@@ -101,7 +102,7 @@ func enrollCommand(_ args: Arguments, logger: Logger) throws {
 
 /// `edgekey renew`: renews now if due (or with --force); otherwise says when it will be.
 func renewCommand(_ args: Arguments, logger: Logger) throws {
-  let (store, settings) = enrollmentSettings(args)
+  let (store, settings) = enrollmentSettings(args, logger: logger)
   guard let current = try store.read(.current), let cert = current.certificate else {
     fail("\(store.path(.current)) holds no credential: enroll first", .failure)
   }
@@ -128,7 +129,7 @@ func renewCommand(_ args: Arguments, logger: Logger) throws {
 /// pulled, cable out), it resumes: the key already made is used, a finished enrollment is kept.
 func provisionCommand(_ args: Arguments, logger: Logger) throws {
   let started = Date()
-  let (store, settings) = enrollmentSettings(args)
+  let (store, settings) = enrollmentSettings(args, logger: logger)
   guard let host = args.option("host"), let port = UInt16(args.option("port") ?? "8883") else {
     fail("provision needs -h/--host H (the broker to verify with; -p/--port P, default 8883)", .usage)
   }

@@ -188,7 +188,40 @@ struct CLITests {
     #expect(log.contains("can no longer be loaded by this TPM"), "\(log)")
   }
 
-  @Test("status.json keeps each layer's last error with its time; status escapes control characters; one agent per state")
+  @Test("SIGTERM while the agent waits out a 120 s Retry-After: it stops at once, nothing issued")
+  func agentStopsDuringPendingWait() throws {
+    let swtpm = try SoftwareTPM()
+    let ca = try TestCA()
+    let ra = try RegistrationAuthority(ca: ca, extraArguments: ["--pending", "100", "--retry-after", "120"])
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    let caFile = dir.appendingPathComponent("ca.pem").path
+    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+    var env = ProcessInfo.processInfo.environment
+    env["EST_PASSWORD"] = "device:factory-secret"
+    let log = dir.appendingPathComponent("agent.log").path
+    let agent = try ChildProcess(
+      try edgekeyBinary(),
+      [
+        "agent", "--state", dir.appendingPathComponent("state").path, "--server", ra.localhostURL, "--cafile",
+        caFile, "-h", "127.0.0.1", "-p", "1", "--subject", "CN=pending-1", "--password-env", "EST_PASSWORD",
+        "--tcti", swtpm.tcti, "-v",
+      ], logPath: log, environment: env)
+    defer { agent.stop() }
+    var deadline = Date().addingTimeInterval(30)
+    func text() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+    while !text().contains("waiting 120 s") && Date() < deadline && agent.isRunning { usleep(50_000) }
+    #expect(text().contains("waiting 120 s as the server asks"), "\(text())")
+    agent.send(SIGTERM)
+    deadline = Date().addingTimeInterval(20)  // far less than the 120 s the server asked for
+    while agent.isRunning && Date() < deadline { usleep(20_000) }
+    #expect(!agent.isRunning, "SIGTERM during the wait")
+    #expect(agent.exitCode == 0)
+    #expect(ra.issuanceLog.isEmpty)
+  }
+
+  @Test(
+    "status.json keeps each layer's last error with its time; status escapes control characters; one agent per state")
   func agentStatusErrors() throws {
     let f = try Fleet()
     #expect(try f.enroll(commonName: "status-1").status == 0)

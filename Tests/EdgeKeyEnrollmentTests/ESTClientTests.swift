@@ -197,3 +197,138 @@ struct RegistrationAuthorityTests {
     #expect(f.ra.issuanceLog.count == 1)
   }
 }
+
+/// What RFC 7030 lets a server do and the client must then get right: a 401 challenge on
+/// re-enrollment, a Retry-After longer than we like, a stop in the middle of a wait.
+@Suite("EST edge cases another server may legally take")
+struct ESTEdgeCaseTests {
+  /// Records the waits `enroll` asks for instead of sleeping.
+  final class Waits: @unchecked Sendable {
+    private let lock = NSLock()
+    private var all: [TimeInterval] = []
+    func add(_ t: TimeInterval) {
+      lock.lock()
+      all.append(t)
+      lock.unlock()
+    }
+    var values: [TimeInterval] {
+      lock.lock()
+      defer { lock.unlock() }
+      return all
+    }
+  }
+
+  @Test("re-enrollment against a server that also wants HTTP authentication: the 401 challenge is answered once")
+  func reenrollAnswersChallenge() throws {
+    let f = try EnrollmentFixture(extraArguments: ["--reenroll-password", "device:renew-secret"])
+    let key = try f.newKey()
+    let first = try f.client().enroll(try f.request(key), authentication: EnrollmentFixture.password)
+    let next = try f.newKey()
+    // The certificate alone: refused, with the server's reason and its challenge kept.
+    let refused = #expect(throws: EnrollmentError.self) {
+      try f.client().reenroll(try f.request(next), authentication: .certificate(first, key: key))
+    }
+    #expect(refused?.kind == .server(401))
+    #expect(refused?.message.contains("re-enrollment needs HTTP authentication besides the certificate") == true)
+    #expect(refused?.message.contains("Basic realm=\"EST re-enrollment\"") == true)
+    // With credentials to answer the challenge: sent only when asked, and it works.
+    var authentication = ESTAuthentication.certificate(first, key: key)
+    authentication.challengeCredentials = (user: "device", password: "renew-secret")
+    let renewed = try f.client().reenroll(try f.request(next), authentication: authentication)
+    #expect(renewed[0].publicKeyDER == next.publicKey.spki)
+    // A wrong answer is refused once, not retried in a loop.
+    authentication.challengeCredentials = (user: "device", password: "guess")
+    let wrong = #expect(throws: EnrollmentError.self) {
+      try f.client().reenroll(try f.request(try f.newKey()), authentication: authentication)
+    }
+    #expect(wrong?.message.contains("our credentials were not accepted") == true)
+    #expect(f.ra.issuanceLog.count == 2)
+  }
+
+  @Test("the renewal agent answers a re-enrollment challenge with its enrollment password")
+  func agentAnswersChallenge() throws {
+    let f = try EnrollmentFixture(extraArguments: ["--reenroll-password", "device:factory-secret"])
+    let store = try CredentialStore(directory: stateDirectory())
+    let agent = RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")),
+      identity: ([("CN", "device-401")], []))
+    try agent.renew()  // first enrollment: password
+    try agent.renew()  // re-enrollment: certificate, and the password when challenged
+    #expect(agent.counters.renewals == 2)
+    #expect(f.ra.issuanceLog.last?.contains("simplereenroll") == true)
+  }
+
+  @Test("Retry-After 3600: never asked sooner; beyond the bound the attempt ends with the server's time")
+  func longRetryAfter() throws {
+    let f = try EnrollmentFixture(extraArguments: ["--pending", "5", "--retry-after", "3600"])
+    let waits = Waits()
+    var options = ESTOptions()
+    options.sleep = { waits.add($0) }
+    let error = #expect(throws: EnrollmentError.self) {
+      try f.client(options: options).enroll(try f.request(try f.newKey()), authentication: EnrollmentFixture.password)
+    }
+    #expect(error?.kind == .pendingTooLong)
+    #expect(error?.retryAfter == 3600)
+    #expect(error?.message.contains("come back in 3600 s") == true)
+    #expect(waits.values.isEmpty, "a 300 s wait instead of the 3600 s asked: \(waits.values)")
+    // Allowed to wait that long, it waits exactly what the server asked, each time.
+    options.maximumRetryAfter = 7200
+    options.maximumPendingWait = 100_000
+    _ = try f.client(options: options).enroll(try f.request(try f.newKey()), authentication: EnrollmentFixture.password)
+    #expect(waits.values == [3600, 3600, 3600, 3600, 3600])
+  }
+
+  @Test("the agent schedules its next try no sooner than the server's Retry-After")
+  func agentHonoursRetryAfter() throws {
+    let f = try EnrollmentFixture(extraArguments: ["--pending", "100", "--retry-after", "3600"])
+    let events = EventLog()
+    let store = try CredentialStore(directory: stateDirectory())
+    let agent = RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")),
+      identity: ([("CN", "device-3600")], []), onEvent: events.add)
+    agent.start()
+    defer { agent.stop() }
+    let deadline = Date().addingTimeInterval(30)
+    while !events.all.contains(where: { $0.hasPrefix("renewal failed") }) && Date() < deadline { usleep(20_000) }
+    let failed = try #require(events.all.first { $0.hasPrefix("renewal failed") })
+    #expect(failed.contains("retry in 3600") || failed.contains("retry in 36"), "\(failed)")
+  }
+
+  @Test("stop() during a long 202 wait and during a transfer returns within a second, .cancelled, nothing stored")
+  func stopCutsWaitsShort() throws {
+    let f = try EnrollmentFixture(extraArguments: ["--pending", "100", "--retry-after", "120"])
+    let store = try CredentialStore(directory: stateDirectory())
+    var settings = try f.settings(password: ("device", "factory-secret"))
+    settings.options.maximumRetryAfter = 600
+    settings.options.maximumPendingWait = 6000
+    let log = RecordingLogHandler()
+    settings.options.logger = Logger(label: "test", level: .info, handler: log)
+    let agent = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: ([("CN", "device-stop")], []))
+    agent.start()
+    // Wait for the event: the RA answered 202 and the client is in its 120 s wait.
+    let deadline = Date().addingTimeInterval(30)
+    while !log.messages.contains(where: { $0.contains("waiting 120 s") }) && Date() < deadline { usleep(20_000) }
+    #expect(log.messages.contains { $0.contains("waiting 120 s as the server asks") })
+    try returnsWithin(.seconds(20)) { agent.stop() }
+    #expect(agent.lastError?.kind == .cancelled, "\(String(describing: agent.lastError))")
+    #expect(try store.read(.current) == nil)
+    #expect(f.ra.issuanceLog.isEmpty)
+
+    // A transfer cut short: a server that accepts the connection and never answers.
+    let silent = try SilentServer()
+    var options = ESTOptions()
+    options.timeout = 600
+    let cancellation = ESTCancellation()
+    options.cancellation = cancellation
+    let client = try ESTClient(
+      server: try ESTServer(url: "https://127.0.0.1:\(silent.port)"), trustAnchors: try f.anchors, options: options)
+    Thread.detachNewThread {
+      Threads.sleep(0.3)
+      cancellation.cancel()
+    }
+    let error = #expect(throws: EnrollmentError.self) {
+      try returnsWithin(.seconds(20)) { try client.caCertificates() }
+    }
+    #expect(error?.kind == .cancelled)
+  }
+}

@@ -594,29 +594,6 @@ struct AccessBrokerTests {
   }
 }
 
-/// Runs `body` on a thread of its own and waits at most `limit` for it: a call that hangs
-/// fails the test instead of hanging the suite (the limit is far above the bound under test).
-func returnsWithin<T: Sendable>(
-  _ limit: Duration, _ body: @escaping @Sendable () throws -> T
-) throws -> T {
-  let box = ResultBox<T>()
-  let done = DispatchSemaphore(value: 0)
-  Thread.detachNewThread {
-    box.result = Result { try body() }
-    done.signal()
-  }
-  let seconds = Double(limit.components.seconds)
-  guard done.wait(timeout: .now() + seconds) == .success, let result = box.result else {
-    throw HarnessError("still blocked after \(limit)")
-  }
-  return try result.get()
-}
-
-final class ResultBox<T>: @unchecked Sendable {
-  // @unchecked: written by one thread before the semaphore is signalled, read after.
-  var result: Result<T, any Error>?
-}
-
 @Suite("A TPM that hangs: every command bounded, recovery when it answers")
 struct HungTPMTests {
   /// Signs until the hung TPM has been asked three times (each one a new connection), then

@@ -25,6 +25,7 @@ typedef enum {
   EDGEKEY_HTTP_PROTOCOL,      /* not HTTP, or a URL we refuse (not https) */
   EDGEKEY_HTTP_INTERNAL,
   EDGEKEY_HTTP_ABANDONED, /* make_body declined (its own error says why) */
+  EDGEKEY_HTTP_CANCELLED, /* `cancelled` said so: the transfer was stopped */
 } edgekey_http_outcome;
 
 typedef struct {
@@ -49,6 +50,10 @@ typedef struct {
   int (*make_body)(void *arg, const unsigned char *tls_unique, size_t tls_unique_len,
                    unsigned char **body, size_t *body_len);
   void *make_body_arg;
+  /* Asked several times a second during the exchange (connect included); returning non-zero
+   * stops it within about a second with EDGEKEY_HTTP_CANCELLED. NULL: never cancelled. */
+  int (*cancelled)(void *arg);
+  void *cancelled_arg;
 } edgekey_http_request;
 
 typedef struct {
@@ -57,6 +62,7 @@ typedef struct {
   char content_type[256];
   char retry_after[128];
   char location[1024];
+  char www_authenticate[256]; /* the challenge of a 401 (RFC 7235 4.1), e.g. Basic realm="EST" */
   unsigned char *body; /* malloc'd; edgekey_http_response_free releases it */
   size_t body_len;
   int tls_version;                   /* negotiated, e.g. 0x0304; 0 if unknown */
@@ -72,8 +78,8 @@ edgekey_http_outcome edgekey_https(const edgekey_http_request *request,
 void edgekey_http_response_free(edgekey_http_response *response);
 
 /* Reads one response header line, as the server sent it (not NUL-terminated, CRLF included),
- * into `response`'s content_type, retry_after and location; a status line ("HTTP/...") clears
- * them. edgekey_https calls it for every line; it is public so that it can be fuzzed. */
+ * into `response`'s content_type, retry_after, location and www_authenticate; a status line
+ * ("HTTP/...") clears them. edgekey_https calls it for every line; it is public so that it can be fuzzed. */
 void edgekey_http_header_line(edgekey_http_response *response, const char *line, size_t len);
 
 #ifdef __cplusplus

@@ -11,7 +11,9 @@ public struct ESTOptions: Sendable {
   public var maximumResponseBytes = 256 * 1024
   /// How long in total `enroll` waits while the server answers 202 (manual approval).
   public var maximumPendingWait: TimeInterval = 600
-  /// The longest single Retry-After honoured; longer ones are shortened to this.
+  /// The longest single Retry-After `enroll` waits through. A server that asks for more is
+  /// never asked sooner (RFC 7030 §4.2.3: the client MUST wait at least that long): `enroll`
+  /// gives up with `.pendingTooLong` carrying the server's time, for the caller to schedule.
   public var maximumRetryAfter: TimeInterval = 300
   public var maximumRedirects = 3
   /// Widely deployed EST servers stop at TLS 1.2, so 1.2 is allowed by default.
@@ -26,8 +28,13 @@ public struct ESTOptions: Sendable {
   /// Accept an EST server certificate with no extended key usage at all (RFC 5280 reads it as
   /// unrestricted). Off: it must name serverAuth or id-kp-cmcRA (RFC 7030 §3.6.1 allows both).
   public var allowServerCertificateWithoutEKU = false
-  /// Sleeps between 202 answers; replaceable so that tests need not wait.
-  public var sleep: @Sendable (TimeInterval) -> Void = { Threads.sleep($0) }
+  /// Sleeps between 202 answers; replaceable so that tests need not wait. Nil: a sleep that
+  /// `cancellation` ends at once.
+  public var sleep: (@Sendable (TimeInterval) -> Void)? = nil
+  /// Ends every transfer and wait of this client within about a second when cancelled.
+  public var cancellation: ESTCancellation?
+  /// Each wait for the server (202 Retry-After) and each HTTP authentication challenge answered.
+  public var logger: Logger = .disabled
 
   public init() {}
 }
@@ -188,21 +195,42 @@ public final class ESTClient: Sendable {
           "POST", operation, body: body(csr), contentType: "application/pkcs10", authentication: authentication)
       }
       if answer.status == 202 {
-        let delay = min(ESTBody.retryAfter(answer.retryAfter) ?? 60, options.maximumRetryAfter)
-        guard waited + delay <= options.maximumPendingWait else {
+        // RFC 7030 §4.2.3: wait at least Retry-After. Never shortened: a wait beyond what we
+        // wait here ends the attempt, with the server's time for the caller to schedule.
+        let delay = max(ESTBody.retryAfter(answer.retryAfter) ?? 60, 0)
+        let shown = answer.retryAfter.isEmpty ? "absent, 60 s assumed" : answer.retryAfter
+        guard delay <= options.maximumRetryAfter, waited + delay <= options.maximumPendingWait else {
           throw EnrollmentError(
             .pendingTooLong,
-            "the server still answers 202 after \(Int(waited)) s (Retry-After \(answer.retryAfter.isEmpty ? "absent" : answer.retryAfter)); giving up at \(Int(options.maximumPendingWait)) s"
-          )
+            "the server answers 202 and asks us to come back in \(Text.fixed(delay, 0)) s (Retry-After \(shown)) "
+              + "after \(Text.fixed(waited, 0)) s of waiting; this attempt waits at most "
+              + "\(Text.fixed(options.maximumRetryAfter, 0)) s at a time and \(Text.fixed(options.maximumPendingWait, 0)) s in all",
+            retryAfter: delay)
         }
-        options.sleep(max(delay, 0))
-        waited += max(delay, 0)
+        options.logger.info(
+          "\(operation): 202, waiting \(Text.fixed(delay, 0)) s as the server asks (Retry-After \(shown))")
+        try ESTClient.wait(delay, options: options)
+        waited += delay
         continue
       }
       guard let csr = sent else { throw EnrollmentError(.malformedResponse, "no request was sent") }
       let bag = try ESTClient.certificates(in: answer, what: operation)
       return try IssuedCertificateCheck.validate(
         bag, for: csr, anchors: trustAnchors, at: Date(), clockSkew: options.clockSkew)
+    }
+  }
+
+  /// Sleeps `seconds` (the replaceable `options.sleep`, or a wait `options.cancellation` ends).
+  static func wait(_ seconds: TimeInterval, options: ESTOptions) throws(EnrollmentError) {
+    if let sleep = options.sleep {
+      sleep(seconds)
+    } else if let cancellation = options.cancellation {
+      cancellation.sleep(seconds)
+    } else {
+      Threads.sleep(seconds)
+    }
+    if options.cancellation?.isCancelled == true {
+      throw EnrollmentError(.cancelled, "stopped while waiting for the server")
     }
   }
 
@@ -222,8 +250,11 @@ public final class ESTClient: Sendable {
     authentication: ESTAuthentication, trustAnchorsPEM: String?, binding: HTTPSTransport.Binding? = nil
   ) throws(EnrollmentError) -> HTTPAnswer {
     var url = server.url(operation)
+    var authentication = authentication
+    var answeredChallenge = false
     // A bound request follows no redirect: the binding is to this connection.
-    for _ in 0...(binding == nil ? options.maximumRedirects : 0) {
+    for _ in 0...(binding == nil ? options.maximumRedirects + 1 : 1) {
+      if options.cancellation?.isCancelled == true { throw EnrollmentError(.cancelled, "stopped") }
       let answer = try HTTPSTransport.perform(
         HTTPSTransport.Request(
           method: method, url: url, contentType: contentType, body: body, authentication: authentication,
@@ -231,9 +262,30 @@ public final class ESTClient: Sendable {
           maximumVersion: options.maximumVersion, crlPEM: options.crlPEM, missingCRL: options.missingCRL,
           allowNoEKU: options.allowServerCertificateWithoutEKU, timeout: options.timeout,
           connectTimeout: options.connectTimeout,
-          maximumResponseBytes: options.maximumResponseBytes, binding: binding))
+          maximumResponseBytes: options.maximumResponseBytes, binding: binding, cancellation: options.cancellation))
       switch answer.status {
       case 200, 202, 204: return answer
+      case 401:
+        // RFC 7030 §3.2.3: a server may want HTTP authentication besides the client
+        // certificate, and says so with a challenge (RFC 7235). Answered once, with the
+        // credentials we hold for it; the server's reason is kept either way.
+        let challenge = answer.wwwAuthenticate
+        let basic = challenge.split(separator: " ").first?.lowercased() == "basic"
+        if basic, !answeredChallenge, authentication.username == nil,
+          let credentials = authentication.challengeCredentials
+        {
+          options.logger.info("\(operation): the server asks for HTTP authentication (\(challenge)); answering it")
+          authentication.username = credentials.user
+          authentication.password = credentials.password
+          answeredChallenge = true
+          continue
+        }
+        let asked = challenge.isEmpty ? "no WWW-Authenticate challenge" : "challenge: \(challenge)"
+        let why =
+          answeredChallenge || authentication.username != nil
+          ? "our credentials were not accepted"
+          : basic ? "no credentials to answer it with (an enrollment password)" : "a scheme we do not answer"
+        throw EnrollmentError(.server(401), "\(ESTBody.message(answer.body)) (\(asked); \(why))")
       case 301, 302, 303, 307, 308:
         guard !answer.location.isEmpty else {
           throw EnrollmentError(.malformedResponse, "a redirect (\(answer.status)) without a Location")

@@ -10,6 +10,7 @@ struct HTTPAnswer {
   var contentType: String
   var retryAfter: String
   var location: String
+  var wwwAuthenticate: String = ""
   var body: [UInt8]
   var tlsVersion: Int32
 }
@@ -21,6 +22,10 @@ public struct ESTAuthentication: Sendable {
   public var key: TPMKey?
   public var username: String?
   public var password: String?
+  /// Credentials sent only when the server challenges for them (a 401 with
+  /// `WWW-Authenticate: Basic`), e.g. on re-enrollment, where the certificate is enough for most
+  /// servers and some want HTTP authentication too (RFC 7030 §3.2.3). Never logged.
+  public var challengeCredentials: (user: String, password: String)?
 
   public init(
     certificateChain: [Certificate] = [], key: TPMKey? = nil, username: String? = nil, password: String? = nil
@@ -67,6 +72,7 @@ enum HTTPSTransport {
     /// Channel binding: GET this URL first, then build the body from the connection's
     /// tls-unique and send it on the same connection.
     var binding: Binding? = nil
+    var cancellation: ESTCancellation? = nil
   }
 
   struct Binding {
@@ -98,7 +104,7 @@ enum HTTPSTransport {
     ).apply(to: &config)
     let maker = r.binding.map { BodyMaker($0.makeBody) }
     let makerPointer = maker.map { Unmanaged.passUnretained($0).toOpaque() }
-    let outcome = withExtendedLifetime(maker) {
+    let outcome = withExtendedLifetime((maker, r.cancellation)) {
       withOptionalCString(r.crlPEM) { crl in
         withOptionalCString(r.binding?.url) { bindingURL in
           withOptionalCString(chainPEM) { chain in
@@ -127,6 +133,12 @@ enum HTTPSTransport {
                               request.timeout_ms = Int(r.timeout * 1000)
                               request.connect_timeout_ms = Int(r.connectTimeout * 1000)
                               request.max_response = r.maximumResponseBytes
+                              if let cancellation = r.cancellation {
+                                request.cancelled_arg = Unmanaged.passUnretained(cancellation).toOpaque()
+                                request.cancelled = { arg in
+                                  Unmanaged<ESTCancellation>.fromOpaque(arg!).takeUnretainedValue().isCancelled ? 1 : 0
+                                }
+                              }
                               if let makerPointer {
                                 request.binding_url = bindingURL
                                 request.make_body_arg = makerPointer
@@ -169,7 +181,9 @@ enum HTTPSTransport {
       return HTTPAnswer(
         status: response.status, contentType: withUnsafeBytes(of: &response.content_type, text),
         retryAfter: withUnsafeBytes(of: &response.retry_after, text),
-        location: withUnsafeBytes(of: &response.location, text), body: body, tlsVersion: response.tls_version)
+        location: withUnsafeBytes(of: &response.location, text),
+        wwwAuthenticate: withUnsafeBytes(of: &response.www_authenticate, text), body: body,
+        tlsVersion: response.tls_version)
     case EDGEKEY_HTTP_TLS:
       let error = TLSError(failure: response.tls_failure)
       throw EnrollmentError(.tls, error.reason, tls: error, certificate: error.certificate)
@@ -182,6 +196,7 @@ enum HTTPSTransport {
     case EDGEKEY_HTTP_PROTOCOL: throw EnrollmentError(.malformedResponse, reason)
     case EDGEKEY_HTTP_NETWORK: throw EnrollmentError(.network, reason)
     case EDGEKEY_HTTP_ABANDONED: throw maker?.error ?? EnrollmentError(.configuration, reason)
+    case EDGEKEY_HTTP_CANCELLED: throw EnrollmentError(.cancelled, "stopped during the transfer")
     default: throw EnrollmentError(.network, reason)
     }
   }

@@ -145,6 +145,9 @@ public final class RenewalAgent: @unchecked Sendable {
     var stopping = false
     var kick = false
     var finished = false
+    /// Ends the EST transfers and waits of an attempt under way when `stop()` is called.
+    var cancellation = ESTCancellation()
+    var lastError: EnrollmentError?
   }
 
   public init(
@@ -165,6 +168,9 @@ public final class RenewalAgent: @unchecked Sendable {
   }
 
   public var counters: RenewalCounters { locked { $0.counters } }
+
+  /// The last attempt's failure, nil after a success.
+  public var lastError: EnrollmentError? { locked { $0.lastError } }
 
   /// The credential in use and its key, or nil before the first enrollment.
   public func current() throws(EnrollmentError) -> (Credential, TPMKey)? {
@@ -191,10 +197,13 @@ public final class RenewalAgent: @unchecked Sendable {
   public func renew() throws(EnrollmentError) -> Credential {
     locked { $0.counters.attempts += 1 }
     do {
-      return try attempt()
+      let credential = try attempt()
+      locked { $0.lastError = nil }
+      return credential
     } catch {
       locked { s in
         s.counters.failures += 1
+        s.lastError = error
         if error.kind == .clock { s.counters.clockRefusals += 1 }
       }
       throw error
@@ -218,6 +227,9 @@ public final class RenewalAgent: @unchecked Sendable {
       } else { nil }
     if let current, let currentKey {
       authentication = .certificate(current.chain, key: currentKey)
+      // Some servers want HTTP authentication on re-enrollment too (RFC 7030 §3.2.3): the
+      // password answers their challenge, and is not sent unasked.
+      authentication.challengeCredentials = settings.password
       reenroll = true
     } else {
       if let current {
@@ -264,8 +276,10 @@ public final class RenewalAgent: @unchecked Sendable {
 
     // The CA's current anchors, before anything is requested.
     let stored = try store.anchors()
+    var options = settings.options
+    options.cancellation = locked { $0.cancellation }
     let client = try ESTClient(
-      server: settings.server, trustAnchors: Self.union(settings.trustAnchors, stored), options: settings.options)
+      server: settings.server, trustAnchors: Self.union(settings.trustAnchors, stored), options: options)
     let rollover = AnchorRollover.merge(
       stored: stored, configured: settings.trustAnchors, offered: try client.caCertificates())
     if !rollover.added.isEmpty || rollover.withdrawn.map(\.der) != locked({ $0.withdrawn.map(\.der) }) {
@@ -277,8 +291,7 @@ public final class RenewalAgent: @unchecked Sendable {
       onEvent(.anchorsChanged(added: rollover.added.map(\.subject), withdrawn: rollover.withdrawn.map(\.subject)))
     }
     let issuing = try ESTClient(
-      server: settings.server, trustAnchors: Self.union(settings.trustAnchors, rollover.anchors),
-      options: settings.options)
+      server: settings.server, trustAnchors: Self.union(settings.trustAnchors, rollover.anchors), options: options)
 
     // The key: the one already waiting in next.pem (a renewal cut short), a new one, or the
     // current one when rotation is off.
@@ -409,7 +422,8 @@ public final class RenewalAgent: @unchecked Sendable {
     condition.unlock()
   }
 
-  /// Stops the background thread and waits for it (an attempt under way finishes first).
+  /// Stops the background thread and waits for it: an attempt under way is cut short (its EST
+  /// transfer or 202 wait ends within about a second, `.cancelled`, nothing half-stored).
   public func stop() {
     condition.lock()
     guard state.running else {
@@ -417,9 +431,14 @@ public final class RenewalAgent: @unchecked Sendable {
       return
     }
     state.stopping = true
+    let cancellation = state.cancellation
     condition.broadcast()
+    condition.unlock()
+    cancellation.cancel()
+    condition.lock()
     while !state.finished { condition.wait() }
     state.running = false
+    state.cancellation = ESTCancellation()  // for a later start()
     condition.unlock()
   }
 
@@ -453,9 +472,12 @@ public final class RenewalAgent: @unchecked Sendable {
         failures = 0
         continue
       } catch {
+        if error.kind == .cancelled { break }
         failures += 1
         let remaining = current?.certificate?.notAfter.timeIntervalSince(now) ?? 0
         wait = policy.backoff(failures: failures, remaining: remaining, random: Double.random(in: 0..<1))
+        // A server that said when to come back (Retry-After) is not asked sooner (RFC 7030 §4.2.3).
+        if let asked = error.retryAfter { wait = max(wait, asked) }
         onEvent(.failed(error, retryIn: wait))
       }
       sleep(until: clock().addingTimeInterval(wait))

@@ -30,6 +30,10 @@ public struct ESTPolicy: Sendable {
   public var label: String?
   /// An append-only JSON-lines issuance log, fsync'd per issuance.
   public var issuanceLogPath: String?
+  /// HTTP Basic credentials re-enrollment needs in addition to the current certificate (RFC 7030
+  /// §3.2.3 lets a server ask for both); nil: the certificate is enough.
+  public var reenrollUser: String?
+  public var reenrollPassword: String?
 
   public init(
     caCertificates: [Certificate], bootstrapUser: String? = nil, bootstrapPassword: String? = nil,
@@ -163,7 +167,10 @@ public final class ESTService: @unchecked Sendable {
     let authenticatedBy: String
     if renewal {
       guard let current = request.clientCertificates.first else {
-        return .text(401, "re-enrollment requires the current certificate as the TLS client certificate")
+        // RFC 7235 §3.1: a 401 names a challenge. The certificate is what is missing here.
+        return .text(
+          401, "re-enrollment requires the current certificate as the TLS client certificate",
+          headers: [("WWW-Authenticate", "Basic realm=\"EST\"")])
       }
       guard issuedHere(request.clientCertificates) else {
         return .text(403, "the client certificate was not issued by this CA")
@@ -175,6 +182,15 @@ public final class ESTService: @unchecked Sendable {
           403,
           "re-enrollment must keep the subject and subject alternative names: certificate \(current.subject), request \(csr.subject)"
         )
+      }
+      if let user = policy.reenrollUser, let password = policy.reenrollPassword {
+        guard let (u, p) = ESTService.basicCredentials(request.header("authorization")), u == user,
+          ESTService.constantTimeEqual(Array(p.utf8), Array(password.utf8))
+        else {
+          return .text(
+            401, "re-enrollment needs HTTP authentication besides the certificate",
+            headers: [("WWW-Authenticate", "Basic realm=\"EST re-enrollment\"")])
+        }
       }
       authenticatedBy = "certificate \(current.serialNumber)"
     } else {
