@@ -19,9 +19,11 @@ public struct CertificateSigningRequest: Sendable {
   ///   - requestClientAuth: ask for the clientAuth extended key usage (and digitalSignature).
   ///   - challengePassword: the PKCS#9 challengePassword attribute (EST servers use it for
   ///     one-time enrollment secrets).
+  ///   - signatureHash: the digest the request is signed with; nil: the key's own (SHA-384
+  ///     for P-384, else SHA-256). An EST server may ask for one in csrattrs.
   public init(
     key: TPMKey, subject: [(String, String)], subjectAlternativeNames: [SubjectAlternativeName] = [],
-    requestClientAuth: Bool = true, challengePassword: String? = nil
+    requestClientAuth: Bool = true, challengePassword: String? = nil, signatureHash: HashAlgorithm? = nil
   ) throws(TLSError) {
     guard let pkey = edgekey_evp_pkey(key.raw) else {
       throw TLSError(.configuration, .unusableKey, "the TPM key cannot be used through OpenSSL")
@@ -75,7 +77,13 @@ public struct CertificateSigningRequest: Sendable {
         throw TLSError(.configuration, .other, "the challenge password is not valid")
       }
     }
-    let digest = key.algorithm == .eccP384 ? EVP_sha384() : EVP_sha256()
+    let digest: OpaquePointer? =
+      switch signatureHash ?? (key.algorithm == .eccP384 ? .sha384 : .sha256) {
+      case .sha1: EVP_sha1()
+      case .sha256: EVP_sha256()
+      case .sha384: EVP_sha384()
+      case .sha512: EVP_sha512()
+      }
     ERR_clear_error()
     guard X509_REQ_sign(req, pkey, digest) > 0 else {
       var failure = edgekey_tls_failure()

@@ -34,6 +34,8 @@ let usage = """
     --tls-max 1.2|1.3      highest TLS version (default 1.3)
     --max-body BYTES       largest request body (default 65536)
     --log PATH             append-only issuance log (JSON lines, fsync'd)
+    --csrattrs FILE        what csrattrs answers (DER, or its base64); default: challengePassword,
+                           an EC P-256 key, ECDSA with SHA-256
     --reenroll-password USER:PASS
                            re-enrollment also needs these HTTP Basic credentials (RFC 7030 3.2.3);
                            a request without them gets 401 with a Basic challenge
@@ -133,6 +135,12 @@ if let credentials = option("--reenroll-password") {
   guard let colon = credentials.firstIndex(of: ":") else { fail("--reenroll-password takes USER:PASS") }
   reenrollPolicy.reenrollUser = String(credentials[..<colon])
   reenrollPolicy.reenrollPassword = String(credentials[credentials.index(after: colon)...])
+}
+if let path = option("--csrattrs") {
+  guard let data = FileManager.default.contents(atPath: path) else { fail("--csrattrs: cannot read \(path)") }
+  let bytes = [UInt8](data)
+  reenrollPolicy.csrAttributesDER = bytes.first == 0x30 ? bytes : ESTService.decodeBase64(bytes)
+  guard reenrollPolicy.csrAttributesDER != nil else { fail("--csrattrs: neither DER nor base64") }
 }
 let service = ESTService(ca: ca, policy: reenrollPolicy)
 

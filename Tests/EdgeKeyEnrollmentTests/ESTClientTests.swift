@@ -332,3 +332,51 @@ struct ESTEdgeCaseTests {
     #expect(error?.kind == .cancelled)
   }
 }
+
+@Suite("csrattrs: what the server asks for is applied, and what is not understood is reported")
+struct CSRAttributesTests {
+  /// RFC 7030 §4.5.2's example: challengePassword, an EC key on secp384r1, an extensionRequest
+  /// for macAddress (1.3.6.1.1.1.1.22), ecdsa-with-SHA384.
+  static let rfcExample = "MEEGCSqGSIb3DQEJBzASBgcqhkjOPQIBMQcGBSuBBAAiMBYGCSqGSIb3DQEJDjEJBgcrBgEBAQEWBggqhkjOPQQDAw=="
+
+  @Test("RFC 7030's example reads field by field; malformed answers are typed errors")
+  func parsesTheRFCExample() throws {
+    let der = try #require(Data(base64Encoded: Self.rfcExample).map { [UInt8]($0) })
+    let attributes = try CSRAttributes(der: der)
+    #expect(attributes.keyAlgorithm == .eccP384)
+    #expect(attributes.signatureHash == .sha384)
+    #expect(attributes.challengePassword)
+    #expect(attributes.notUnderstood == ["extension 1.3.6.1.1.1.1.22"])
+    for n in 0..<der.count {
+      _ = try? CSRAttributes(der: Array(der.prefix(n)))  // never a crash
+    }
+    #expect(throws: EnrollmentError.self) { try CSRAttributes(der: [0x04, 0x00]) }
+    #expect(throws: EnrollmentError.self) { try CSRAttributes(der: [0x30, 0x02, 0x02, 0x00]) }
+  }
+
+  @Test("a server that asks for P-384 and SHA-384 gets them; an OID we do not know is reported, not ignored")
+  func agentAppliesWhatItUnderstands() throws {
+    // The RFC's example plus an attribute nobody knows (1.2.3.4).
+    var der = try #require(Data(base64Encoded: Self.rfcExample).map { [UInt8]($0) })
+    der = [0x30, UInt8(der.count - 2 + 5)] + der[2...] + [0x06, 0x03, 0x2A, 0x03, 0x04]
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-csrattrs-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    let file = dir.appendingPathComponent("csrattrs.der")
+    try Data(der).write(to: file)
+    let f = try EnrollmentFixture(extraArguments: ["--csrattrs", file.path])
+    let events = EventLog()
+    let store = try CredentialStore(directory: stateDirectory())
+    let agent = RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")),
+      identity: ([("CN", "device-attrs")], []), onEvent: events.add)
+    let issued = try agent.renew()
+    #expect(try issued.key.publicKey().algorithm == .eccP384)
+    #expect(issued.certificate?.keyType == "EC P-384")
+    let said = try #require(events.all.first { $0.hasPrefix("the server's csrattrs") })
+    #expect(said.contains("key ecc-p384"))
+    #expect(said.contains("signed with sha384"))
+    #expect(said.contains("1.2.3.4 (not understood)"))
+    #expect(said.contains("extension 1.3.6.1.1.1.1.22"))
+    #expect(said.contains("challengePassword (only a channel binding"))
+  }
+}

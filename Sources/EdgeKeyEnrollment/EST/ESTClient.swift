@@ -130,6 +130,20 @@ public final class ESTClient: Sendable {
     return ESTBody.objectIdentifiers(in: der)
   }
 
+  /// `/csrattrs`, read: what the server wants in our request (key type, signature hash,
+  /// challengePassword, extensions), and what we do not understand of it; nil when it has no
+  /// preference (204, or an empty answer).
+  public func requestedAttributes(authentication: ESTAuthentication = .none) throws(EnrollmentError)
+    -> CSRAttributes?
+  {
+    let answer = try exchange("GET", "csrattrs", body: [], contentType: nil, authentication: authentication)
+    if answer.status == 204 || answer.body.isEmpty { return nil }
+    guard let der = ESTBody.decode(answer.body) else {
+      throw EnrollmentError(.malformedResponse, "csrattrs is not base64")
+    }
+    return try CSRAttributes(der: der)
+  }
+
   /// `/simpleenroll`: sends `csr` and returns the issued chain (our certificate first), after
   /// checking that it is for our key, subject and names, allows clientAuth, is in its validity
   /// period and chains to a trust anchor. Waits through 202 answers up to

@@ -80,6 +80,8 @@ public enum RenewalEvent: Sendable, CustomStringConvertible {
   /// A stored key the TPM can never load again (a cleared or replaced TPM): its credential is
   /// treated as lost and a new key is enrolled with the bootstrap credential or password.
   case credentialLost(slot: String, reason: String)
+  /// What the server's csrattrs asked for: applied to the request, or reported as not applied.
+  case serverAttributes(applied: [String], notApplied: [String])
 
   public var description: String {
     switch self {
@@ -98,6 +100,9 @@ public enum RenewalEvent: Sendable, CustomStringConvertible {
     case .clockRefused(let why): return "clock refused: \(why)"
     case .credentialLost(let slot, let reason):
       return "the \(slot) credential's key can no longer be loaded by this TPM (cleared or replaced): \(reason)"
+    case .serverAttributes(let applied, let notApplied):
+      return "the server's csrattrs: applied \(applied.isEmpty ? "nothing" : applied.joined(separator: ", "))"
+        + (notApplied.isEmpty ? "" : "; not applied: \(notApplied.joined(separator: "; "))")
     }
   }
 }
@@ -293,15 +298,47 @@ public final class RenewalAgent: @unchecked Sendable {
     let issuing = try ESTClient(
       server: settings.server, trustAnchors: Self.union(settings.trustAnchors, rollover.anchors), options: options)
 
+    // What the server wants in the request (RFC 7030 §4.5.2): optional, so a server that has no
+    // csrattrs, or refuses it, leaves the request as policy makes it.
+    let asked = try? issuing.requestedAttributes(authentication: reenroll ? authentication : .none)
+    var applied: [String] = []
+    var notApplied = asked?.notUnderstood.map { "\($0) (not understood)" } ?? []
+    var algorithm = policy.keyAlgorithm
+    if let wanted = asked?.keyAlgorithm {
+      if !reenroll || policy.rotateKeys {
+        algorithm = wanted
+        applied.append("key \(wanted)")
+      } else if (try? current?.key.publicKey().algorithm) ?? nil != wanted {
+        notApplied.append("key \(wanted) (keys are not rotated: the current key is kept)")
+      }
+    }
+    let (subject, names) = requestedIdentity(current: current, bootstrap: bootstrap)
+    if let hash = asked?.signatureHash { applied.append("signed with \(hash.rawValue)") }
+    if asked?.challengePassword == true {
+      if settings.channelBinding {
+        applied.append("challengePassword (tls-unique)")
+      } else {
+        notApplied.append("challengePassword (only a channel binding is sent there: enable it, TLS 1.2)")
+      }
+    }
+    for oid in asked?.requestedExtensions ?? [] {
+      if oid == "2.5.29.17" && names.isEmpty {
+        notApplied.append("subjectAltName (no names to request)")
+      } else {
+        applied.append("extension \(oid)")
+      }
+    }
+    if !applied.isEmpty || !notApplied.isEmpty { onEvent(.serverAttributes(applied: applied, notApplied: notApplied)) }
+
     // The key: the one already waiting in next.pem (a renewal cut short), a new one, or the
     // current one when rotation is off.
-    let (keyFile, newKey) = try keyForRequest(current: reenroll ? current : nil)
+    let (keyFile, newKey) = try keyForRequest(current: reenroll ? current : nil, algorithm: algorithm)
     let key = try load(keyFile)
-    let (subject, names) = requestedIdentity(current: current, bootstrap: bootstrap)
     func makeRequest(_ challenge: String?) throws(EnrollmentError) -> CertificateSigningRequest {
       do {
         return try CertificateSigningRequest(
-          key: key, subject: subject, subjectAlternativeNames: names, challengePassword: challenge)
+          key: key, subject: subject, subjectAlternativeNames: names, challengePassword: challenge,
+          signatureHash: asked?.signatureHash)
       } catch {
         throw EnrollmentError(error.layer == .tpm ? .tpm : .configuration, "the request: \(error.reason)", tls: error)
       }
@@ -327,10 +364,12 @@ public final class RenewalAgent: @unchecked Sendable {
     return issued
   }
 
-  private func keyForRequest(current: Credential?) throws(EnrollmentError) -> (TSS2PrivateKey, Bool) {
+  private func keyForRequest(current: Credential?, algorithm: KeyAlgorithm) throws(EnrollmentError) -> (
+    TSS2PrivateKey, Bool
+  ) {
     if let current, !policy.rotateKeys { return (current.key, false) }
     if let pending = try? store.read(.next), !pending.isComplete,
-      (try? pending.key.publicKey().algorithm) == policy.keyAlgorithm
+      (try? pending.key.publicKey().algorithm) == algorithm
     {
       // A key created by an attempt that did not finish: used instead of making another, if
       // the TPM can still load it (a cleared TPM cannot).
@@ -338,12 +377,12 @@ public final class RenewalAgent: @unchecked Sendable {
       try store.remove(.next)
     }
     let file: TSS2PrivateKey
-    do { file = try tpm.createKey(policy.keyAlgorithm) } catch {
-      throw EnrollmentError(.tpm, "creating the new key: \(error)")
+    do { file = try tpm.createKey(algorithm) } catch {
+      throw EnrollmentError(.tpm, "creating the new \(algorithm) key: \(error)")
     }
     try store.write(Credential(key: file), to: .next)
     locked { $0.counters.keysCreated += 1 }
-    onEvent(.keyCreated(algorithm: policy.keyAlgorithm))
+    onEvent(.keyCreated(algorithm: algorithm))
     return (file, true)
   }
 

@@ -34,6 +34,8 @@ public struct ESTPolicy: Sendable {
   /// §3.2.3 lets a server ask for both); nil: the certificate is enough.
   public var reenrollUser: String?
   public var reenrollPassword: String?
+  /// The DER `csrattrs` answers with; nil: challengePassword, EC P-256, ECDSA with SHA-256.
+  public var csrAttributesDER: [UInt8]?
 
   public init(
     caCertificates: [Certificate], bootstrapUser: String? = nil, bootstrapPassword: String? = nil,
@@ -133,7 +135,7 @@ public final class ESTService: @unchecked Sendable {
     ]
     let ecdsaSHA256: [UInt8] = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03, 0x02]
     let content = challengePassword + ecKey + ecdsaSHA256
-    let der: [UInt8] = [0x30, UInt8(content.count)] + content
+    let der: [UInt8] = policy.csrAttributesDER ?? ([0x30, UInt8(content.count)] + content)
     return HTTPResponse(
       status: 200, headers: [("Content-Type", "application/csrattrs"), ("Content-Transfer-Encoding", "base64")],
       body: Array(ESTService.base64Lines(der).utf8))

@@ -57,7 +57,9 @@ public enum FuzzTargets {
 
   /// An EST csrattrs body.
   static func estCSRAttributes(_ bytes: [UInt8]) {
-    _ = ESTBody.objectIdentifiers(in: ESTBody.decode(bytes) ?? bytes)
+    let der = ESTBody.decode(bytes) ?? bytes
+    _ = ESTBody.objectIdentifiers(in: der)
+    _ = try? CSRAttributes(der: der)
   }
 
   /// What the EST server sends besides the PKCS#7: header lines (the C reader libcurl feeds),
