@@ -240,33 +240,12 @@ static TSS2_RC try_candidate(const char *tcti, esys_stack *st, atomic_uint_fast6
 
 TSS2_RC edgekey_tpm_flush_all_transients_locked(edgekey_tpm *tpm, ESYS_CONTEXT *esys,
                                                 int *flushed) {
-  TPMS_CAPABILITY_DATA *cap = NULL;
-  TPMI_YES_NO more = TPM2_NO;
-  *flushed = 0;
-  TSS2_RC rc = Esys_GetCapability(esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
-                                  TPM2_TRANSIENT_FIRST, TPM2_MAX_CAP_HANDLES, &more, &cap);
-  if (rc != TSS2_RC_SUCCESS) goto out;
-  for (UINT32 i = 0; i < cap->data.handles.count; i++) {
-    ESYS_TR object = ESYS_TR_NONE;
-    TPM2_HANDLE handle = cap->data.handles.handle[i];
-    if (Esys_TR_FromTPMPublic(esys, handle, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &object) !=
-        TSS2_RC_SUCCESS)
-      continue;
-    if (Esys_FlushContext(esys, object) == TSS2_RC_SUCCESS)
-      (*flushed)++;
-    else
-      Esys_TR_Close(esys, &object);
-  }
-  /* Our own loaded keys, if any, were among them. */
-  for (edgekey_tpm_key *k = tpm->loaded; k != NULL;) {
-    edgekey_tpm_key *next = k->next_loaded;
-    k->handle = ESYS_TR_NONE;
-    k->next_loaded = NULL;
-    k = next;
-  }
-  tpm->loaded = NULL;
-out:
-  Esys_Free(cap);
+  /* Ours first (their handles are known), then whatever else the TPM holds. */
+  int ours = 0;
+  for (edgekey_tpm_key *k = tpm->loaded; k != NULL; k = k->next_loaded) ours++;
+  edgekey_tpm_unload_all_locked(tpm, esys);
+  TSS2_RC rc = edgekey_tpm_flush_foreign_locked(tpm, esys, ESYS_TR_NONE, flushed);
+  *flushed += ours;
   return rc;
 }
 

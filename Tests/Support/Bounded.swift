@@ -55,25 +55,7 @@ public final class SilentServer: @unchecked Sendable {
   private let listener: Int32
 
   public init() throws {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    var bound: UInt16 = 0
-    for _ in 0..<20 {
-      let candidate = try PortFinder.free()
-      var addr = sockaddr_in()
-      addr.sin_family = sa_family_t(AF_INET)
-      addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-      addr.sin_port = candidate.bigEndian
-      let ok = withUnsafePointer(to: &addr) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-      }
-      if ok == 0 {
-        bound = candidate
-        break
-      }
-    }
-    guard bound != 0, listen(fd, 16) == 0 else { throw HarnessError("SilentServer could not listen") }
-    port = bound
-    listener = fd
+    (listener, port) = try PortFinder.listeningSocket()
   }
 
   deinit { close(listener) }

@@ -230,6 +230,26 @@ public enum PortFinder {
     throw HarnessError("no free pair of loopback ports")
   }
 
+  /// A TCP socket listening on a free loopback port of this harness's range.
+  public static func listeningSocket(backlog: Int32 = 16) throws -> (descriptor: Int32, port: UInt16) {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    var one: Int32 = 1
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+    for _ in 0..<20 {
+      let candidate = try free()
+      var addr = sockaddr_in()
+      addr.sin_family = sa_family_t(AF_INET)
+      addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+      addr.sin_port = candidate.bigEndian
+      let bound = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+      }
+      if bound == 0, listen(fd, backlog) == 0 { return (fd, candidate) }
+    }
+    close(fd)
+    throw HarnessError("no loopback port to listen on")
+  }
+
   /// True when nothing listens on the port and it can be bound.
   public static func isFree(_ port: UInt16) -> Bool {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)

@@ -46,46 +46,5 @@ package enum ESTBody {
   }
 
   /// Every OBJECT IDENTIFIER in a DER structure, as dotted text (csrattrs).
-  package static func objectIdentifiers(in der: [UInt8]) -> [String] {
-    var result: [String] = []
-    func walk(_ bytes: ArraySlice<UInt8>, depth: Int) {
-      guard depth < 8 else { return }
-      var i = bytes.startIndex
-      while i + 1 < bytes.endIndex {
-        let tag = bytes[i]
-        var length = Int(bytes[i + 1])
-        var start = i + 2
-        if length & 0x80 != 0 {
-          let count = length & 0x7F
-          guard count <= 3, start + count <= bytes.endIndex else { return }
-          length = bytes[start..<(start + count)].reduce(0) { $0 << 8 | Int($1) }
-          start += count
-        }
-        guard start + length <= bytes.endIndex else { return }
-        let content = bytes[start..<(start + length)]
-        if tag == 0x06 {
-          result.append(dotted(Array(content)))
-        } else if tag & 0x20 != 0 {
-          walk(content, depth: depth + 1)
-        }
-        i = start + length
-      }
-    }
-    walk(der[...], depth: 0)
-    return result
-  }
-
-  private static func dotted(_ bytes: [UInt8]) -> String {
-    guard let first = bytes.first else { return "" }
-    var parts = [first < 80 ? Int(first) / 40 : 2, first < 80 ? Int(first) % 40 : Int(first) - 80]
-    var value = 0
-    for byte in bytes.dropFirst() {
-      value = value << 7 | Int(byte & 0x7F)
-      if byte & 0x80 == 0 {
-        parts.append(value)
-        value = 0
-      }
-    }
-    return parts.map(String.init).joined(separator: ".")
-  }
+  package static func objectIdentifiers(in der: [UInt8]) -> [String] { DERReader.allOIDs(der[...]) }
 }
