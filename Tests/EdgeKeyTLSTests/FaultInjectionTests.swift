@@ -182,4 +182,32 @@ struct FaultInjectionTests {
     let tpmFailures = report.handshakeFailures["tpmSigningFailed", default: 0]
     #expect(tpmFailures >= 1, "attempts while the TPM hung must fail at the TPM layer: \(report)")
   }
+
+  @Test("one reset right after our Certificate (TLS 1.3): transient, retried at once, never the refusal schedule")
+  func resetAfterOurCertificate() async throws {
+    let f = try Fixture(commonName: "device-0305")
+    let broker = try f.broker()
+    let proxy = try FaultProxy(to: broker.port)
+    defer { proxy.stop() }
+    proxy.resetNextConnection(atClientFlight: 2)
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: proxy.port)
+    configuration.reconnect = quickReconnect  // a refusal would wait 300 s or more
+    let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
+    defer { client.stop() }
+    client.start()
+    var sawWaiting: [Double] = []
+    for await state in client.stateChanges {
+      if case .waiting(let retryIn, _) = state {
+        sawWaiting.append(retryIn)
+        if retryIn >= 10 { break }  // the refusal schedule: the failure this test is about
+      }
+      if case .connected = state { break }
+    }
+    #expect(client.isConnected)
+    #expect(sawWaiting.allSatisfy { $0 < 10 }, "a reset must not start the refusal schedule: \(sawWaiting)")
+    let failures = client.metrics.handshakeFailures
+    #expect(
+      failures["closedAfterOurCertificate", default: 0] + failures["connectionFailed", default: 0] >= 1, "\(failures)")
+    #expect(client.metrics.connectAttempts == 2)
+  }
 }

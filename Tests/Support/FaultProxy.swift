@@ -20,6 +20,8 @@ public final class FaultProxy: @unchecked Sendable {
   private let lock = NSLock()
   private var partitioned = false
   private var resetRequested = false
+  /// The next accepted connection is reset (RST) instead of forwarding its n-th client read.
+  private var resetNextAtFlight: Int?
   private var stopping = false
   private var wake: [Int32] = [-1, -1]
   private let finished = DispatchSemaphore(value: 0)
@@ -30,6 +32,8 @@ public final class FaultProxy: @unchecked Sendable {
     var client: Int32
     var server: Int32  // -1 for a connection accepted during a partition
     var dead: Bool
+    var clientReads = 0
+    var resetAtFlight: Int? = nil
   }
 
   public init(to targetPort: UInt16) throws {
@@ -66,6 +70,10 @@ public final class FaultProxy: @unchecked Sendable {
   public func partition() { set { $0.partitioned = true } }
   public func heal() { set { $0.partitioned = false } }
   public func resetAll() { set { $0.resetRequested = true } }
+  /// Resets the next connection with a TCP RST in place of forwarding its `flight`-th read
+  /// from the client: `2` drops a TLS 1.3 client's Certificate flight on the floor (the server
+  /// never sees it) and resets, a middlebox failing at the worst moment.
+  public func resetNextConnection(atClientFlight flight: Int) { set { $0.resetNextAtFlight = flight } }
 
   public func stop() {
     let first: Bool = lock.withLock {
@@ -151,7 +159,15 @@ public final class FaultProxy: @unchecked Sendable {
             pairs.append(Pair(client: client, server: -1, dead: true))
           } else {
             let server = connectUpstream()
-            if server < 0 { close(client) } else { pairs.append(Pair(client: client, server: server, dead: false)) }
+            let flight = lock.withLock { () -> Int? in
+              defer { resetNextAtFlight = nil }
+              return resetNextAtFlight
+            }
+            if server < 0 {
+              close(client)
+            } else {
+              pairs.append(Pair(client: client, server: server, dead: false, resetAtFlight: flight))
+            }
           }
         }
       }
@@ -172,6 +188,16 @@ public final class FaultProxy: @unchecked Sendable {
           if pair.dead {
             lock.withLock { droppedBytes += n }
             continue
+          }
+          if from == pair.client {
+            pairs[i].clientReads += 1
+            if let flight = pair.resetAtFlight, pairs[i].clientReads >= flight {
+              // SO_LINGER 0: close() sends RST, not FIN.
+              var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+              setsockopt(pair.client, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+              closePair(i)
+              break
+            }
           }
           var sent = 0
           while sent < n {
