@@ -186,6 +186,39 @@ struct CLITests {
     #expect(agent.exitCode == 0)
     let log = try String(contentsOfFile: f.path("agent.log"), encoding: .utf8)
     #expect(log.contains("can no longer be loaded by this TPM"), "\(log)")
+    // tpm2-tss's own ERROR lines for what EdgeKey handles (0x1df here) stay off stderr.
+    #expect(!log.contains("ERROR:esys"), "\(log)")
+    #expect(!refused.stderr.contains("ERROR:esys"))
+  }
+
+  @Test(
+    "enroll --channel-binding binds the request to its TLS connection; a server that requires it refuses one that is not"
+  )
+  func enrollChannelBinding() throws {
+    let swtpm = try SoftwareTPM()
+    let ca = try TestCA()
+    let ra = try RegistrationAuthority(ca: ca, extraArguments: ["--channel-binding", "--tls-max", "1.2"])
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    let caFile = dir.appendingPathComponent("ca.pem").path
+    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+    var env = ProcessInfo.processInfo.environment
+    env["EST_PASSWORD"] = "device:factory-secret"
+    env["EDGEKEY_TCTI"] = swtpm.tcti
+    func enroll(_ state: String, _ extra: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+      try Command.runCapturing(
+        try edgekeyBinary(),
+        [
+          "enroll", "--state", dir.appendingPathComponent(state).path, "--server", ra.localhostURL, "--cafile", caFile,
+          "--subject", "CN=bound-1", "--password-env", "EST_PASSWORD",
+        ] + extra, environment: env)
+    }
+    let unbound = try enroll("a", [])
+    #expect(unbound.status == 1)
+    #expect(unbound.stderr.contains("tls-unique"), "\(unbound.stderr)")
+    let bound = try enroll("b", ["--channel-binding"])
+    #expect(bound.status == 0, "\(bound.stderr)")
+    #expect(ra.issuanceLog.count == 1)
   }
 
   @Test("SIGTERM while the agent waits out a 120 s Retry-After: it stops at once, nothing issued")
