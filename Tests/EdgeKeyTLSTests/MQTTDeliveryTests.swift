@@ -15,6 +15,12 @@ extension Fixture {
       aclFile: aclFile, persistent: persistent)
   }
 
+  /// A broker whose certificate comes from a CA we do not trust ("Stranger CA").
+  func untrustedBroker() throws -> MosquittoBroker {
+    let cert = try TestCA(name: "Stranger CA").issueServer()
+    return try MosquittoBroker(certificatePEM: cert.certificate, keyPEM: cert.key, clientCAPEM: ca.certificatePEM)
+  }
+
   /// Another party's identity from the same CA, with a software key (a test's subscriber).
   func softwareParty(_ commonName: String, serverName: String = "127.0.0.1") throws -> TLSClientContext {
     let issued = try ca.issueSoftwareClient(commonName: commonName)
@@ -135,10 +141,7 @@ struct MQTTDeliveryTests {
     let broker: MosquittoBroker
     var serverName = "127.0.0.1"
     if fault == "untrusted CA" {
-      let stranger = try TestCA(name: "Stranger CA")
-      let cert = try stranger.issueServer()
-      broker = try MosquittoBroker(
-        certificatePEM: cert.certificate, keyPEM: cert.key, clientCAPEM: f.ca.certificatePEM)
+      broker = try f.untrustedBroker()
     } else {
       broker = try f.broker()
       serverName = "broker.example.net"
@@ -170,10 +173,7 @@ struct MQTTDeliveryTests {
   @Test("a broker we do not trust, 60 times with every core busy: always the server-certificate error, never a timeout")
   func untrustedBrokerUnderLoad() async throws {
     let f = try Fixture()
-    let stranger = try TestCA(name: "Stranger CA")
-    let cert = try stranger.issueServer()
-    let broker = try MosquittoBroker(
-      certificatePEM: cert.certificate, keyPEM: cert.key, clientCAPEM: f.ca.certificatePEM)
+    let broker = try f.untrustedBroker()
     let load = CPULoad(threads: ProcessInfo.processInfo.activeProcessorCount)
     defer { load.stop() }
     var outcomes: [String: Int] = [:]
@@ -201,10 +201,7 @@ struct MQTTDeliveryTests {
     // waiter, so an attempt that failed in between (a refusal, on an idle core) was missed and
     // the waiter sat out the timeout while the client waited minutes to retry.
     let f = try Fixture()
-    let stranger = try TestCA(name: "Stranger CA")
-    let cert = try stranger.issueServer()
-    let broker = try MosquittoBroker(
-      certificatePEM: cert.certificate, keyPEM: cert.key, clientCAPEM: f.ca.certificatePEM)
+    let broker = try f.untrustedBroker()
     var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
     configuration.reconnect = quickReconnect
     let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
@@ -224,10 +221,7 @@ struct MQTTDeliveryTests {
     // server, waiting for our ClientHello, never made readable; the attempt ended at the connect
     // timeout instead of the certificate error.
     let f = try Fixture()
-    let stranger = try TestCA(name: "Stranger CA")
-    let cert = try stranger.issueServer()
-    let broker = try MosquittoBroker(
-      certificatePEM: cert.certificate, keyPEM: cert.key, clientCAPEM: f.ca.certificatePEM)
+    let broker = try f.untrustedBroker()
     let proxy = try LateAcceptProxy(to: broker.port)
     var configuration = MQTTConfiguration(host: "127.0.0.1", port: proxy.port)
     configuration.reconnect = quickReconnect
