@@ -453,10 +453,12 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
   }
 
   X509_VERIFY_PARAM *param = SSL_CTX_get0_param(ctx);
-  if (cfg->server_name != NULL && cfg->server_name[0] != '\0') {
-    unsigned char addr[16];
-    int is_ip = inet_pton(AF_INET, cfg->server_name, addr) == 1 ||
-                inet_pton(AF_INET6, cfg->server_name, addr) == 1;
+  /* An IP literal is verified as an IP address and never sent as SNI (RFC 6066 3). */
+  unsigned char addr[16];
+  int has_name = cfg->server_name != NULL && cfg->server_name[0] != '\0';
+  int is_ip = has_name && (inet_pton(AF_INET, cfg->server_name, addr) == 1 ||
+                           inet_pton(AF_INET6, cfg->server_name, addr) == 1);
+  if (has_name) {
     int ok = is_ip ? X509_VERIFY_PARAM_set1_ip_asc(param, cfg->server_name)
                    : X509_VERIFY_PARAM_set1_host(param, cfg->server_name, 0);
     if (!ok) goto fail;
@@ -474,13 +476,8 @@ int edgekey_tls_configure(SSL_CTX *ctx, const edgekey_tls_config *cfg, edgekey_t
   policy->accept_cmc_ra = cfg->accept_cmc_ra;
   policy->crl_missing_ok = cfg->crl_missing_ok;
   policy->sni[0] = '\0';
-  if (cfg->server_name != NULL) {
-    unsigned char addr[16];
-    int is_ip = inet_pton(AF_INET, cfg->server_name, addr) == 1 ||
-                inet_pton(AF_INET6, cfg->server_name, addr) == 1;
-    if (!is_ip && strlen(cfg->server_name) < sizeof(policy->sni))
-      snprintf(policy->sni, sizeof(policy->sni), "%s", cfg->server_name);
-  }
+  if (has_name && !is_ip && strlen(cfg->server_name) < sizeof(policy->sni))
+    snprintf(policy->sni, sizeof(policy->sni), "%s", cfg->server_name);
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, verify_callback);
   SSL_CTX_set_info_callback(ctx, info_callback);
   SSL_CTX_set_msg_callback(ctx, msg_callback);

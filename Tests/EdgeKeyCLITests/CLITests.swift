@@ -18,10 +18,11 @@ struct Fleet {
   let dir: URL
   let caFile: String
 
-  init(lifetime: String = "30d", backdate: String = "60") throws {
+  /// - Parameter raArguments: more `edgekey-ra` flags, e.g. `["--pending", "100"]`.
+  init(lifetime: String = "30d", backdate: String = "60", raArguments: [String] = []) throws {
     swtpm = try SoftwareTPM()
     ca = try TestCA()
-    ra = try RegistrationAuthority(ca: ca, lifetime: lifetime, backdate: backdate)
+    ra = try RegistrationAuthority(ca: ca, lifetime: lifetime, backdate: backdate, extraArguments: raArguments)
     let serverCert = try ca.issueServer()
     broker = try MosquittoBroker(
       certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM)
@@ -195,23 +196,15 @@ struct CLITests {
     "enroll --channel-binding binds the request to its TLS connection; a server that requires it refuses one that is not"
   )
   func enrollChannelBinding() throws {
-    let swtpm = try SoftwareTPM()
-    let ca = try TestCA()
-    let ra = try RegistrationAuthority(ca: ca, extraArguments: ["--channel-binding", "--tls-max", "1.2"])
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    let caFile = dir.appendingPathComponent("ca.pem").path
-    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
-    var env = ProcessInfo.processInfo.environment
-    env["EST_PASSWORD"] = "device:factory-secret"
-    env["EDGEKEY_TCTI"] = swtpm.tcti
+    let f = try Fleet(raArguments: ["--channel-binding", "--tls-max", "1.2"])
+    let ra = f.ra
     func enroll(_ state: String, _ extra: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
       try Command.runCapturing(
         try edgekeyBinary(),
         [
-          "enroll", "--state", dir.appendingPathComponent(state).path, "--server", ra.localhostURL, "--cafile", caFile,
-          "--subject", "CN=bound-1", "--password-env", "EST_PASSWORD",
-        ] + extra, environment: env)
+          "enroll", "--state", f.path(state), "--server", ra.localhostURL, "--cafile", f.caFile, "--subject",
+          "CN=bound-1", "--password-env", "EST_PASSWORD",
+        ] + extra, environment: f.environment)
     }
     let unbound = try enroll("a", [])
     #expect(unbound.status == 1)
@@ -223,23 +216,14 @@ struct CLITests {
 
   @Test("SIGTERM while the agent waits out a 120 s Retry-After: it stops at once, nothing issued")
   func agentStopsDuringPendingWait() throws {
-    let swtpm = try SoftwareTPM()
-    let ca = try TestCA()
-    let ra = try RegistrationAuthority(ca: ca, extraArguments: ["--pending", "100", "--retry-after", "120"])
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    let caFile = dir.appendingPathComponent("ca.pem").path
-    try ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
-    var env = ProcessInfo.processInfo.environment
-    env["EST_PASSWORD"] = "device:factory-secret"
-    let log = dir.appendingPathComponent("agent.log").path
+    let f = try Fleet(raArguments: ["--pending", "100", "--retry-after", "120"])
+    let log = f.path("agent.log")
     let agent = try ChildProcess(
       try edgekeyBinary(),
       [
-        "agent", "--state", dir.appendingPathComponent("state").path, "--server", ra.localhostURL, "--cafile",
-        caFile, "-h", "127.0.0.1", "-p", "1", "--subject", "CN=pending-1", "--password-env", "EST_PASSWORD",
-        "--tcti", swtpm.tcti, "-v",
-      ], logPath: log, environment: env)
+        "agent", "--state", f.state, "--server", f.ra.localhostURL, "--cafile", f.caFile, "-h", "127.0.0.1", "-p",
+        "1", "--subject", "CN=pending-1", "--password-env", "EST_PASSWORD", "--tcti", f.swtpm.tcti, "-v",
+      ], logPath: log, environment: f.environment)
     defer { agent.stop() }
     var deadline = Date().addingTimeInterval(30)
     func text() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
@@ -250,7 +234,7 @@ struct CLITests {
     while agent.isRunning && Date() < deadline { usleep(20_000) }
     #expect(!agent.isRunning, "SIGTERM during the wait")
     #expect(agent.exitCode == 0)
-    #expect(ra.issuanceLog.isEmpty)
+    #expect(f.ra.issuanceLog.isEmpty)
   }
 
   @Test(
