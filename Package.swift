@@ -45,7 +45,7 @@ let package = Package(
       ]
     ),
 
-    .target(name: "EdgeKeyCore", path: "Sources/EdgeKeyCore"),
+    .target(name: "EdgeKeyCore", dependencies: ["CSQLite"], path: "Sources/EdgeKeyCore"),
     .target(
       name: "EdgeKeyTPM",
       dependencies: ["CTSS2", "CEdgeKeyProvider", "EdgeKeyCore"],

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A factory station provisioning a batch of devices in a row: each device gets its key created
 # in its own TPM, its certificate from the station's registration authority, and is verified
-# by an mTLS connection to the broker. One JSON line per device goes to provisioned.jsonl; a
-# device that fails is reported and the line goes on.
+# by an mTLS connection to the broker. Each device enrols with its own one-time secret from the
+# factory manifest, for the one name the manifest gives it. One JSON line per device goes to
+# provisioned.jsonl; a device that fails is reported and the line goes on.
 #
 #   Examples/factory/provision-batch.sh [COUNT]
 #
@@ -23,18 +24,29 @@ EDGEKEY_RA="$BIN_DIR/edgekey-ra"
 source scripts/lib/loopback.sh
 lb_init
 lb_ca
-lb_ra --password "line-3:one-time-secret"
+lb_ra --reserve-from-acl Examples/broker/acl
 lb_broker
-export EST_PASSWORD="line-3:one-time-secret"
+# The factory's manifest: one serial, one name and one one-time secret per device. The RA keeps
+# only a salted hash of each secret; a secret enrols its device once.
+manifest="$LB_WORK/manifest.csv"
+(umask 077 && echo "serial,name,secret" >"$manifest")
+for i in $(seq -w 1 "$count"); do
+  echo "SN-2026-$i,device-2026-$i,$(openssl rand -hex 16)" >>"$manifest"
+done
+lb_devices "$manifest"
 out=${OUT:-$PWD/provisioned.jsonl}
 : >"$out"
 ok=0
 started=$(date +%s.%N)
 for i in $(seq -w 1 "$count"); do
   serial="SN-2026-$i"
+  name="device-2026-$i"
+  # The device's own secret, in the environment (never an argument: ps would show it).
+  EST_PASSWORD="$serial:$(grep "^$serial," "$manifest" | cut -d, -f3)"
+  export EST_PASSWORD
   tcti=$(lb_swtpm "$serial")
   if "$edgekey" provision --state "$LB_WORK/devices/$serial" --server "$LB_RA_URL" --cafile "$LB_WORK/ca.pem" \
-    --subject "O=EdgeKey Factory,CN=$serial" -h 127.0.0.1 -p "$LB_BROKER_PORT" --password-env EST_PASSWORD \
+    --subject "O=EdgeKey Factory,CN=$name" -h 127.0.0.1 -p "$LB_BROKER_PORT" --password-env EST_PASSWORD \
     --tcti "$tcti" >>"$out"; then
     ok=$((ok + 1))
     echo "$serial: provisioned"

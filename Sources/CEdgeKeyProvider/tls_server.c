@@ -114,7 +114,29 @@ out_free:
 
 
 
-int edgekey_tls_unique(SSL *ssl, int peer, unsigned char *out, size_t cap) {
-  size_t n = peer ? SSL_get_peer_finished(ssl, out, cap) : SSL_get_finished(ssl, out, cap);
+int edgekey_tls_unique(SSL *ssl, unsigned char *out, size_t cap) {
+  /* The first Finished of the latest handshake is the client's on a full handshake and the
+   * server's on an abbreviated (resumed) one. */
+  int ours = SSL_is_server(ssl) ? SSL_session_reused(ssl) : !SSL_session_reused(ssl);
+  size_t n = ours ? SSL_get_finished(ssl, out, cap) : SSL_get_peer_finished(ssl, out, cap);
   return n > cap ? -1 : (int)n;
+}
+
+STACK_OF(X509) *edgekey_tls_server_client_chain(SSL *ssl) {
+  STACK_OF(X509) *verified = SSL_get0_verified_chain(ssl);
+  if (verified != NULL && sk_X509_num(verified) > 0) return X509_chain_up_ref(verified);
+  X509 *peer = SSL_get0_peer_certificate(ssl);
+  if (peer == NULL || !SSL_session_reused(ssl) || SSL_get_verify_result(ssl) != X509_V_OK) return NULL;
+  /* A resumed session keeps the client's certificate but not the chain it was verified with:
+   * verify it again, now, against the same store. */
+  STACK_OF(X509) *chain = NULL;
+  X509_STORE_CTX *vc = X509_STORE_CTX_new();
+  if (vc != NULL &&
+      X509_STORE_CTX_init(vc, SSL_CTX_get_cert_store(SSL_get_SSL_CTX(ssl)), peer,
+                          SSL_get_peer_cert_chain(ssl)) == 1 &&
+      X509_STORE_CTX_set_purpose(vc, X509_PURPOSE_SSL_CLIENT) == 1 && X509_verify_cert(vc) == 1)
+    chain = X509_STORE_CTX_get1_chain(vc);
+  X509_STORE_CTX_free(vc);
+  ERR_clear_error();
+  return chain;
 }

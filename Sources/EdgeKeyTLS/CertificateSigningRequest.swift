@@ -99,8 +99,29 @@ public struct CertificateSigningRequest: Sendable {
   }
 }
 
+/// One attribute of a subject as encoded: its short name ("CN", "O", "unknown"), the ASN.1
+/// string type (`V_ASN1_UTF8STRING`, ...), the bytes, and which RDN it is in (two entries in one
+/// RDN share `set`).
+package struct SubjectEntry: Sendable, Equatable {
+  package var field: String
+  package var stringType: Int32
+  package var bytes: [UInt8]
+  package var set: Int32
+
+  /// The value as text, when the encoding is one a new certificate may use (RFC 5280 §4.1.2.6:
+  /// PrintableString or UTF8String) and the bytes are valid for it.
+  package var text: String? {
+    switch stringType {
+    case V_ASN1_UTF8STRING: return String(validating: bytes, as: UTF8.self)
+    case V_ASN1_PRINTABLESTRING:
+      return bytes.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }) ? String(decoding: bytes, as: UTF8.self) : nil
+    default: return nil
+    }
+  }
+}
+
 extension SubjectAlternativeName {
-  var value: String {
+  package var value: String {
     switch self {
     case .dns(let v), .ip(let v), .uri(let v), .email(let v): return v
     }
@@ -145,6 +166,23 @@ extension CertificateSigningRequest {
   /// The subject's relative distinguished names in order, as (short name, value).
   public var subjectFields: [(String, String)] {
     withRequest { nameFields(X509_REQ_get_subject_name($0)) }
+  }
+
+  /// The subject's attributes as they are encoded, for a registration authority that must
+  /// judge the bytes (a name policy), not their readable rendering.
+  package var subjectEntries: [SubjectEntry] {
+    withRequest { req in
+      let name = X509_REQ_get_subject_name(req)
+      return (0..<X509_NAME_entry_count(name)).compactMap { i -> SubjectEntry? in
+        guard let entry = X509_NAME_get_entry(name, i) else { return nil }
+        let nid = OBJ_obj2nid(X509_NAME_ENTRY_get_object(entry))
+        let field = nid == NID_undef ? "unknown" : String(cString: OBJ_nid2sn(nid))
+        let data = X509_NAME_ENTRY_get_data(entry)
+        return SubjectEntry(
+          field: field, stringType: data.map { ASN1_STRING_type($0) } ?? -1, bytes: asn1Bytes(data),
+          set: X509_NAME_ENTRY_set(entry))
+      }
+    }
   }
 
   /// The requested key, SubjectPublicKeyInfo DER.

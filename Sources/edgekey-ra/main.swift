@@ -11,9 +11,47 @@ import Foundation
 #endif
 
 let usage = """
-  usage: edgekey-ra --tls-cert PEM --tls-key PEM --ca-cert PEM (--ca-key PEM | --ca-key-tpm KEYFILE) [options]
+  usage: edgekey-ra --tls-cert PEM --tls-key PEM --ca-cert PEM (--ca-key PEM | --ca-key-tpm KEYFILE)
+                    --registry PATH [options]
+         edgekey-ra admin --registry PATH COMMAND ...   (edgekey-ra admin --help)
 
-  An EST server (RFC 7030): /.well-known/est[/LABEL]/{cacerts,csrattrs,simpleenroll,simplereenroll}.
+  An EST server (RFC 7030): /.well-known/est[/LABEL]/{cacerts,csrattrs,simpleenroll,simplereenroll},
+  and the CA's CRL at /crl (DER) and /crl.pem.
+
+  Who may enrol which name (the device registry):
+    --registry PATH        the device registry (SQLite); devices are added with `admin import`
+    --reserve NAME         a name or pattern (* ?) never issued to a device (repeatable)
+    --reserve-from-acl FILE
+                           reserve every `user NAME` of a mosquitto ACL (operator identities)
+    --bootstrap-ca PEM     client certificates from this CA may enroll: those in the registry,
+                           or any, under --bootstrap-name (repeatable)
+    --bootstrap-name TEMPLATE
+                           the name a bootstrap certificate not in the registry enrols, {cn} for
+                           its common name (e.g. device-{cn}); it becomes the device's id
+    --bootstrap-reenrol allow|refuse
+                           whether a bootstrap certificate may enrol its device again after the
+                           operational certificate was lost (default allow; the old ones are
+                           revoked as superseded)
+    --allow-shared-password
+                           accept one password for every device (--password), for names matching
+                           --name-pattern only; each such issuance is logged as such
+    --password USER:PASS   the shared password (or EDGEKEY_RA_PASSWORD); needs the flag above
+    --name-pattern GLOB    the names the shared password may enrol (* and ?)
+    --subject-attributes LIST
+                           subject attributes allowed besides CN (default O,OU,C,ST,L)
+    --allow-san TEMPLATE   a subject alternative name a device may have, {name} for its name
+                           (e.g. DNS:{name}.fleet.local; repeatable; default none)
+    --max-name-length N    longest name (default 64)
+    --rate-per-source N/PERIOD, --rate-per-credential N/PERIOD
+                           enrollment requests allowed (default 600/1m and 60/1m; "off"); more
+                           get 429 with Retry-After
+
+  Revocation:
+    --crl-out FILE         write the current CRL here (PEM, 0644) for a broker's crlfile
+    --crl-validity DURATION
+                           each CRL's nextUpdate (default 1d); it is remade at half of that, and
+                           within a second of a revocation
+    --crl-url URL          put in issued certificates as the CRL distribution point
 
     --listen HOST:PORT     where to listen (default 127.0.0.1:8443; port 0 picks a free one)
     --tls-cert PEM         the server's certificate chain (serverAuth)
@@ -23,8 +61,10 @@ let usage = """
     --ca-key-tpm KEYFILE   or held in this station's TPM (a TSS2 PRIVATE KEY file; --tcti T)
     --tcti T               the TPM for --ca-key-tpm (default: $EDGEKEY_TCTI, then /dev/tpmrm0)
     --cacerts PEM          what cacerts returns (default: the CA chain); for CA rollover
-    --bootstrap-ca PEM     client certificates from this CA may enroll (repeatable)
-    --password USER:PASS   HTTP Basic credentials that may enroll (or EDGEKEY_RA_PASSWORD)
+    --max-connections N    connections served at once (default 64; more wait to be accepted)
+    --max-per-source N     connections from one address at once (default 16)
+    --request-timeout SECONDS
+                           the whole of a request, handshake included (default 10)
     --lifetime DURATION    certificate lifetime: 90s, 15m, 12h, 30d (default 30d)
     --backdate SECONDS     notBefore this far before now (default 60)
     --pending N            answer 202 N times per key before issuing (default 0)
@@ -59,6 +99,8 @@ func duration(_ text: String) -> TimeInterval {
   fail("\(text) is not a duration (90s, 15m, 12h, 30d)")
 }
 
+if CommandLine.arguments.dropFirst().first == "admin" { runAdmin(Array(CommandLine.arguments.dropFirst(2))) }
+
 func parseArguments() -> (options: [String: [String]], flags: Set<String>) {
   var options: [String: [String]] = [:]
   var flags: Set<String> = []
@@ -69,7 +111,7 @@ func parseArguments() -> (options: [String: [String]], flags: Set<String>) {
     case "--help", "-h":
       print(usage)
       exit(0)
-    case "--channel-binding": flags.insert(name)
+    case "--channel-binding", "--allow-shared-password": flags.insert(name)
     case _ where name.hasPrefix("--"):
       guard !arguments.isEmpty else { fail("\(name) needs a value") }
       options[name, default: []].append(arguments.removeFirst())
@@ -118,9 +160,50 @@ if let credentials = option("--password") ?? ProcessInfo.processInfo.environment
   user = String(credentials[..<colon])
   password = String(credentials[credentials.index(after: colon)...])
 }
-if bootstrapCAs.isEmpty && user == nil {
+var naming = NamingPolicy()
+if user != nil || flags.contains("--allow-shared-password") {
+  guard flags.contains("--allow-shared-password"), user != nil else {
+    fail(
+      "a shared password lets anyone who has it enrol: it needs both --password and --allow-shared-password (and --name-pattern); per-device one-time secrets come from `admin import`"
+    )
+  }
+  guard let pattern = option("--name-pattern") else { fail("--allow-shared-password needs --name-pattern GLOB") }
+  naming.sharedPasswordPattern = pattern
   FileHandle.standardError.write(
-    Data("edgekey-ra: no --bootstrap-ca or --password: only re-enrollment is possible\n".utf8))
+    Data("edgekey-ra: WARNING: the shared password of \(user!) enrols any unused name matching \(pattern)\n".utf8))
+}
+naming.reserved = options["--reserve"] ?? []
+for path in options["--reserve-from-acl"] ?? [] { naming.reserved += NamingPolicy.aclUsers(readText(path)) }
+naming.bootstrapNameTemplate = option("--bootstrap-name")
+switch option("--bootstrap-reenrol") ?? "allow" {
+case "allow": naming.reenrolAfterLoss = true
+case "refuse": naming.reenrolAfterLoss = false
+default: fail("--bootstrap-reenrol takes allow or refuse")
+}
+if let list = option("--subject-attributes") {
+  naming.subjectAttributes = Set(list.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
+}
+naming.subjectAlternativeNames = options["--allow-san"] ?? []
+naming.maximumLength = number("--max-name-length", naming.maximumLength)
+
+let registry: DeviceRegistry
+do {
+  registry = try DeviceRegistry(path: required("--registry"))
+  // The reserved names are kept in the registry, so that `admin import` refuses them too.
+  let known = Set(try registry.reserved())
+  let new = naming.reserved.filter { !known.contains($0) }
+  if !new.isEmpty { try registry.reserve(new, source: "edgekey-ra --reserve") }
+} catch { fail("--registry: \(error)") }
+if bootstrapCAs.isEmpty && naming.sharedPasswordPattern == nil && (try? registry.devices().isEmpty) != false {
+  FileHandle.standardError.write(
+    Data(
+      "edgekey-ra: the registry has no devices and there is no --bootstrap-ca: only re-enrollment is possible\n".utf8))
+}
+func rate(_ name: String, _ fallback: Rate?) -> Rate? {
+  guard let text = option(name) else { return fallback }
+  if text == "off" { return nil }
+  guard let rate = Rate(parsing: text) else { fail("\(name) takes N/PERIOD (10/1m, 600/60s) or off") }
+  return rate
 }
 
 let policy = ESTPolicy(
@@ -131,6 +214,9 @@ let policy = ESTPolicy(
   requireChannelBinding: flags.contains("--channel-binding"), label: option("--label"),
   issuanceLogPath: option("--log"))
 var reenrollPolicy = policy
+reenrollPolicy.crlDistributionPoint = option("--crl-url")
+reenrollPolicy.rateLimits.perSource = rate("--rate-per-source", reenrollPolicy.rateLimits.perSource)
+reenrollPolicy.rateLimits.perCredential = rate("--rate-per-credential", reenrollPolicy.rateLimits.perCredential)
 if let credentials = option("--reenroll-password") {
   guard let colon = credentials.firstIndex(of: ":") else { fail("--reenroll-password takes USER:PASS") }
   reenrollPolicy.reenrollUser = String(credentials[..<colon])
@@ -142,12 +228,24 @@ if let path = option("--csrattrs") {
   reenrollPolicy.csrAttributesDER = bytes.first == 0x30 ? bytes : ESTService.decodeBase64(bytes)
   guard reenrollPolicy.csrAttributesDER != nil else { fail("--csrattrs: neither DER nor base64") }
 }
-let service = ESTService(ca: ca, policy: reenrollPolicy)
+let raLogger = Logger(label: "edgekey-ra", level: .info, handler: StandardErrorLogHandler())
+let crl = CRLPublisher(
+  ca: ca, registry: registry, validity: duration(option("--crl-validity") ?? "1d"), path: option("--crl-out"),
+  logger: raLogger)
+do { _ = try crl.current() } catch { fail("the CRL: \(error)") }
+let service = ESTService(
+  ca: ca, policy: reenrollPolicy, registry: registry, naming: naming, revocation: crl, logger: raLogger)
 
 // Client certificates accepted at the TLS layer: bootstrap identities and our own devices'.
 let clientCAs = (bootstrapCAs + ca.chain + caCertificates).map(\.pem).joined()
 var limits = HTTPServerLimits()
 limits.maximumBodyBytes = number("--max-body", limits.maximumBodyBytes)
+limits.maximumConnections = max(1, number("--max-connections", limits.maximumConnections))
+limits.maximumConnectionsPerSource = max(1, number("--max-per-source", limits.maximumConnectionsPerSource))
+if let text = option("--request-timeout") {
+  guard let seconds = Double(text), seconds > 0 else { fail("--request-timeout takes seconds") }
+  limits.requestTimeout = .milliseconds(Int64(seconds * 1000))
+}
 let tlsMax: Int32
 switch option("--tls-max") ?? "1.3" {
 case "1.2": tlsMax = 0x0303
@@ -189,9 +287,11 @@ pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
 
 let server = HTTPSServer(context: context, limits: limits, handler: service.handle)
 do { try server.start(host: host, port: port) } catch { fail("\(error)") }
+crl.start()
 FileHandle.standardOutput.write(Data("listening on https://\(host):\(server.port)\n".utf8))
 
 var received: Int32 = 0
 sigwait(&stopSignals, &received)
 server.stop()
+crl.stop()
 print("stopped after issuing \(service.issued) certificate(s)")

@@ -10,7 +10,7 @@ import Testing
 struct ESTClientTests {
   @Test("simpleenroll with a bootstrap password returns a checked chain for the TPM key")
   func enrollWithPassword() throws {
-    let f = try EnrollmentFixture()
+    let f = try EnrollmentFixture(extraArguments: ["--allow-san", "DNS:{name}.local", "--allow-san", "IP:10.0.0.7"])
     let key = try f.newKey()
     let csr = try f.request(key, names: [.dns("device-0001.local"), .ip("10.0.0.7")])
     let chain = try f.client().enroll(csr, authentication: EnrollmentFixture.password)
@@ -24,7 +24,7 @@ struct ESTClientTests {
       certificateChain: chain, key: key,
       policy: TLSPolicy(trustAnchorsPEM: f.ca.certificatePEM, serverName: "localhost"))
     #expect(f.ra.issuanceLog.count == 1)
-    #expect(f.ra.issuanceLog[0].contains("\"authenticatedBy\":\"password of device\""))
+    #expect(f.ra.issuanceLog[0].contains("\"authenticatedBy\":\"shared password of device\""))
   }
 
   @Test("a wrong password is a typed 401 carrying the server's text, and nothing is issued")
@@ -35,7 +35,7 @@ struct ESTClientTests {
       try f.client().enroll(try f.request(key), authentication: .password(user: "device", password: "guess"))
     } throws: { error in
       guard let e = error as? EnrollmentError, case .server(401) = e.kind else { return false }
-      return e.message.contains("authentication required")
+      return e.message.contains("unknown device or wrong secret")
     }
     #expect(f.ra.issuanceLog.isEmpty)
   }
@@ -45,8 +45,13 @@ struct ESTClientTests {
     let manufacturer = try TestCA(name: "EdgeKey Test Manufacturer CA")
     let f = try EnrollmentFixture(password: nil, bootstrapCA: manufacturer)
     let bootstrapKey = try f.newKey()
-    let bootstrap = try Certificate.chain(
-      pem: manufacturer.issueClient(publicKeyDER: bootstrapKey.publicKey.spki, commonName: "serial-42").certificate)
+    let bootstrapPEM = try manufacturer.issueClient(publicKeyDER: bootstrapKey.publicKey.spki, commonName: "serial-42")
+      .certificate
+    let bootstrap = try Certificate.chain(pem: bootstrapPEM)
+    // The factory's manifest binds this bootstrap certificate to the name device-0001.
+    let line = try JSONSerialization.data(
+      withJSONObject: ["serial": "serial-42", "name": "device-0001", "bootstrapCertificate": bootstrapPEM])
+    try f.ra.importManifest([String(decoding: line, as: UTF8.self)])
     let operationalKey = try f.newKey()
     let chain = try f.client().enroll(
       try f.request(operationalKey), authentication: .certificate(bootstrap, key: bootstrapKey))

@@ -120,13 +120,18 @@ struct RenewalTests {
     #expect(policy.backoff(failures: 30, remaining: 120, random: 0) == 20)
   }
 
-  @Test("a TPM cleared or replaced under the state directory: a new key is enrolled with the password, and said so")
+  @Test(
+    "a TPM cleared or replaced under the state directory: refused on the used secret; once re-armed, a new key is enrolled and the old revoked"
+  )
   func clearedTPMReenrollsWithPassword() throws {
-    let f = try EnrollmentFixture()
+    let f = try EnrollmentFixture(password: nil)
+    let secret = "one-time-secret-of-device-lost"
+    try f.ra.importManifest([RegistrationAuthority.manifestLine(serial: "SN-LOST", name: "device-lost", secret: secret)]
+    )
     let store = try CredentialStore(directory: stateDirectory())
     let events = EventLog()
     let agent = RenewalAgent(
-      store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")),
+      store: store, tpm: f.tpm, settings: try f.settings(password: ("SN-LOST", secret)),
       identity: ([("CN", "device-lost")], []), onEvent: events.add)
     let first = try agent.renew()
     #expect(try agent.hasWorkingCredential())
@@ -134,7 +139,16 @@ struct RenewalTests {
     // The certificate is still valid, but its key will never load in this TPM.
     #expect(try !agent.hasWorkingCredential())
     #expect(events.all.contains { $0.contains("can no longer be loaded by this TPM") })
+    // The one-time secret was used, and a new key is not the device's old one: refused.
+    let refused = #expect(throws: EnrollmentError.self) { try agent.renew() }
+    #expect(refused?.kind == .server(403))
+    #expect(refused?.message.contains("was used on") == true)
+    // The operator re-arms the device's enrollment; the old key's certificate is revoked.
+    try f.ra.rearm("SN-LOST", secret: secret)
     let second = try agent.renew()
+    let (_, shown) = try f.ra.admin(["show", "SN-LOST"])
+    #expect(shown.contains("certificate \(first.certificate!.serialNumber)"))
+    #expect(shown.contains("(superseded)"), "\(shown)")
     #expect(second.certificate?.der != first.certificate?.der)
     #expect(try second.key.publicKey() != first.key.publicKey(), "a new key, made in the new TPM")
     #expect(try agent.hasWorkingCredential())
@@ -198,7 +212,9 @@ struct RenewalTests {
   )
   func endToEnd() async throws {
     let factory = try TestCA(name: "Factory CA")
-    let f = try EnrollmentFixture(password: nil, bootstrapCA: factory, lifetime: "6s", backdate: "1")
+    let f = try EnrollmentFixture(
+      password: nil, bootstrapCA: factory, lifetime: "6s", backdate: "1",
+      extraArguments: ["--allow-san", "DNS:{name}.fleet.example"])
     let store = try CredentialStore(directory: stateDirectory())
     try store.write(try f.bootstrapCredential(from: factory, commonName: "device-42"), to: .bootstrap)
     var policy = RenewalPolicy()
@@ -295,7 +311,9 @@ struct RenewalTests {
     let rogue = try TestCA(name: "Rogue Root CA")
     let published =
       newRoot.certificatePEM + (try f.ca.crossCertify(newRoot)) + f.ca.certificatePEM + rogue.certificatePEM
-    let rolled = try RegistrationAuthority(ca: newRoot, password: nil, cacertsPEM: published, tlsCA: f.ca)
+    // The rolled-over RA keeps the fleet's registry.
+    let rolled = try RegistrationAuthority(
+      ca: newRoot, password: nil, cacertsPEM: published, tlsCA: f.ca, registryPath: f.ra.registryPath)
     var settings = try f.settings()
     settings.server = try ESTServer(url: rolled.localhostURL)
     let agent = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: identity, onEvent: events.add)
@@ -308,7 +326,8 @@ struct RenewalTests {
     #expect(try store.anchors().count == 2, "the old root is still sent: kept")
 
     // The old root is no longer published: dropped once the new chain has been used.
-    let final = try RegistrationAuthority(ca: newRoot, password: nil, cacertsPEM: newRoot.certificatePEM, tlsCA: f.ca)
+    let final = try RegistrationAuthority(
+      ca: newRoot, password: nil, cacertsPEM: newRoot.certificatePEM, tlsCA: f.ca, registryPath: f.ra.registryPath)
     settings.server = try ESTServer(url: final.localhostURL)
     let last = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: identity, onEvent: events.add)
     try last.renew()
@@ -377,15 +396,17 @@ struct RenewalTests {
   @Test("an expired certificate falls back to the bootstrap credential; without one the error says so")
   func expiredFallsBack() throws {
     let factory = try TestCA(name: "Factory CA")
-    let f = try EnrollmentFixture(
-      password: "device:factory-secret", bootstrapCA: factory, lifetime: "2s", backdate: "0")
+    let f = try EnrollmentFixture(password: nil, bootstrapCA: factory, lifetime: "2s", backdate: "0")
     let store = try CredentialStore(directory: stateDirectory())
     let events = EventLog()
-    // First enrollment by password alone, then the certificate is left to expire.
-    let byPassword = RenewalAgent(
-      store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")),
-      identity: (subject: [("CN", "device-77")], names: []))
-    let first = try byPassword.renew()
+    // First enrollment with the bootstrap credential, which is then put away; the certificate
+    // is left to expire.
+    let bootstrap = try f.bootstrapCredential(from: factory, commonName: "device-77")
+    try store.write(bootstrap, to: .bootstrap)
+    let first = try RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(), identity: (subject: [("CN", "device-77")], names: [])
+    ).renew()
+    try store.remove(.bootstrap)
     Thread.sleep(forTimeInterval: 3)
     #expect(first.certificate!.isValid(at: Date()) == false)
     let withoutBootstrap = RenewalAgent(store: store, tpm: f.tpm, settings: try f.settings(), onEvent: events.add)
@@ -394,7 +415,7 @@ struct RenewalTests {
     #expect(error?.message.contains("expired") == true)
     #expect(try store.read(.current)?.certificate?.der == first.certificate?.der, "nothing discarded")
 
-    try store.write(try f.bootstrapCredential(from: factory, commonName: "device-77"), to: .bootstrap)
+    try store.write(bootstrap, to: .bootstrap)
     let agent = RenewalAgent(store: store, tpm: f.tpm, settings: try f.settings(), onEvent: events.add)
     let again = try agent.renew()
     #expect(again.certificate?.commonName == "device-77")

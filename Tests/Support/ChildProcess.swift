@@ -86,6 +86,17 @@ public final class ChildProcess: @unchecked Sendable {
     }
   }
 
+  /// Waits for the process to exit by itself; its exit code, or 128 + the signal that ended it.
+  public func wait() -> Int32 {
+    if exitStatus == nil {
+      var status: Int32 = 0
+      while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+      exitStatus = status
+    }
+    let s = exitStatus!
+    return s & 0x7f == 0 ? (s >> 8) & 0xff : 128 + (s & 0x7f)
+  }
+
   /// SIGKILL without grace, as a crash or power cut would.
   public func kill9() {
     guard isRunning else { return }

@@ -26,17 +26,32 @@ public final class RegistrationAuthority: @unchecked Sendable {
   private let executable: String
 
   /// - Parameters:
-  ///   - password: `user:pass` for HTTP Basic enrollment.
+  ///   - password: `user:pass`, a shared password that enrols any unused name (with
+  ///     `--allow-shared-password --name-pattern '*'`); nil for none (per-device secrets, imported
+  ///     with `importManifest`, or bootstrap certificates).
   ///   - bootstrapCA: client certificates from this CA may enroll.
   ///   - lifetime: e.g. "30d", "20s".
   ///   - extraArguments: e.g. `["--pending", "2"]`, `["--tls-max", "1.2"]`.
   ///   - tlsCA: issues the RA's own TLS certificate (default: `ca`).
   ///   - tpmIssuer: sign with an issuing CA whose key is in a TPM (`--ca-key-tpm`) instead of `ca`'s
   ///     key: its chain (issuing CA first), TSS2 key file and TCTI.
+  /// A manifest line for a device enrolling with a one-time secret.
+  public static func manifestLine(serial: String, name: String, secret: String) -> String {
+    "{\"serial\":\(jsonString(serial)),\"name\":\(jsonString(name)),\"secret\":\(jsonString(secret))}"
+  }
+
+  /// Gives a device a new one-time secret (`admin rearm`).
+  public func rearm(_ serial: String, secret: String) throws {
+    let file = directory.appendingPathComponent("secret-\(UUID().uuidString)")
+    try secret.write(to: file, atomically: true, encoding: .utf8)
+    let (status, output) = try admin(["rearm", serial, "--secret-file", file.path])
+    guard status == 0 else { throw HarnessError("admin rearm failed: \(output)") }
+  }
+
   public init(
     ca: TestCA, password: String? = "device:factory-secret", bootstrapCA: TestCA? = nil, lifetime: String = "30d",
     backdate: String = "60", cacertsPEM: String? = nil, extraArguments: [String] = [], tlsCA: TestCA? = nil,
-    tpmIssuer: (chainPEM: String, keyFile: String, tcti: String)? = nil
+    tpmIssuer: (chainPEM: String, keyFile: String, tcti: String)? = nil, registryPath: String? = nil
   ) throws {
     self.ca = ca
     executable = try builtExecutable("edgekey-ra")
@@ -66,9 +81,15 @@ public final class RegistrationAuthority: @unchecked Sendable {
         "--tls-cert", try write("server.pem", server.certificate), "--tls-key", try write("server.key", server.key),
       ] + issuer + [
         "--lifetime", lifetime, "--backdate", backdate, "--log", directory.appendingPathComponent("issued.jsonl").path,
+        "--registry", registryPath ?? directory.appendingPathComponent("registry.db").path,
       ]
-    if let password { arguments += ["--password", password] }
-    if let bootstrapCA { arguments += ["--bootstrap-ca", try write("bootstrap-ca.pem", bootstrapCA.certificatePEM)] }
+    if let password { arguments += ["--password", password, "--allow-shared-password", "--name-pattern", "*"] }
+    if let bootstrapCA {
+      // A bootstrap certificate not in the registry enrols its own CN as the device's name.
+      arguments += [
+        "--bootstrap-ca", try write("bootstrap-ca.pem", bootstrapCA.certificatePEM), "--bootstrap-name", "{cn}",
+      ]
+    }
     if let cacertsPEM { arguments += ["--cacerts", try write("cacerts.pem", cacertsPEM)] }
     arguments += extraArguments
     var lastLog = ""
@@ -93,6 +114,31 @@ public final class RegistrationAuthority: @unchecked Sendable {
   }
 
   public var url: String { "https://127.0.0.1:\(port)" }
+  /// The device registry's file (`--registry`).
+  public var registryPath: String { arguments[arguments.firstIndex(of: "--registry")! + 1] }
+
+  /// Runs `edgekey-ra admin --registry <ours> ARGS` and returns its exit status and output
+  /// (standard output, then standard error).
+  @discardableResult
+  public func admin(_ arguments: [String]) throws -> (status: Int32, output: String) {
+    let log = directory.appendingPathComponent("admin-\(UUID().uuidString).log").path
+    let p = try ChildProcess(executable, ["admin", "--registry", registryPath] + arguments, logPath: log)
+    let status = p.wait()
+    return (status, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+  }
+
+  /// Imports a factory manifest (JSON lines) through `edgekey-ra admin import`.
+  public func importManifest(_ lines: [String]) throws {
+    try importManifest(text: lines.joined(separator: "\n") + "\n")
+  }
+
+  /// Imports a manifest (JSON lines or CSV) given as text.
+  public func importManifest(text: String) throws {
+    let file = directory.appendingPathComponent("manifest-\(UUID().uuidString).jsonl")
+    try text.write(to: file, atomically: true, encoding: .utf8)
+    let (status, output) = try admin(["import", file.path])
+    guard status == 0 else { throw HarnessError("admin import failed: \(output)") }
+  }
   public var isRunning: Bool { process?.isRunning ?? false }
   public var localhostURL: String { "https://localhost:\(port)" }
 
@@ -116,4 +162,9 @@ public final class RegistrationAuthority: @unchecked Sendable {
   }
 
   deinit { stop() }
+}
+
+private func jsonString(_ s: String) -> String {
+  let data = try! JSONSerialization.data(withJSONObject: [s], options: [.withoutEscapingSlashes])
+  return String(decoding: data.dropFirst().dropLast(), as: UTF8.self)
 }

@@ -4,7 +4,9 @@
 #   lb_init                 $LB_WORK, the EXIT trap (KEEP_DEMO=1 keeps the directory)
 #   lb_swtpm NAME           a swtpm whose TCTI string is printed
 #   lb_ca                   $LB_WORK/ca.pem, ca.key
-#   lb_ra ARGS...           edgekey-ra with a server certificate from the CA; $LB_RA_URL
+#   lb_ra ARGS...           edgekey-ra with a server certificate from the CA; $LB_RA_URL; its
+#                           registry in $LB_WORK/registry.db, its CRL in $LB_WORK/crl.pem
+#   lb_devices MANIFEST     adds a factory manifest's devices to the registry
 #   lb_broker               mosquitto requiring client certificates from the CA; $LB_BROKER_PORT
 #   lb_wait_port PORT
 LB_PIDS=()
@@ -94,12 +96,18 @@ lb_ra() {
   lb_cert ra serverAuth "DNS:localhost,IP:127.0.0.1"
   port=$(lb_free_port)
   "$EDGEKEY_RA" --listen "127.0.0.1:$port" --tls-cert "$LB_WORK/ra.pem" --tls-key "$LB_WORK/ra.key" \
-    --ca-cert "$LB_WORK/ca.pem" --ca-key "$LB_WORK/ca.key" --log "$LB_WORK/issued.jsonl" "$@" \
+    --ca-cert "$LB_WORK/ca.pem" --ca-key "$LB_WORK/ca.key" --log "$LB_WORK/issued.jsonl" \
+    --registry "$LB_WORK/registry.db" --crl-out "$LB_WORK/crl.pem" "$@" \
     >"$LB_WORK/ra.log" 2>&1 &
   LB_PIDS+=($!)
   lb_wait_port "$port" || { cat "$LB_WORK/ra.log"; return 1; }
   touch "$LB_WORK/issued.jsonl"
   LB_RA_URL="https://localhost:$port"
+}
+
+# lb_devices FILE: imports a factory manifest (CSV or JSON lines) into the RA's registry.
+lb_devices() {
+  "$EDGEKEY_RA" admin --registry "$LB_WORK/registry.db" import "$1"
 }
 
 lb_broker() {

@@ -155,9 +155,16 @@ typedef struct {
  * handshake with an alert the client can explain. */
 SSL_CTX *edgekey_tls_server_ctx(const edgekey_tls_server_config *config, char *why, size_t why_len);
 
-/* The tls-unique channel binding (RFC 5929): the first Finished message of the connection
- * (ours when `peer` is 0). Returns its length, or -1 when `cap` is too small. */
-int edgekey_tls_unique(SSL *ssl, int peer, unsigned char *out, size_t cap);
+/* The tls-unique channel binding (RFC 5929 3.1) of `ssl`, client or server: the first Finished
+ * message of the latest handshake (the client's on a full handshake, the server's on a resumed
+ * one). Returns its length, or -1 when `cap` is too small. */
+int edgekey_tls_unique(SSL *ssl, unsigned char *out, size_t cap);
+
+/* The client certificate chain a server verified, leaf first, as a new stack the caller frees
+ * with sk_X509_pop_free; on a resumed session (where OpenSSL keeps only the client's
+ * certificate) that certificate verified again, now, against the context's store. NULL: no
+ * verified client certificate. */
+STACK_OF(X509) *edgekey_tls_server_client_chain(SSL *ssl);
 
 #ifdef __cplusplus
 }

@@ -61,12 +61,22 @@ public final class CertificateAuthority: @unchecked Sendable {
   /// The issuing CA's certificate.
   public var certificate: Certificate { chain[0] }
 
-  /// Signs a client certificate for the request's key, subject and subject alternative names:
-  /// digitalSignature, clientAuth, not a CA, with key identifiers. Valid from `now - backdate`
-  /// for `lifetime` seconds after `now`.
-  public func issue(for csr: CertificateSigningRequest, lifetime: TimeInterval, backdate: TimeInterval = 0)
-    throws(RAError) -> Certificate
-  {
+  /// SHA-384 for a P-384 (or larger) EC key, SHA-256 otherwise.
+  private var digest: OpaquePointer? {
+    EVP_PKEY_get_bits(key) >= 384 && EVP_PKEY_is_a(key, "EC") == 1 ? EVP_sha384() : EVP_sha256()
+  }
+
+  /// Signs a CRL with the CA key (in the TPM when it is held there).
+  func sign(crl: OpaquePointer) -> Bool { X509_CRL_sign(crl, key, digest) > 0 }
+
+  /// Signs a client certificate for the request's key and subject, with exactly the subject
+  /// alternative names given (the policy's, never the request's own extension):
+  /// digitalSignature, clientAuth, not a CA, with key identifiers and, when given, where the
+  /// CRL is published. Valid from `now - backdate` for `lifetime` seconds after `now`.
+  public func issue(
+    for csr: CertificateSigningRequest, subjectAlternativeNames: [SubjectAlternativeName] = [],
+    lifetime: TimeInterval, backdate: TimeInterval = 0, crlDistributionPoint: String? = nil
+  ) throws(RAError) -> Certificate {
     let req: OpaquePointer
     do { req = try CertificateSigningRequest.parse(csr.der) } catch { throw RAError(error.reason) }
     defer { X509_REQ_free(req) }
@@ -99,6 +109,7 @@ public final class CertificateAuthority: @unchecked Sendable {
     if X509_get_ext_by_NID(certificate.x509, NID_subject_key_identifier, -1) >= 0 {
       extensions.append((NID_authority_key_identifier, "keyid"))
     }
+    if let crlDistributionPoint { extensions.append((NID_crl_distribution_points, "URI:\(crlDistributionPoint)")) }
     for (nid, value) in extensions {
       guard let ext = X509V3_EXT_conf_nid(nil, &v3, nid, value) else {
         ERR_clear_error()
@@ -107,15 +118,7 @@ public final class CertificateAuthority: @unchecked Sendable {
       X509_add_ext(x, ext, -1)
       X509_EXTENSION_free(ext)
     }
-    // The subject alternative names asked for, copied as they are.
-    if let requested = X509_REQ_get_extensions(req) {
-      defer { OPENSSL_sk_pop_free(requested, freeExtension) }
-      let index = X509v3_get_ext_by_NID(requested, NID_subject_alt_name, -1)
-      if index >= 0, let san = X509v3_get_ext(requested, index) {
-        X509_add_ext(x, san, -1)
-      }
-    }
-    let digest = EVP_PKEY_get_bits(key) >= 384 && EVP_PKEY_is_a(key, "EC") == 1 ? EVP_sha384() : EVP_sha256()
+    if !subjectAlternativeNames.isEmpty { try addSubjectAlternativeNames(subjectAlternativeNames, to: x) }
     guard X509_sign(x, key, digest) > 0 else {
       ERR_clear_error()
       throw RAError("signing the certificate failed")
@@ -125,8 +128,33 @@ public final class CertificateAuthority: @unchecked Sendable {
   }
 }
 
-private let freeExtension: @convention(c) (UnsafeMutableRawPointer?) -> Void = {
-  X509_EXTENSION_free(OpaquePointer($0))
+/// The names built one by one (a2i_GENERAL_NAME takes a value as it is: a comma in it cannot
+/// start another name, as it would in OpenSSL's configuration syntax).
+private func addSubjectAlternativeNames(_ names: [SubjectAlternativeName], to x: OpaquePointer) throws(RAError) {
+  guard let stack = OPENSSL_sk_new_null() else { throw RAError("out of memory") }
+  defer { OPENSSL_sk_pop_free(stack, freeGeneralName) }
+  for name in names {
+    let type: Int32
+    switch name {
+    case .dns: type = GEN_DNS
+    case .ip: type = GEN_IPADD
+    case .uri: type = GEN_URI
+    case .email: type = GEN_EMAIL
+    }
+    guard let general = a2i_GENERAL_NAME(nil, nil, nil, type, name.value, 0) else {
+      ERR_clear_error()
+      throw RAError("the subject alternative name \(name) cannot be encoded")
+    }
+    OPENSSL_sk_push(stack, general)
+  }
+  guard X509_add1_ext_i2d(x, NID_subject_alt_name, UnsafeMutableRawPointer(stack), 0, 0) == 1 else {
+    ERR_clear_error()
+    throw RAError("cannot add the subject alternative names")
+  }
+}
+
+private let freeGeneralName: @convention(c) (UnsafeMutableRawPointer?) -> Void = {
+  GENERAL_NAME_free($0?.assumingMemoryBound(to: GENERAL_NAME.self))
 }
 
 /// A registration authority's own failure (configuration, signing).

@@ -36,6 +36,11 @@ public struct ESTPolicy: Sendable {
   public var reenrollPassword: String?
   /// The DER `csrattrs` answers with; nil: challengePassword, EC P-256, ECDSA with SHA-256.
   public var csrAttributesDER: [UInt8]?
+  /// Put in every issued certificate's CRL distribution points (where brokers and devices
+  /// fetch the CRL: this RA's `/crl`, or a mirror).
+  public var crlDistributionPoint: String?
+  /// Enrollment requests allowed per source address and per credential.
+  public var rateLimits = RateLimits()
 
   public init(
     caCertificates: [Certificate], bootstrapUser: String? = nil, bootstrapPassword: String? = nil,
@@ -65,13 +70,30 @@ public final class ESTService: @unchecked Sendable {
   // @unchecked: `pending` and the log are guarded by `lock`.
   public let ca: CertificateAuthority
   public let policy: ESTPolicy
+  /// Who may be issued which name; every certificate is recorded here before it is handed out.
+  public let registry: DeviceRegistry
+  public let naming: NamingPolicy
+  /// The CRL served at `/crl` (DER) and `/crl.pem`, when revocation is published.
+  public let revocation: CRLPublisher?
+  private let limiter: RateLimiter
+  private let logger: Logger
   private let lock = NSLock()
   private var pending: [String: Int] = [:]
   private var issuedCount = 0
 
-  public init(ca: CertificateAuthority, policy: ESTPolicy) {
+  /// - Parameters:
+  ///   - logger: refusals (with their reason, never a secret) and shared-password issuances.
+  public init(
+    ca: CertificateAuthority, policy: ESTPolicy, registry: DeviceRegistry, naming: NamingPolicy = NamingPolicy(),
+    revocation: CRLPublisher? = nil, logger: Logger = .disabled
+  ) {
     self.ca = ca
     self.policy = policy
+    self.registry = registry
+    self.naming = naming
+    self.revocation = revocation
+    self.logger = logger
+    limiter = RateLimiter(policy.rateLimits)
   }
 
   /// Certificates issued since start.
@@ -82,6 +104,10 @@ public final class ESTService: @unchecked Sendable {
   }
 
   public func handle(_ request: HTTPRequest) -> HTTPResponse {
+    if request.path == "/crl" || request.path == "/crl.pem" {
+      guard request.method == "GET" else { return .text(405, "use GET", headers: [("Allow", "GET")]) }
+      return revocationList(pem: request.path.hasSuffix(".pem"))
+    }
     let prefix = "/.well-known/est/"
     guard request.path.hasPrefix(prefix) else { return .text(404, "not an EST path") }
     let parts = request.path.dropFirst(prefix.count).split(separator: "/", omittingEmptySubsequences: false)
@@ -121,6 +147,19 @@ public final class ESTService: @unchecked Sendable {
         body: Array(ESTService.base64Lines(der).utf8))
     } catch {
       return .text(500, "cannot encode certificates: \(error.reason)")
+    }
+  }
+
+  /// The current CRL: DER as `application/pkix-crl` (RFC 2585 §4.2), or PEM.
+  private func revocationList(pem: Bool) -> HTTPResponse {
+    guard let revocation else { return .text(404, "this registration authority does not publish a CRL") }
+    do {
+      let crl = try revocation.current()
+      return pem
+        ? HTTPResponse(status: 200, headers: [("Content-Type", "application/x-pem-file")], body: Array(crl.pem.utf8))
+        : HTTPResponse(status: 200, headers: [("Content-Type", "application/pkix-crl")], body: crl.der)
+    } catch {
+      return .text(503, "the CRL cannot be made: \(error)", headers: [("Retry-After", "5")])
     }
   }
 
@@ -165,8 +204,8 @@ public final class ESTService: @unchecked Sendable {
       }
     }
 
-    // Who is asking.
-    let authenticatedBy: String
+    // Who is asking, and on what credential.
+    let claim: EnrolmentClaim
     if renewal {
       guard let current = request.clientCertificates.first else {
         // RFC 7235 §3.1: a 401 names a challenge. The certificate is what is missing here.
@@ -175,15 +214,15 @@ public final class ESTService: @unchecked Sendable {
           headers: [("WWW-Authenticate", "Basic realm=\"EST\"")])
       }
       guard issuedHere(request.clientCertificates) else {
-        return .text(403, "the client certificate was not issued by this CA")
+        return refuse(403, "the client certificate was not issued by this CA", request)
       }
       guard current.subject == csr.subject,
         Set(current.subjectAlternativeNames) == Set(csr.subjectAlternativeNames)
       else {
-        return .text(
+        return refuse(
           403,
-          "re-enrollment must keep the subject and subject alternative names: certificate \(current.subject), request \(csr.subject)"
-        )
+          "re-enrollment must keep the subject and subject alternative names: certificate \(current.subject), request \(csr.subject)",
+          request)
       }
       if let user = policy.reenrollUser, let password = policy.reenrollPassword {
         guard let (u, p) = ESTService.basicCredentials(request.header("authorization")), u == user,
@@ -194,21 +233,30 @@ public final class ESTService: @unchecked Sendable {
             headers: [("WWW-Authenticate", "Basic realm=\"EST re-enrollment\"")])
         }
       }
-      authenticatedBy = "certificate \(current.serialNumber)"
-    } else {
-      if let bootstrap = request.clientCertificates.first,
-        request.clientCertificates.dropFirst().contains(where: { c in policy.bootstrapCAs.contains { $0.der == c.der } }
-        )
+      claim = .renewal(current)
+    } else if let bootstrap = request.clientCertificates.first,
+      request.clientCertificates.dropFirst().contains(where: { c in policy.bootstrapCAs.contains { $0.der == c.der } })
+    {
+      claim = .bootstrap(bootstrap)
+    } else if let (u, p) = ESTService.basicCredentials(request.header("authorization")) {
+      if naming.sharedPasswordPattern != nil, let user = policy.bootstrapUser, let password = policy.bootstrapPassword,
+        u == user, ESTService.constantTimeEqual(Array(p.utf8), Array(password.utf8))
       {
-        authenticatedBy = "bootstrap certificate \(bootstrap.subject)"
-      } else if let user = policy.bootstrapUser, let password = policy.bootstrapPassword,
-        let (u, p) = ESTService.basicCredentials(request.header("authorization")), u == user,
-        ESTService.constantTimeEqual(Array(p.utf8), Array(password.utf8))
-      {
-        authenticatedBy = "password of \(user)"
+        claim = .sharedPassword(user: u)
       } else {
-        return .text(401, "authentication required", headers: [("WWW-Authenticate", "Basic realm=\"EST\"")])
+        claim = .secret(device: u, secret: p)
       }
+    } else {
+      return .text(401, "authentication required", headers: [("WWW-Authenticate", "Basic realm=\"EST\"")])
+    }
+    if let wait = limiter.admit(source: request.peerAddress, credential: claim.rateKey) {
+      let seconds = Int(wait.rounded(.up))
+      log(
+        "refused \(renewal ? "simplereenroll" : "simpleenroll") from \(request.peerAddress): rate limit (\(claim.rateKey)), retry in \(seconds) s"
+      )
+      return .text(
+        429, "too many requests from this address or credential; retry after \(seconds) s",
+        headers: [("Retry-After", String(seconds))])
     }
 
     // A configured number of 202s first (a CA that needs manual approval).
@@ -221,24 +269,58 @@ public final class ESTService: @unchecked Sendable {
       return .text(202, "pending approval", headers: [("Retry-After", String(policy.retryAfterSeconds))])
     }
 
-    let certificate: Certificate
+    let operation = renewal ? "simplereenroll" : "simpleenroll"
+    let outcome: IssuanceOutcome
     do {
-      certificate = try ca.issue(for: csr, lifetime: policy.lifetime, backdate: policy.backdate)
+      outcome = try registry.issue(
+        claim, csr: csr, naming: naming, operation: operation, source: "est \(request.peerAddress)"
+      ) { device throws(RAError) in
+        let name = csr.subjectFields.first { $0.0 == "CN" }?.1 ?? ""
+        let allowed = Set(naming.allowedSubjectAlternativeNames(for: name))
+        let sans = csr.subjectAlternativeNames.filter { allowed.contains($0.description) }
+        let certificate = try ca.issue(
+          for: csr, subjectAlternativeNames: sans, lifetime: policy.lifetime, backdate: policy.backdate,
+          crlDistributionPoint: policy.crlDistributionPoint)
+        // The issuance log is written before the registry commits: a certificate is handed
+        // out only when both have it.
+        do {
+          try logIssuance(certificate, operation: operation, device: device.id, claim: claim)
+        } catch {
+          throw RAError("the issuance log cannot be written: \(error)")
+        }
+        return certificate
+      }
     } catch {
-      return .text(500, "cannot issue: \(error)")
+      // An issuance that cannot be recorded is not handed out.
+      return .text(500, "the registry cannot be written: \(error)")
     }
-    do {
-      try log(certificate, operation: renewal ? "simplereenroll" : "simpleenroll", authenticatedBy: authenticatedBy)
-    } catch {
-      // An issuance that cannot be logged is not handed out.
-      return .text(500, "the issuance log cannot be written: \(error)")
+    switch outcome {
+    case .refused(let refusal):
+      if refusal.status == 401 {
+        log("refused \(operation) from \(request.peerAddress): \(refusal.reason)")
+        return .text(401, refusal.reason, headers: [("WWW-Authenticate", "Basic realm=\"EST\"")])
+      }
+      return refuse(refusal.status, refusal.reason, request)
+    case .issued(let certificate, let device):
+      if case .sharedPassword(let user) = claim {
+        log("issued \(certificate.subject) to \(device) on the SHARED password of \(user) (--allow-shared-password)")
+      }
+      lock.lock()
+      issuedCount += 1
+      pending[keyID] = nil
+      lock.unlock()
+      return certsOnly([certificate] + ca.chain.filter { !isSelfSigned($0) })
     }
-    lock.lock()
-    issuedCount += 1
-    pending[keyID] = nil
-    lock.unlock()
-    return certsOnly([certificate] + ca.chain.filter { !isSelfSigned($0) })
   }
+
+  private func refuse(_ status: Int, _ reason: String, _ request: HTTPRequest) -> HTTPResponse {
+    log(
+      "refused \(request.path.hasSuffix("reenroll") ? "simplereenroll" : "simpleenroll") from \(request.peerAddress): \(reason)"
+    )
+    return .text(status, reason)
+  }
+
+  private func log(_ line: String) { logger.info(line) }
 
   private func issuedHere(_ chain: [Certificate]) -> Bool {
     let ours = Set(policy.caCertificates.map(\.der) + ca.chain.map(\.der))
@@ -247,10 +329,19 @@ public final class ESTService: @unchecked Sendable {
 
   private func isSelfSigned(_ c: Certificate) -> Bool { c.subject == c.issuer }
 
-  private func log(_ certificate: Certificate, operation: String, authenticatedBy: String) throws(FileError) {
+  private func logIssuance(_ certificate: Certificate, operation: String, device: String, claim: EnrolmentClaim)
+    throws(FileError)
+  {
     guard let path = policy.issuanceLogPath else { return }
+    let authenticatedBy: String
+    switch claim {
+    case .secret(let id, _): authenticatedBy = "one-time secret of \(id)"
+    case .bootstrap(let c): authenticatedBy = "bootstrap certificate \(c.subject)"
+    case .sharedPassword(let user): authenticatedBy = "shared password of \(user)"
+    case .renewal(let c): authenticatedBy = "certificate \(c.serialNumber)"
+    }
     let fields: [(String, String)] = [
-      ("time", Timestamp.iso8601(Date())), ("operation", operation),
+      ("time", Timestamp.iso8601(Date())), ("operation", operation), ("device", device),
       ("serial", certificate.serialNumber), ("subject", certificate.subject),
       ("notAfter", Timestamp.iso8601(certificate.notAfter)),
       ("fingerprint", certificate.fingerprint), ("keyFingerprint", Certificate.sha256Hex(certificate.publicKeyDER)),

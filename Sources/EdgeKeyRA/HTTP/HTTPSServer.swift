@@ -20,6 +20,10 @@ public struct HTTPRequest: Sendable {
   /// The tls-unique channel binding of this connection (RFC 5929).
   public var tlsUnique: [UInt8]
   public var tlsVersion: Int32
+  /// The client's IP address, as text.
+  public var peerAddress: String = ""
+  /// Whether the TLS session was resumed (an abbreviated handshake).
+  public var resumedSession = false
 
   public func header(_ name: String) -> String? {
     let lower = name.lowercased()
@@ -68,6 +72,7 @@ public struct HTTPResponse: Sendable {
     case 411: return "Length Required"
     case 413: return "Payload Too Large"
     case 415: return "Unsupported Media Type"
+    case 429: return "Too Many Requests"
     case 431: return "Request Header Fields Too Large"
     case 500: return "Internal Server Error"
     case 503: return "Service Unavailable"
@@ -88,9 +93,13 @@ public struct HTTPResponse: Sendable {
 public struct HTTPServerLimits: Sendable {
   public var maximumHeaderBytes = 16 * 1024
   public var maximumBodyBytes = 64 * 1024
-  /// Per read and write; a client that stalls longer is dropped.
-  public var socketTimeout: TimeInterval = 10
+  /// The whole of a request: the TLS handshake (for the first), the wait for it, its head
+  /// and its body. A client that sends a byte now and then is dropped when it passes.
+  public var requestTimeout: Duration = .seconds(10)
+  /// Connections served at once; more wait in the listen queue.
   public var maximumConnections = 64
+  /// Connections from one address at once; more are closed on arrival.
+  public var maximumConnectionsPerSource = 16
   /// Requests served on one connection before it is closed.
   public var maximumRequestsPerConnection = 8
   public init() {}
@@ -102,7 +111,7 @@ public struct HTTPServerLimits: Sendable {
 /// line and for tests; not a web server.
 public final class HTTPSServer: @unchecked Sendable {
   // @unchecked: `listener`, `wake` and `acceptThread` are set in `start` before sharing;
-  // `active` is guarded by `lock`.
+  // `active` and `perSource` are guarded by `lock`.
   public typealias Handler = @Sendable (HTTPRequest) -> HTTPResponse
 
   public private(set) var port: UInt16 = 0
@@ -113,6 +122,7 @@ public final class HTTPSServer: @unchecked Sendable {
   private var wake: [Int32] = [-1, -1]
   private let lock = NSLock()
   private var active = 0
+  private var perSource: [String: Int] = [:]
   private var stopped = false
   private let done = DispatchSemaphore(value: 0)
 
@@ -185,29 +195,43 @@ public final class HTTPSServer: @unchecked Sendable {
   private func acceptLoop() {
     defer { done.signal() }
     while true {
-      var fds = [
-        pollfd(fd: listener, events: Int16(POLLIN), revents: 0), pollfd(fd: wake[0], events: Int16(POLLIN), revents: 0),
-      ]
-      let n = poll(&fds, 2, -1)
+      // At the connection limit the listener is not polled: new clients wait in the kernel's
+      // queue (their connect has succeeded) until a slot frees, instead of being reset.
+      lock.lock()
+      let full = active >= limits.maximumConnections
+      lock.unlock()
+      var fds = [pollfd(fd: wake[0], events: Int16(POLLIN), revents: 0)]
+      if !full { fds.append(pollfd(fd: listener, events: Int16(POLLIN), revents: 0)) }
+      let n = poll(&fds, nfds_t(fds.count), full ? 50 : -1)
       if n < 0 && errno == EINTR { continue }
-      if fds[1].revents != 0 { return }
-      guard fds[0].revents & Int16(POLLIN) != 0 else { continue }
-      let client = accept(listener, nil, nil)
+      if fds[0].revents != 0 { return }
+      guard !full, fds[1].revents & Int16(POLLIN) != 0 else { continue }
+      var address = sockaddr_storage()
+      var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+      let client = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { accept(listener, $0, &length) }
+      }
       guard client >= 0 else { continue }
       _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+      let source = HTTPSServer.addressText(&address)
       lock.lock()
-      let admitted = active < limits.maximumConnections
-      if admitted { active += 1 }
+      let admitted = perSource[source, default: 0] < limits.maximumConnectionsPerSource
+      if admitted {
+        active += 1
+        perSource[source, default: 0] += 1
+      }
       lock.unlock()
       guard admitted else {
         close(client)
         continue
       }
       let thread = Thread { [self] in
-        serve(client)
+        serve(client, source: source)
         close(client)
         lock.lock()
         active -= 1
+        perSource[source, default: 1] -= 1
+        if perSource[source] == 0 { perSource[source] = nil }
         lock.unlock()
       }
       thread.name = "edgekey-https-connection"
@@ -215,10 +239,32 @@ public final class HTTPSServer: @unchecked Sendable {
     }
   }
 
-  private func serve(_ fd: Int32) {
-    var timeout = timeval(tv_sec: Int(limits.socketTimeout), tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+  private static func addressText(_ address: inout sockaddr_storage) -> String {
+    var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+    switch Int32(address.ss_family) {
+    case AF_INET:
+      withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) {
+          var a = $0.pointee.sin_addr
+          _ = inet_ntop(AF_INET, &a, &text, socklen_t(text.count))
+        }
+      }
+    case AF_INET6:
+      withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) {
+          var a = $0.pointee.sin6_addr
+          _ = inet_ntop(AF_INET6, &a, &text, socklen_t(text.count))
+        }
+      }
+    default: return "unknown"
+    }
+    return String(cString: text)
+  }
+
+  private func serve(_ fd: Int32, source: String) {
+    // Non-blocking: every TLS read and write waits in poll for what is left of the request's
+    // deadline, so that no pace of trickled bytes can hold the connection longer.
+    _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
     // Answers go out at once: on a kept-alive connection Nagle's algorithm would hold a response
     // behind the session tickets until the client's delayed ACK (40 ms, twice per enrollment).
     var one: Int32 = 1
@@ -226,14 +272,20 @@ public final class HTTPSServer: @unchecked Sendable {
     guard let ssl = SSL_new(context) else { return }
     defer { SSL_free(ssl) }
     SSL_set_fd(ssl, fd)
-    guard SSL_accept(ssl) == 1 else {
+    var connection = TLSServerConnection(ssl: ssl, fd: fd, deadline: ContinuousClock.now + limits.requestTimeout)
+    guard connection.perform({ SSL_accept($0) }) == 1 else {
+      if connection.timedOut {
+        FileHandle.standardError.write(Data("TLS handshake from \(source) not finished in time: dropped\n".utf8))
+        ERR_clear_error()
+        return
+      }
       // The operator's first question about a failed handshake: which side, and why.
       let e = ERR_get_error()
       var text = [CChar](repeating: 0, count: 256)
       ERR_error_string_n(e, &text, text.count)
       let verify = SSL_get_verify_result(ssl)
       var line =
-        "TLS handshake failed: \(String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))"
+        "TLS handshake from \(source) failed: \(String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))"
       if verify != Int(X509_V_OK) {
         line += "; client certificate: \(String(cString: X509_verify_cert_error_string(verify)))"
       }
@@ -245,44 +297,51 @@ public final class HTTPSServer: @unchecked Sendable {
     // answer, or the per-connection limit.
     var buffer: [UInt8] = []
     for served in 0..<limits.maximumRequestsPerConnection {
+      if served > 0 { connection.deadline = ContinuousClock.now + limits.requestTimeout }
       let response: HTTPResponse
       var keepAlive = served + 1 < limits.maximumRequestsPerConnection
-      switch readRequest(ssl, &buffer, first: served == 0) {
-      case .request(let request):
+      switch readRequest(&connection, &buffer, first: served == 0) {
+      case .request(var request):
+        request.peerAddress = source
         response = handler(request)
         if request.header("connection")?.lowercased() == "close" { keepAlive = false }
       case .refused(let refusal):
         response = refusal
         keepAlive = false
       case .closed:
-        SSL_shutdown(ssl)
-        ERR_clear_error()
+        connection.shutdown()
         return
       }
       if response.raw != nil || response.status >= 400 { keepAlive = false }
+      // The answer gets a deadline of its own: a client that does not read it is dropped.
+      connection.deadline = ContinuousClock.now + limits.requestTimeout
       let bytes = response.encoded(keepAlive: keepAlive)
       var sent = 0
       while sent < bytes.count {
-        let n = bytes[sent...].withUnsafeBytes { SSL_write(ssl, $0.baseAddress, Int32($0.count)) }
+        let n = bytes[sent...].withUnsafeBytes { chunk in
+          connection.perform { SSL_write($0, chunk.baseAddress, Int32(chunk.count)) }
+        }
         if n <= 0 { break }
         sent += Int(n)
       }
       if !keepAlive || sent < bytes.count { break }
     }
-    SSL_shutdown(ssl)
-    ERR_clear_error()
+    connection.shutdown()
   }
 
   /// Reads one request; bytes after it stay in `buffer` for the next. A connection the client
   /// closes (or lets idle past the socket timeout) between requests is `.closed`.
-  private func readRequest(_ ssl: OpaquePointer, _ buffer: inout [UInt8], first: Bool) -> ReadOutcome {
+  private func readRequest(_ connection: inout TLSServerConnection, _ buffer: inout [UInt8], first: Bool)
+    -> ReadOutcome
+  {
     var chunk = [UInt8](repeating: 0, count: 16 * 1024)
     func readMore() -> Bool {
-      let n = SSL_read(ssl, &chunk, Int32(chunk.count))
+      let n = connection.perform { SSL_read($0, &chunk, Int32(chunk.count)) }
       if n <= 0 { return false }
       buffer += chunk[0..<Int(n)]
       return true
     }
+    let ssl = connection.ssl
     let separator: [UInt8] = [13, 10, 13, 10]
     var headerEnd: Int?
     while headerEnd == nil {
@@ -291,7 +350,9 @@ public final class HTTPSServer: @unchecked Sendable {
         break
       }
       if buffer.count > limits.maximumHeaderBytes { return .refused(.text(431, "request headers too large")) }
-      if !readMore() { return buffer.isEmpty && !first ? .closed : .refused(.text(408, "incomplete request")) }
+      if !readMore() {
+        return buffer.isEmpty && (!first || connection.timedOut) ? .closed : .refused(.text(408, "incomplete request"))
+      }
     }
     let head: HTTPRequestHead
     do { head = try HTTPRequestHead(parsing: buffer[0..<headerEnd!]) } catch { return .refused(error.response) }
@@ -303,7 +364,7 @@ public final class HTTPSServer: @unchecked Sendable {
       // sending and sees the 413; a huge one is cut off.
       var discarded = body.count
       while discarded < length && discarded < 1 << 20 {
-        let n = SSL_read(ssl, &chunk, Int32(chunk.count))
+        let n = connection.perform { SSL_read($0, &chunk, Int32(chunk.count)) }
         if n <= 0 { break }
         discarded += Int(n)
       }
@@ -318,13 +379,18 @@ public final class HTTPSServer: @unchecked Sendable {
       buffer = Array(body[length...])  // the start of the next request
       body = Array(body[0..<length])
     }
-    let peers = SSL_get0_verified_chain(ssl).map(Certificate.copies(of:)) ?? []
+    var peers: [Certificate] = []
+    if let chain = edgekey_tls_server_client_chain(ssl) {
+      peers = Certificate.copies(of: chain)
+      OPENSSL_sk_pop_free(chain, freeX509)
+    }
     var unique = [UInt8](repeating: 0, count: 64)
-    let uniqueLength = edgekey_tls_unique(ssl, 1, &unique, unique.count)
-    return .request(
-      HTTPRequest(
-        method: head.method, path: head.path, headers: head.headers, body: body, clientCertificates: peers,
-        tlsUnique: uniqueLength > 0 ? Array(unique[0..<Int(uniqueLength)]) : [], tlsVersion: SSL_version(ssl)))
+    let uniqueLength = edgekey_tls_unique(ssl, &unique, unique.count)
+    var request = HTTPRequest(
+      method: head.method, path: head.path, headers: head.headers, body: body, clientCertificates: peers,
+      tlsUnique: uniqueLength > 0 ? Array(unique[0..<Int(uniqueLength)]) : [], tlsVersion: SSL_version(ssl))
+    request.resumedSession = SSL_session_reused(ssl) == 1
+    return .request(request)
   }
 }
 
@@ -377,6 +443,52 @@ package struct HTTPRequestHead: Sendable {
     path = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? "/"
   }
 }
+
+/// One TLS connection on a non-blocking socket, every operation bounded by `deadline`.
+struct TLSServerConnection {
+  let ssl: OpaquePointer
+  let fd: Int32
+  var deadline: ContinuousClock.Instant
+  private(set) var timedOut = false
+
+  init(ssl: OpaquePointer, fd: Int32, deadline: ContinuousClock.Instant) {
+    self.ssl = ssl
+    self.fd = fd
+    self.deadline = deadline
+  }
+
+  /// Runs an SSL_* call until it is done or fails, waiting in poll while it wants to read or
+  /// write; past the deadline it fails with `timedOut`.
+  mutating func perform(_ operation: (OpaquePointer) -> Int32) -> Int32 {
+    while true {
+      let n = operation(ssl)
+      if n > 0 { return n }
+      let events: Int16
+      switch SSL_get_error(ssl, n) {
+      case SSL_ERROR_WANT_READ: events = Int16(POLLIN)
+      case SSL_ERROR_WANT_WRITE: events = Int16(POLLOUT)
+      default: return n
+      }
+      let left = deadline - ContinuousClock.now
+      guard left > .zero else {
+        timedOut = true
+        return -1
+      }
+      var p = pollfd(fd: fd, events: events, revents: 0)
+      let milliseconds = Int32(
+        min(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1, 60_000))
+      if poll(&p, 1, milliseconds) < 0 && errno != EINTR { return -1 }
+    }
+  }
+
+  /// A close_notify if the peer still listens (not waited for), and the error queue cleared.
+  mutating func shutdown() {
+    if !timedOut { SSL_shutdown(ssl) }
+    ERR_clear_error()
+  }
+}
+
+private let freeX509: @convention(c) (UnsafeMutableRawPointer?) -> Void = { X509_free(OpaquePointer($0)) }
 
 enum ReadOutcome {
   case request(HTTPRequest)

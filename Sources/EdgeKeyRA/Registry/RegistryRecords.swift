@@ -1,0 +1,107 @@
+import EdgeKeyCore
+import Foundation
+
+/// Where a device is in its life. Only an active device is issued certificates.
+public enum DeviceState: String, Sendable, CaseIterable {
+  case active
+  /// Its certificates are revoked and it may not enrol again (a stolen or compromised device).
+  case revoked
+  /// Taken out of service: its certificates are revoked and its names released.
+  case retired
+}
+
+/// How a device proves itself at its first enrollment.
+public enum EnrolmentMethod: String, Sendable {
+  /// A secret from the factory manifest, usable once.
+  case oneTimeSecret = "secret"
+  /// A bootstrap (manufacturer) certificate, identified by its SHA-256 fingerprint.
+  case bootstrapCertificate = "bootstrap"
+  /// The shared factory password (`--allow-shared-password`): weaker, and logged as such.
+  case sharedPassword = "shared-password"
+}
+
+/// A device the registration authority knows.
+public struct DeviceRecord: Sendable, Equatable {
+  /// The device's identifier (its serial number in the factory manifest).
+  public var id: String
+  /// The names it may hold; no other device holds any of them.
+  public var names: [String]
+  public var state: DeviceState
+  public var method: EnrolmentMethod
+  /// For a bootstrap device: the SHA-256 fingerprint of its bootstrap certificate.
+  public var bootstrapFingerprint: String?
+  /// For a one-time secret: when it was used (nil: not yet).
+  public var secretUsed: Date?
+  public var created: Date
+}
+
+/// Why a certificate was revoked (RFC 5280 §5.3.1 CRLReason).
+public enum RevocationReason: String, Sendable, CaseIterable {
+  case unspecified, keyCompromise, affiliationChanged, superseded, cessationOfOperation
+
+  /// The CRLReason code.
+  public var code: Int32 {
+    switch self {
+    case .unspecified: 0
+    case .keyCompromise: 1
+    case .affiliationChanged: 3
+    case .superseded: 4
+    case .cessationOfOperation: 5
+    }
+  }
+}
+
+/// A certificate the registration authority issued.
+public struct CertificateRecord: Sendable, Equatable {
+  /// Upper-case hex, as `Certificate.serialNumber`.
+  public var serial: String
+  public var device: String
+  public var subject: String
+  public var notBefore: Date
+  public var notAfter: Date
+  public var fingerprint: String
+  public var keyFingerprint: String
+  public var issued: Date
+  /// "simpleenroll" or "simplereenroll".
+  public var operation: String
+  public var revoked: Date?
+  public var reason: RevocationReason?
+}
+
+/// One line of the registry's audit trail: what happened to a device, when, on whose word.
+public struct AuditEntry: Sendable, Equatable {
+  public var time: Date
+  public var device: String?
+  /// "imported", "enrolled", "renewed", "refused", "revoked", "retired", ...
+  public var event: String
+  public var detail: String
+  /// Who caused it: "admin", "est 127.0.0.1", ...
+  public var source: String
+}
+
+/// A failure of the registry: its storage, or an operation it refuses.
+public struct RegistryError: Error, Sendable, CustomStringConvertible, SQLiteWrapping {
+  public enum Kind: Sendable, Equatable {
+    /// The database could not be read or written; nothing was changed.
+    case storage
+    /// No such device or certificate.
+    case notFound
+    /// The change would break a rule (a name held by another device, a duplicate id).
+    case conflict
+    /// The input is malformed (a manifest line, a name).
+    case invalid
+  }
+  public var kind: Kind
+  public var message: String
+
+  public init(_ kind: Kind, _ message: String) {
+    self.kind = kind
+    self.message = message
+  }
+
+  package init(sqlite: SQLiteError) {
+    self.init(.storage, "the registry: \(sqlite)")
+  }
+
+  public var description: String { message }
+}

@@ -1,0 +1,260 @@
+import EdgeKeyCore
+import Foundation
+
+/// Where the device registry is kept. The embedded default is `SQLiteRegistryStorage` (one
+/// file, WAL, fsync'd per commit); a shared database for several RA instances implements the
+/// same two entry points. A write transaction is atomic and durable when it returns, and two
+/// writers never interleave (a name can never be given to two devices).
+public protocol DeviceRegistryStorage: AnyObject, Sendable {
+  func read<R>(_ body: (any RegistryTransaction) throws(RegistryError) -> R) throws(RegistryError) -> R
+  func write<R>(_ body: (any RegistryTransaction) throws(RegistryError) -> R) throws(RegistryError) -> R
+}
+
+/// The registry's operations inside one transaction.
+public protocol RegistryTransaction {
+  func device(_ id: String) throws(RegistryError) -> DeviceRecord?
+  func device(bootstrapFingerprint: String) throws(RegistryError) -> DeviceRecord?
+  /// The device holding `name`, if any.
+  func holder(of name: String) throws(RegistryError) -> String?
+  func devices() throws(RegistryError) -> [DeviceRecord]
+  /// The stored verifier of a device's one-time secret (never the secret).
+  func secretVerifier(of device: String) throws(RegistryError) -> String?
+  /// Adds a device and its names; `.conflict` when the id exists or a name is held.
+  func insert(_ device: DeviceRecord, secretVerifier: String?) throws(RegistryError)
+  func setState(_ state: DeviceState, of device: String) throws(RegistryError)
+  func setSecretUsed(_ at: Date, of device: String) throws(RegistryError)
+  /// Gives a device a new one-time secret (its verifier), unused.
+  func setSecret(_ verifier: String, of device: String) throws(RegistryError)
+  func releaseNames(of device: String) throws(RegistryError)
+  func certificate(serial: String) throws(RegistryError) -> CertificateRecord?
+  func certificates(of device: String) throws(RegistryError) -> [CertificateRecord]
+  func revokedCertificates() throws(RegistryError) -> [CertificateRecord]
+  func insert(_ certificate: CertificateRecord) throws(RegistryError)
+  func revoke(serial: String, at: Date, reason: RevocationReason) throws(RegistryError)
+  func append(_ entry: AuditEntry) throws(RegistryError)
+  /// The latest entries, newest last; for one device or all.
+  func audit(device: String?, limit: Int) throws(RegistryError) -> [AuditEntry]
+  func reserved() throws(RegistryError) -> [String]
+  func reserve(_ pattern: String) throws(RegistryError)
+  /// Adds one to a named counter and returns the new value (CRL numbers, revocation version).
+  func increment(_ counter: String) throws(RegistryError) -> Int64
+  func counter(_ counter: String) throws(RegistryError) -> Int64
+}
+
+/// The registry in one SQLite file: WAL (an `edgekey-ra admin` process can read and write
+/// while the RA runs), `synchronous=FULL` (a commit is on disk when it returns), created 0600.
+public final class SQLiteRegistryStorage: DeviceRegistryStorage, @unchecked Sendable {
+  // @unchecked: the connection is used only under `lock`.
+  private let lock = Lock()
+  private let db: SQLiteDatabase
+
+  public init(path: String) throws(RegistryError) {
+    do {
+      db = try SQLiteDatabase(path: path, synchronous: "FULL")
+      try db.execute(
+        """
+        CREATE TABLE IF NOT EXISTS devices(
+          id TEXT PRIMARY KEY, state TEXT NOT NULL, method TEXT NOT NULL, secret TEXT,
+          secret_used REAL, bootstrap_fingerprint TEXT UNIQUE, created REAL NOT NULL);
+        CREATE TABLE IF NOT EXISTS names(name TEXT PRIMARY KEY, device TEXT NOT NULL REFERENCES devices(id));
+        CREATE INDEX IF NOT EXISTS names_device ON names(device);
+        CREATE TABLE IF NOT EXISTS certificates(
+          serial TEXT PRIMARY KEY, device TEXT NOT NULL REFERENCES devices(id), subject TEXT NOT NULL,
+          not_before REAL NOT NULL, not_after REAL NOT NULL, fingerprint TEXT NOT NULL,
+          key_fingerprint TEXT NOT NULL, issued REAL NOT NULL, operation TEXT NOT NULL,
+          revoked REAL, reason TEXT);
+        CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device);
+        CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates(revoked) WHERE revoked IS NOT NULL;
+        CREATE TABLE IF NOT EXISTS audit(
+          id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, device TEXT, event TEXT NOT NULL,
+          detail TEXT NOT NULL, source TEXT NOT NULL);
+        CREATE INDEX IF NOT EXISTS audit_device ON audit(device);
+        CREATE TABLE IF NOT EXISTS reserved(pattern TEXT PRIMARY KEY);
+        CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        """)
+    } catch {
+      throw RegistryError(sqlite: error)
+    }
+  }
+
+  public func read<R>(_ body: (any RegistryTransaction) throws(RegistryError) -> R) throws(RegistryError) -> R {
+    try lock.withLock { () throws(RegistryError) -> R in try body(SQLiteRegistryTransaction(db: db)) }
+  }
+
+  public func write<R>(_ body: (any RegistryTransaction) throws(RegistryError) -> R) throws(RegistryError) -> R {
+    try lock.withLock { () throws(RegistryError) -> R in
+      try db.transaction { () throws(RegistryError) -> R in try body(SQLiteRegistryTransaction(db: db)) }
+    }
+  }
+}
+
+private struct SQLiteRegistryTransaction: RegistryTransaction {
+  let db: SQLiteDatabase
+
+  private func rows(_ sql: String, _ values: [SQLiteValue] = []) throws(RegistryError) -> [[SQLiteValue]] {
+    do { return try db.query(sql, values) } catch { throw RegistryError(sqlite: error) }
+  }
+
+  private static let deviceColumns = "id, state, method, secret_used, bootstrap_fingerprint, created"
+
+  private func devices(where clause: String, _ values: [SQLiteValue]) throws(RegistryError) -> [DeviceRecord] {
+    var found: [DeviceRecord] = []
+    for row in try rows("SELECT \(Self.deviceColumns) FROM devices \(clause)", values) {
+      let id = row[0].text ?? ""
+      let names = try rows("SELECT name FROM names WHERE device = ? ORDER BY name", [.text(id)]).compactMap {
+        $0[0].text
+      }
+      found.append(
+        DeviceRecord(
+          id: id, names: names, state: DeviceState(rawValue: row[1].text ?? "") ?? .revoked,
+          method: EnrolmentMethod(rawValue: row[2].text ?? "") ?? .oneTimeSecret,
+          bootstrapFingerprint: row[4].text, secretUsed: row[3].real.map(Date.init(timeIntervalSince1970:)),
+          created: Date(timeIntervalSince1970: row[5].real ?? 0)))
+    }
+    return found
+  }
+
+  func device(_ id: String) throws(RegistryError) -> DeviceRecord? {
+    try devices(where: "WHERE id = ?", [.text(id)]).first
+  }
+
+  func device(bootstrapFingerprint: String) throws(RegistryError) -> DeviceRecord? {
+    try devices(where: "WHERE bootstrap_fingerprint = ?", [.text(bootstrapFingerprint)]).first
+  }
+
+  func holder(of name: String) throws(RegistryError) -> String? {
+    try rows("SELECT device FROM names WHERE name = ?", [.text(name)]).first?[0].text
+  }
+
+  func devices() throws(RegistryError) -> [DeviceRecord] { try devices(where: "ORDER BY id", []) }
+
+  func secretVerifier(of device: String) throws(RegistryError) -> String? {
+    try rows("SELECT secret FROM devices WHERE id = ?", [.text(device)]).first?[0].text
+  }
+
+  func insert(_ device: DeviceRecord, secretVerifier: String?) throws(RegistryError) {
+    if try self.device(device.id) != nil {
+      throw RegistryError(.conflict, "device \(JSON.string(device.id)) is already registered")
+    }
+    for name in device.names {
+      if let holder = try holder(of: name) {
+        throw RegistryError(.conflict, "the name \(JSON.string(name)) is held by device \(JSON.string(holder))")
+      }
+    }
+    _ = try rows(
+      "INSERT INTO devices(id, state, method, secret, secret_used, bootstrap_fingerprint, created) VALUES(?,?,?,?,?,?,?)",
+      [
+        .text(device.id), .text(device.state.rawValue), .text(device.method.rawValue),
+        secretVerifier.map(SQLiteValue.text) ?? .null,
+        device.secretUsed.map { .real($0.timeIntervalSince1970) } ?? .null,
+        device.bootstrapFingerprint.map(SQLiteValue.text) ?? .null, .real(device.created.timeIntervalSince1970),
+      ])
+    for name in device.names {
+      _ = try rows("INSERT INTO names(name, device) VALUES(?, ?)", [.text(name), .text(device.id)])
+    }
+  }
+
+  func setState(_ state: DeviceState, of device: String) throws(RegistryError) {
+    _ = try rows("UPDATE devices SET state = ? WHERE id = ?", [.text(state.rawValue), .text(device)])
+  }
+
+  func setSecretUsed(_ at: Date, of device: String) throws(RegistryError) {
+    _ = try rows("UPDATE devices SET secret_used = ? WHERE id = ?", [.real(at.timeIntervalSince1970), .text(device)])
+  }
+
+  func setSecret(_ verifier: String, of device: String) throws(RegistryError) {
+    _ = try rows(
+      "UPDATE devices SET secret = ?, secret_used = NULL, method = 'secret' WHERE id = ?",
+      [.text(verifier), .text(device)])
+  }
+
+  func releaseNames(of device: String) throws(RegistryError) {
+    _ = try rows("DELETE FROM names WHERE device = ?", [.text(device)])
+  }
+
+  private static let certificateColumns =
+    "serial, device, subject, not_before, not_after, fingerprint, key_fingerprint, issued, operation, revoked, reason"
+
+  private func certificates(where clause: String, _ values: [SQLiteValue]) throws(RegistryError)
+    -> [CertificateRecord]
+  {
+    try rows("SELECT \(Self.certificateColumns) FROM certificates \(clause)", values).map { row in
+      CertificateRecord(
+        serial: row[0].text ?? "", device: row[1].text ?? "", subject: row[2].text ?? "",
+        notBefore: Date(timeIntervalSince1970: row[3].real ?? 0),
+        notAfter: Date(timeIntervalSince1970: row[4].real ?? 0), fingerprint: row[5].text ?? "",
+        keyFingerprint: row[6].text ?? "", issued: Date(timeIntervalSince1970: row[7].real ?? 0),
+        operation: row[8].text ?? "", revoked: row[9].real.map(Date.init(timeIntervalSince1970:)),
+        reason: row[10].text.flatMap(RevocationReason.init(rawValue:)))
+    }
+  }
+
+  func certificate(serial: String) throws(RegistryError) -> CertificateRecord? {
+    try certificates(where: "WHERE serial = ?", [.text(serial)]).first
+  }
+
+  func certificates(of device: String) throws(RegistryError) -> [CertificateRecord] {
+    try certificates(where: "WHERE device = ? ORDER BY issued", [.text(device)])
+  }
+
+  func revokedCertificates() throws(RegistryError) -> [CertificateRecord] {
+    try certificates(where: "WHERE revoked IS NOT NULL ORDER BY revoked", [])
+  }
+
+  func insert(_ c: CertificateRecord) throws(RegistryError) {
+    _ = try rows(
+      "INSERT INTO certificates(\(Self.certificateColumns)) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+      [
+        .text(c.serial), .text(c.device), .text(c.subject), .real(c.notBefore.timeIntervalSince1970),
+        .real(c.notAfter.timeIntervalSince1970), .text(c.fingerprint), .text(c.keyFingerprint),
+        .real(c.issued.timeIntervalSince1970), .text(c.operation),
+        c.revoked.map { .real($0.timeIntervalSince1970) } ?? .null, c.reason.map { .text($0.rawValue) } ?? .null,
+      ])
+  }
+
+  func revoke(serial: String, at: Date, reason: RevocationReason) throws(RegistryError) {
+    _ = try rows(
+      "UPDATE certificates SET revoked = ?, reason = ? WHERE serial = ? AND revoked IS NULL",
+      [.real(at.timeIntervalSince1970), .text(reason.rawValue), .text(serial)])
+  }
+
+  func append(_ e: AuditEntry) throws(RegistryError) {
+    _ = try rows(
+      "INSERT INTO audit(time, device, event, detail, source) VALUES(?,?,?,?,?)",
+      [
+        .real(e.time.timeIntervalSince1970), e.device.map(SQLiteValue.text) ?? .null, .text(e.event), .text(e.detail),
+        .text(e.source),
+      ])
+  }
+
+  func audit(device: String?, limit: Int) throws(RegistryError) -> [AuditEntry] {
+    let clause = device == nil ? "" : "WHERE device = ?"
+    let values: [SQLiteValue] = (device.map { [SQLiteValue.text($0)] } ?? []) + [.integer(Int64(limit))]
+    return try rows(
+      "SELECT time, device, event, detail, source FROM audit \(clause) ORDER BY id DESC LIMIT ?", values
+    ).reversed().map { row in
+      AuditEntry(
+        time: Date(timeIntervalSince1970: row[0].real ?? 0), device: row[1].text, event: row[2].text ?? "",
+        detail: row[3].text ?? "", source: row[4].text ?? "")
+    }
+  }
+
+  func reserved() throws(RegistryError) -> [String] {
+    try rows("SELECT pattern FROM reserved ORDER BY pattern").compactMap { $0[0].text }
+  }
+
+  func reserve(_ pattern: String) throws(RegistryError) {
+    _ = try rows("INSERT OR IGNORE INTO reserved(pattern) VALUES(?)", [.text(pattern)])
+  }
+
+  func increment(_ counter: String) throws(RegistryError) -> Int64 {
+    try rows(
+      "INSERT INTO counters(name, value) VALUES(?, 1) ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
+      [.text(counter)]
+    ).first?[0].integer ?? 0
+  }
+
+  func counter(_ counter: String) throws(RegistryError) -> Int64 {
+    try rows("SELECT value FROM counters WHERE name = ?", [.text(counter)]).first?[0].integer ?? 0
+  }
+}
