@@ -162,6 +162,11 @@ let package = Package(
       path: "Tests/EdgeKeyEnrollmentTests"
     ),
     .testTarget(
+      name: "EdgeKeyRATests",
+      dependencies: ["EdgeKeyRA", "EdgeKeyTLS", "EdgeKeyCore", "EdgeKeyTestSupport", "COpenSSL"],
+      path: "Tests/EdgeKeyRATests"
+    ),
+    .testTarget(
       name: "EdgeKeyCLITests",
       dependencies: ["EdgeKeyTestSupport", "EdgeKeyCore", "EdgeKeyMQTT", "COpenSSL"],
       path: "Tests/EdgeKeyCLITests"

@@ -142,6 +142,14 @@ public final class RegistrationAuthority: @unchecked Sendable {
   public var isRunning: Bool { process?.isRunning ?? false }
   public var localhostURL: String { "https://localhost:\(port)" }
 
+  /// What the RA wrote to its standard output and error, all runs.
+  public var log: String {
+    let files = (try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? []
+    return files.filter { $0.hasPrefix("ra-") && $0.hasSuffix(".log") }.sorted().compactMap {
+      try? String(contentsOf: directory.appendingPathComponent($0), encoding: .utf8)
+    }.joined()
+  }
+
   /// The issuance log, one JSON object per line.
   public var issuanceLog: [String] {
     ((try? String(contentsOf: directory.appendingPathComponent("issued.jsonl"), encoding: .utf8)) ?? "")

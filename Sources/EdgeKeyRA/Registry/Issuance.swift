@@ -118,11 +118,11 @@ extension DeviceRegistry {
         return Refusal(403, "device \(JSON.string(device.id)) is \(device.state.rawValue)", device: device.id)
       }
       let name = device.names.contains(requested) ? requested : device.names.first ?? ""
-      if let why = naming.problem(with: name) { return Refusal(403, why, device: device.id) }
       if let why = naming.problem(with: csr, name: name) {
         let held = device.names.count > 1 ? " (it holds \(device.names.map(JSON.string).joined(separator: ", ")))" : ""
         return Refusal(403, "device \(JSON.string(device.id)): \(why)\(held)", device: device.id)
       }
+      if let why = naming.problem(with: name) { return Refusal(403, why, device: device.id) }
       return nil
     }
     switch claim {
@@ -199,7 +199,9 @@ extension DeviceRegistry {
             "the shared password of \(JSON.string(user)) enrols names matching \(pattern), not \(JSON.string(requested))"
           ))
       }
-      if let why = naming.problem(with: requested) { return .failure(Refusal(403, why)) }
+      if let why = naming.problem(with: csr, name: requested) ?? naming.problem(with: requested) {
+        return .failure(Refusal(403, why))
+      }
       if let holder = try t.holder(of: requested) {
         // On the shared password a name changes key only when no valid certificate holds it
         // (the device was off longer than its certificate lived), or it is the same key again.
