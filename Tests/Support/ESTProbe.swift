@@ -49,7 +49,9 @@ public final class ESTProbe: @unchecked Sendable {
 
   /// A DER PKCS#10 request signed by `key`, with exactly these attributes and SANs (OpenSSL's
   /// "DNS:x,IP:y" syntax).
-  public func request(key: Key, subject: [Attribute], sans: String? = nil) throws -> [UInt8] {
+  public func request(key: Key, subject: [Attribute], sans: String? = nil, challengePassword: String? = nil) throws
+    -> [UInt8]
+  {
     let bio = BIO_new(BIO_s_mem())
     defer { BIO_free(bio) }
     _ = key.pem.withCString { BIO_puts(bio, $0) }
@@ -75,6 +77,9 @@ public final class ESTProbe: @unchecked Sendable {
       }
       OPENSSL_sk_push(extensions, UnsafeRawPointer(ext))
       X509_REQ_add_extensions(req, extensions)
+    }
+    if let challengePassword {
+      X509_REQ_add1_attr_by_NID(req, NID_pkcs9_challengePassword, MBSTRING_UTF8, challengePassword, -1)
     }
     guard X509_REQ_sign(req, pkey, EVP_sha256()) > 0 else {
       let e = ERR_get_error()
@@ -146,7 +151,7 @@ public final class ESTProbe: @unchecked Sendable {
     return path
   }
 
-  static func firstCertificate(pkcs7 der: [UInt8]) throws -> String? {
+  public static func firstCertificate(pkcs7 der: [UInt8]) throws -> String? {
     var p: UnsafePointer<UInt8>? = der.withUnsafeBufferPointer { $0.baseAddress }
     return try der.withUnsafeBufferPointer { buffer -> String? in
       p = buffer.baseAddress

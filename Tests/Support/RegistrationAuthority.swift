@@ -161,6 +161,12 @@ public final class RegistrationAuthority: @unchecked Sendable {
     process = nil
   }
 
+  /// SIGKILL, as a crash or power cut would (`restart` starts it again).
+  public func kill() {
+    process?.kill9()
+    process = nil
+  }
+
   /// Starts it again on the same port (after `stop`).
   public func restart() throws {
     stop()
