@@ -159,7 +159,10 @@ public final class HTTPSServer: @unchecked Sendable {
     let bound = withUnsafePointer(to: &address) {
       $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
     }
-    guard bound == 0, listen(fd, 64) == 0 else {
+    // A long listen queue: while every slot is taken (a slow-client flood), new connections wait
+    // in it in arrival order instead of having their SYNs dropped and retried with back-off,
+    // which left a normal client waiting minutes behind attackers that reconnect at once.
+    guard bound == 0, listen(fd, 1024) == 0 else {
       let e = errno
       close(fd)
       throw HTTPServerError("cannot listen on \(host):\(requested): \(String(cString: strerror(e)))")
