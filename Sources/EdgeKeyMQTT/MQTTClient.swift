@@ -110,7 +110,12 @@ public final class MQTTClient: Sendable {
     let deadline = Date().addingTimeInterval(timeout)
     while outbox.count > 0 {
       if Date() >= deadline {
-        throw MQTTError(kind: .timedOut, reason: "\(outbox.count) message(s) still unacknowledged after \(timeout) s")
+        var reason = "\(outbox.count) message(s) still unacknowledged after \(timeout) s"
+        // What kept them: the connection's last failure, with its layer, when not connected.
+        if !isConnected, let failure = lastFailure {
+          reason += "; not connected: \(failure.description)"
+        }
+        throw MQTTError(kind: .timedOut, reason: reason)
       }
       try await Task.sleep(nanoseconds: 5_000_000)
     }

@@ -18,6 +18,9 @@ let adminUsage = """
     revoke --serial HEX [--reason R]
                            revoke one certificate (R: unspecified, keyCompromise,
                            affiliationChanged, superseded, cessationOfOperation)
+    revoke --serial HEX --external [--reason R]
+                           revoke a certificate of the CA that the RA did not issue (a broker's
+                           server certificate): it stays on every CRL
     retire ID              take a device out of service: certificates revoked, names released
     rearm ID --secret-file FILE
                            a new one-time secret for a device whose TPM was cleared or replaced;
@@ -42,6 +45,7 @@ func runAdmin(_ arguments: [String]) -> Never {
     case "--registry", "--reason", "--serial", "--limit", "--secret-file":
       guard !rest.isEmpty else { fail("\(a) needs a value") }
       if a == "--registry" { registryPath = rest.removeFirst() } else { options[a] = rest.removeFirst() }
+    case "--external": options[a] = "yes"
     case _ where a.hasPrefix("--"): fail("unknown admin option \(a)\n\(adminUsage)")
     default: positional.append(a)
     }
@@ -96,6 +100,11 @@ func runAdmin(_ arguments: [String]) -> Never {
         } ?? .unspecified
       if let serial = options["--serial"] {
         guard args.isEmpty else { fail("revoke takes a device ID or --serial, not both") }
+        if options["--external"] != nil {
+          try registry.revokeExternal(serial: serial, reason: reason)
+          print("revoked external certificate \(serial.uppercased())")
+          exit(0)
+        }
         let changed = try registry.revoke(serial: serial, reason: reason)
         print(
           changed

@@ -204,6 +204,10 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
     outbox: outbox, logger: logger)
   switcher.attach(client, agent: agent)
   client.start()
+  if let cache = revocationListCache(args, trustPEM: tlsPolicy.trustAnchorsPEM) {
+    refreshRevocationLists(
+      cache, fileCRL: args.option("crl").map(readText), switcher: switcher, agent: agent, logger: logger)
+  }
   out(
     "agent: \(credential.certificate?.subject ?? "?") → \(host):\(port); certificate until "
       + "\(credential.certificate.map { Certificate.format($0.notAfter) } ?? "?"), state in \(store.directory)")
@@ -261,6 +265,33 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   status.write(agent: agent, client: client, state: "stopped")
   out(
     "agent stopped: \(agent.counters.renewals) renewal(s), \(client.metrics.messagesAcknowledged) message(s) delivered")
+}
+
+/// Keeps the CRLs the agent checks with current: at half of each CRL's validity (or within a
+/// minute of a failed fetch) a new one is fetched; when it differs, the broker's next connection
+/// and the next renewal use it. The connection in place is not dropped.
+func refreshRevocationLists(
+  _ cache: RevocationListCache, fileCRL: String?, switcher: MQTTCredentialSwitch, agent: RenewalAgent, logger: Logger
+) {
+  Threads.detach(name: "edgekey-crl") {
+    var last = (try? cache.current())?.der
+    while true {
+      Threads.sleep(max(1, min(60, cache.refreshDate.timeIntervalSinceNow)))
+      guard let crl = try? cache.current(), crl.der != last else {
+        if let error = cache.lastError { logger.warning("CRL: \(error)") }
+        continue
+      }
+      last = crl.der
+      let pem = (fileCRL ?? "") + crl.pem
+      var policy = switcher.policy
+      policy.crlPEM = pem
+      switcher.update(policy: policy, current: try? agent.current())
+      agent.useRevocationLists(pem)
+      logger.info(
+        "CRL \(crl.number.map(String.init) ?? "-") from \(cache.url): \(crl.revokedSerials.count) revoked, next update \(crl.nextUpdate.map(Timestamp.iso8601) ?? "-")"
+      )
+    }
+  }
 }
 
 /// `edgekey status --state DIR [--json]`: the stored credential, when it will be renewed, and

@@ -1,4 +1,5 @@
 import EdgeKeyCore
+import EdgeKeyEnrollment
 import EdgeKeyMQTT
 import EdgeKeyTLS
 import FoundationEssentials
@@ -11,9 +12,31 @@ import FoundationEssentials
 /// MQTT version, session, last will. One place, so that no command takes an option and ignores it.
 
 /// `--crl FILE`: CRLs (PEM, several in one file) for the server's chain, checked at every level;
-/// `--allow-missing-crl` lets a level whose issuer has no CRL in the file pass.
-func crlOptions(_ args: Arguments) -> (pem: String?, missing: TLSPolicy.MissingCRL) {
-  (args.option("crl").map(readText), args.flag("allow-missing-crl") ? .allow : .fail)
+/// `--crl-url URL`: the CA's CRL fetched over HTTPS (kept in the state directory as crl.pem,
+/// fetched again at half its validity), verified against `trustPEM`; `--allow-missing-crl` lets
+/// a level whose issuer has no CRL pass.
+func crlOptions(_ args: Arguments, trustPEM: String) -> (pem: String?, missing: TLSPolicy.MissingCRL) {
+  var pem = args.option("crl").map(readText)
+  if let cache = revocationListCache(args, trustPEM: trustPEM) {
+    do { pem = (pem ?? "") + (try cache.current()).pem } catch {
+      fail("--crl-url: \(error)", error.kind == .configuration ? .usage : .failure)
+    }
+  }
+  return (pem, args.flag("allow-missing-crl") ? .allow : .fail)
+}
+
+/// The `--crl-url` cache, or nil without the option.
+func revocationListCache(_ args: Arguments, trustPEM: String) -> RevocationListCache? {
+  guard let url = args.option("crl-url") else { return nil }
+  do {
+    return try RevocationListCache(
+      url: url, trustAnchors: try Certificate.chain(pem: trustPEM),
+      cachePath: args.option("state").map { $0 + "/crl.pem" })
+  } catch let error as EnrollmentError {
+    fail("--crl-url: \(error)", .usage)
+  } catch {
+    fail("--crl-url: the CA file: \(error)", .usage)
+  }
 }
 
 /// `--alpn a,b`: application protocols to offer (AWS IoT Core on 443: x-amzn-mqtt-ca).
@@ -28,9 +51,10 @@ func alpnOption(_ args: Arguments) -> [String] {
 
 /// The broker's side of mutual TLS: its CA, the name it must have, CRLs, ALPN.
 func brokerPolicy(_ args: Arguments, host: String, caFile: String) -> TLSPolicy {
-  let crl = crlOptions(args)
+  let trust = readText(caFile)
+  let crl = crlOptions(args, trustPEM: trust)
   return TLSPolicy(
-    trustAnchorsPEM: readText(caFile), serverName: args.option("server-name") ?? host, crlPEM: crl.pem,
+    trustAnchorsPEM: trust, serverName: args.option("server-name") ?? host, crlPEM: crl.pem,
     missingCRL: crl.missing, alpn: alpnOption(args))
 }
 

@@ -31,7 +31,7 @@ func enrollmentSettings(_ args: Arguments, logger: Logger) -> (CredentialStore, 
     let store = try CredentialStore(directory: state)
     let server = try ESTServer(url: url, label: args.option("label"))
     var options = ESTOptions()
-    let crl = crlOptions(args)
+    let crl = crlOptions(args, trustPEM: anchors.map(\.pem).joined())
     options.crlPEM = crl.pem
     options.missingCRL = crl.missing
     options.allowServerCertificateWithoutEKU = args.flag("allow-server-without-eku")

@@ -217,7 +217,7 @@ func doctorEST(_ args: Arguments, host: String, port: UInt16, chain: [Certificat
   do {
     var options = ESTOptions()
     options.timeout = 15
-    let crl = crlOptions(args)
+    let crl = crlOptions(args, trustPEM: readText(caFile))
     options.crlPEM = crl.pem
     options.missingCRL = crl.missing
     options.allowServerCertificateWithoutEKU = args.flag("allow-server-without-eku")

@@ -92,6 +92,9 @@ let usage = """
     --crl FILE      CRLs (PEM) for the server's chain, checked at every level (pub, sub, agent,
                     doctor, and the EST server for enroll, renew, provision, agent); a level whose
                     issuer has no CRL in FILE fails unless --allow-missing-crl
+    --crl-url URL   the CA's CRL over HTTPS (edgekey-ra serves it at /crl), verified against the
+                    CA file, kept in the state directory (crl.pem) and fetched again at half its
+                    validity; the agent refreshes it while it runs. Used as --crl is.
     --alpn LIST     ALPN protocols to offer, comma-separated (AWS IoT Core on 443: x-amzn-mqtt-ca)
     --allow-server-without-eku  accept an EST server certificate with no extended key usage
                     (serverAuth and id-kp-cmcRA are accepted either way)
@@ -120,12 +123,13 @@ let longOptions: Set<String> = {
 /// The options each command reads: any other is a usage error, never accepted and ignored.
 let commandOptions: [String: Set<String>] = {
   let key: Set<String> = ["file", "handle", "auth-env"]
-  let serverTLS: Set<String> = ["server-name", "crl", "allow-missing-crl", "alpn"]
+  let serverTLS: Set<String> = ["server-name", "crl", "crl-url", "allow-missing-crl", "alpn"]
   let mqtt: Set<String> = [
     "protocol-version", "disable-clean-session", "will-topic", "will-payload", "will-qos", "will-retain",
   ]
   let est: Set<String> = [
-    "state", "server", "cafile", "label", "password-env", "crl", "allow-missing-crl", "allow-server-without-eku",
+    "state", "server", "cafile", "label", "password-env", "crl", "crl-url", "allow-missing-crl",
+    "allow-server-without-eku",
     "channel-binding",
   ]
   let enrollment = est.union(["subject", "san", "bootstrap-cert", "bootstrap-key", "algorithm"])

@@ -723,6 +723,82 @@ struct CLIDevice {
   }
 }
 
+@Suite("edgekey --crl-url: the CA's CRL from the RA, for the broker's chain")
+struct CRLURLTests {
+  @Test(
+    "the agent refreshes the CRL while it runs: after the broker's certificate is revoked it does not reconnect to it")
+  func agentRefreshesTheCRL() throws {
+    let f = try Fleet(raArguments: ["--crl-validity", "4s"])
+    #expect(try f.enroll(commonName: "crl-agent").status == 0)
+    let server = try f.ca.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: server.certificate, keyPEM: server.key, clientCAPEM: f.ca.certificatePEM)
+    let log = f.path("agent.log")
+    let agent = try ChildProcess(
+      try edgekeyBinary(),
+      [
+        "agent", "--state", f.state, "--server", f.ra.localhostURL, "--cafile", f.caFile, "-h", "127.0.0.1", "-p",
+        String(broker.port), "--tcti", f.swtpm.tcti, "-t", "devices/crl-agent/t", "--interval", "0.5", "--crl-url",
+        f.ra.localhostURL + "/crl", "-v",
+      ], logPath: log, environment: f.environment)
+    func waitFor(_ what: String, in path: String) -> Bool {
+      let deadline = Date().addingTimeInterval(40)
+      while Date() < deadline && agent.isRunning {
+        if let text = try? String(contentsOfFile: path, encoding: .utf8), text.contains(what) { return true }
+        usleep(100_000)
+      }
+      return false
+    }
+    #expect(waitFor("\"state\":\"connected\"", in: f.state + "/status.json"))
+    #expect(FileManager.default.fileExists(atPath: f.state + "/crl.pem"), "the CRL is kept in the state directory")
+    let serial = try Command.run("openssl", ["x509", "-noout", "-serial"], input: Data(server.certificate.utf8))
+      .trimmingCharacters(in: .whitespacesAndNewlines).replacingOccurrences(of: "serial=", with: "")
+    #expect(try f.ra.admin(["revoke", "--serial", serial, "--external"]).status == 0)
+    #expect(waitFor("1 revoked", in: log), "the agent fetched the new CRL")
+    // The connection in place stays; the next one checks the broker against the new CRL.
+    broker.stop()
+    try broker.start()
+    #expect(waitFor("certificate revoked", in: f.state + "/status.json"))
+    agent.send(SIGTERM)
+    #expect(agent.wait() == 0)
+  }
+
+  @Test("a broker whose certificate the operator revokes is refused by edgekey pub --crl-url, and the layer named")
+  func revokedBrokerIsRefused() throws {
+    let f = try Fleet()
+    #expect(try f.enroll(commonName: "crl-1").status == 0)
+    let server = try f.ca.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: server.certificate, keyPEM: server.key, clientCAPEM: f.ca.certificatePEM)
+    let pub = [
+      "pub", "-h", "127.0.0.1", "-p", String(broker.port), "--cafile", f.caFile, "--cert", f.state + "/current.pem",
+      "--file", f.state + "/current.pem", "--tcti", f.swtpm.tcti, "-t", "devices/crl-1/t", "-m", "x", "-q", "1",
+      "--timeout", "3", "--crl-url", f.ra.localhostURL + "/crl",
+    ]
+    let before = try Command.runCapturing(try edgekeyBinary(), pub, environment: f.environment)
+    #expect(before.status == 0, "\(before.stderr)")
+    let serial = try Command.run("openssl", ["x509", "-noout", "-serial"], input: Data(server.certificate.utf8))
+      .trimmingCharacters(in: .whitespacesAndNewlines).replacingOccurrences(of: "serial=", with: "")
+    let revoked = try f.ra.admin(["revoke", "--serial", serial, "--external", "--reason", "keyCompromise"])
+    #expect(revoked.status == 0, "\(revoked.output)")
+    // The RA makes a new CRL within a second of the revocation; until then the old one is served.
+    var after = before
+    let deadline = Date().addingTimeInterval(30)
+    while after.status == 0 && Date() < deadline {
+      usleep(200_000)
+      after = try Command.runCapturing(try edgekeyBinary(), pub, environment: f.environment)
+    }
+    #expect(after.status == 1)
+    #expect(after.stderr.contains("server certificate"), "\(after.stderr)")
+    #expect(after.stderr.contains("revoked"), "\(after.stderr)")
+    // A CRL URL that does not answer a CRL is a failure that says so, before any connection.
+    let wrong = try Command.runCapturing(
+      try edgekeyBinary(), Array(pub.dropLast()) + [f.ra.localhostURL + "/nothing"], environment: f.environment)
+    #expect(wrong.status == 1)
+    #expect(wrong.stderr.contains("--crl-url"), "\(wrong.stderr)")
+  }
+}
+
 @Suite("edgekey pub: killed mid-stream, restarted, nothing accepted is lost", .serialized)
 struct PublisherKillTests {
   @Test("SIGKILL at 100 random instants of a QoS 1 stream into one outbox; the next run delivers all accepted")

@@ -52,9 +52,16 @@ public final class ESTProbe: @unchecked Sendable {
   public func request(key: Key, subject: [Attribute], sans: String? = nil, challengePassword: String? = nil) throws
     -> [UInt8]
   {
+    try Self.request(keyPEM: key.pem, subject: subject, sans: sans, challengePassword: challengePassword)
+  }
+
+  /// The same, from a PEM key, without an RA.
+  public static func request(
+    keyPEM: String, subject: [Attribute], sans: String? = nil, challengePassword: String? = nil
+  ) throws -> [UInt8] {
     let bio = BIO_new(BIO_s_mem())
     defer { BIO_free(bio) }
-    _ = key.pem.withCString { BIO_puts(bio, $0) }
+    _ = keyPEM.withCString { BIO_puts(bio, $0) }
     guard let pkey = PEM_read_bio_PrivateKey(bio, nil, nil, nil) else { throw HarnessError("key") }
     defer { EVP_PKEY_free(pkey) }
     guard let req = X509_REQ_new() else { throw HarnessError("X509_REQ_new") }

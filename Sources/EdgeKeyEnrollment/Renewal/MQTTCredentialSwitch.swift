@@ -15,7 +15,9 @@ import FoundationEssentials
 ///     agent.start()
 public final class MQTTCredentialSwitch: @unchecked Sendable {
   // @unchecked: the mutable references are only touched under `lock`.
-  public let policy: TLSPolicy
+  /// The broker's side of each new context (its CA, name, CRLs).
+  public var policy: TLSPolicy { lock.withLock { currentPolicy } }
+  private var currentPolicy: TLSPolicy
   /// How long to wait for the client to connect with a new credential before leaving the
   /// previous one in place (it is retired at the next successful switch).
   public var confirmationTimeout: TimeInterval
@@ -24,7 +26,7 @@ public final class MQTTCredentialSwitch: @unchecked Sendable {
   private weak var agent: RenewalAgent?
 
   public init(policy: TLSPolicy, confirmationTimeout: TimeInterval = 30) {
-    self.policy = policy
+    currentPolicy = policy
     self.confirmationTimeout = confirmationTimeout
   }
 
@@ -33,6 +35,19 @@ public final class MQTTCredentialSwitch: @unchecked Sendable {
     self.client = client
     self.agent = agent
     lock.unlock()
+  }
+
+  /// From now on, contexts are made with `policy` (fresh CRLs); the client's current one is
+  /// remade with it for its next connection, without dropping the one it has.
+  public func update(policy: TLSPolicy, current: (Credential, TPMKey)?) {
+    lock.lock()
+    currentPolicy = policy
+    let client = self.client
+    lock.unlock()
+    guard let client, let (credential, key) = current,
+      let context = try? TLSClientContext(certificateChain: credential.chain, key: key, policy: policy)
+    else { return }
+    client.replaceCredentials(context, reconnect: false)
   }
 
   /// The agent's `install`: builds the TLS context, swaps it into the client, waits (on the

@@ -153,7 +153,13 @@ public final class RenewalAgent: @unchecked Sendable {
     /// Ends the EST transfers and waits of an attempt under way when `stop()` is called.
     var cancellation = ESTCancellation()
     var lastError: EnrollmentError?
+    /// CRLs fetched since the agent was made (`useRevocationLists`), instead of `settings`'.
+    var crlPEM: String??
   }
+
+  /// The CRLs (PEM) to check the EST server's chain with from the next renewal on: a
+  /// `RevocationListCache` refreshed them.
+  public func useRevocationLists(_ pem: String?) { locked { $0.crlPEM = .some(pem) } }
 
   public init(
     store: CredentialStore, tpm: TPM, settings: EnrollmentSettings, policy: RenewalPolicy = RenewalPolicy(),
@@ -283,6 +289,7 @@ public final class RenewalAgent: @unchecked Sendable {
     let stored = try store.anchors()
     var options = settings.options
     options.cancellation = locked { $0.cancellation }
+    if let crl = locked({ $0.crlPEM }) { options.crlPEM = crl }
     let client = try ESTClient(
       server: settings.server, trustAnchors: Self.union(settings.trustAnchors, stored), options: options)
     let rollover = AnchorRollover.merge(

@@ -39,7 +39,9 @@ public final class DeviceRegistry: Sendable {
   }
   /// Certificates revoked and not yet expired at `date`: what a CRL lists.
   public func revokedCertificates(at date: Date = Date()) throws(RegistryError) -> [CertificateRecord] {
-    try storage.read { t throws(RegistryError) in try t.revokedCertificates() }.filter { $0.notAfter > date }
+    try storage.read { t throws(RegistryError) in try t.revokedCertificates() + t.externalRevocations() }.filter {
+      $0.notAfter > date
+    }
   }
   /// Grows by one with every revocation: a CRL made at an older version is out of date.
   public func revocationVersion() throws(RegistryError) -> Int64 {
@@ -116,6 +118,28 @@ public final class DeviceRegistry: Sendable {
       guard c.revoked == nil else { return false }
       try Self.revoke(c, reason: reason, source: source, in: t)
       return true
+    }
+  }
+
+  /// Revokes a certificate of this CA that the registry did not issue (a broker's server
+  /// certificate, say): it is listed on every CRL from now on.
+  public func revokeExternal(serial: String, reason: RevocationReason = .unspecified, source: String = "admin")
+    throws(RegistryError)
+  {
+    let hex = serial.uppercased().replacingOccurrences(of: ":", with: "")
+    guard !hex.isEmpty, hex.allSatisfy(\.isHexDigit) else {
+      throw RegistryError(.invalid, "\(serial) is not a hex serial")
+    }
+    try storage.write { t throws(RegistryError) in
+      if try t.certificate(serial: hex) != nil {
+        throw RegistryError(.conflict, "certificate \(hex) is in the registry: revoke it without --external")
+      }
+      try t.revokeExternal(serial: hex, at: Date(), reason: reason)
+      _ = try t.increment("revocations")
+      try t.append(
+        AuditEntry(
+          time: Date(), device: nil, event: "external certificate revoked", detail: "serial \(hex): \(reason.rawValue)",
+          source: source))
     }
   }
 

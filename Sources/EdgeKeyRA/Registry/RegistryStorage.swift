@@ -31,6 +31,10 @@ public protocol RegistryTransaction {
   func revokedCertificates() throws(RegistryError) -> [CertificateRecord]
   func insert(_ certificate: CertificateRecord) throws(RegistryError)
   func revoke(serial: String, at: Date, reason: RevocationReason) throws(RegistryError)
+  /// Revokes a certificate of the CA that the registry did not issue (a broker's, an
+  /// operator's); it stays on the CRL.
+  func revokeExternal(serial: String, at: Date, reason: RevocationReason) throws(RegistryError)
+  func externalRevocations() throws(RegistryError) -> [CertificateRecord]
   func append(_ entry: AuditEntry) throws(RegistryError)
   /// The latest entries, newest last; for one device or all.
   func audit(device: String?, limit: Int) throws(RegistryError) -> [AuditEntry]
@@ -70,6 +74,7 @@ public final class SQLiteRegistryStorage: DeviceRegistryStorage, @unchecked Send
           detail TEXT NOT NULL, source TEXT NOT NULL);
         CREATE INDEX IF NOT EXISTS audit_device ON audit(device);
         CREATE TABLE IF NOT EXISTS reserved(pattern TEXT PRIMARY KEY);
+        CREATE TABLE IF NOT EXISTS external_revocations(serial TEXT PRIMARY KEY, revoked REAL NOT NULL, reason TEXT NOT NULL);
         CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
         """)
     } catch {
@@ -216,6 +221,22 @@ private struct SQLiteRegistryTransaction: RegistryTransaction {
     _ = try rows(
       "UPDATE certificates SET revoked = ?, reason = ? WHERE serial = ? AND revoked IS NULL",
       [.real(at.timeIntervalSince1970), .text(reason.rawValue), .text(serial)])
+  }
+
+  func revokeExternal(serial: String, at: Date, reason: RevocationReason) throws(RegistryError) {
+    _ = try rows(
+      "INSERT OR IGNORE INTO external_revocations(serial, revoked, reason) VALUES(?,?,?)",
+      [.text(serial), .real(at.timeIntervalSince1970), .text(reason.rawValue)])
+  }
+
+  func externalRevocations() throws(RegistryError) -> [CertificateRecord] {
+    try rows("SELECT serial, revoked, reason FROM external_revocations ORDER BY revoked").map { row in
+      CertificateRecord(
+        serial: row[0].text ?? "", device: "-", subject: "", notBefore: .distantPast, notAfter: .distantFuture,
+        fingerprint: "", keyFingerprint: "", issued: .distantPast, operation: "external",
+        revoked: row[1].real.map(Date.init(timeIntervalSince1970:)),
+        reason: row[2].text.flatMap(RevocationReason.init(rawValue:)))
+    }
   }
 
   func append(_ e: AuditEntry) throws(RegistryError) {
