@@ -101,8 +101,8 @@ let package = Package(
     .executableTarget(
       name: "edgekey-bench",
       dependencies: [
-        "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyEnrollment", "EdgeKeyCore", "EdgeKeyTestSupport",
-        "COpenSSL", "CEdgeKeyBenchAnchor",
+        "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyEnrollment", "EdgeKeyRA", "EdgeKeyCore",
+        "EdgeKeyTestSupport", "COpenSSL", "CEdgeKeyBenchAnchor",
       ],
       path: "Benchmarks/EdgeKeyBench"
     ),

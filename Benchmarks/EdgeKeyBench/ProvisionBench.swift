@@ -20,6 +20,7 @@ import Foundation
 
 /// The user's pipelines, one device per run: $1 work dir, $2 CA file, $3 EST URL, $4 broker
 /// port, $5 where the key comes from (`tools` or `genpkey`).
+// (Each run's name is its own: the RA gives a name to one key only.)
 let pipelineScript = """
   set -euo pipefail
   d=$1; ca=$2; url=$3; port=$4
@@ -33,7 +34,7 @@ let pipelineScript = """
   else
     openssl genpkey -provider tpm2 -algorithm EC -pkeyopt group:P-256 -out "$d/key.pem" 2>/dev/null
   fi
-  openssl req -new -provider tpm2 -provider default -key "$d/key.pem" -subj "/CN=anchor-dev" -outform DER \\
+  openssl req -new -provider tpm2 -provider default -key "$d/key.pem" -subj "/CN=anchor-${d##*/}" -outform DER \\
     | base64 -w 64 > "$d/csr.b64"
   curl -sS --fail --cacert "$ca" -u "$EST_USER" -H 'Content-Type: application/pkcs10' \\
     --data-binary @"$d/csr.b64" "$url/.well-known/est/simpleenroll" \\
@@ -75,7 +76,8 @@ func runProvisioning(_ options: Options, ca: TestCA, broker: MosquittoBroker, wo
       let store = try CredentialStore(
         directory: work.appendingPathComponent("ours-\(name.count)-\(i)").path)
       let agent = RenewalAgent(
-        store: store, tpm: tpm, settings: settings, identity: (subject: [("CN", "provision-\(i)")], names: []))
+        store: store, tpm: tpm, settings: settings,
+        identity: (subject: [("CN", "provision-\(name.count)-\(i)")], names: []))
       try agent.renew()
       guard let (credential, key) = try agent.current() else { throw HarnessError("nothing stored") }
       let context = try TLSClientContext(certificateChain: credential.chain, key: key, policy: policy)

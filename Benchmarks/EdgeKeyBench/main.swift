@@ -39,7 +39,7 @@ struct Options {
       case "-h", "--help":
         print(
           "usage: edgekey-bench [--handshakes N] [--anchor-seconds S] [--messages N] [--payload BYTES] "
-            + "[--devices N] [--only handshakes|mqtt|provision]")
+            + "[--devices N] [--only handshakes|mqtt|provision|registry]")
         exit(0)
       default:
         FileHandle.standardError.write("unknown option \(args[i])\n".data(using: .utf8)!)
@@ -123,6 +123,8 @@ func run() throws {
     certificatePEM: serverCert.certificate, keyPEM: serverCert.key, clientCAPEM: ca.certificatePEM,
     extraConfig: ["set_tcp_nodelay true"])
   print("mosquitto with require_certificate on 127.0.0.1:\(broker.port); TLS 1.3; ECDSA P-256 client keys")
+  if options.only == nil || options.only == "registry" { try runRegistry(options, ca: ca, work: work) }
+  if options.only == "registry" { return }
   if options.only == nil || options.only == "provision" {
     try runProvisioning(options, ca: ca, broker: broker, work: work)
   }
