@@ -260,7 +260,9 @@ public struct ManifestEntry: Sendable, Equatable {
       throw RegistryError(.invalid, "the manifest is not UTF-8")
     }
     var lines: [(Int, String)] = []
-    for (i, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+    // "\r\n" is one Character in Swift: split on both, so that CRLF files read as lines.
+    let split = text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" })
+    for (i, raw) in split.enumerated() {
       let line = raw.hasSuffix("\r") ? String(raw.dropLast()) : String(raw)
       if line.trimmingCharacters(in: .whitespaces).isEmpty || line.hasPrefix("#") { continue }
       lines.append((i + 1, line))
