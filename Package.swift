@@ -58,7 +58,7 @@ let package = Package(
     ),
     .target(
       name: "EdgeKeyMQTT",
-      dependencies: ["CMosquitto", "CSQLite", "EdgeKeyTLS", "EdgeKeyCore"],
+      dependencies: ["CMosquitto", "EdgeKeyTLS", "EdgeKeyCore"],
       path: "Sources/EdgeKeyMQTT"
     ),
     // HTTPS with the TPM identity through libcurl (EST enrollment; usable from C daemons).

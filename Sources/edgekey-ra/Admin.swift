@@ -32,24 +32,15 @@ let adminUsage = """
   """
 
 func runAdmin(_ arguments: [String]) -> Never {
-  var rest = arguments
-  var registryPath: String?
-  var options: [String: String] = [:]
-  var positional: [String] = []
-  while !rest.isEmpty {
-    let a = rest.removeFirst()
-    switch a {
-    case "--help", "-h":
-      print(adminUsage)
-      exit(0)
-    case "--registry", "--reason", "--serial", "--limit", "--secret-file":
-      guard !rest.isEmpty else { fail("\(a) needs a value") }
-      if a == "--registry" { registryPath = rest.removeFirst() } else { options[a] = rest.removeFirst() }
-    case "--external": options[a] = "yes"
-    case _ where a.hasPrefix("--"): fail("unknown admin option \(a)\n\(adminUsage)")
-    default: positional.append(a)
-    }
+  let parsed = parseArguments(arguments, flags: ["--external"], usage: adminUsage, positional: true)
+  let known: Set<String> = ["--registry", "--reason", "--serial", "--limit", "--secret-file"]
+  if let unknown = parsed.options.keys.first(where: { !known.contains($0) }) {
+    fail("unknown admin option \(unknown)\n\(adminUsage)")
   }
+  let registryPath = parsed.options["--registry"]?.last
+  var options = parsed.options.compactMapValues(\.last)
+  if parsed.flags.contains("--external") { options["--external"] = "yes" }
+  let positional = parsed.positional
   guard let registryPath else { fail("admin needs --registry PATH\n\(adminUsage)") }
   guard let command = positional.first else { fail(adminUsage) }
   let args = Array(positional.dropFirst())

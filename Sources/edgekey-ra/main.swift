@@ -101,26 +101,33 @@ func duration(_ text: String) -> TimeInterval {
 
 if CommandLine.arguments.dropFirst().first == "admin" { runAdmin(Array(CommandLine.arguments.dropFirst(2))) }
 
-func parseArguments() -> (options: [String: [String]], flags: Set<String>) {
+/// `--name value` options (repeatable), `--flag`s from `known`, and, when `usage` allows them,
+/// positional words; `--help` prints `usage`.
+func parseArguments(_ words: [String], flags known: Set<String>, usage: String, positional: Bool = false)
+  -> (options: [String: [String]], flags: Set<String>, positional: [String])
+{
   var options: [String: [String]] = [:]
   var flags: Set<String> = []
-  var arguments = Array(CommandLine.arguments.dropFirst())
-  while !arguments.isEmpty {
-    let name = arguments.removeFirst()
+  var words = words
+  var rest: [String] = []
+  while !words.isEmpty {
+    let name = words.removeFirst()
     switch name {
     case "--help", "-h":
       print(usage)
       exit(0)
-    case "--channel-binding", "--allow-shared-password": flags.insert(name)
+    case _ where known.contains(name): flags.insert(name)
     case _ where name.hasPrefix("--"):
-      guard !arguments.isEmpty else { fail("\(name) needs a value") }
-      options[name, default: []].append(arguments.removeFirst())
+      guard !words.isEmpty else { fail("\(name) needs a value") }
+      options[name, default: []].append(words.removeFirst())
+    case _ where positional: rest.append(name)
     default: fail("unexpected argument \(name)\n\(usage)")
     }
   }
-  return (options, flags)
+  return (options, flags, rest)
 }
-let (options, flags) = parseArguments()
+let (options, flags, _) = parseArguments(
+  Array(CommandLine.arguments.dropFirst()), flags: ["--channel-binding", "--allow-shared-password"], usage: usage)
 func option(_ name: String) -> String? { options[name]?.last }
 func number(_ name: String, _ fallback: Int) -> Int {
   guard let text = option(name) else { return fallback }

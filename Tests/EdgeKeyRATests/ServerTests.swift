@@ -238,4 +238,34 @@ struct ServerTests {
     #expect(wrong.answer.contains("tls-unique"))
     #expect(ra.issuanceLog.count == 3)
   }
+
+  @Test("openssl s_client resuming a TLS 1.3 session (-sess_out, -sess_in) re-enrols: the client certificate is kept")
+  func resumedWithSClient() throws {
+    let ca = try TestCA()
+    let ra = try RegistrationAuthority(ca: ca, password: nil)
+    try ra.importManifest(text: "serial,name,secret\nSN-1,device-0001,secret-of-device-one-1\n")
+    let probe = try ESTProbe(ra)
+    let key = try probe.newKey()
+    let first = try probe.enroll(
+      try probe.request(key: key, subject: [.init("CN", "device-0001")]), basic: "SN-1:secret-of-device-one-1")
+    let certificate = try probe.file(try #require(first.certificatePEM))
+    let caFile = try probe.file(ca.certificatePEM)
+    let session = ra.directory.appendingPathComponent("session.pem").path
+    func reenroll(_ sessionOption: String) throws -> String {
+      let csr = try probe.request(key: try probe.newKey(), subject: [.init("CN", "device-0001")])
+      let result = try Command.runCapturing(
+        "openssl",
+        [
+          "s_client", "-connect", "127.0.0.1:\(ra.port)", "-tls1_3", "-CAfile", caFile, "-cert", certificate, "-key",
+          key.file, sessionOption, session, "-ign_eof",
+        ], input: Data(post("simplereenroll", csr)))
+      return result.stdout
+    }
+    let full = try reenroll("-sess_out")
+    #expect(full.contains("HTTP/1.1 200"), "\(full.suffix(600))")
+    #expect(full.contains("New, TLSv1.3"))
+    let resumed = try reenroll("-sess_in")
+    #expect(resumed.contains("Reused, TLSv1.3"), "\(resumed.prefix(600))")
+    #expect(resumed.contains("HTTP/1.1 200"), "the resumed session kept its client certificate: \(resumed.suffix(600))")
+  }
 }

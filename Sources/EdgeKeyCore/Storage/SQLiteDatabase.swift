@@ -37,10 +37,15 @@ package final class SQLiteDatabase {
   /// in WAL mode with `synchronous`: "FULL" fsyncs every commit.
   package init(path: String, synchronous: String = "FULL", exclusive: Bool = false) throws(SQLiteError) {
     self.path = path
-    let directory = AtomicFile.parentDirectory(of: path)
-    if !directory.isEmpty && access(directory, F_OK) != 0 && mkdir(directory, 0o700) != 0 && errno != EEXIST {
-      throw SQLiteError(
-        code: SQLITE_CANTOPEN, operation: "create \(directory)", message: String(cString: strerror(errno)))
+    // The directories that are missing, made 0700 from the outermost in.
+    var missing: [String] = []
+    var directory = AtomicFile.parentDirectory(of: path)
+    while !directory.isEmpty && directory != "/" && access(directory, F_OK) != 0 {
+      missing.append(directory)
+      directory = AtomicFile.parentDirectory(of: directory)
+    }
+    for d in missing.reversed() where mkdir(d, 0o700) != 0 && errno != EEXIST {
+      throw SQLiteError(code: SQLITE_CANTOPEN, operation: "create \(d)", message: String(cString: strerror(errno)))
     }
     let old = umask(0o077)
     var handle: OpaquePointer?

@@ -1,4 +1,3 @@
-import CSQLite
 import EdgeKeyCore
 import FoundationEssentials
 
