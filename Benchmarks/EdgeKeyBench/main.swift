@@ -5,7 +5,8 @@
 // handshake are counted at the TCTI: our counter for EdgeKey, the pcap TCTI for tpm2-openssl.
 //
 // MQTTBench.swift adds QoS 1 messages/s against a plain libmosquitto publisher, and memory;
-// ProvisionBench.swift the time and TPM commands to provision a device against a shell pipeline.
+// ProvisionBench.swift the time and TPM commands to provision a device against a shell pipeline;
+// RegistryBench.swift issuances per second with the RA's device registry against signing alone.
 //
 //   swift run -c release edgekey-bench [--handshakes N] [--anchor-seconds S] [--messages N]
 import COpenSSL

@@ -261,7 +261,7 @@ public final class HTTPSServer: @unchecked Sendable {
       }
     default: return "unknown"
     }
-    return String(cString: text)
+    return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
   }
 
   private func serve(_ fd: Int32, source: String) {
