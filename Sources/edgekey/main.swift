@@ -306,6 +306,7 @@ func run(_ argv: [[UInt8]]) throws {
   case "tpm info":
     let tpm = openTPM(args, logger: logger)
     let info = try tpm.info()
+    let endorsement = EndorsementReport.read(tpm)
     if args.flag("json") {
       out(
         "{\"tcti\":\(jsonString(info.tcti)),\"resourceManager\":\(info.hasResourceManager),"
@@ -316,6 +317,7 @@ func run(_ argv: [[UInt8]]) throws {
           + "\"supportedKeys\":[\(info.supportedKeys.map { jsonString($0.rawValue) }.joined(separator: ","))],"
           + "\"inLockout\":\(info.inLockout),\"lockoutCounter\":\(info.lockoutCounter),\"maxAuthFail\":\(info.maxAuthFail),"
           + "\"transientSlots\":\(info.transientSlots),\"ekCertificates\":\(info.endorsementCertificates.count),"
+          + "\"endorsementKeys\":[\(endorsement.map(\.json).joined(separator: ","))],"
           + "\"persistentHandles\":[\(info.persistentHandles.map { jsonString($0.description) }.joined(separator: ","))]}"
       )
     } else {
@@ -332,6 +334,7 @@ func run(_ argv: [[UInt8]]) throws {
       out(
         "EK certificates:   \(info.endorsementCertificates.isEmpty ? "none" : info.endorsementCertificates.map { "0x" + String($0, radix: 16) }.joined(separator: ", "))"
       )
+      for report in endorsement { out("endorsement key:   \(report.text)") }
       out(
         "persistent:        \(info.persistentHandles.isEmpty ? "none" : info.persistentHandles.map(\.description).joined(separator: ", "))"
       )

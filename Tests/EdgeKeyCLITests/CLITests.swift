@@ -532,6 +532,18 @@ struct CLITests {
     let json = try run(["tpm", "info", "--json"], tcti: swtpm.tcti)
     let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
     #expect((object?["supportedKeys"] as? [String])?.contains("ecc-p384") == true)
+    #expect((object?["endorsementKeys"] as? [Any])?.isEmpty == true, "swtpm without swtpm_setup has no EK certificate")
+    // A TPM manufactured with an EK certificate: its issuer, and that the EK is its key.
+    let manufactured = try SoftwareTPM(endorsementCertificates: true)
+    let withEK = try run(["tpm", "info"], tcti: manufactured.tcti)
+    #expect(
+      withEK.stdout.contains("endorsement key:   rsa-2048 at 0x1c00002: issuer CN=swtpm-localca"), "\(withEK.stdout)")
+    #expect(withEK.stdout.contains("the re-created EK is its key"))
+    let withEKJSON = try run(["tpm", "info", "--json"], tcti: manufactured.tcti)
+    let keys =
+      (try JSONSerialization.jsonObject(with: Data(withEKJSON.stdout.utf8)) as? [String: Any])?[
+        "endorsementKeys"] as? [[String: Any]]
+    #expect(keys?.first?["matchesKey"] as? Bool == true)
   }
 
   @Test("--config: a file's options apply, the command line wins, a bad line is a usage error naming it")

@@ -30,12 +30,55 @@ public final class SoftwareTPM: @unchecked Sendable {
     return env
   }
 
-  public init() throws {
+  /// The manufacturer CA of `init(endorsementCertificates: true)`: swtpm_localca's issuing
+  /// certificate and its root, PEM (empty otherwise).
+  public private(set) var manufacturerCAPEM = ""
+
+  /// - Parameter endorsementCertificates: manufacture the TPM first with `swtpm_setup
+  ///   --create-ek-cert`, its EK certificates signed by a local CA of this test's own
+  ///   (`swtpm_localca` configured in a temporary folder): an RSA 2048 EK certificate at
+  ///   0x01C00002 and a P-384 one at 0x01C00016, the EKs persisted at 0x81010001 and 0x81010016.
+  public init(endorsementCertificates: Bool = false) throws {
     stateDirectory = FileManager.default.temporaryDirectory.appendingPathComponent(
       "edgekey-swtpm-\(UUID().uuidString)")
     try FileManager.default.createDirectory(at: stateDirectory, withIntermediateDirectories: true)
     port = 0
+    if endorsementCertificates { manufacturerCAPEM = try manufacture() }
     try start()
+  }
+
+  /// swtpm_setup with a manufacturer CA in the state directory's sibling folder.
+  private func manufacture() throws -> String {
+    let ca = stateDirectory.appendingPathComponent("manufacturer-ca")
+    try FileManager.default.createDirectory(at: ca, withIntermediateDirectories: true)
+    let localca = ca.appendingPathComponent("swtpm-localca.conf")
+    try """
+    statedir = \(ca.path)
+    signingkey = \(ca.path)/signkey.pem
+    issuercert = \(ca.path)/issuercert.pem
+    certserial = \(ca.path)/certserial
+
+    """.write(to: localca, atomically: true, encoding: .utf8)
+    let options = ca.appendingPathComponent("swtpm-localca.options")
+    try "--platform-manufacturer EdgeKey\n--platform-version 2.1\n--platform-model swtpm\n".write(
+      to: options, atomically: true, encoding: .utf8)
+    let setup = ca.appendingPathComponent("swtpm_setup.conf")
+    try """
+    create_certs_tool = \(findExecutable("swtpm_localca") ?? "/usr/bin/swtpm_localca")
+    create_certs_tool_config = \(localca.path)
+    create_certs_tool_options = \(options.path)
+    active_pcr_banks = sha256
+
+    """.write(to: setup, atomically: true, encoding: .utf8)
+    try Command.run(
+      "swtpm_setup",
+      [
+        "--tpm2", "--tpmstate", stateDirectory.path, "--create-ek-cert", "--create-platform-cert", "--config",
+        setup.path, "--overwrite",
+      ])
+    let issuer = try String(contentsOf: ca.appendingPathComponent("issuercert.pem"), encoding: .utf8)
+    let root = try String(contentsOf: ca.appendingPathComponent("swtpm-localca-rootca-cert.pem"), encoding: .utf8)
+    return issuer + root
   }
 
   deinit {
