@@ -201,7 +201,7 @@ do {
   let new = naming.reserved.filter { !known.contains($0) }
   if !new.isEmpty { try registry.reserve(new, source: "edgekey-ra --reserve") }
 } catch { fail("--registry: \(error)") }
-if bootstrapCAs.isEmpty && naming.sharedPasswordPattern == nil && (try? registry.devices().isEmpty) != false {
+if bootstrapCAs.isEmpty && naming.sharedPasswordPattern == nil && (try? registry.deviceCount()) ?? 0 == 0 {
   FileHandle.standardError.write(
     Data(
       "edgekey-ra: the registry has no devices and there is no --bootstrap-ca: only re-enrollment is possible\n".utf8))

@@ -159,9 +159,8 @@ public final class ESTProbe: @unchecked Sendable {
   }
 
   public static func firstCertificate(pkcs7 der: [UInt8]) throws -> String? {
-    var p: UnsafePointer<UInt8>? = der.withUnsafeBufferPointer { $0.baseAddress }
-    return try der.withUnsafeBufferPointer { buffer -> String? in
-      p = buffer.baseAddress
+    try der.withUnsafeBufferPointer { buffer -> String? in
+      var p = buffer.baseAddress
       guard let p7 = d2i_PKCS7(nil, &p, buffer.count) else { throw HarnessError("not PKCS#7") }
       defer { PKCS7_free(p7) }
       guard let certs = p7.pointee.d.sign.pointee.cert, OPENSSL_sk_num(certs) > 0,

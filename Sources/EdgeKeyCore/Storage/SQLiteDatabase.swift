@@ -145,6 +145,14 @@ package final class SQLiteDatabase {
     return result
   }
 
+  /// Runs `body` in one read transaction: every query in it sees the same snapshot, also
+  /// while another process writes.
+  package func readTransaction<R, E: SQLiteWrapping>(_ body: () throws(E) -> R) throws(E) -> R {
+    do { try execute("BEGIN DEFERRED") } catch { throw E(sqlite: error) }
+    defer { try? execute("COMMIT") }
+    return try body()
+  }
+
   private func statement(_ sql: String) throws(SQLiteError) -> OpaquePointer {
     if let cached = cache[sql] { return cached }
     var s: OpaquePointer?

@@ -22,6 +22,10 @@ public final class DeviceRegistry: Sendable {
   public func device(_ id: String) throws(RegistryError) -> DeviceRecord? {
     try storage.read { t throws(RegistryError) in try t.device(id) }
   }
+  /// How many devices the registry holds (one query).
+  public func deviceCount() throws(RegistryError) -> Int {
+    try storage.read { t throws(RegistryError) in try t.deviceCount() }
+  }
   public func devices() throws(RegistryError) -> [DeviceRecord] {
     try storage.read { t throws(RegistryError) in try t.devices() }
   }
@@ -210,9 +214,9 @@ public final class DeviceRegistry: Sendable {
   /// Names (or `*`/`?` patterns) never issued to a device, kept in the registry.
   public func reserve(_ patterns: [String], source: String = "admin") throws(RegistryError) {
     try storage.write { t throws(RegistryError) in
+      let devices = try t.devices()
       for p in patterns {
-        if let holder = try t.devices().first(where: { d in d.names.contains { NamingPolicy.matches($0, pattern: p) } })
-        {
+        if let holder = devices.first(where: { d in d.names.contains { NamingPolicy.matches($0, pattern: p) } }) {
           throw RegistryError(.conflict, "\(JSON.string(p)) matches a name of device \(JSON.string(holder.id))")
         }
         try t.reserve(p)

@@ -17,6 +17,7 @@ public protocol RegistryTransaction {
   /// The device holding `name`, if any.
   func holder(of name: String) throws(RegistryError) -> String?
   func devices() throws(RegistryError) -> [DeviceRecord]
+  func deviceCount() throws(RegistryError) -> Int
   /// The stored verifier of a device's one-time secret (never the secret).
   func secretVerifier(of device: String) throws(RegistryError) -> String?
   /// Adds a device and its names; `.conflict` when the id exists or a name is held.
@@ -83,7 +84,9 @@ public final class SQLiteRegistryStorage: DeviceRegistryStorage, @unchecked Send
   }
 
   public func read<R>(_ body: (any RegistryTransaction) throws(RegistryError) -> R) throws(RegistryError) -> R {
-    try lock.withLock { () throws(RegistryError) -> R in try body(SQLiteRegistryTransaction(db: db)) }
+    try lock.withLock { () throws(RegistryError) -> R in
+      try db.readTransaction { () throws(RegistryError) -> R in try body(SQLiteRegistryTransaction(db: db)) }
+    }
   }
 
   public func write<R>(_ body: (any RegistryTransaction) throws(RegistryError) -> R) throws(RegistryError) -> R {
@@ -132,6 +135,10 @@ private struct SQLiteRegistryTransaction: RegistryTransaction {
   }
 
   func devices() throws(RegistryError) -> [DeviceRecord] { try devices(where: "ORDER BY id", []) }
+
+  func deviceCount() throws(RegistryError) -> Int {
+    Int(try rows("SELECT count(*) FROM devices").first?[0].integer ?? 0)
+  }
 
   func secretVerifier(of device: String) throws(RegistryError) -> String? {
     try rows("SELECT secret FROM devices WHERE id = ?", [.text(device)]).first?[0].text
