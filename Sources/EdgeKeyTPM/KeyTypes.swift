@@ -120,6 +120,9 @@ public struct ObjectAttributes: OptionSet, Sendable, Hashable, CustomStringConve
     .fixedTPM, .fixedParent, .sensitiveDataOrigin, .userWithAuth, .noDA, .sign,
   ]
 
+  /// An attestation key: as ``deviceKey``, restricted (it signs only what the TPM made).
+  public static let attestationKey: ObjectAttributes = deviceKey.union(.restricted)
+
   /// A device key with a password: as ``deviceKey`` but DA-protected (no noDA), so that the
   /// TPM's dictionary-attack lockout bounds how often the password can be guessed.
   public static let passwordDeviceKey: ObjectAttributes = deviceKey.subtracting(.noDA)

@@ -19,7 +19,28 @@ extension TPM {
       throw TPMError(.invalidArgument, reason: "an auth value is at most 64 bytes")
     }
     logger.debug("creating key", metadata: ["algorithm": algorithm.rawValue])
-    return try withESYS { ctx throws(TPMError) in
+    return try create(
+      algorithm.template(dictionaryAttackProtected: !authValue.isEmpty), authValue: authValue,
+      what: "a \(algorithm) key")
+  }
+
+  /// Creates an attestation key under the standard SRK (the TCG's LAK: "TPM 2.0 Keys for Device
+  /// Identity and Attestation"): ECC P-256, restricted to signing what the TPM itself produces
+  /// (TPM2_Certify, TPM2_Quote) with ECDSA and SHA-256, non-exportable, noDA. It cannot sign
+  /// an arbitrary digest, and ``loadKey(_:authValue:)`` refuses it: it is never a TLS or CSR
+  /// key. Costs TPM2_Create, as ``createKey(_:authValue:)``.
+  public func createAttestationKey() throws(TPMError) -> TSS2PrivateKey {
+    var t = KeyAlgorithm.eccP256.template()
+    t.publicArea.objectAttributes = ObjectAttributes.attestationKey.rawValue
+    t.publicArea.parameters.eccDetail.scheme.scheme = TPM2_ALG_ECDSA
+    t.publicArea.parameters.eccDetail.scheme.details.ecdsa.hashAlg = TPM2_ALG_SHA256
+    return try create(t, authValue: [], what: "the attestation key")
+  }
+
+  private func create(_ template: TPM2B_PUBLIC, authValue: [UInt8], what: String) throws(TPMError)
+    -> TSS2PrivateKey
+  {
+    try withESYS { ctx throws(TPMError) in
       var srk: ESYS_TR = ESYS_TR(ESYS_TR_NONE)
       var srkTransient: Int32 = 0
       try check("getting the storage root key") { edgekey_tpm_srk_locked(raw, ctx, &srk, &srkTransient, $0) }
@@ -28,7 +49,7 @@ extension TPM {
       var sensitive = TPM2B_SENSITIVE_CREATE()
       sensitive.sensitive.userAuth.size = UInt16(authValue.count)
       withUnsafeMutableBytes(of: &sensitive.sensitive.userAuth.buffer) { $0.copyBytes(from: authValue) }
-      var template = algorithm.template(dictionaryAttackProtected: !authValue.isEmpty)
+      var template = template
       var outside = TPM2B_DATA()
       var pcrs = TPML_PCR_SELECTION()
       var outPrivate: UnsafeMutablePointer<TPM2B_PRIVATE>? = nil
@@ -53,7 +74,7 @@ extension TPM {
         // loaded again when next used) and try again.
         guard ResponseCode(rawValue: rc) ~= .objectMemory, edgekey_tpm_make_room(raw, ctx, srk) == 1 else { break }
       }
-      try esys("TPM2_Create", "creating a \(algorithm) key", rc)
+      try esys("TPM2_Create", "creating \(what)", rc)
       return TSS2PrivateKey(
         parent: EDGEKEY_PARENT_OWNER, emptyAuth: authValue.isEmpty,
         publicBlob: try marshal(outPublic!.pointee, Tss2_MU_TPM2B_PUBLIC_Marshal),

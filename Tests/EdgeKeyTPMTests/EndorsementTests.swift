@@ -50,4 +50,24 @@ struct EndorsementTests {
     #expect(try String(contentsOfFile: pem, encoding: .utf8) == ek.pem)
     #expect(try tpm.endorsementKey(.eccP256) == ek, "the same key every time")
   }
+
+  @Test("an attestation key is restricted: tpm2-tools reads its attributes, and it is never loaded as a device key")
+  func attestationKey() throws {
+    let swtpm = try SoftwareTPM()
+    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let file = try tpm.createAttestationKey()
+    let key = try PublicKey(marshaledPublic: file.publicBlob)
+    #expect(key.attributes == ObjectAttributes.attestationKey)
+    #expect(key.attributes.isNonExportable)
+    #expect(key.algorithm == .eccP256)
+    // An independent reader of the public area: restricted, sign, ECDSA with SHA-256.
+    let blob = swtpm.stateDirectory.appendingPathComponent("ak.pub").path
+    try Data(file.publicBlob.dropFirst(2)).write(to: URL(fileURLWithPath: blob))
+    let shown = try Command.run("tpm2_print", ["-t", "TPMT_PUBLIC", blob], environment: swtpm.toolEnvironment)
+    #expect(shown.contains("restricted"), "\(shown)")
+    #expect(shown.contains("ecdsa"), "\(shown)")
+    // It signs only what the TPM makes (TPM2_Certify, TPM2_Quote): TLS and CSR signing refuse it.
+    let refused = #expect(throws: TPMError.self) { try tpm.loadKey(file) }
+    #expect(refused?.description.contains("not an unrestricted signing key") == true)
+  }
 }
