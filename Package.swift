@@ -163,7 +163,7 @@ let package = Package(
     ),
     .testTarget(
       name: "EdgeKeyRATests",
-      dependencies: ["EdgeKeyRA", "EdgeKeyTLS", "EdgeKeyCore", "EdgeKeyTestSupport", "COpenSSL"],
+      dependencies: ["EdgeKeyRA", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyCore", "EdgeKeyTestSupport", "COpenSSL"],
       path: "Tests/EdgeKeyRATests"
     ),
     .testTarget(

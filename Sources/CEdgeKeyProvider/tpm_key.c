@@ -29,9 +29,34 @@ static int is_signing_key(const TPMT_PUBLIC *p) {
          !(p->objectAttributes & TPMA_OBJECT_RESTRICTED);
 }
 
+/* A restricted signing key: an attestation key (signs only what the TPM itself produced). */
+static int is_attestation_key(const TPMT_PUBLIC *p) {
+  return (p->type == TPM2_ALG_ECC || p->type == TPM2_ALG_RSA) &&
+         (p->objectAttributes & TPMA_OBJECT_SIGN_ENCRYPT) &&
+         (p->objectAttributes & TPMA_OBJECT_RESTRICTED) &&
+         !(p->objectAttributes & TPMA_OBJECT_DECRYPT);
+}
+
+static TSS2_RC from_blobs(edgekey_tpm *tpm, uint32_t parent, const uint8_t *pub, size_t pub_len,
+                          const uint8_t *priv, size_t priv_len, const uint8_t *auth,
+                          size_t auth_len, int attestation, edgekey_tpm_key **out);
+
 TSS2_RC edgekey_tpm_key_from_blobs(edgekey_tpm *tpm, uint32_t parent, const uint8_t *pub,
                                    size_t pub_len, const uint8_t *priv, size_t priv_len,
                                    const uint8_t *auth, size_t auth_len, edgekey_tpm_key **out) {
+  return from_blobs(tpm, parent, pub, pub_len, priv, priv_len, auth, auth_len, 0, out);
+}
+
+TSS2_RC edgekey_tpm_attestation_key_from_blobs(edgekey_tpm *tpm, uint32_t parent,
+                                               const uint8_t *pub, size_t pub_len,
+                                               const uint8_t *priv, size_t priv_len,
+                                               edgekey_tpm_key **out) {
+  return from_blobs(tpm, parent, pub, pub_len, priv, priv_len, NULL, 0, 1, out);
+}
+
+static TSS2_RC from_blobs(edgekey_tpm *tpm, uint32_t parent, const uint8_t *pub, size_t pub_len,
+                          const uint8_t *priv, size_t priv_len, const uint8_t *auth,
+                          size_t auth_len, int attestation, edgekey_tpm_key **out) {
   if (tpm == NULL || out == NULL || pub == NULL || priv == NULL || !auth_ok(auth, auth_len))
     return EDGEKEY_RC_BAD_ARGUMENT;
   *out = NULL;
@@ -43,7 +68,8 @@ TSS2_RC edgekey_tpm_key_from_blobs(edgekey_tpm *tpm, uint32_t parent, const uint
   offset = 0;
   rc = Tss2_MU_TPM2B_PRIVATE_Unmarshal(priv, priv_len, &offset, &key->private_area);
   if (rc != TSS2_RC_SUCCESS || offset != priv_len) goto bad;
-  if (!is_signing_key(&key->public_area.publicArea)) {
+  if (attestation ? !is_attestation_key(&key->public_area.publicArea)
+                  : !is_signing_key(&key->public_area.publicArea)) {
     edgekey_tpm_key_free(key);
     return EDGEKEY_RC_NOT_A_SIGNING_KEY;
   }
@@ -298,3 +324,80 @@ TSS2_RC edgekey_tpm_key_sign(edgekey_tpm_key *key, TPMI_ALG_SIG_SCHEME scheme, T
 }
 
 edgekey_tpm *edgekey_tpm_key_context(const edgekey_tpm_key *key) { return key->tpm; }
+
+TSS2_RC edgekey_tpm_key_load_locked(edgekey_tpm_key *key, ESYS_CONTEXT *esys, ESYS_TR *handle,
+                                    const char **cmd) {
+  key->last_use = ++key->tpm->use_clock;
+  TSS2_RC rc = load_locked(key, esys, cmd);
+  if (rc == TSS2_RC_SUCCESS && handle != NULL) *handle = key->handle;
+  return rc;
+}
+
+/* Both keys loaded (loading the second may have evicted the first to make room). */
+static TSS2_RC load_pair_locked(edgekey_tpm_key *a, edgekey_tpm_key *b, ESYS_CONTEXT *esys,
+                                const char **cmd) {
+  for (int attempt = 0; attempt < 2; attempt++) {
+    a->last_use = b->last_use = ++a->tpm->use_clock;
+    TSS2_RC rc = load_locked(a, esys, cmd);
+    if (rc == TSS2_RC_SUCCESS) rc = load_locked(b, esys, cmd);
+    if (rc != TSS2_RC_SUCCESS) return rc;
+    if (a->handle != ESYS_TR_NONE && a->generation == a->tpm->generation) return rc;
+  }
+  return TPM2_RC_OBJECT_MEMORY;
+}
+
+static TSS2_RC certify_locked(edgekey_tpm_key *key, edgekey_tpm_key *ak, ESYS_CONTEXT *esys,
+                              const TPM2B_DATA *qualifying, TPM2B_ATTEST *attest_out,
+                              TPMT_SIGNATURE *signature_out) {
+  /* The AK's own scheme (TPM2_ALG_NULL here): ECDSA or RSASSA with its hash, fixed at creation. */
+  TPMT_SIG_SCHEME scheme = {.scheme = TPM2_ALG_NULL};
+  TPM2B_ATTEST *attest = NULL;
+  TPMT_SIGNATURE *signature = NULL;
+  /* The object's ADMIN role (its auth value: no adminWithPolicy), the AK's USER role. */
+  TSS2_RC rc = Esys_Certify(esys, key->handle, ak->handle, ESYS_TR_PASSWORD, ESYS_TR_PASSWORD,
+                            ESYS_TR_NONE, qualifying, &scheme, &attest, &signature);
+  if (rc == TSS2_RC_SUCCESS) {
+    *attest_out = *attest;
+    *signature_out = *signature;
+  }
+  Esys_Free(attest);
+  Esys_Free(signature);
+  return rc;
+}
+
+TSS2_RC edgekey_tpm_key_certify(edgekey_tpm_key *key, edgekey_tpm_key *ak,
+                                const uint8_t *qualifying, size_t qualifying_len,
+                                TPM2B_ATTEST *attest, TPMT_SIGNATURE *signature,
+                                const char **cmd) {
+  if (key == NULL || ak == NULL || attest == NULL || signature == NULL ||
+      key->tpm != ak->tpm || (qualifying == NULL && qualifying_len > 0) ||
+      qualifying_len > sizeof(((TPM2B_DATA *)0)->buffer))
+    return EDGEKEY_RC_BAD_ARGUMENT;
+  TPM2B_DATA data = {.size = (UINT16)qualifying_len};
+  if (qualifying_len > 0) memcpy(data.buffer, qualifying, qualifying_len);
+  TSS2_RC rc;
+  ESYS_CONTEXT *esys = edgekey_tpm_acquire(key->tpm, &rc);
+  if (esys == NULL) {
+    if (cmd != NULL) *cmd = "Esys_Initialize";
+    return rc;
+  }
+  rc = load_pair_locked(key, ak, esys, cmd);
+  if (rc == TSS2_RC_SUCCESS) {
+    rc = certify_locked(key, ak, esys, &data, attest, signature);
+    if (rc == TPM2_RC_INITIALIZE) Esys_Startup(esys, TPM2_SU_CLEAR);
+    if (rc == TPM2_RC_INITIALIZE || edgekey_rc_is_missing_object(rc)) {
+      /* The TPM lost one of them (reset, flushed by another process): load both once more. */
+      unload_locked(key, esys, 0);
+      unload_locked(ak, esys, 0);
+      rc = load_pair_locked(key, ak, esys, cmd);
+      if (rc == TSS2_RC_SUCCESS) {
+        rc = certify_locked(key, ak, esys, &data, attest, signature);
+        if (rc != TSS2_RC_SUCCESS && cmd != NULL) *cmd = "TPM2_Certify";
+      }
+    } else if (rc != TSS2_RC_SUCCESS && cmd != NULL) {
+      *cmd = "TPM2_Certify";
+    }
+  }
+  edgekey_tpm_release_after(key->tpm, rc);
+  return rc;
+}

@@ -21,9 +21,12 @@ public struct CertificateSigningRequest: Sendable {
   ///     one-time enrollment secrets).
   ///   - signatureHash: the digest the request is signed with; nil: the key's own (SHA-384
   ///     for P-384, else SHA-256). An EST server may ask for one in csrattrs.
+  ///   - attestation: evidence that `key` is inside this TPM (TPM2_Certify by an attestation
+  ///     key), carried as the id-aa-attestation attribute.
   public init(
     key: TPMKey, subject: [(String, String)], subjectAlternativeNames: [SubjectAlternativeName] = [],
-    requestClientAuth: Bool = true, challengePassword: String? = nil, signatureHash: HashAlgorithm? = nil
+    requestClientAuth: Bool = true, challengePassword: String? = nil, signatureHash: HashAlgorithm? = nil,
+    attestation: KeyAttestation? = nil
   ) throws(TLSError) {
     guard let pkey = edgekey_evp_pkey(key.raw) else {
       throw TLSError(.configuration, .unusableKey, "the TPM key cannot be used through OpenSSL")
@@ -75,6 +78,16 @@ public struct CertificateSigningRequest: Sendable {
       else {
         ERR_clear_error()
         throw TLSError(.configuration, .other, "the challenge password is not valid")
+      }
+    }
+    if let attestation {
+      let bundle = attestation.der
+      let added = bundle.withUnsafeBufferPointer {
+        X509_REQ_add1_attr_by_txt(req, KeyAttestation.attributeOID, V_ASN1_SEQUENCE, $0.baseAddress, Int32($0.count))
+      }
+      guard added == 1 else {
+        ERR_clear_error()
+        throw TLSError(.tls, .other, "cannot add the key attestation to the request")
       }
     }
     let digest: OpaquePointer? =
@@ -211,6 +224,29 @@ extension CertificateSigningRequest {
       defer { GENERAL_NAMES_free(names) }
       return generalNames(names)
     }
+  }
+
+  /// The key attestation (id-aa-attestation), nil when the request has none. Throws for a
+  /// request with more than one such attribute, one with other than exactly one value, or a
+  /// bundle that cannot be read (draft-ietf-lamps-csr-attestation §4.3).
+  public func keyAttestation() throws(TLSError) -> KeyAttestation? {
+    let found: Result<[UInt8]?, TLSError> = withRequest { req in
+      guard let object = OBJ_txt2obj(KeyAttestation.attributeOID, 1) else { return .success(nil) }
+      defer { ASN1_OBJECT_free(object) }
+      let index = X509_REQ_get_attr_by_OBJ(req, object, -1)
+      guard index >= 0 else { return .success(nil) }
+      if X509_REQ_get_attr_by_OBJ(req, object, index) >= 0 {
+        return .failure(TLSError(.configuration, .other, "the request has more than one id-aa-attestation attribute"))
+      }
+      guard let attribute = X509_REQ_get_attr(req, index), X509_ATTRIBUTE_count(attribute) == 1,
+        let type = X509_ATTRIBUTE_get0_type(attribute, 0), type.pointee.type == V_ASN1_SEQUENCE
+      else {
+        return .failure(TLSError(.configuration, .other, "id-aa-attestation must hold exactly one AttestationBundle"))
+      }
+      return .success(asn1Bytes(type.pointee.value.sequence))
+    }
+    guard let bundle = try found.get() else { return nil }
+    return try KeyAttestation(bundle: bundle)
   }
 
   /// The challengePassword attribute, if any.

@@ -48,6 +48,27 @@ public struct PublicKey: Sendable, Equatable, CustomStringConvertible {
     tpmPublic = Array(out.prefix(size))
   }
 
+  /// Reads a marshaled TPMT_PUBLIC (a public area without its size prefix, as TPM2_Certify
+  /// evidence carries it).
+  package init(publicArea: [UInt8]) throws(TPMError) {
+    guard publicArea.count <= 0xFFFF else { throw TPMError(.invalidKeyFile, reason: "the public area is too long") }
+    try self.init(marshaledPublic: [UInt8(publicArea.count >> 8), UInt8(publicArea.count & 0xFF)] + publicArea)
+  }
+
+  /// The marshaled TPMT_PUBLIC: ``tpmPublic`` without its size prefix.
+  public var publicArea: [UInt8] { Array(tpmPublic.dropFirst(2)) }
+
+  /// The TPM Name: nameAlg (0x000B, SHA-256) followed by SHA-256 of the TPMT_PUBLIC. What
+  /// TPM2_Certify names and what a credential is made for. Keys with another name algorithm get
+  /// an empty Name (EdgeKey makes SHA-256 keys only).
+  public var name: [UInt8] {
+    guard tpmPublic.count > 4, tpmPublic[4] == 0x00, tpmPublic[5] == 0x0B else { return [] }
+    let area = publicArea
+    var digest = [UInt8](repeating: 0, count: 32)
+    area.withUnsafeBufferPointer { edgekey_sha256($0.baseAddress, $0.count, &digest) }
+    return [0x00, 0x0B] + digest
+  }
+
   /// PEM (`-----BEGIN PUBLIC KEY-----`), readable by `openssl pkey -pubin`.
   public var pem: String { PEM.encode(spki, label: "PUBLIC KEY") }
 

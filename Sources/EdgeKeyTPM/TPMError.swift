@@ -33,6 +33,7 @@ public struct ResponseCode: RawRepresentable, Hashable, Sendable, CustomStringCo
   public static let handle = ResponseCode(rawValue: 0x08B)
   public static let authFail = ResponseCode(rawValue: 0x08E)
   public static let scheme = ResponseCode(rawValue: 0x092)
+  public static let size = ResponseCode(rawValue: 0x095)
   public static let integrity = ResponseCode(rawValue: 0x09F)
   public static let badAuth = ResponseCode(rawValue: 0x0A2)
   public static let curve = ResponseCode(rawValue: 0x0A6)
@@ -90,6 +91,9 @@ public struct TPMError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The TPM did not answer within the command timeout (``TPM/commandTimeout``). The context
     /// was discarded; the next call reaches for the TPM again.
     public static let timeout = Code("timeout")
+    /// TPM2_ActivateCredential refused the challenge: it was not made for this attestation
+    /// key's Name and this TPM's endorsement key (or it was altered on the way).
+    public static let credentialRejected = Code("credentialRejected")
     /// A caller error caught before the TPM was asked.
     public static let invalidArgument = Code("invalidArgument")
     /// Anything else the TPM or the TSS reported (see ``TPMError/responseCode``).
@@ -192,7 +196,11 @@ public struct TPMError: Error, Sendable, Equatable, CustomStringConvertible {
     case .srkMismatch:
       return (.srkMismatch, "0x81000001 holds a key that is not the standard storage root key")
     case .notASigningKey:
-      return (.invalidArgument, "the object is not an unrestricted signing key")
+      return (
+        .invalidArgument,
+        "the object is not the kind of signing key this call takes (a device key is unrestricted, an "
+          + "attestation key restricted)"
+      )
     case .authRequired:
       return (.authRequired, "the key has a password and none was given (nothing was sent to the TPM)")
     case .timeout:

@@ -68,6 +68,6 @@ struct EndorsementTests {
     #expect(shown.contains("ecdsa"), "\(shown)")
     // It signs only what the TPM makes (TPM2_Certify, TPM2_Quote): TLS and CSR signing refuse it.
     let refused = #expect(throws: TPMError.self) { try tpm.loadKey(file) }
-    #expect(refused?.description.contains("not an unrestricted signing key") == true)
+    #expect(refused?.description.contains("a device key is unrestricted") == true)
   }
 }

@@ -182,6 +182,32 @@ TSS2_RC edgekey_tpm_key_sign(edgekey_tpm_key *key, TPMI_ALG_SIG_SCHEME scheme, T
                              const uint8_t *digest, size_t digest_len, TPMT_SIGNATURE *out,
                              const char **cmd);
 
+/*
+ * An attestation key held as blobs: a restricted signing key (TPM2_Certify, TPM2_Quote), never
+ * a signer of arbitrary digests. EDGEKEY_RC_NOT_A_SIGNING_KEY for anything else. No TPM traffic.
+ */
+TSS2_RC edgekey_tpm_attestation_key_from_blobs(edgekey_tpm *tpm, uint32_t parent,
+                                               const uint8_t *pub, size_t pub_len,
+                                               const uint8_t *priv, size_t priv_len,
+                                               edgekey_tpm_key **out);
+
+/*
+ * With the context's lock held (edgekey_tpm_acquire): loads `key` if needed and gives its
+ * ESYS_TR, valid until the lock is released.
+ */
+TSS2_RC edgekey_tpm_key_load_locked(edgekey_tpm_key *key, ESYS_CONTEXT *esys, ESYS_TR *handle,
+                                    const char **cmd);
+
+/*
+ * TPM2_Certify of `key` by the attestation key `ak` over `qualifying` (the verifier's nonce,
+ * at most 64 bytes): the TPMS_ATTEST (in `attest`) and the AK's signature over it. Loads the
+ * keys if needed (they stay loaded), and once more if the TPM lost one of them.
+ */
+TSS2_RC edgekey_tpm_key_certify(edgekey_tpm_key *key, edgekey_tpm_key *ak,
+                                const uint8_t *qualifying, size_t qualifying_len,
+                                TPM2B_ATTEST *attest, TPMT_SIGNATURE *signature,
+                                const char **cmd);
+
 /* Number of TPM2_Load commands this key has issued (diagnostics: should stay at 1). */
 uint64_t edgekey_tpm_key_load_count(const edgekey_tpm_key *key);
 

@@ -1,3 +1,4 @@
+import EdgeKeyCore
 import EdgeKeyTPM
 
 /// What an EST server's `/csrattrs` asks a request to carry (RFC 7030 §4.5.2, clarified by
@@ -108,65 +109,5 @@ public struct CSRAttributes: Sendable, Equatable {
     default:
       notUnderstood.append(type)
     }
-  }
-}
-
-/// A minimal DER reader: definite lengths, tags of one byte.
-struct DERReader {
-  struct Element {
-    var tag: UInt8
-    var content: ArraySlice<UInt8>
-  }
-
-  private var bytes: ArraySlice<UInt8>
-  init(_ bytes: ArraySlice<UInt8>) { self.bytes = bytes }
-
-  var atEnd: Bool { bytes.isEmpty }
-
-  mutating func next() -> Element? {
-    var i = bytes.startIndex
-    guard i + 1 < bytes.endIndex else { return nil }
-    let tag = bytes[i]
-    var length = Int(bytes[i + 1])
-    i += 2
-    if length & 0x80 != 0 {
-      let count = length & 0x7F
-      guard count >= 1, count <= 3, i + count <= bytes.endIndex else { return nil }
-      length = bytes[i..<(i + count)].reduce(0) { $0 << 8 | Int($1) }
-      i += count
-    }
-    guard length >= 0, i + length <= bytes.endIndex else { return nil }
-    let content = bytes[i..<(i + length)]
-    bytes = bytes[(i + length)...]
-    return Element(tag: tag, content: content)
-  }
-
-  /// Every OID inside `bytes`, at any depth of constructed elements.
-  static func allOIDs(_ bytes: ArraySlice<UInt8>, depth: Int = 0) -> [String] {
-    guard depth < 8 else { return [] }
-    var reader = DERReader(bytes)
-    var result: [String] = []
-    while let e = reader.next() {
-      if e.tag == 0x06 {
-        result.append(dotted(e.content))
-      } else if e.tag & 0x20 != 0 || e.tag == 0x04 {
-        result += allOIDs(e.content, depth: depth + 1)
-      }
-    }
-    return result
-  }
-
-  static func dotted(_ bytes: ArraySlice<UInt8>) -> String {
-    guard let first = bytes.first else { return "" }
-    var parts = [first < 80 ? Int(first) / 40 : 2, first < 80 ? Int(first) % 40 : Int(first) - 80]
-    var value = 0
-    for byte in bytes.dropFirst() {
-      value = value << 7 | Int(byte & 0x7F)
-      if byte & 0x80 == 0 {
-        parts.append(value)
-        value = 0
-      }
-    }
-    return parts.map(String.init).joined(separator: ".")
   }
 }

@@ -111,29 +111,42 @@ extension TPM {
   /// RSA 2048 costs up to seconds on a real chip (the seed's key is derived anew).
   public func endorsementKey(_ type: EndorsementKeyType) throws(TPMError) -> PublicKey {
     try withESYS { ctx throws(TPMError) -> PublicKey in
-      var sensitive = TPM2B_SENSITIVE_CREATE()
-      var template = type.template
-      var outside = TPM2B_DATA()
-      var pcrs = TPML_PCR_SELECTION()
-      var handle = ESYS_TR(ESYS_TR_NONE)
-      var outPublic: UnsafeMutablePointer<TPM2B_PUBLIC>? = nil
-      var creationData: UnsafeMutablePointer<TPM2B_CREATION_DATA>? = nil
-      var creationHash: UnsafeMutablePointer<TPM2B_DIGEST>? = nil
-      var ticket: UnsafeMutablePointer<TPMT_TK_CREATION>? = nil
-      defer {
-        esysFree(outPublic)
-        esysFree(creationData)
-        esysFree(creationHash)
-        esysFree(ticket)
-      }
-      try esys(
-        "TPM2_CreatePrimary", "re-creating the \(type.rawValue) endorsement key",
-        Esys_CreatePrimary(
-          ctx, ESYS_TR(ESYS_TR_RH_ENDORSEMENT), ESYS_TR(ESYS_TR_PASSWORD), ESYS_TR(ESYS_TR_NONE),
-          ESYS_TR(ESYS_TR_NONE), &sensitive, &template, &outside, &pcrs, &handle, &outPublic, &creationData,
-          &creationHash, &ticket))
+      let (handle, key) = try createEndorsementKey(ctx, type)
       Esys_FlushContext(ctx, handle)
-      return try PublicKey(outPublic!.pointee)
+      return key
+    }
+  }
+
+  /// TPM2_CreatePrimary of the EK from its default template; the caller flushes the handle.
+  func createEndorsementKey(_ ctx: OpaquePointer, _ type: EndorsementKeyType) throws(TPMError)
+    -> (handle: ESYS_TR, publicKey: PublicKey)
+  {
+    var sensitive = TPM2B_SENSITIVE_CREATE()
+    var template = type.template
+    var outside = TPM2B_DATA()
+    var pcrs = TPML_PCR_SELECTION()
+    var handle = ESYS_TR(ESYS_TR_NONE)
+    var outPublic: UnsafeMutablePointer<TPM2B_PUBLIC>? = nil
+    var creationData: UnsafeMutablePointer<TPM2B_CREATION_DATA>? = nil
+    var creationHash: UnsafeMutablePointer<TPM2B_DIGEST>? = nil
+    var ticket: UnsafeMutablePointer<TPMT_TK_CREATION>? = nil
+    defer {
+      esysFree(outPublic)
+      esysFree(creationData)
+      esysFree(creationHash)
+      esysFree(ticket)
+    }
+    try esys(
+      "TPM2_CreatePrimary", "re-creating the \(type.rawValue) endorsement key",
+      Esys_CreatePrimary(
+        ctx, ESYS_TR(ESYS_TR_RH_ENDORSEMENT), ESYS_TR(ESYS_TR_PASSWORD), ESYS_TR(ESYS_TR_NONE),
+        ESYS_TR(ESYS_TR_NONE), &sensitive, &template, &outside, &pcrs, &handle, &outPublic, &creationData,
+        &creationHash, &ticket))
+    do {
+      return (handle, try PublicKey(outPublic!.pointee))
+    } catch {
+      Esys_FlushContext(ctx, handle)
+      throw error
     }
   }
 
