@@ -130,6 +130,20 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
     return result
   }
 
+  /// The extended key usages as dotted OIDs, including ones OpenSSL has no flag for (the
+  /// TCG's tcg-kp-AIKCertificate, 2.23.133.8.3); empty when the extension is absent.
+  public var extendedKeyUsageOIDs: [String] {
+    guard let raw = X509_get_ext_d2i(x509, NID_ext_key_usage, nil, nil) else { return [] }
+    let stack = OpaquePointer(raw)
+    defer { OPENSSL_sk_pop_free(stack, freeObject) }
+    return (0..<OPENSSL_sk_num(stack)).compactMap { i -> String? in
+      guard let object = OPENSSL_sk_value(stack, i) else { return nil }
+      var text = [CChar](repeating: 0, count: 128)
+      let n = OBJ_obj2txt(&text, Int32(text.count), OpaquePointer(object), 1)
+      return n > 0 ? cString(text) : nil
+    }
+  }
+
   /// True when the certificate may be used for TLS client authentication.
   public var allowsClientAuth: Bool {
     let eku = extendedKeyUsage
@@ -192,6 +206,8 @@ extension Certificate {
   /// What a verified chain is for.
   public enum Purpose: Sendable {
     case clientAuth, serverAuth
+    /// No purpose is checked (EK and AK certificates carry the TCG's own usages).
+    case any
   }
 
   /// Verifies `leaf` up to one of `anchors`, with `untrusted` as candidate intermediates, at
@@ -215,7 +231,11 @@ extension Certificate {
       ERR_clear_error()
       throw TLSError(.tls, .other, "cannot set up chain verification")
     }
-    X509_STORE_CTX_set_purpose(context, purpose == .clientAuth ? X509_PURPOSE_SSL_CLIENT : X509_PURPOSE_SSL_SERVER)
+    switch purpose {
+    case .clientAuth: X509_STORE_CTX_set_purpose(context, X509_PURPOSE_SSL_CLIENT)
+    case .serverAuth: X509_STORE_CTX_set_purpose(context, X509_PURPOSE_SSL_SERVER)
+    case .any: break
+    }
     X509_VERIFY_PARAM_set_time(X509_STORE_CTX_get0_param(context), time_t(date.timeIntervalSince1970))
     guard X509_verify_cert(context) == 1 else {
       let code = X509_STORE_CTX_get_error(context)
@@ -282,6 +302,8 @@ func parseDER<T>(
   }
   return parsed
 }
+
+private let freeObject: @convention(c) (UnsafeMutableRawPointer?) -> Void = { ASN1_OBJECT_free(OpaquePointer($0)) }
 
 /// "EC P-256", "RSA 2048", ... for an EVP_PKEY.
 func describeKey(_ key: OpaquePointer) -> String {

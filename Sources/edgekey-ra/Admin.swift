@@ -25,6 +25,9 @@ let adminUsage = """
     rearm ID --secret-file FILE
                            a new one-time secret for a device whose TPM was cleared or replaced;
                            when it enrols a new key, its old certificates are revoked
+    require-attestation ID every key of this device must be attested from now on
+    forget-tpm ID          forget the TPM a device attested with (its TPM was replaced); its
+                           next activation binds the new one
     reserve NAME...        names or patterns (* and ?) never issued to a device
     audit [ID] [--limit N] the audit trail, oldest first
 
@@ -71,6 +74,11 @@ func runAdmin(_ arguments: [String]) -> Never {
       if d.method == .oneTimeSecret {
         print("  one-time secret: \(d.secretUsed.map { "used \(Timestamp.iso8601($0))" } ?? "not used yet")")
       }
+      if let a = try registry.attestation(of: d.id) {
+        print(
+          "  TPM: EK SHA-256 \(a.endorsementKeyFingerprint) (\(a.endorsementKeyIssuer)); AK certificate \(a.attestationKeyCertificateSerial), activated \(Timestamp.iso8601(a.activated))"
+        )
+      }
       for c in try registry.certificates(of: d.id) {
         let state =
           c.revoked.map { "revoked \(Timestamp.iso8601($0)) (\(c.reason?.rawValue ?? "unspecified"))" }
@@ -115,6 +123,14 @@ func runAdmin(_ arguments: [String]) -> Never {
       let secret = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
       try registry.rearm(args[0], secret: secret)
       print("device \(args[0]) has a new one-time secret")
+    case "require-attestation":
+      guard args.count == 1 else { fail("require-attestation takes one device ID") }
+      try registry.requireAttestation(of: args[0])
+      print("device \(args[0]) must attest its keys")
+    case "forget-tpm":
+      guard args.count == 1 else { fail("forget-tpm takes one device ID") }
+      try registry.forgetTPM(of: args[0])
+      print("device \(args[0]): its TPM is forgotten; the next activation binds a new one")
     case "reserve":
       guard !args.isEmpty else { fail("reserve takes names or patterns") }
       try registry.reserve(args)

@@ -46,6 +46,15 @@ let usage = """
                            enrollment requests allowed (default 600/1m and 60/1m; "off"); more
                            get 429 with Retry-After
 
+  Key attestation (TPM2_Certify evidence in requests, draft-ietf-lamps-csr-attestation):
+    --ek-ca PEM            TPM manufacturers' CAs that endorsement key certificates must chain
+                           to (repeatable); enables /nonce, /attest-activate, /attest-akcert
+    --require-attestation  refuse every request whose key is not attested (without it, devices
+                           an operator marked, and devices with an activated AK, must attest)
+    --nonce-lifetime SECONDS
+                           how long a nonce may be used, once (default 300)
+    --ak-lifetime DURATION lifetime of attestation key certificates (default 3650d)
+
   Revocation:
     --crl-out FILE         write the current CRL here (PEM, 0644) for a broker's crlfile
     --crl-validity DURATION
@@ -127,7 +136,9 @@ func parseArguments(_ words: [String], flags known: Set<String>, usage: String, 
   return (options, flags, rest)
 }
 let (options, flags, _) = parseArguments(
-  Array(CommandLine.arguments.dropFirst()), flags: ["--channel-binding", "--allow-shared-password"], usage: usage)
+  Array(CommandLine.arguments.dropFirst()),
+  flags: ["--channel-binding", "--allow-shared-password", "--require-attestation"],
+  usage: usage)
 func option(_ name: String) -> String? { options[name]?.last }
 func number(_ name: String, _ fallback: Int) -> Int {
   guard let text = option(name) else { return fallback }
@@ -240,8 +251,24 @@ let crl = CRLPublisher(
   ca: ca, registry: registry, validity: duration(option("--crl-validity") ?? "1d"), path: option("--crl-out"),
   logger: raLogger)
 do { _ = try crl.current() } catch { fail("the CRL: \(error)") }
+var attestationPolicy: AttestationPolicy? = nil
+var manufacturerCAs: [Certificate] = []
+for path in options["--ek-ca"] ?? [] {
+  do { manufacturerCAs += try Certificate.chain(pem: readText(path)) } catch {
+    fail("--ek-ca \(path): \(error.reason)")
+  }
+}
+if !manufacturerCAs.isEmpty {
+  attestationPolicy = AttestationPolicy(
+    manufacturerCAs: manufacturerCAs, requireForAll: flags.contains("--require-attestation"),
+    nonceLifetime: TimeInterval(number("--nonce-lifetime", 300)),
+    attestationKeyCertificateLifetime: duration(option("--ak-lifetime") ?? "3650d"))
+} else if flags.contains("--require-attestation") {
+  fail("--require-attestation needs --ek-ca: the manufacturer CAs that vouch for TPMs")
+}
 let service = ESTService(
-  ca: ca, policy: reenrollPolicy, registry: registry, naming: naming, revocation: crl, logger: raLogger)
+  ca: ca, policy: reenrollPolicy, registry: registry, naming: naming, revocation: crl, attestation: attestationPolicy,
+  logger: raLogger)
 
 // Client certificates accepted at the TLS layer: bootstrap identities and our own devices'.
 let clientCAs = (bootstrapCAs + ca.chain + caCertificates).map(\.pem).joined()

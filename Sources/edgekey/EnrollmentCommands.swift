@@ -57,6 +57,7 @@ func identityOption(_ args: Arguments) -> (subject: [(String, String)], names: [
 func enrollmentPolicy(_ args: Arguments) -> RenewalPolicy {
   var policy = RenewalPolicy()
   policy.keyAlgorithm = algorithmOption(args)
+  policy.attest = args.flag("attest")
   announceSlowKey(policy.keyAlgorithm)
   return policy
 }
@@ -173,7 +174,11 @@ func provisionCommand(_ args: Arguments, logger: Logger) throws {
   var resumed = store.recovery.finishedSwitch || (try? store.read(.next)) != nil
   let credential: Credential
   do {
-    if let existing = try store.read(.current), existing.certificate?.isValid() == true,
+    // --attest on a device enrolled without it: enrol again, attested (its current certificate
+    // authenticates the activation).
+    let attestationCertificates = try store.attestationCertificates()
+    let attestationMissing = policy.attest && attestationCertificates.isEmpty
+    if let existing = try store.read(.current), existing.certificate?.isValid() == true, !attestationMissing,
       identity == nil
         || existing.certificate?.subjectFields.map({ "\($0.0)=\($0.1)" })
           == identity?.subject.map({ "\($0.0)=\($0.1)" })
@@ -192,6 +197,7 @@ func provisionCommand(_ args: Arguments, logger: Logger) throws {
     ("serial", jsonString(cert.serialNumber)), ("notAfter", jsonString(cert.summary.notAfter)),
     ("keyFingerprint", jsonString("sha256:" + ((try? credential.key.publicKey().fingerprint) ?? ""))),
     ("resumed", resumed ? "true" : "false"), ("state", jsonString(store.directory)),
+    ("attestation", attestationJSON(AttestationStatus.read(store))),
   ]
 
   // 3. Proof: an mTLS connection and MQTT CONNECT with the stored credential.
@@ -210,4 +216,15 @@ func provisionCommand(_ args: Arguments, logger: Logger) throws {
     report(ok: false, step: "verify", reason: "\(error)")
   }
   report(ok: true)
+}
+
+/// The attestation state as JSON: {"state", "attestationKeyCertificate"?: {subject, serial, notAfter}}.
+func attestationJSON(_ status: AttestationStatus) -> String {
+  var fields = ["\"state\":\(jsonString(status.state))"]
+  if let c = status.certificate {
+    fields.append(
+      "\"attestationKeyCertificate\":{\"subject\":\(jsonString(c.subject)),\"issuer\":\(jsonString(c.issuer)),"
+        + "\"notAfter\":\(jsonString(c.notAfter)),\"valid\":\(status.certificateValid)}")
+  }
+  return "{" + fields.joined(separator: ",") + "}"
 }

@@ -32,7 +32,7 @@ let usage = """
                                               a PKCS#10 request signed inside the TPM
     edgekey enroll --state DIR --server URL --cafile CA [--subject "O=Acme,CN=device-1"]
                 [--san DNS:x] [--bootstrap-cert PEM --bootstrap-key KEYFILE] [--password-env VAR]
-                [--algorithm A] [--label L] [--force] [--channel-binding]
+                [--algorithm A] [--label L] [--force] [--channel-binding] [--attest]
                                               first enrollment over EST (RFC 7030): a new TPM key,
                                               a CSR, the certificate, all kept in the state
                                               directory (crash-safe); one JSON line
@@ -41,9 +41,14 @@ let usage = """
                                               with a new TPM key unless --keep-key; one JSON line
     edgekey provision --state DIR --server URL --cafile CA --subject S -h BROKER [-p P]
                 [--bootstrap-cert PEM --bootstrap-key KEYFILE] [--password-env VAR] [--algorithm A]
+                [--attest]
                                               the factory line's one-shot: TPM health, key, enrollment,
                                               store, and a test connection to the broker; one JSON
-                                              line; run again after an interruption, it resumes
+                                              line; run again after an interruption, it resumes.
+                                              --attest: first prove the TPM to the RA (EK certificate,
+                                              an attestation key, credential activation), then every
+                                              key is certified by that AK (TPM2_Certify), at this
+                                              enrollment and every renewal after it
     edgekey agent --state DIR --server URL --cafile CA -h BROKER [-p P] [--broker-cafile CA]
                 [-t TOPIC [--interval S] [-l]] [--outbox DB] [--subject ...] [--password-env VAR]
                 [--renew-at 0.66] [--channel-binding]
@@ -132,7 +137,7 @@ let commandOptions: [String: Set<String>] = {
     "allow-server-without-eku",
     "channel-binding",
   ]
-  let enrollment = est.union(["subject", "san", "bootstrap-cert", "bootstrap-key", "algorithm"])
+  let enrollment = est.union(["subject", "san", "bootstrap-cert", "bootstrap-key", "algorithm", "attest"])
   let client = key.union(serverTLS).union(mqtt).union([
     "host", "port", "cafile", "cert", "id", "topic", "qos", "timeout",
   ])
@@ -261,7 +266,8 @@ func run(_ argv: [[UInt8]]) throws {
   let args: Arguments
   let booleans: Set<String> = [
     "json", "verbose", "help", "stdin-line", "stdin-file", "print-accepted", "retain", "force", "keep-key",
-    "channel-binding", "will-retain", "disable-clean-session", "allow-missing-crl", "allow-server-without-eku",
+    "channel-binding", "attest", "will-retain", "disable-clean-session", "allow-missing-crl",
+    "allow-server-without-eku",
   ]
   let expanded: [[UInt8]]
   do { expanded = try Arguments.expandingConfig(argv, booleans: booleans, known: longOptions) } catch {

@@ -33,6 +33,8 @@ public final class RegistrationAuthority: @unchecked Sendable {
   ///   - lifetime: e.g. "30d", "20s".
   ///   - extraArguments: e.g. `["--pending", "2"]`, `["--tls-max", "1.2"]`.
   ///   - tlsCA: issues the RA's own TLS certificate (default: `ca`).
+  ///   - manufacturerCAs: TPM manufacturer CAs (PEM) for `--ek-ca`: attestation is offered.
+  ///   - requireAttestation: `--require-attestation`.
   ///   - tpmIssuer: sign with an issuing CA whose key is in a TPM (`--ca-key-tpm`) instead of `ca`'s
   ///     key: its chain (issuing CA first), TSS2 key file and TCTI.
   /// A manifest line for a device enrolling with a one-time secret.
@@ -51,7 +53,8 @@ public final class RegistrationAuthority: @unchecked Sendable {
   public init(
     ca: TestCA, password: String? = "device:factory-secret", bootstrapCA: TestCA? = nil, lifetime: String = "30d",
     backdate: String = "60", cacertsPEM: String? = nil, extraArguments: [String] = [], tlsCA: TestCA? = nil,
-    tpmIssuer: (chainPEM: String, keyFile: String, tcti: String)? = nil, registryPath: String? = nil
+    tpmIssuer: (chainPEM: String, keyFile: String, tcti: String)? = nil, registryPath: String? = nil,
+    manufacturerCAs: [String] = [], requireAttestation: Bool = false
   ) throws {
     self.ca = ca
     executable = try builtExecutable("edgekey-ra")
@@ -91,6 +94,8 @@ public final class RegistrationAuthority: @unchecked Sendable {
       ]
     }
     if let cacertsPEM { arguments += ["--cacerts", try write("cacerts.pem", cacertsPEM)] }
+    for (i, pem) in manufacturerCAs.enumerated() { arguments += ["--ek-ca", try write("ek-ca-\(i).pem", pem)] }
+    if requireAttestation { arguments.append("--require-attestation") }
     arguments += extraArguments
     var lastLog = ""
     for _ in 0..<5 {

@@ -38,18 +38,22 @@ public final class SoftwareTPM: @unchecked Sendable {
   ///   --create-ek-cert`, its EK certificates signed by a local CA of this test's own
   ///   (`swtpm_localca` configured in a temporary folder): an RSA 2048 EK certificate at
   ///   0x01C00002 and a P-384 one at 0x01C00016, the EKs persisted at 0x81010001 and 0x81010016.
-  public init(endorsementCertificates: Bool = false) throws {
+  ///   - manufacturer: with `endorsementCertificates`, use that TPM's manufacturer CA (two
+  ///     TPMs of one maker) instead of a new one; it must outlive this one's manufacturing.
+  public init(endorsementCertificates: Bool = false, manufacturer: SoftwareTPM? = nil) throws {
     stateDirectory = FileManager.default.temporaryDirectory.appendingPathComponent(
       "edgekey-swtpm-\(UUID().uuidString)")
     try FileManager.default.createDirectory(at: stateDirectory, withIntermediateDirectories: true)
     port = 0
-    if endorsementCertificates { manufacturerCAPEM = try manufacture() }
+    if endorsementCertificates {
+      manufacturerCAPEM = try manufacture(
+        in: (manufacturer?.stateDirectory ?? stateDirectory).appendingPathComponent("manufacturer-ca"))
+    }
     try start()
   }
 
   /// swtpm_setup with a manufacturer CA in the state directory's sibling folder.
-  private func manufacture() throws -> String {
-    let ca = stateDirectory.appendingPathComponent("manufacturer-ca")
+  private func manufacture(in ca: URL) throws -> String {
     try FileManager.default.createDirectory(at: ca, withIntermediateDirectories: true)
     let localca = ca.appendingPathComponent("swtpm-localca.conf")
     try """

@@ -43,6 +43,10 @@ public struct RenewalPolicy: Sendable {
   /// certificate renewed.
   public var rotateKeys = true
   public var keyAlgorithm: KeyAlgorithm = .eccP256
+  /// Activate an attestation key with the RA first when the device has none (`provision
+  /// --attest`). Once the device has an AK certificate, every request carries TPM2_Certify
+  /// evidence for its key whatever this says.
+  public var attest = false
   /// A clock reading before this is wrong (the build is newer): nothing is renewed, rotated or
   /// discarded.
   public var earliestPlausibleDate = Date(timeIntervalSince1970: 1_793_491_200)  // 2026-11-01
@@ -82,6 +86,8 @@ public enum RenewalEvent: Sendable, CustomStringConvertible {
   case credentialLost(slot: String, reason: String)
   /// What the server's csrattrs asked for: applied to the request, or reported as not applied.
   case serverAttributes(applied: [String], notApplied: [String])
+  /// A step of attestation: the AK made or activated, or the new key certified by it.
+  case attestation(String)
 
   public var description: String {
     switch self {
@@ -100,6 +106,7 @@ public enum RenewalEvent: Sendable, CustomStringConvertible {
     case .clockRefused(let why): return "clock refused: \(why)"
     case .credentialLost(let slot, let reason):
       return "the \(slot) credential's key can no longer be loaded by this TPM (cleared or replaced): \(reason)"
+    case .attestation(let what): return what
     case .serverAttributes(let applied, let notApplied):
       return "the server's csrattrs: applied \(applied.isEmpty ? "nothing" : applied.joined(separator: ", "))"
         + (notApplied.isEmpty ? "" : "; not applied: \(notApplied.joined(separator: "; "))")
@@ -120,6 +127,8 @@ public struct RenewalCounters: Sendable, Equatable {
   public var clockRefusals = 0
   /// Stored credentials found unusable because the TPM can never load their key again.
   public var credentialsLost = 0
+  /// Requests sent with TPM2_Certify evidence for their key.
+  public var attested = 0
 }
 
 /// Keeps the device's certificate valid: enrolls, renews at the policy's moment, rotates the
@@ -341,11 +350,23 @@ public final class RenewalAgent: @unchecked Sendable {
     // current one when rotation is off.
     let (keyFile, newKey) = try keyForRequest(current: reenroll ? current : nil, algorithm: algorithm)
     let key = try load(keyFile)
+    // Attestation: the AK activated first when asked (provision --attest); then, whenever the
+    // device has an AK certificate, TPM2_Certify of this key over a fresh nonce from the RA.
+    if policy.attest {
+      _ = try DeviceAttestation.activate(
+        tpm: tpm, store: store, client: issuing, authentication: authentication, onEvent: { onEvent(.attestation($0)) })
+    }
+    let attestation = try DeviceAttestation.evidence(
+      for: key, tpm: tpm, store: store, client: issuing, authentication: authentication)
+    if let attestation {
+      onEvent(.attestation("the new key is certified by the attestation key (TPM2_Certify over the RA's nonce)"))
+      locked { $0.counters.attested += 1 }
+    }
     func makeRequest(_ challenge: String?) throws(EnrollmentError) -> CertificateSigningRequest {
       do {
         return try CertificateSigningRequest(
           key: key, subject: subject, subjectAlternativeNames: names, challengePassword: challenge,
-          signatureHash: asked?.signatureHash)
+          signatureHash: asked?.signatureHash, attestation: attestation)
       } catch {
         throw EnrollmentError(error.layer == .tpm ? .tpm : .configuration, "the request: \(error.reason)", tls: error)
       }

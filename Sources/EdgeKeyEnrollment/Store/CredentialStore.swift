@@ -169,7 +169,7 @@ public final class CredentialStore: @unchecked Sendable {
 
   // MARK: - Files
 
-  private func readText(_ path: String) throws(EnrollmentError) -> String? {
+  func readText(_ path: String) throws(EnrollmentError) -> String? {
     do {
       return String(decoding: try AtomicFile.read(path, limit: 1 << 20), as: UTF8.self)
     } catch {
@@ -178,7 +178,7 @@ public final class CredentialStore: @unchecked Sendable {
     }
   }
 
-  private func writeText(_ text: String, to path: String) throws(EnrollmentError) {
+  func writeText(_ text: String, to path: String) throws(EnrollmentError) {
     do { try AtomicFile.write(Array(text.utf8), to: path, mode: 0o600) } catch {
       throw EnrollmentError(.storage, "\(error)")
     }

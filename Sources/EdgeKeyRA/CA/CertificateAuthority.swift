@@ -80,6 +80,49 @@ public final class CertificateAuthority: @unchecked Sendable {
     let req: OpaquePointer
     do { req = try CertificateSigningRequest.parse(csr.der) } catch { throw RAError(error.reason) }
     defer { X509_REQ_free(req) }
+    guard let publicKey = X509_REQ_get0_pubkey(req) else { throw RAError("the request's public key cannot be used") }
+    var extensions: [(Int32, String)] = [
+      (NID_basic_constraints, "critical,CA:FALSE"),
+      (NID_key_usage, "critical,digitalSignature"),
+      (NID_ext_key_usage, "clientAuth"),
+    ]
+    if let crlDistributionPoint { extensions.append((NID_crl_distribution_points, "URI:\(crlDistributionPoint)")) }
+    return try sign(
+      subject: X509_REQ_get_subject_name(req), publicKey: publicKey, extensions: extensions,
+      subjectAlternativeNames: subjectAlternativeNames, lifetime: lifetime, backdate: backdate)
+  }
+
+  /// Signs an attestation key's certificate (TCG "TPM 2.0 Keys for Device Identity and
+  /// Attestation": an AK certificate): subject CN = the device, extended key usage
+  /// tcg-kp-AIKCertificate (2.23.133.8.3) only, so that it can never be a TLS client's, not a CA.
+  /// Issued once credential activation proved the AK is in the device's TPM.
+  public func issueAttestationKeyCertificate(
+    publicKeySPKI: [UInt8], device: String, lifetime: TimeInterval, backdate: TimeInterval = 0
+  ) throws(RAError) -> Certificate {
+    guard let key = CredentialProtection.parsePublicKey(publicKeySPKI) else {
+      throw RAError("the attestation key is not a public key OpenSSL reads")
+    }
+    defer { EVP_PKEY_free(key) }
+    guard let name = X509_NAME_new() else { throw RAError("out of memory") }
+    defer { X509_NAME_free(name) }
+    guard X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, device, -1, -1, 0) == 1 else {
+      ERR_clear_error()
+      throw RAError("the device id cannot be a common name")
+    }
+    return try sign(
+      subject: name, publicKey: key,
+      extensions: [
+        (NID_basic_constraints, "critical,CA:FALSE"), (NID_key_usage, "critical,digitalSignature"),
+        (NID_ext_key_usage, AttestationPolicy.attestationKeyUsage),
+      ], subjectAlternativeNames: [], lifetime: lifetime, backdate: backdate)
+  }
+
+  /// A certificate for `publicKey` and `subject` with `extensions` (and the key identifiers),
+  /// valid from `now - backdate` for `lifetime` seconds after `now`, with a random serial.
+  private func sign(
+    subject: OpaquePointer?, publicKey: OpaquePointer, extensions: [(Int32, String)],
+    subjectAlternativeNames: [SubjectAlternativeName], lifetime: TimeInterval, backdate: TimeInterval
+  ) throws(RAError) -> Certificate {
     guard let x = X509_new() else { throw RAError("out of memory") }
     var owned: OpaquePointer? = x
     defer { if let owned { X509_free(owned) } }
@@ -92,24 +135,16 @@ public final class CertificateAuthority: @unchecked Sendable {
     var now = time(nil)
     X509_time_adj_ex(X509_getm_notBefore(x), 0, -Int(backdate), &now)
     X509_time_adj_ex(X509_getm_notAfter(x), 0, Int(lifetime), &now)
-    X509_set_subject_name(x, X509_REQ_get_subject_name(req))
+    X509_set_subject_name(x, subject)
     X509_set_issuer_name(x, X509_get_subject_name(certificate.x509))
-    guard let publicKey = X509_REQ_get0_pubkey(req), X509_set_pubkey(x, publicKey) == 1 else {
-      throw RAError("the request's public key cannot be used")
-    }
+    guard X509_set_pubkey(x, publicKey) == 1 else { throw RAError("the public key cannot be used") }
     var v3 = X509V3_CTX()
     X509V3_set_ctx(&v3, certificate.x509, x, nil, nil, 0)
-    var extensions: [(Int32, String)] = [
-      (NID_basic_constraints, "critical,CA:FALSE"),
-      (NID_key_usage, "critical,digitalSignature"),
-      (NID_ext_key_usage, "clientAuth"),
-      (NID_subject_key_identifier, "hash"),
-    ]
+    var extensions = extensions + [(NID_subject_key_identifier, "hash")]
     // The authority key identifier needs the CA's own subject key identifier.
     if X509_get_ext_by_NID(certificate.x509, NID_subject_key_identifier, -1) >= 0 {
       extensions.append((NID_authority_key_identifier, "keyid"))
     }
-    if let crlDistributionPoint { extensions.append((NID_crl_distribution_points, "URI:\(crlDistributionPoint)")) }
     for (nid, value) in extensions {
       guard let ext = X509V3_EXT_conf_nid(nil, &v3, nid, value) else {
         ERR_clear_error()

@@ -75,6 +75,9 @@ public final class ESTService: @unchecked Sendable {
   public let naming: NamingPolicy
   /// The CRL served at `/crl` (DER) and `/crl.pem`, when revocation is published.
   public let revocation: CRLPublisher?
+  /// Key attestation: nonces, credential activation, evidence checks (nil: not offered, and
+  /// evidence in requests is ignored).
+  package let attestation: AttestationService?
   private let limiter: RateLimiter
   private let logger: Logger
   private let lock = NSLock()
@@ -85,8 +88,9 @@ public final class ESTService: @unchecked Sendable {
   ///   - logger: refusals (with their reason, never a secret) and shared-password issuances.
   public init(
     ca: CertificateAuthority, policy: ESTPolicy, registry: DeviceRegistry, naming: NamingPolicy = NamingPolicy(),
-    revocation: CRLPublisher? = nil, logger: Logger = .disabled
+    revocation: CRLPublisher? = nil, attestation: AttestationPolicy? = nil, logger: Logger = .disabled
   ) {
+    self.attestation = attestation.map { AttestationService(policy: $0, ca: ca, registry: registry, logger: logger) }
     self.ca = ca
     self.policy = policy
     self.registry = registry
@@ -129,6 +133,9 @@ public final class ESTService: @unchecked Sendable {
     case "simpleenroll", "simplereenroll":
       guard request.method == "POST" else { return .text(405, "use POST", headers: [("Allow", "POST")]) }
       return enroll(request, renewal: operation == "simplereenroll")
+    case "nonce", "attest-activate", "attest-akcert":
+      guard request.method == "POST" else { return .text(405, "use POST", headers: [("Allow", "POST")]) }
+      return attest(request, operation: String(operation))
     default:
       return .text(404, "unknown EST operation \(operation)")
     }
@@ -270,10 +277,27 @@ public final class ESTService: @unchecked Sendable {
     }
 
     let operation = renewal ? "simplereenroll" : "simpleenroll"
+    // Key attestation, when this RA checks it: the evidence must verify and its nonce must be
+    // one this RA gave the same credential, unused (it is used up here, whatever follows).
+    var verified: VerifiedKeyAttestation? = nil
+    if let attestation {
+      let evidence: KeyAttestation?
+      do { evidence = try csr.keyAttestation() } catch { return .text(400, "bad request: \(error.reason)") }
+      if let evidence {
+        do {
+          let v = try EvidenceVerifier.verify(evidence, for: csr, anchors: ca.chain + policy.caCertificates)
+          if let why = attestation.consumeNonce(v.nonce, owner: claim.rateKey) { return refuse(403, why, request) }
+          verified = v
+        } catch {
+          return refuse(403, "key attestation refused: \(error)", request)
+        }
+      }
+    }
     let outcome: IssuanceOutcome
     do {
       outcome = try registry.issue(
-        claim, csr: csr, naming: naming, operation: operation, source: "est \(request.peerAddress)"
+        claim, csr: csr, naming: naming, operation: operation, source: "est \(request.peerAddress)",
+        attestation: verified, requireAttestation: attestation?.policy.requireForAll ?? false
       ) { device throws(RAError) in
         let name = csr.subjectFields.first { $0.0 == "CN" }?.1 ?? ""
         let allowed = Set(naming.allowedSubjectAlternativeNames(for: name))
@@ -284,7 +308,8 @@ public final class ESTService: @unchecked Sendable {
         // The issuance log is written before the registry commits: a certificate is handed
         // out only when both have it.
         do {
-          try logIssuance(certificate, operation: operation, device: device.id, claim: claim)
+          try logIssuance(
+            certificate, operation: operation, device: device.id, claim: claim, attestation: verified)
         } catch {
           throw RAError("the issuance log cannot be written: \(error)")
         }
@@ -313,6 +338,58 @@ public final class ESTService: @unchecked Sendable {
     }
   }
 
+  /// The attestation endpoints: authenticated as enrollment is (a certificate of this CA, a
+  /// bootstrap certificate, a device's one-time secret), rate-limited alike.
+  private func attest(_ request: HTTPRequest, operation: String) -> HTTPResponse {
+    guard let attestation else { return .text(404, "this registration authority does not offer key attestation") }
+    let claim: EnrolmentClaim
+    if let current = request.clientCertificates.first, issuedHere(request.clientCertificates) {
+      claim = .renewal(current)
+    } else if let bootstrap = request.clientCertificates.first,
+      request.clientCertificates.dropFirst().contains(where: { c in policy.bootstrapCAs.contains { $0.der == c.der } })
+    {
+      claim = .bootstrap(bootstrap)
+    } else if let (u, p) = ESTService.basicCredentials(request.header("authorization")) {
+      if naming.sharedPasswordPattern != nil, let user = policy.bootstrapUser, let password = policy.bootstrapPassword,
+        u == user, ESTService.constantTimeEqual(Array(p.utf8), Array(password.utf8))
+      {
+        claim = .sharedPassword(user: u)
+      } else {
+        claim = .secret(device: u, secret: p)
+      }
+    } else {
+      return .text(401, "authentication required", headers: [("WWW-Authenticate", "Basic realm=\"EST\"")])
+    }
+    if let wait = limiter.admit(source: request.peerAddress, credential: claim.rateKey) {
+      let seconds = Int(wait.rounded(.up))
+      log("refused \(operation) from \(request.peerAddress): rate limit (\(claim.rateKey)), retry in \(seconds) s")
+      return .text(
+        429, "too many requests from this address or credential; retry after \(seconds) s",
+        headers: [("Retry-After", String(seconds))])
+    }
+    let device: String
+    do {
+      switch try registry.authenticate(claim) {
+      case .success(let id): device = id
+      case .failure(let refusal):
+        log("refused \(operation) from \(request.peerAddress): \(refusal.reason)")
+        return refusal.status == 401
+          ? .text(401, refusal.reason, headers: [("WWW-Authenticate", "Basic realm=\"EST\"")])
+          : .text(refusal.status, refusal.reason)
+      }
+    } catch {
+      return .text(500, "the registry cannot be read: \(error)")
+    }
+    let source = "est \(request.peerAddress)"
+    switch operation {
+    case "nonce": return attestation.nonceResponse(owner: claim.rateKey)
+    case "attest-activate":
+      return attestation.activate(request.body, device: device, owner: claim.rateKey, source: source)
+    default:
+      return attestation.certifyAttestationKey(request.body, device: device, owner: claim.rateKey, source: source)
+    }
+  }
+
   private func refuse(_ status: Int, _ reason: String, _ request: HTTPRequest) -> HTTPResponse {
     log(
       "refused \(request.path.hasSuffix("reenroll") ? "simplereenroll" : "simpleenroll") from \(request.peerAddress): \(reason)"
@@ -329,9 +406,10 @@ public final class ESTService: @unchecked Sendable {
 
   private func isSelfSigned(_ c: Certificate) -> Bool { c.subject == c.issuer }
 
-  private func logIssuance(_ certificate: Certificate, operation: String, device: String, claim: EnrolmentClaim)
-    throws(FileError)
-  {
+  private func logIssuance(
+    _ certificate: Certificate, operation: String, device: String, claim: EnrolmentClaim,
+    attestation: VerifiedKeyAttestation?
+  ) throws(FileError) {
     guard let path = policy.issuanceLogPath else { return }
     let authenticatedBy: String
     switch claim {
@@ -346,6 +424,13 @@ public final class ESTService: @unchecked Sendable {
       ("notAfter", Timestamp.iso8601(certificate.notAfter)),
       ("fingerprint", certificate.fingerprint), ("keyFingerprint", Certificate.sha256Hex(certificate.publicKeyDER)),
       ("authenticatedBy", authenticatedBy),
+      // "verified: TPM2_Certify by AK <serial>, key name <hex>", or "none".
+      (
+        "keyAttestation",
+        attestation.map {
+          "verified: TPM2_Certify by AK \($0.attestationKeyCertificate.serialNumber), key name \($0.keyName)"
+        } ?? "none"
+      ),
     ]
     let line = "{" + fields.map { "\"\($0.0)\":\(JSON.string($0.1))" }.joined(separator: ",") + "}\n"
     lock.lock()

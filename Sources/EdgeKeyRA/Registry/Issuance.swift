@@ -47,8 +47,13 @@ extension DeviceRegistry {
   /// Decides a request and, when the policy allows it, signs and records the certificate in
   /// one durable transaction. Nothing is written for a refusal but its audit line; a
   /// certificate that cannot be recorded is never returned.
+  ///
+  /// With `attestation` (evidence the caller verified), the AK that signed it must be the one
+  /// the device activated; without it, a device whose keys must be attested (`requireAttestation`
+  /// for all, an operator's requirement, or an activated AK) is refused.
   package func issue(
     _ claim: EnrolmentClaim, csr: CertificateSigningRequest, naming: NamingPolicy, operation: String, source: String,
+    attestation: VerifiedKeyAttestation? = nil, requireAttestation: Bool = false,
     sign: (DeviceRecord) throws(RAError) -> Certificate
   ) throws(RegistryError) -> IssuanceOutcome {
     let outcome = try storage.write { t throws(RegistryError) -> IssuanceOutcome in
@@ -58,6 +63,35 @@ extension DeviceRegistry {
       switch try Self.decide(claim, csr: csr, naming: naming, in: t) {
       case .failure(let refusal): return .refused(refusal)
       case .success(let d): decided = d
+      }
+      let id = decided.device.id
+      let bound = decided.isNew ? nil : try t.attestation(of: id)
+      let operatorRequires = decided.isNew ? false : try t.attestationRequired(of: id)
+      if let attestation {
+        guard let bound else {
+          return .refused(
+            Refusal(
+              403,
+              "device \(JSON.string(id)) has no activated attestation key: the evidence's AK (\(attestation.attestationKeyCertificate.subject)) is not its",
+              device: id))
+        }
+        guard bound.attestationKeyFingerprint == attestation.attestationKeyFingerprint else {
+          return .refused(
+            Refusal(
+              403,
+              "the evidence is signed by another device's attestation key (\(attestation.attestationKeyCertificate.subject)), not device \(JSON.string(id))'s",
+              device: id))
+        }
+      } else if requireAttestation || bound != nil || operatorRequires {
+        let why =
+          requireAttestation
+          ? "this RA requires attestation"
+          : bound != nil ? "it has an activated attestation key" : "an operator requires it"
+        return .refused(
+          Refusal(
+            403,
+            "device \(JSON.string(id)) must prove its key is in its TPM (\(why)): the request carries no key attestation",
+            device: id))
       }
       let certificate: Certificate
       do { certificate = try sign(decided.device) } catch {
@@ -83,6 +117,9 @@ extension DeviceRegistry {
           keyFingerprint: Certificate.sha256Hex(certificate.publicKeyDER), issued: now, operation: operation))
       var detail =
         "serial \(certificate.serialNumber), \(certificate.subject), until \(Timestamp.iso8601(certificate.notAfter))"
+      if let attestation {
+        detail += "; key attested (TPM2_Certify by AK \(attestation.attestationKeyCertificate.serialNumber))"
+      }
       if !decided.supersede.isEmpty {
         detail += "; superseded \(decided.supersede.map(\.serial).joined(separator: ", "))"
       }

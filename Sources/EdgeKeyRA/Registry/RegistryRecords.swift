@@ -105,3 +105,34 @@ public struct RegistryError: Error, Sendable, CustomStringConvertible, SQLiteWra
 
   public var description: String { message }
 }
+
+/// The TPM a device proved it holds: its endorsement key (from a manufacturer's certificate)
+/// and the attestation key the RA certified after TPM2_ActivateCredential proved the AK is in
+/// that TPM. One EK belongs to one device.
+public struct AttestationRecord: Sendable, Equatable {
+  public var device: String
+  /// SHA-256 of the EK's SubjectPublicKeyInfo, lowercase hex.
+  public var endorsementKeyFingerprint: String
+  /// The EK certificate's issuer (the TPM's manufacturer CA).
+  public var endorsementKeyIssuer: String
+  /// The AK's TPM Name, lowercase hex.
+  public var attestationKeyName: String
+  /// SHA-256 of the AK's SubjectPublicKeyInfo, lowercase hex.
+  public var attestationKeyFingerprint: String
+  /// The serial of the AK certificate the RA issued.
+  public var attestationKeyCertificateSerial: String
+  public var activated: Date
+
+  public init(
+    device: String, endorsementKeyFingerprint: String, endorsementKeyIssuer: String, attestationKeyName: String,
+    attestationKeyFingerprint: String, attestationKeyCertificateSerial: String, activated: Date
+  ) {
+    self.device = device
+    self.endorsementKeyFingerprint = endorsementKeyFingerprint
+    self.endorsementKeyIssuer = endorsementKeyIssuer
+    self.attestationKeyName = attestationKeyName
+    self.attestationKeyFingerprint = attestationKeyFingerprint
+    self.attestationKeyCertificateSerial = attestationKeyCertificateSerial
+    self.activated = activated
+  }
+}

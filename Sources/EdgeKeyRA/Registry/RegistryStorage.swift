@@ -44,6 +44,18 @@ public protocol RegistryTransaction {
   /// Adds one to a named counter and returns the new value (CRL numbers, revocation version).
   func increment(_ counter: String) throws(RegistryError) -> Int64
   func counter(_ counter: String) throws(RegistryError) -> Int64
+  /// The TPM a device proved it holds (EK, activated AK), if any.
+  func attestation(of device: String) throws(RegistryError) -> AttestationRecord?
+  /// The device whose TPM has this endorsement key (SHA-256 of its SubjectPublicKeyInfo).
+  func attestation(endorsementKey fingerprint: String) throws(RegistryError) -> AttestationRecord?
+  /// Records (or replaces, for the same device) an activated attestation key; `.conflict` when
+  /// the endorsement key is another device's.
+  func setAttestation(_ record: AttestationRecord) throws(RegistryError)
+  /// Forgets a device's TPM (an operator's step when its TPM was replaced).
+  func removeAttestation(of device: String) throws(RegistryError)
+  /// Whether an operator requires this device's keys to be attested.
+  func attestationRequired(of device: String) throws(RegistryError) -> Bool
+  func requireAttestation(of device: String) throws(RegistryError)
 }
 
 /// The registry in one SQLite file: WAL (an `edgekey-ra admin` process can read and write
@@ -77,6 +89,11 @@ public final class SQLiteRegistryStorage: DeviceRegistryStorage, @unchecked Send
         CREATE TABLE IF NOT EXISTS reserved(pattern TEXT PRIMARY KEY);
         CREATE TABLE IF NOT EXISTS external_revocations(serial TEXT PRIMARY KEY, revoked REAL NOT NULL, reason TEXT NOT NULL);
         CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        CREATE TABLE IF NOT EXISTS attestation(
+          device TEXT PRIMARY KEY REFERENCES devices(id), ek_fingerprint TEXT NOT NULL UNIQUE,
+          ek_issuer TEXT NOT NULL, ak_name TEXT NOT NULL, ak_fingerprint TEXT NOT NULL,
+          ak_serial TEXT NOT NULL, activated REAL NOT NULL);
+        CREATE TABLE IF NOT EXISTS attestation_required(device TEXT PRIMARY KEY REFERENCES devices(id));
         """)
     } catch {
       throw RegistryError(sqlite: error)
@@ -284,5 +301,53 @@ private struct SQLiteRegistryTransaction: RegistryTransaction {
 
   func counter(_ counter: String) throws(RegistryError) -> Int64 {
     try rows("SELECT value FROM counters WHERE name = ?", [.text(counter)]).first?[0].integer ?? 0
+  }
+
+  private static let attestationColumns =
+    "device, ek_fingerprint, ek_issuer, ak_name, ak_fingerprint, ak_serial, activated"
+
+  private func attestations(where clause: String, _ values: [SQLiteValue]) throws(RegistryError)
+    -> [AttestationRecord]
+  {
+    try rows("SELECT \(Self.attestationColumns) FROM attestation \(clause)", values).map { row in
+      AttestationRecord(
+        device: row[0].text ?? "", endorsementKeyFingerprint: row[1].text ?? "",
+        endorsementKeyIssuer: row[2].text ?? "", attestationKeyName: row[3].text ?? "",
+        attestationKeyFingerprint: row[4].text ?? "", attestationKeyCertificateSerial: row[5].text ?? "",
+        activated: Date(timeIntervalSince1970: row[6].real ?? 0))
+    }
+  }
+
+  func attestation(of device: String) throws(RegistryError) -> AttestationRecord? {
+    try attestations(where: "WHERE device = ?", [.text(device)]).first
+  }
+
+  func attestation(endorsementKey fingerprint: String) throws(RegistryError) -> AttestationRecord? {
+    try attestations(where: "WHERE ek_fingerprint = ?", [.text(fingerprint)]).first
+  }
+
+  func setAttestation(_ r: AttestationRecord) throws(RegistryError) {
+    if let other = try attestation(endorsementKey: r.endorsementKeyFingerprint), other.device != r.device {
+      throw RegistryError(.conflict, "the endorsement key is device \(JSON.string(other.device))'s")
+    }
+    _ = try rows(
+      "INSERT OR REPLACE INTO attestation(\(Self.attestationColumns)) VALUES(?,?,?,?,?,?,?)",
+      [
+        .text(r.device), .text(r.endorsementKeyFingerprint), .text(r.endorsementKeyIssuer),
+        .text(r.attestationKeyName), .text(r.attestationKeyFingerprint), .text(r.attestationKeyCertificateSerial),
+        .real(r.activated.timeIntervalSince1970),
+      ])
+  }
+
+  func removeAttestation(of device: String) throws(RegistryError) {
+    _ = try rows("DELETE FROM attestation WHERE device = ?", [.text(device)])
+  }
+
+  func attestationRequired(of device: String) throws(RegistryError) -> Bool {
+    try !rows("SELECT 1 FROM attestation_required WHERE device = ?", [.text(device)]).isEmpty
+  }
+
+  func requireAttestation(of device: String) throws(RegistryError) {
+    _ = try rows("INSERT OR IGNORE INTO attestation_required(device) VALUES(?)", [.text(device)])
   }
 }

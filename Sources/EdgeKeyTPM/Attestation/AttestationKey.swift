@@ -30,6 +30,12 @@ public final class AttestationKey: @unchecked Sendable {
     edgekey_tpm_key_free(raw)
   }
 
+  /// Loads the key now rather than at first use (SRK + TPM2_Load). Throws with
+  /// ``TPMError/meansKeyLost`` when this TPM can no longer load it (cleared, or another TPM).
+  public func load() throws(TPMError) {
+    try check("loading the attestation key") { edgekey_tpm_key_load(raw, $0) }
+  }
+
   /// The key's TPM Name (nameAlg || H(TPMT_PUBLIC)): what a credential is made for.
   public var name: [UInt8] { publicKey.name }
 
