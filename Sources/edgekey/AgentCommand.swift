@@ -318,6 +318,7 @@ func statusCommand(_ args: Arguments, logger: Logger) throws {
         + "\"valid\":\(cert.isValid()),\"keyFingerprint\":\(jsonString("sha256:" + keyFingerprint)),"
         + "\"renewalPending\":\(pending),\"previousKept\":\(previous),"
         + "\"anchors\":[\(anchors.map(jsonString).joined(separator: ","))],"
+        + "\"attestation\":\(attestationJSON(AttestationStatus.read(store))),"
         + "\"agent\":\(agentText.map(escapingControlCharacters) ?? "null")}")
     return
   }
@@ -329,6 +330,10 @@ func statusCommand(_ args: Arguments, logger: Logger) throws {
   out("renewal:      at \(Certificate.format(renewAt))\(pending ? "; a renewal is under way" : "")")
   out("key:          sha256:\(keyFingerprint) (in the TPM; \(store.path(.current)))")
   out("anchors:      \(anchors.isEmpty ? "none learnt yet" : anchors.joined(separator: ", "))")
+  let attestation = AttestationStatus.read(store)
+  out(
+    "attestation:  \(attestation.state)"
+      + (attestation.certificate.map { " (AK certificate from \($0.issuer), until \($0.notAfter))" } ?? ""))
   // The file is ours, but text from it reaches a terminal: control characters are shown escaped.
   if let agentText {
     out("agent:        \(escapingControlCharacters(agentText))")

@@ -123,6 +123,26 @@ func doctorCommand(_ args: Arguments, logger: Logger) throws {
     "\(leaf.subject) from \(leaf.issuer), clientAuth, matches the key, \(days(until: leaf.notAfter.timeIntervalSince1970))"
   )
 
+  // The device's attestation (with --state): whether its keys are certified by an activated AK.
+  if let state = args.option("state") {
+    let status = (try? CredentialStore(directory: state)).map { AttestationStatus.read($0) }
+    switch status?.state {
+    case "activated"?:
+      report(
+        true, "attestation",
+        "attestation key certified by \(status!.certificate!.issuer) until \(status!.certificate!.notAfter): new keys are attested"
+      )
+    case "certificate expired"?:
+      report(
+        false, "attestation",
+        "the attestation key's certificate expired at \(status!.certificate!.notAfter): run provision --attest again")
+    case "key made, not activated"?:
+      report(false, "attestation", "an attestation key exists but the RA never certified it: run provision --attest")
+    default:
+      report(true, "attestation", "none: this device's keys are not attested (provision --attest)")
+    }
+  }
+
   // 3-5. The connection: server chain, protocol, the server's verdict on us.
   let connection = doctorConnect(context, host: host, port: port)
   if let peer = connection.peerCertificate {

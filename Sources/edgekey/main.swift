@@ -1,4 +1,5 @@
 import EdgeKeyCore
+import EdgeKeyEnrollment
 import EdgeKeyTLS
 import EdgeKeyTPM
 
@@ -18,7 +19,7 @@ let usage = """
   edgekey: device identity with keys held in a TPM 2.0
 
   Usage:
-    edgekey tpm info [--json]                 the TPM: vendor, firmware, algorithms, curves, lockout
+    edgekey tpm info [--json] [--state DIR]   the TPM: vendor, firmware, algorithms, curves, lockout
     edgekey key create [--algorithm A] (--out FILE | --handle H) [--auth-env VAR]
                                               create a non-exportable signing key in the TPM
     edgekey key show (--file FILE | --handle H) [--json]
@@ -60,7 +61,7 @@ let usage = """
                                               what the agent last reported
     edgekey doctor --host H --port P --cafile CA --cert CERT (--file FILE | --handle H)
                 [--server-name N] [--crl FILE] [--tls-max 1.2|1.3] [--protocol mqtt|tls|est]
-                [-t TOPIC]
+                [-t TOPIC] [--state DIR]
                                               walk the mTLS layers to a broker or an EST server: TPM
                                               and key, our certificate, the server's chain, protocol,
                                               the server's verdict on us, then MQTT CONNECT and a
@@ -142,7 +143,7 @@ let commandOptions: [String: Set<String>] = {
     "host", "port", "cafile", "cert", "id", "topic", "qos", "timeout",
   ])
   return [
-    "tpm info": ["json"],
+    "tpm info": ["json", "state"],
     "key create": ["algorithm", "out", "handle", "auth-env", "json"],
     "key show": key.union(["json"]),
     "key list": [],
@@ -157,7 +158,7 @@ let commandOptions: [String: Set<String>] = {
     ]),
     "status": ["state", "json"],
     "doctor": key.union(serverTLS).union(mqtt).union([
-      "host", "port", "cafile", "cert", "tls-max", "protocol", "topic", "client-id", "label",
+      "host", "port", "cafile", "cert", "tls-max", "protocol", "topic", "client-id", "label", "state",
       "allow-server-without-eku",
     ]),
     "pub": client.union([
@@ -313,6 +314,11 @@ func run(_ argv: [[UInt8]]) throws {
     let tpm = openTPM(args, logger: logger)
     let info = try tpm.info()
     let endorsement = EndorsementReport.read(tpm)
+    // With --state, the device's attestation key: made, certified by the RA, until when.
+    let attestation = args.option("state").flatMap { try? CredentialStore(directory: $0) }.map {
+      AttestationStatus.read($0)
+    }
+    let attestationField: String = attestation.map { "\"attestation\":\(attestationJSON($0))," } ?? ""
     if args.flag("json") {
       out(
         "{\"tcti\":\(jsonString(info.tcti)),\"resourceManager\":\(info.hasResourceManager),"
@@ -324,6 +330,7 @@ func run(_ argv: [[UInt8]]) throws {
           + "\"inLockout\":\(info.inLockout),\"lockoutCounter\":\(info.lockoutCounter),\"maxAuthFail\":\(info.maxAuthFail),"
           + "\"transientSlots\":\(info.transientSlots),\"ekCertificates\":\(info.endorsementCertificates.count),"
           + "\"endorsementKeys\":[\(endorsement.map(\.json).joined(separator: ","))],"
+          + attestationField
           + "\"persistentHandles\":[\(info.persistentHandles.map { jsonString($0.description) }.joined(separator: ","))]}"
       )
     } else {
@@ -341,6 +348,12 @@ func run(_ argv: [[UInt8]]) throws {
         "EK certificates:   \(info.endorsementCertificates.isEmpty ? "none" : info.endorsementCertificates.map { "0x" + String($0, radix: 16) }.joined(separator: ", "))"
       )
       for report in endorsement { out("endorsement key:   \(report.text)") }
+      if let attestation {
+        let detail = attestation.certificate.map { ": \($0.subject) from \($0.issuer), until \($0.notAfter)" } ?? ""
+        out("attestation key:   \(attestation.state)\(detail)")
+      } else {
+        out("attestation key:   (--state DIR shows the device's)")
+      }
       out(
         "persistent:        \(info.persistentHandles.isEmpty ? "none" : info.persistentHandles.map(\.description).joined(separator: ", "))"
       )

@@ -407,6 +407,14 @@ struct KillDuringAttestationTests {
     // Every certificate the RA issued was for an attested key (the RA requires it).
     #expect(!fleet.ra.issuanceLog.isEmpty)
     #expect(fleet.attestedIssuances == fleet.ra.issuanceLog.count, "\(fleet.ra.issuanceLog)")
+    // What the device's tools say of it.
+    _ = try device.tpm.flushAllTransientObjects()
+    let status = try Command.runCapturing(edgekey, ["status", "--state", device.store.directory, "--json"])
+    #expect(status.stdout.contains("\"attestation\":{\"state\":\"activated\""), "\(status.stdout)\(status.stderr)")
+    let info = try Command.runCapturing(
+      edgekey, ["tpm", "info", "--json", "--state", device.store.directory, "--tcti", device.swtpm.tcti])
+    #expect(info.stdout.contains("\"attestation\":{\"state\":\"activated\""), "\(info.stdout)\(info.stderr)")
+    #expect(info.stdout.contains("\"matchesKey\":true"), "the EK certificate is for this TPM's EK")
     print(
       "kill during attestation: enrollment with activation killed \(activationKills) times; \(trials) renewals killed "
         + "at 0-\(Int(duration * 1200)) ms (one takes \(Int(duration * 1000)) ms); \(activations.count) activation(s) of one AK, "

@@ -22,6 +22,7 @@ public enum FuzzTargets {
     "csr": signingRequest,
     "tss2-keyfile": keyFile,
     "tpm-public": tpmPublic,
+    "csr-attestation": csrAttestation,
     "credential": credential,
     "config": config,
   ]
@@ -125,6 +126,22 @@ public enum FuzzTargets {
   /// A marshaled TPM2B_PUBLIC (the public half inside a key file).
   static func tpmPublic(_ bytes: [UInt8]) {
     if let publicKey = try? PublicKey(marshaledPublic: bytes) { touch(publicKey) }
+  }
+
+  /// A CSR's id-aa-attestation bundle (draft-ietf-lamps-csr-attestation) and the TPM structures
+  /// in its tcg-attest-tpm-certify statement, as the RA reads them from any client.
+  static func csrAttestation(_ bytes: [UInt8]) {
+    guard let attestation = try? KeyAttestation(bundle: bytes) else { return }
+    let again = try? KeyAttestation(bundle: attestation.der)
+    check(again == attestation, "attestation bundle round trip changed it")
+    let evidence = attestation.evidence
+    _ = try? EvidenceVerifier.certifyInfo(evidence.attest)
+    _ = try? EvidenceVerifier.verifySignature(evidence.signature, over: evidence.attest, by: [])
+    if let key = try? PublicKey(publicArea: evidence.certifiedPublicArea) {
+      touch(key)
+      _ = key.name
+    }
+    for der in attestation.certificates { if let c = try? Certificate(der: der) { touch(c) } }
   }
 
   /// A credential file of the state directory (key block and chain).
