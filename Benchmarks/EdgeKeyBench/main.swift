@@ -7,6 +7,7 @@
 // MQTTBench.swift adds QoS 1 messages/s against a plain libmosquitto publisher, and memory;
 // ProvisionBench.swift the time and TPM commands to provision a device against a shell pipeline;
 // RegistryBench.swift issuances per second with the RA's device registry against signing alone.
+// AttestationBench.swift provisioning and rotation with key attestation against without.
 //
 //   swift run -c release edgekey-bench [--handshakes N] [--anchor-seconds S] [--messages N]
 import COpenSSL
@@ -40,7 +41,7 @@ struct Options {
       case "-h", "--help":
         print(
           "usage: edgekey-bench [--handshakes N] [--anchor-seconds S] [--messages N] [--payload BYTES] "
-            + "[--devices N] [--only handshakes|mqtt|provision|registry]")
+            + "[--devices N] [--only handshakes|mqtt|provision|registry|attestation]")
         exit(0)
       default:
         FileHandle.standardError.write("unknown option \(args[i])\n".data(using: .utf8)!)
@@ -126,6 +127,8 @@ func run() throws {
   print("mosquitto with require_certificate on 127.0.0.1:\(broker.port); TLS 1.3; ECDSA P-256 client keys")
   if options.only == nil || options.only == "registry" { try runRegistry(options, ca: ca, work: work) }
   if options.only == "registry" { return }
+  if options.only == nil || options.only == "attestation" { try runAttestation(options, work: work) }
+  if options.only == "attestation" { return }
   if options.only == nil || options.only == "provision" {
     try runProvisioning(options, ca: ca, broker: broker, work: work)
   }

@@ -145,17 +145,15 @@ package enum DeviceAttestation {
     return chain
   }
 
-  /// Step 4: TPM2_Certify of `key` by the device's AK over a fresh nonce from the RA. Nil when
-  /// the device has no activated AK.
+  /// Step 4: TPM2_Certify of `key` by `attestationKey` over a fresh nonce from the RA, with the
+  /// AK's certificate chain.
   package static func evidence(
-    for key: TPMKey, tpm: TPM, store: CredentialStore, client: ESTClient, authentication: ESTAuthentication
-  ) throws(EnrollmentError) -> KeyAttestation? {
-    let chain = try store.attestationCertificates()
-    guard !chain.isEmpty, let file = try store.attestationKey() else { return nil }
+    for key: TPMKey, by attestationKey: AttestationKey, chain: [Certificate], client: ESTClient,
+    authentication: ESTAuthentication
+  ) throws(EnrollmentError) -> KeyAttestation {
     let nonce = try client.attestationNonce(authentication: authentication)
     do {
-      let ak = try tpm.loadAttestationKey(file)
-      let evidence = try key.certify(by: ak, qualifyingData: nonce)
+      let evidence = try key.certify(by: attestationKey, qualifyingData: nonce)
       return KeyAttestation(evidence: evidence, certificates: chain.map(\.der))
     } catch {
       throw EnrollmentError(.tpm, "certifying the new key with the attestation key: \(error)")

@@ -356,9 +356,12 @@ public final class RenewalAgent: @unchecked Sendable {
       _ = try DeviceAttestation.activate(
         tpm: tpm, store: store, client: issuing, authentication: authentication, onEvent: { onEvent(.attestation($0)) })
     }
-    let attestation = try DeviceAttestation.evidence(
-      for: key, tpm: tpm, store: store, client: issuing, authentication: authentication)
-    if let attestation {
+    var attestation: KeyAttestation? = nil
+    if let (ak, chain) = try attestationKey() {
+      attestation = try DeviceAttestation.evidence(
+        for: key, by: ak, chain: chain, client: issuing, authentication: authentication)
+    }
+    if attestation != nil {
       onEvent(.attestation("the new key is certified by the attestation key (TPM2_Certify over the RA's nonce)"))
       locked { $0.counters.attested += 1 }
     }
@@ -390,6 +393,19 @@ public final class RenewalAgent: @unchecked Sendable {
     onEvent(.renewed(chain[0].summary, newKey: newKey))
     install(issued, key)
     return issued
+  }
+
+  /// The device's activated attestation key and its certificate chain; nil before activation.
+  /// Opened for each request and flushed after its TPM2_Certify: held loaded between rotations
+  /// it takes one of the TPM's few object slots (3 on swtpm), and the evictions that causes
+  /// cost more commands than loading it once per rotation (measured: 18 against 15 per
+  /// rotation on swtpm with the SRK persisted).
+  private func attestationKey() throws(EnrollmentError) -> (AttestationKey, [Certificate])? {
+    let chain = try store.attestationCertificates()
+    guard !chain.isEmpty, let file = try store.attestationKey() else { return nil }
+    do { return (try tpm.loadAttestationKey(file), chain) } catch {
+      throw EnrollmentError(.tpm, "opening the attestation key: \(error)")
+    }
   }
 
   private func keyForRequest(current: Credential?, algorithm: KeyAlgorithm) throws(EnrollmentError) -> (
