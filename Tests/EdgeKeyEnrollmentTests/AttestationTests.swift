@@ -95,10 +95,8 @@ struct AttestationTests {
     #expect(status.certificate?.subject == "CN=device-0001")
     var keys: Set<String> = [try first.key.publicKey().fingerprint]
     for _ in 0..<3 {
-      let before = device.tpm.commandCount
       let renewed = try agent.renew()
       keys.insert(try renewed.key.publicKey().fingerprint)
-      _ = before
     }
     #expect(keys.count == 4, "every rotation made a new key")
     #expect(fleet.ra.issuanceLog.count == 4)
@@ -112,6 +110,50 @@ struct AttestationTests {
     #expect(shown.contains(akCertificate.serialNumber))
     #expect(akCertificate.extendedKeyUsageOIDs == ["2.23.133.8.3"], "an AK certificate is never a TLS client's")
     #expect(!akCertificate.allowsClientAuth)
+    // The RA's csrattrs asks for key attestation, and the client understands it.
+    let asked = try device.client().requestedAttributes()
+    #expect(asked?.keyAttestation == true)
+    #expect(asked?.notUnderstood == [], "\(String(describing: asked))")
+  }
+
+  @Test("provision --attest on a device enrolled without it: activated, enrolled again attested; no way back")
+  func provisionAttestsLater() throws {
+    let fleet = try AttestedFleet(requireAttestation: false)
+    let device = try AttestedFleet.Device(fleet, id: "device-0001")
+    let server = try fleet.ca.issueServer()
+    let broker = try MosquittoBroker(
+      certificatePEM: server.certificate, keyPEM: server.key, clientCAPEM: fleet.ca.certificatePEM)
+    let work = device.swtpm.stateDirectory.path
+    let caFile = work + "/ca.pem"
+    try fleet.ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+    var environment = ProcessInfo.processInfo.environment
+    environment["EST_PASSWORD"] = "\(device.id):\(device.secret)"
+    let common = [
+      "--state", device.store.directory, "--server", fleet.ra.localhostURL, "--cafile", caFile, "--tcti",
+      device.swtpm.tcti, "--password-env", "EST_PASSWORD", "--subject", "O=EdgeKey Tests,CN=device-0001",
+    ]
+    let edgekey = try builtExecutable("edgekey")
+    let plain = try Command.runCapturing(edgekey, ["enroll"] + common, environment: environment)
+    #expect(plain.status == 0, "\(plain.stderr)")
+    #expect(fleet.ra.issuanceLog.last?.contains("\"keyAttestation\":\"none\"") == true)
+    _ = try device.tpm.flushAllTransientObjects()
+    let provisioned = try Command.runCapturing(
+      edgekey, ["provision", "--attest", "-h", "127.0.0.1", "-p", String(broker.port)] + common,
+      environment: environment)
+    #expect(provisioned.status == 0, "\(provisioned.stdout)\(provisioned.stderr)")
+    #expect(provisioned.stdout.contains("\"ok\":true"), "\(provisioned.stdout)")
+    #expect(provisioned.stdout.contains("\"attestation\":{\"state\":\"activated\""), "\(provisioned.stdout)")
+    #expect(fleet.ra.issuanceLog.count == 2)
+    #expect(fleet.attestedIssuances == 1)
+    // Once activated, a request without evidence is refused for this device.
+    _ = try device.tpm.flushAllTransientObjects()
+    let key = try device.tpm.loadKey(try device.tpm.createKey())
+    let refused = #expect(throws: EnrollmentError.self) {
+      try device.client().reenroll(
+        try device.request(key, attestation: nil), authentication: try device.certificateAuthentication())
+    }
+    #expect(
+      refused?.description.contains("it has an activated attestation key") == true, "\(String(describing: refused))")
   }
 
   @Test(

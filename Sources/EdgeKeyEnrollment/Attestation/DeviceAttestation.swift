@@ -97,7 +97,7 @@ package enum DeviceAttestation {
         let key = try tpm.loadAttestationKey(existing)
         try key.load()
         loaded = key
-      } catch where error.meansKeyLost || error.code == .invalidArgument {
+      } catch  where error.meansKeyLost || error.code == .invalidArgument {
         onEvent("the stored attestation key cannot be loaded (\(error.reason)); making a new one")
       } catch {
         throw EnrollmentError(.tpm, "loading the attestation key: \(error)")
@@ -130,7 +130,8 @@ package enum DeviceAttestation {
     }
     guard let ekCertificate else {
       throw EnrollmentError(
-        .configuration, "this TPM has no endorsement key certificate at 0x01C00002 or 0x01C0000A: it cannot be attested")
+        .configuration, "this TPM has no endorsement key certificate at 0x01C00002 or 0x01C0000A: it cannot be attested"
+      )
     }
     let challenge = try client.activationChallenge(
       endorsementCertificate: ekCertificate, attestationKey: ak.publicKey, authentication: authentication)

@@ -17,7 +17,9 @@ extension ESTClient {
   public func attestationNonce(authentication: ESTAuthentication) throws(EnrollmentError) -> [UInt8] {
     struct Answer: Decodable { var nonce: String }
     let answer = try post("nonce", [:], as: Answer.self, authentication: authentication)
-    guard let nonce = Base64.decode(answer.nonce), (16...64).contains(nonce.count) else { throw EnrollmentError(.malformedResponse, "nonce: no base64 nonce of 16 to 64 bytes in the answer") }
+    guard let nonce = Base64.decode(answer.nonce), (16...64).contains(nonce.count) else {
+      throw EnrollmentError(.malformedResponse, "nonce: no base64 nonce of 16 to 64 bytes in the answer")
+    }
     return nonce
   }
 
@@ -35,7 +37,8 @@ extension ESTClient {
     let object = try post(
       "attest-activate",
       [
-        "ekCertificate": Base64.encode(endorsementCertificate), "attestationKey": Base64.encode(attestationKey.tpmPublic),
+        "ekCertificate": Base64.encode(endorsementCertificate),
+        "attestationKey": Base64.encode(attestationKey.tpmPublic),
       ], as: Answer.self, authentication: authentication)
     let id = object.id
     guard !id.isEmpty, let blob = Base64.decode(object.credentialBlob),
@@ -56,7 +59,8 @@ extension ESTClient {
     let answer = try ESTClient.perform(
       server: server, options: options, method: "POST", operation: "attest-akcert",
       body: Array(Self.jsonObject(["id": challengeID, "credential": Base64.encode(credential)]).utf8),
-      contentType: "application/json", authentication: authentication, trustAnchorsPEM: trustAnchors.map(\.pem).joined())
+      contentType: "application/json", authentication: authentication, trustAnchorsPEM: trustAnchors.map(\.pem).joined()
+    )
     let chain: [Certificate]
     do { chain = try Certificate.chain(pem: String(decoding: answer.body, as: UTF8.self)) } catch {
       throw EnrollmentError(.malformedResponse, "attest-akcert: the answer is not a PEM certificate chain")
@@ -87,7 +91,9 @@ extension ESTClient {
   }
 
   static func jsonObject(_ fields: [String: String]) -> String {
-    "{" + fields.sorted { $0.key < $1.key }.map { "\(JSON.string($0.key)):\(JSON.string($0.value))" }.joined(separator: ",")
+    "{"
+      + fields.sorted { $0.key < $1.key }.map { "\(JSON.string($0.key)):\(JSON.string($0.value))" }.joined(
+        separator: ",")
       + "}"
   }
 }

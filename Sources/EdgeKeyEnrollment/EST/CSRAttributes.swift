@@ -7,7 +7,7 @@ import EdgeKeyTPM
 ///
 /// Understood: the key type and its curve or size (id-ecPublicKey with a curve, rsaEncryption
 /// with a size), the signature's hash (ecdsa-with-SHA256/384/512, shaNNNWithRSAEncryption), a
-/// challengePassword, and the extensions the request can carry (subjectAltName, keyUsage,
+/// challengePassword, key attestation, and the extensions the request can carry (subjectAltName, keyUsage,
 /// extKeyUsage). Everything else is listed in ``notUnderstood``, for the caller to report.
 public struct CSRAttributes: Sendable, Equatable {
   /// The key the server wants, when it named one EdgeKey makes.
@@ -16,6 +16,8 @@ public struct CSRAttributes: Sendable, Equatable {
   public var signatureHash: HashAlgorithm?
   /// The server wants a challengePassword (RFC 7030 §3.5: the connection's tls-unique).
   public var challengePassword = false
+  /// The server wants key attestation (id-aa-attestation, draft-ietf-lamps-csr-attestation).
+  public var keyAttestation = false
   /// Extensions the server asked for that the request carries (dotted OIDs).
   public var requestedExtensions: [String] = []
   /// Attributes, OIDs and parameters we do not understand (dotted OIDs, with what about them).
@@ -24,6 +26,7 @@ public struct CSRAttributes: Sendable, Equatable {
   public init() {}
 
   static let challengePasswordOID = "1.2.840.113549.1.9.7"
+  static let attestationOID = "1.2.840.113549.1.9.16.2.59"
   static let extensionRequestOID = "1.2.840.113549.1.9.14"
   static let ecPublicKeyOID = "1.2.840.10045.2.1"
   static let rsaEncryptionOID = "1.2.840.113549.1.1.1"
@@ -61,6 +64,8 @@ public struct CSRAttributes: Sendable, Equatable {
   private mutating func take(oid: String) {
     if oid == Self.challengePasswordOID {
       challengePassword = true
+    } else if oid == Self.attestationOID {
+      keyAttestation = true
     } else if let hash = Self.hashes[oid] {
       signatureHash = hash
     } else if oid == Self.ecPublicKeyOID || oid == Self.rsaEncryptionOID {
@@ -97,6 +102,8 @@ public struct CSRAttributes: Sendable, Equatable {
       }
     case Self.challengePasswordOID:
       challengePassword = true
+    case Self.attestationOID:
+      keyAttestation = true
     case Self.extensionRequestOID:
       // The extension types asked for, however nested (RFC 7030's example lists OIDs).
       for oid in DERReader.allOIDs(values) {

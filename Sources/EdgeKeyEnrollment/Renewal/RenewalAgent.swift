@@ -364,6 +364,12 @@ public final class RenewalAgent: @unchecked Sendable {
     if attestation != nil {
       onEvent(.attestation("the new key is certified by the attestation key (TPM2_Certify over the RA's nonce)"))
       locked { $0.counters.attested += 1 }
+    } else if asked?.keyAttestation == true {
+      onEvent(
+        .serverAttributes(
+          applied: [],
+          notApplied: ["key attestation (this device has no activated attestation key: provision --attest)"]
+        ))
     }
     func makeRequest(_ challenge: String?) throws(EnrollmentError) -> CertificateSigningRequest {
       do {

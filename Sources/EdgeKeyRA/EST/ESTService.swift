@@ -171,7 +171,8 @@ public final class ESTService: @unchecked Sendable {
   }
 
   /// The attributes a device should put in its request: challengePassword (for channel
-  /// binding), an EC P-256 key, ECDSA with SHA-256 (RFC 7030 §4.5.2).
+  /// binding), an EC P-256 key, ECDSA with SHA-256 (RFC 7030 §4.5.2), and key attestation
+  /// when this RA checks it.
   private func csrAttributes() -> HTTPResponse {
     let challengePassword: [UInt8] = [0x06, 0x09, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x09, 0x07]
     // Attribute { id-ecPublicKey, { secp256r1 } }
@@ -180,7 +181,10 @@ public final class ESTService: @unchecked Sendable {
       0xCE, 0x3D, 0x03, 0x01, 0x07,
     ]
     let ecdsaSHA256: [UInt8] = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03, 0x02]
-    let content = challengePassword + ecKey + ecdsaSHA256
+    // id-aa-attestation, when this RA checks key attestation: the device should send evidence.
+    let attestationOID: [UInt8] =
+      attestation == nil ? [] : [0x06, 0x0B, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x09, 0x10, 0x02, 0x3B]
+    let content = challengePassword + ecKey + ecdsaSHA256 + attestationOID
     let der: [UInt8] = policy.csrAttributesDER ?? ([0x30, UInt8(content.count)] + content)
     return HTTPResponse(
       status: 200, headers: [("Content-Type", "application/csrattrs"), ("Content-Transfer-Encoding", "base64")],
