@@ -126,6 +126,9 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   }
   let tlsPolicy = brokerPolicy(args, host: host, caFile: args.option("broker-cafile") ?? args.option("cafile")!)
   var policy = RenewalPolicy()
+  // Activate an attestation key at the first enrollment if the device has none; once it has
+  // one, every renewal is attested whatever this says.
+  policy.attest = args.flag("attest")
   if let text = args.option("renew-at") {
     guard let share = Double(text), share > 0, share < 1 else { fail("--renew-at takes a share like 0.66", .usage) }
     policy.renewAfter = share

@@ -52,7 +52,7 @@ let usage = """
                                               enrollment and every renewal after it
     edgekey agent --state DIR --server URL --cafile CA -h BROKER [-p P] [--broker-cafile CA]
                 [-t TOPIC [--interval S] [-l]] [--outbox DB] [--subject ...] [--password-env VAR]
-                [--renew-at 0.66] [--channel-binding]
+                [--renew-at 0.66] [--channel-binding] [--attest]
                                               the long-running device: enrolls if needed, keeps the
                                               MQTT connection, publishes, renews and switches to the
                                               new certificate; SIGTERM stops, SIGHUP reloads;
