@@ -144,6 +144,28 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
     }
   }
 
+  /// The directory-name attributes of the subject alternative names, as (dotted OID, value):
+  /// where an EK certificate names its TPM (TCG EK Credential Profile: tcg-at-tpmManufacturer
+  /// 2.23.133.2.1, tcg-at-tpmModel 2.23.133.2.2, tcg-at-tpmVersion 2.23.133.2.3).
+  public var directoryNameAttributes: [(oid: String, value: String)] {
+    guard let raw = X509_get_ext_d2i(x509, NID_subject_alt_name, nil, nil) else { return [] }
+    let names = OpaquePointer(raw)
+    defer { GENERAL_NAMES_free(names) }
+    var result: [(String, String)] = []
+    for i in 0..<OPENSSL_sk_num(names) {
+      guard let element = OPENSSL_sk_value(names, i) else { continue }
+      let name = element.assumingMemoryBound(to: GENERAL_NAME.self).pointee
+      guard name.type == GEN_DIRNAME, let directory = name.d.directoryName else { continue }
+      for j in 0..<X509_NAME_entry_count(directory) {
+        guard let entry = X509_NAME_get_entry(directory, j) else { continue }
+        var text = [CChar](repeating: 0, count: 128)
+        guard OBJ_obj2txt(&text, Int32(text.count), X509_NAME_ENTRY_get_object(entry), 1) > 0 else { continue }
+        result.append((cString(text), asn1String(X509_NAME_ENTRY_get_data(entry))))
+      }
+    }
+    return result
+  }
+
   /// True when the certificate may be used for TLS client authentication.
   public var allowsClientAuth: Bool {
     let eku = extendedKeyUsage
@@ -213,8 +235,12 @@ extension Certificate {
   /// Verifies `leaf` up to one of `anchors`, with `untrusted` as candidate intermediates, at
   /// `date`, for `purpose`. Returns the chain leaf first, without the anchor (what a TLS peer
   /// sends); throws with OpenSSL's reason otherwise.
+  ///
+  /// `partialChain`: an anchor may be an intermediate (a TPM maker's issuing CA configured
+  /// without its root).
   public static func verifiedChain(
-    leaf: Certificate, untrusted: [Certificate], anchors: [Certificate], purpose: Purpose, at date: Date = Date()
+    leaf: Certificate, untrusted: [Certificate], anchors: [Certificate], purpose: Purpose, at date: Date = Date(),
+    partialChain: Bool = false
   ) throws(TLSError) -> [Certificate] {
     guard let store = X509_STORE_new(), let context = X509_STORE_CTX_new() else {
       throw TLSError(.tls, .other, "out of memory")
@@ -237,6 +263,7 @@ extension Certificate {
     case .any: break
     }
     X509_VERIFY_PARAM_set_time(X509_STORE_CTX_get0_param(context), time_t(date.timeIntervalSince1970))
+    if partialChain { X509_VERIFY_PARAM_set_flags(X509_STORE_CTX_get0_param(context), UInt(X509_V_FLAG_PARTIAL_CHAIN)) }
     guard X509_verify_cert(context) == 1 else {
       let code = X509_STORE_CTX_get_error(context)
       let depth = X509_STORE_CTX_get_error_depth(context)

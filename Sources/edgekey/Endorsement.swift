@@ -33,11 +33,21 @@ struct EndorsementReport {
     }
   }
 
+  /// The TPM the certificate names (TCG EK Credential Profile: manufacturer, model and version
+  /// in the subject alternative name's directory name), e.g. "id:00001014 swtpm id:20191023".
+  var tpmNamed: String? {
+    let attributes = certificate?.directoryNameAttributes ?? []
+    let wanted = ["2.23.133.2.1", "2.23.133.2.2", "2.23.133.2.3"]
+    let values = wanted.compactMap { oid in attributes.first { $0.oid == oid }?.value }
+    return values.isEmpty ? nil : values.joined(separator: " ")
+  }
+
   var text: String {
     let index = "0x" + String(type.certificateIndex, radix: 16)
     guard let certificate else { return "\(type.rawValue) at \(index): \(problem ?? "?")" }
     var line =
       "\(type.rawValue) at \(index): issuer \(certificate.issuer), valid \(Certificate.format(certificate.notBefore)) to \(Certificate.format(certificate.notAfter))"
+    if let tpmNamed { line += ", for TPM \(tpmNamed)" }
     switch matchesKey {
     case true?: line += "; the re-created EK is its key"
     case false?: line += "; the re-created EK is NOT its key (another template, or a replaced certificate)"
@@ -57,6 +67,7 @@ struct EndorsementReport {
         "\"notBefore\":\(jsonString(Certificate.format(certificate.notBefore)))",
         "\"notAfter\":\(jsonString(Certificate.format(certificate.notAfter)))",
       ]
+      if let tpmNamed { fields.append("\"tpm\":\(jsonString(tpmNamed))") }
     }
     if let matchesKey { fields.append("\"matchesKey\":\(matchesKey)") }
     if let problem { fields.append("\"problem\":\(jsonString(problem))") }

@@ -16,12 +16,16 @@ final class AttestedFleet: @unchecked Sendable {
   let ra: RegistrationAuthority
   let manufacturer: SoftwareTPM
 
-  init(lifetime: String = "1h", requireAttestation: Bool = true) throws {
+  /// - Parameter issuingCAOnly: give the RA the maker's issuing CA without its root (an
+  ///   operator who has only that).
+  init(lifetime: String = "1h", requireAttestation: Bool = true, issuingCAOnly: Bool = false) throws {
     manufacturer = try SoftwareTPM(endorsementCertificates: true)
     ca = try TestCA()
+    let makerCA =
+      issuingCAOnly
+      ? try Certificate.chain(pem: manufacturer.manufacturerCAPEM)[0].pem : manufacturer.manufacturerCAPEM
     ra = try RegistrationAuthority(
-      ca: ca, password: nil, lifetime: lifetime, manufacturerCAs: [manufacturer.manufacturerCAPEM],
-      requireAttestation: requireAttestation)
+      ca: ca, password: nil, lifetime: lifetime, manufacturerCAs: [makerCA], requireAttestation: requireAttestation)
   }
 
   /// A device on its own swtpm (made by `manufacturer`'s CA unless given), registered with a secret.
@@ -118,7 +122,7 @@ struct AttestationTests {
 
   @Test("provision --attest on a device enrolled without it: activated, enrolled again attested; no way back")
   func provisionAttestsLater() throws {
-    let fleet = try AttestedFleet(requireAttestation: false)
+    let fleet = try AttestedFleet(requireAttestation: false, issuingCAOnly: true)
     let device = try AttestedFleet.Device(fleet, id: "device-0001")
     let server = try fleet.ca.issueServer()
     let broker = try MosquittoBroker(
@@ -457,6 +461,7 @@ struct KillDuringAttestationTests {
       edgekey, ["tpm", "info", "--json", "--state", device.store.directory, "--tcti", device.swtpm.tcti])
     #expect(info.stdout.contains("\"attestation\":{\"state\":\"activated\""), "\(info.stdout)\(info.stderr)")
     #expect(info.stdout.contains("\"matchesKey\":true"), "the EK certificate is for this TPM's EK")
+    #expect(info.stdout.contains("\"tpm\":\"id:"), "the TPM the EK certificate names: \(info.stdout)")
     print(
       "kill during attestation: enrollment with activation killed \(activationKills) times; \(trials) renewals killed "
         + "at 0-\(Int(duration * 1200)) ms (one takes \(Int(duration * 1000)) ms); \(activations.count) activation(s) of one AK, "
