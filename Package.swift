@@ -5,6 +5,7 @@ import PackageDescription
 let package = Package(
   name: "EdgeKey",
   products: [
+    .library(name: "EdgeKey", targets: ["EdgeKey"]),
     .library(name: "EdgeKeyTPM", targets: ["EdgeKeyTPM"]),
     .library(name: "EdgeKeyCore", targets: ["EdgeKeyCore"]),
     .library(name: "EdgeKeyTLS", targets: ["EdgeKeyTLS"]),
@@ -70,8 +71,14 @@ let package = Package(
     ),
     .target(
       name: "EdgeKeyEnrollment",
-      dependencies: ["CEdgeKeyHTTP", "COpenSSL", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyCore"],
+      dependencies: ["CEdgeKeyHTTP", "COpenSSL", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyCore"],
       path: "Sources/EdgeKeyEnrollment"
+    ),
+    // The facade for daemon authors: one `Device` owning TPM, credentials, renewal and MQTT.
+    .target(
+      name: "EdgeKey",
+      dependencies: ["EdgeKeyEnrollment", "EdgeKeyMQTT", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyCore"],
+      path: "Sources/EdgeKey"
     ),
     // The registration authority: an EST server signing with a CA in files.
     .target(
@@ -86,14 +93,14 @@ let package = Package(
     ),
     .executableTarget(
       name: "edgekey",
-      dependencies: ["EdgeKeyTPM", "EdgeKeyTLS", "EdgeKeyMQTT", "EdgeKeyEnrollment", "EdgeKeyCore"],
+      dependencies: ["EdgeKey", "EdgeKeyTPM", "EdgeKeyTLS", "EdgeKeyMQTT", "EdgeKeyEnrollment", "EdgeKeyCore"],
       path: "Sources/edgekey"
     ),
 
     // Examples, built with the package so that they keep compiling.
     .executableTarget(
       name: "edgekey-telemetry",
-      dependencies: ["EdgeKeyEnrollment", "EdgeKeyMQTT", "EdgeKeyTLS", "EdgeKeyTPM"],
+      dependencies: ["EdgeKey"],
       path: "Examples/TelemetryDaemon"
     ),
 
@@ -155,7 +162,7 @@ let package = Package(
     .testTarget(
       name: "EdgeKeyEnrollmentTests",
       dependencies: [
-        "EdgeKeyEnrollment", "EdgeKeyRA", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyCore",
+        "EdgeKey", "EdgeKeyEnrollment", "EdgeKeyRA", "EdgeKeyTLS", "EdgeKeyTPM", "EdgeKeyMQTT", "EdgeKeyCore",
         "EdgeKeyTestSupport", "EdgeKeyFuzzTargets",
         "COpenSSL", "CEdgeKeyProvider",
       ],
@@ -168,7 +175,7 @@ let package = Package(
     ),
     .testTarget(
       name: "EdgeKeyCLITests",
-      dependencies: ["EdgeKeyTestSupport", "EdgeKeyCore", "EdgeKeyMQTT", "COpenSSL"],
+      dependencies: ["EdgeKeyTestSupport", "EdgeKeyCore", "EdgeKeyMQTT", "EdgeKeyEnrollment", "COpenSSL"],
       path: "Tests/EdgeKeyCLITests"
     ),
   ],

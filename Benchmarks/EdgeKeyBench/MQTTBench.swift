@@ -91,8 +91,11 @@ func mqttThroughput(
   return rows
 }
 
-/// Runs a program to completion; its exit status and peak resident memory (KiB).
-func peakMemory(_ path: String, _ arguments: [String], environment: [String: String]) throws -> (Int32, Int) {
+/// Runs a program to completion (or, with `stopAfter`, until then, when it gets SIGTERM); its
+/// exit status and peak resident memory (KiB).
+func peakMemory(
+  _ path: String, _ arguments: [String], environment: [String: String], stopAfter: Duration? = nil
+) throws -> (Int32, Int) {
   var pid: pid_t = 0
   let argv = ([path] + arguments).map { strdup($0) } + [nil]
   let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
@@ -111,7 +114,14 @@ func peakMemory(_ path: String, _ arguments: [String], environment: [String: Str
   // high-water mark into the child's. The child's own mm reports its peak as VmHWM.
   var status: Int32 = 0
   var peak = 0
+  let clock = ContinuousClock()
+  let deadline = stopAfter.map { clock.now.advanced(by: $0) }
+  var signalled = false
   while true {
+    if let deadline, !signalled, clock.now >= deadline {
+      kill(pid, SIGTERM)
+      signalled = true
+    }
     if let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
       let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
       let kib = Int(line.split(separator: " ").dropFirst().first ?? "")

@@ -12,6 +12,7 @@
 //   swift run -c release edgekey-bench [--handshakes N] [--anchor-seconds S] [--messages N]
 import COpenSSL
 import EdgeKeyCore
+import EdgeKeyEnrollment
 import EdgeKeyTLS
 import EdgeKeyTPM
 import EdgeKeyTestSupport
@@ -320,6 +321,23 @@ func runMQTT(_ options: Options, ca: TestCA, broker: MosquittoBroker, work: URL)
     mosquittoPub,
     common + ["--cert", softCert, "--key", softKey, "-t", "bench/rss", "-m", "x0", "--repeat", count],
     environment: ProcessInfo.processInfo.environment)
+  // The example daemon on the facade (Examples/TelemetryDaemon): its credential in a state
+  // directory, connected, a reading a second and a command subscription, for 5 s.
+  let daemon = URL(fileURLWithPath: binary).deletingLastPathComponent().appendingPathComponent("edgekey-telemetry").path
+  var daemonPeak: Int? = nil
+  if FileManager.default.isExecutableFile(atPath: daemon) {
+    let state = work.appendingPathComponent("daemon-state").path
+    let store = try CredentialStore(directory: state)
+    try store.write(Credential(key: rssKey, chain: try Certificate.chain(pem: rssCert.certificate)), to: .current)
+    let config = work.appendingPathComponent("daemon.conf").path
+    try [
+      "state = \(state)", "server = https://127.0.0.1:1", "cafile = \(caFile)", "host = 127.0.0.1",
+      "port = \(broker.port)", "tcti = \(swtpm.tcti)",
+    ].joined(separator: "\n").write(toFile: config, atomically: true, encoding: .utf8)
+    let (_, peak) = try peakMemory(
+      daemon, [config], environment: env.merging(["INTERVAL": "1"]) { $1 }, stopAfter: .seconds(5))
+    daemonPeak = peak
+  }
   print("")
   print("peak resident memory, publishing \(count) QoS 1 messages")
   print("  edgekey pub (TPM key)          \(ours) KiB" + (ourStatus == 0 ? "" : " (exit \(ourStatus))"))
@@ -328,6 +346,12 @@ func runMQTT(_ options: Options, ca: TestCA, broker: MosquittoBroker, work: URL)
   Report.shared.add(
     "peak RSS publishing \(count) QoS 1 messages", ours: Double(ours), anchorName: "mosquitto_pub",
     anchor: Double(theirs), unit: "KiB", higherIsBetter: false)
+  if let daemonPeak {
+    print("  edgekey-telemetry (the facade's example daemon, 5 s connected)   \(daemonPeak) KiB")
+    Report.shared.add(
+      "peak RSS, example daemon on the facade (5 s connected)", ours: Double(daemonPeak), anchorName: "edgekey pub",
+      anchor: Double(ours), unit: "KiB", higherIsBetter: false)
+  }
 }
 
 do {

@@ -1,69 +1,24 @@
-// A telemetry daemon in a screen of code: its identity from the credential store (the TPM key
-// never leaves the TPM), MQTT with a durable outbox, the renewal agent switching the connection
-// to each new certificate, and counters. Stop it with SIGTERM or Ctrl-C.
+// A telemetry daemon on the EdgeKey facade: its identity from the state directory (the key
+// never leaves the TPM; enrolled again if the certificate expired while it was off), mTLS MQTT
+// with a durable outbox, a command topic answered on a reply topic, automatic renewal, the
+// counters as OpenMetrics (`metrics-file` in the configuration), and a clean stop on SIGTERM.
 //
-//   edgekey-telemetry STATE_DIR EST_URL CA.pem BROKER_HOST BROKER_PORT
-//   (EDGEKEY_TCTI picks the TPM; `edgekey enroll` or `provision` fills STATE_DIR first)
-import EdgeKeyEnrollment
-import EdgeKeyMQTT
-import EdgeKeyTLS
-import EdgeKeyTPM
+//   edgekey-telemetry CONFIG   (name = value lines: state, server, cafile, host, port, ...;
+//                               see DeviceConfiguration(contentsOf:); INTERVAL=5 seconds)
+import EdgeKey
 import Foundation
 
-/// A line on stdout, written at once (a log file or journald reads it while we run).
-func say(_ text: String) { FileHandle.standardOutput.write(Data((text + "\n").utf8)) }
-
-let args = CommandLine.arguments
-guard args.count == 6, let port = UInt16(args[5]) else {
-  say("usage: edgekey-telemetry STATE_DIR EST_URL CA.pem BROKER_HOST BROKER_PORT")
-  exit(2)
-}
-let (stateDir, estURL, caFile, brokerHost) = (args[1], args[2], args[3], args[4])
-var signals = sigset_t()
-sigemptyset(&signals)
-sigaddset(&signals, SIGTERM)
-sigaddset(&signals, SIGINT)
-pthread_sigmask(SIG_BLOCK, &signals, nil)
-
-do {
-  let caPEM = try String(contentsOfFile: caFile, encoding: .utf8)
-  let tpm = try TPM.open()
-  let store = try CredentialStore(directory: stateDir)
-  let settings = EnrollmentSettings(server: try ESTServer(url: estURL), trustAnchors: try Certificate.chain(pem: caPEM))
-  let tlsPolicy = TLSPolicy(trustAnchorsPEM: caPEM, serverName: brokerHost)
-  let switcher = MQTTCredentialSwitch(policy: tlsPolicy)
-  let agent = RenewalAgent(
-    store: store, tpm: tpm, settings: settings, onEvent: { say("renewal: \($0)") }, install: switcher.install)
-
-  guard let (credential, key) = try agent.current(), let cert = credential.certificate else {
-    say("\(stateDir) holds no credential: run `edgekey enroll` or `edgekey provision` first")
-    exit(1)
+await Device.main(configurationFile: CommandLine.arguments.last!) { device in
+  let commands = try await device.messages("devices/\(device.name)/commands/#")
+  Task {
+    for await command in commands {
+      try await device.publish(
+        "devices/\(device.name)/replies", text: "done: \(String(decoding: command.payload, as: UTF8.self))")
+    }
   }
-  let device = cert.commonName ?? "device"
-  let client = try MQTTClient(
-    MQTTConfiguration(host: brokerHost, port: port, clientID: device),
-    tls: try TLSClientContext(certificateChain: credential.chain, key: key, policy: tlsPolicy),
-    outbox: try Outbox(path: stateDir + "/outbox.db"))
-  switcher.attach(client, agent: agent)
-  client.start()
-  agent.start()
-  say("\(device) → \(brokerHost):\(port), certificate until \(cert.notAfter)")
-
-  var reading = 0
-  let every = Int(ProcessInfo.processInfo.environment["INTERVAL"] ?? "5") ?? 5
-  var timeout = timespec(tv_sec: every, tv_nsec: 0)
-  while sigtimedwait(&signals, nil, &timeout) < 0 {  // a reading every $INTERVAL (5) s until a signal
-    let payload = "{\"reading\":\(reading),\"load\":\(ProcessInfo.processInfo.systemUptime)}"
-    try client.enqueue([
-      MQTTMessage(topic: "devices/\(device)/telemetry", payload: Array(payload.utf8), qos: .atLeastOnce)
-    ])
-    reading += 1
-    let m = client.metrics
-    say("sent \(m.messagesAcknowledged)/\(m.messagesQueued), renewals \(agent.counters.renewals)")
+  let interval = Int(ProcessInfo.processInfo.environment["INTERVAL"] ?? "5") ?? 5
+  for reading in 0... {
+    try await device.publish("devices/\(device.name)/telemetry", json: ["reading": reading])
+    try await Task.sleep(for: .seconds(interval))
   }
-  agent.stop()
-  client.stop()  // what the broker has not acknowledged stays in the outbox for the next start
-} catch {
-  say("edgekey-telemetry: \(error)")
-  exit(1)
 }

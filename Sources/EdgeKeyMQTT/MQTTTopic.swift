@@ -17,6 +17,23 @@ public enum MQTTTopic {
       mosquitto_sub_topic_check2)
   }
 
+  /// Whether `topic` matches the subscription `filter` (`+` one level, `#` the rest), as the
+  /// broker decides it (libmosquitto's matcher).
+  public static func matches(filter: String, topic: String) -> Bool {
+    var result = false
+    let (f, t) = (Array(filter.utf8), Array(topic.utf8))
+    let rc = f.withUnsafeBufferPointer { fb in
+      t.withUnsafeBufferPointer { tb in
+        fb.withMemoryRebound(to: CChar.self) { fc in
+          tb.withMemoryRebound(to: CChar.self) { tc in
+            mosquitto_topic_matches_sub2(fc.baseAddress, fc.count, tc.baseAddress, tc.count, &result)
+          }
+        }
+      }
+    }
+    return rc == MOSQ_ERR_SUCCESS.rawValue && result
+  }
+
   private static func check(
     _ text: String, what: String, _ checker: (UnsafePointer<CChar>?, Int) -> Int32
   ) throws(MQTTError) {

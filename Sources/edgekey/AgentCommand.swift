@@ -1,3 +1,4 @@
+import EdgeKey
 import EdgeKeyCore
 import EdgeKeyEnrollment
 import EdgeKeyMQTT
@@ -86,29 +87,6 @@ final class AgentStatus: @unchecked Sendable {
   }
 }
 
-/// systemd's readiness protocol without libsystemd: one datagram to $NOTIFY_SOCKET.
-func systemdNotify(_ message: String) {
-  guard let socketPath = getenv("NOTIFY_SOCKET").map({ String(cString: $0) }), !socketPath.isEmpty else { return }
-  let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-  guard fd >= 0 else { return }
-  defer { close(fd) }
-  var address = sockaddr_un()
-  address.sun_family = sa_family_t(AF_UNIX)
-  // An abstract socket is written with a leading NUL in place of '@'.
-  var bytes = Array(socketPath.utf8)
-  if bytes.first == UInt8(ascii: "@") { bytes[0] = 0 }
-  guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return }
-  withUnsafeMutableBytes(of: &address.sun_path) { raw in
-    for (i, b) in bytes.enumerated() { raw[i] = b }
-  }
-  let length = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count)
-  _ = message.withCString { text in
-    withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, text, strlen(text), 0, $0, length) }
-    }
-  }
-}
-
 /// `edgekey agent`: the long-running device. Enrolls if it has to, keeps the MQTT connection,
 /// publishes telemetry, renews its certificate at the policy's moment and switches the
 /// connection to it; SIGTERM/SIGINT stop it cleanly, SIGHUP reloads (re-reads the stored
@@ -149,7 +127,7 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   let tpm = openTPM(args, logger: logger)
   let status = AgentStatus(directory: store.directory)
   status.broker = "\(host):\(port)"
-  let switcher = MQTTCredentialSwitch(policy: tlsPolicy)
+  let switcher = MQTTCredentialSwitch(policy: tlsPolicy, logger: logger)
   let agent = RenewalAgent(
     store: store, tpm: tpm, settings: settings, policy: policy, identity: identity,
     onEvent: { event in
@@ -234,7 +212,7 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   while true {
     if !ready && client.isConnected {
       ready = true
-      systemdNotify("READY=1\nSTATUS=connected to \(host):\(port)")
+      Systemd.notify("READY=1\nSTATUS=connected to \(host):\(port)")
     }
     if let topic, Date() >= nextBeat {
       let cert = (try? store.read(.current))?.certificate
@@ -261,7 +239,7 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
       agent.renewSoon()
     }
   }
-  systemdNotify("STOPPING=1")
+  Systemd.notify("STOPPING=1")
   agent.stop()
   // Messages accepted but not yet acknowledged stay in the outbox (on disk with --outbox).
   client.stop()

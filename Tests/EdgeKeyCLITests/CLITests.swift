@@ -1,5 +1,6 @@
 import COpenSSL
 import EdgeKeyCore
+import EdgeKeyEnrollment
 import EdgeKeyMQTT
 import EdgeKeyTestSupport
 import Foundation
@@ -352,38 +353,6 @@ struct CLITests {
       environment: environment)
     #expect(refused.status == 1)
     #expect(refused.stdout.contains("\"failedStep\":\"verify\""))
-  }
-
-  @Test("the example telemetry daemon: identity from the store, MQTT with outbox, SIGTERM stops it")
-  func telemetryExample() throws {
-    let f = try Fleet()
-    let (state, ra, broker, caFile) = (f.state, f.ra, f.broker, f.caFile)
-    var environment = f.environment
-    environment["INTERVAL"] = "1"
-    let enrolled = try f.enroll(commonName: "sensor-3")
-    #expect(enrolled.status == 0, "\(enrolled.stderr)")
-    let log = f.path("daemon.log")
-    let daemon = try ChildProcess(
-      try builtExecutable("edgekey-telemetry"),
-      [state, ra.localhostURL, caFile, "127.0.0.1", String(broker.port)], logPath: log, environment: environment)
-    let deadline = Date().addingTimeInterval(20)
-    var text = ""
-    // "sent A/E": A acknowledged by the broker of E enqueued; A moves by more than one at a time.
-    func acknowledged(_ text: String) -> Int {
-      text.split(separator: "\n").compactMap { line -> Int? in
-        guard line.hasPrefix("sent ") else { return nil }
-        return Int(line.dropFirst(5).prefix { $0.isNumber })
-      }.max() ?? 0
-    }
-    while Date() < deadline && daemon.isRunning && acknowledged(text) < 2 {
-      usleep(100_000)
-      text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-    }
-    #expect(text.contains("sensor-3 → 127.0.0.1"), "\(text)")
-    #expect(acknowledged(text) >= 2, "messages acknowledged by the broker")
-    daemon.send(SIGTERM)
-    while daemon.isRunning && Date() < deadline.addingTimeInterval(10) { usleep(50_000) }
-    #expect(daemon.exitCode == 0)
   }
 
   @Test("the example factory script provisions a batch of simulated devices, one JSON line each")
@@ -1223,5 +1192,107 @@ struct CLIInputTests {
     let pinned = try Command.runCapturing(try edgekeyBinary(), subscribe + ["-V", "5"], environment: f.environment)
     #expect(pinned.status == 2)
     #expect(pinned.stderr.contains("needs MQTT 3.1.1"))
+  }
+}
+
+/// The example daemon (`Examples/TelemetryDaemon`, on the `EdgeKey` facade), as a user runs it.
+@Suite("the example telemetry daemon on the facade")
+struct ExampleDaemonTests {
+  func write(_ f: Fleet, _ extra: [String] = []) throws -> String {
+    let file = f.path("telemetry.conf")
+    try
+      ([
+        "state = \(f.state)", "server = \(f.ra.localhostURL)", "cafile = \(f.caFile)", "host = 127.0.0.1",
+        "port = \(f.broker.port)", "password-env = EST_PASSWORD", "subject = CN=device-77",
+        "metrics-file = \(f.path("edgekey.prom"))",
+      ] + extra).joined(separator: "\n").write(toFile: file, atomically: true, encoding: .utf8)
+    return file
+  }
+
+  /// `mosquitto_sub`/`mosquitto_pub` as an operator's client (a software certificate of the CA).
+  func operatorClient(_ f: Fleet) throws -> [String] {
+    let identity = try f.ca.issueSoftwareClient(commonName: "operator")
+    let cert = f.path("operator.pem")
+    let key = f.path("operator.key")
+    try identity.certificate.write(toFile: cert, atomically: true, encoding: .utf8)
+    try TestCA.privateKeyPEM(identity.key).write(toFile: key, atomically: true, encoding: .utf8)
+    return ["-h", "127.0.0.1", "-p", String(f.broker.port), "--cafile", f.caFile, "--cert", cert, "--key", key]
+  }
+
+  @Test(
+    "started with an expired certificate it enrolls again, publishes telemetry, answers a command, stops on SIGTERM")
+  func expiredCommandAndStop() throws {
+    let f = try Fleet(lifetime: "2s")
+    #expect(try f.enroll(commonName: "device-77").status == 0)
+    // Wait for the event (the certificate's expiry), not a fixed time.
+    let store = try CredentialStore(directory: f.state)
+    let notAfter = try #require(try store.read(.current)?.certificate?.notAfter)
+    while Date() <= notAfter { usleep(50_000) }
+    var environment = f.environment
+    environment["INTERVAL"] = "1"
+    let log = f.path("daemon.log")
+    let daemon = try ChildProcess(
+      try builtExecutable("edgekey-telemetry"), [try write(f)], logPath: log, environment: environment)
+    defer { daemon.stop() }
+    let client = try operatorClient(f)
+    // Its telemetry arrives: it enrolled anew (the old certificate had expired) and connected.
+    let telemetry = try Command.runCapturing(
+      "mosquitto_sub", client + ["-t", "devices/device-77/telemetry", "-C", "1", "-W", "60", "-i", "op-telemetry"])
+    #expect(
+      telemetry.stdout.contains("\"reading\""),
+      "\(telemetry.stderr) \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+    #expect(
+      try store.read(.current)?.certificate?.isValid() == true
+        || (try store.read(.current)?.certificate?.notAfter ?? .distantPast) > notAfter)
+    // A command on its topic is answered on the reply topic.
+    let replies = try ChildProcess(
+      "/usr/bin/mosquitto_sub",
+      client + ["-t", "devices/device-77/replies", "-C", "1", "-W", "60", "-i", "op-replies"],
+      logPath: f.path("replies.log"))
+    var answered = false
+    for _ in 0..<600 where !answered {
+      // Published until the subscriber has it (its subscription may not be in place yet).
+      _ = try Command.runCapturing(
+        "mosquitto_pub", client + ["-t", "devices/device-77/commands/reboot", "-m", "reboot", "-i", "op-pub"])
+      let seen = (try? String(contentsOfFile: f.path("replies.log"), encoding: .utf8)) ?? ""
+      answered = seen.contains("done: reboot")
+      if !answered { usleep(100_000) }
+    }
+    #expect(answered, "\((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+    replies.stop()
+    // SIGTERM: a clean stop, exit 0; the metrics file was written.
+    daemon.send(SIGTERM)
+    #expect(daemon.wait() == 0, "\((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+    let metrics = try String(contentsOfFile: f.path("edgekey.prom"), encoding: .utf8)
+    // It started on an expired certificate: one enrollment by the fallback credential.
+    #expect(metrics.contains("edgekey_renewal_bootstrap_fallbacks_total 1"), "\(metrics)")
+    #expect(metrics.contains("edgekey_mqtt_"), "the connection's counters too: \(metrics)")
+    #expect(metrics.hasSuffix("# EOF\n"))
+  }
+
+  @Test("SIGTERM while the enrollment server makes it wait (202, Retry-After 60) stops it within about a second")
+  func stopDuringPendingWait() throws {
+    let f = try Fleet(raArguments: ["--pending", "100", "--retry-after", "60"])
+    let log = f.path("daemon.log")
+    let daemon = try ChildProcess(
+      try builtExecutable("edgekey-telemetry"), [try write(f, ["verbose = true"])], logPath: log,
+      environment: f.environment)
+    defer { daemon.stop() }
+    // The event: the EST client's log line for the server's 202 and the wait it starts.
+    var waiting = false
+    for _ in 0..<1200 where !waiting {
+      waiting = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("202, waiting 60 s")
+      if !waiting { usleep(50_000) }
+    }
+    #expect(waiting, "\((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+    let sent = Date()
+    daemon.send(SIGTERM)
+    let status = daemon.wait()
+    let took = Date().timeIntervalSince(sent)
+    print(
+      "example daemon: SIGTERM during a 202 wait (Retry-After 60 s) returned after \(Int(took * 1000)) ms, exit \(status)"
+    )
+    #expect(status == 0, "a clean stop, not the signal's default action")
+    #expect(took < 10, "it did not wait out the server's 60 s")
   }
 }

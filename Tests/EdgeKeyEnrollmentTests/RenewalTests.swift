@@ -1,4 +1,5 @@
 import COpenSSL
+import EdgeKey
 import EdgeKeyCore
 import EdgeKeyEnrollment
 import EdgeKeyMQTT
@@ -515,7 +516,7 @@ final class Installed: @unchecked Sendable {
   private var keys: [[UInt8]] = []
   let switcher: MQTTCredentialSwitch
 
-  init(policy: TLSPolicy) { switcher = MQTTCredentialSwitch(policy: policy, confirmationTimeout: 10) }
+  init(policy: TLSPolicy) { switcher = MQTTCredentialSwitch(policy: policy, confirmationTimeout: .seconds(10)) }
 
   func install(_ credential: Credential, _ key: TPMKey) {
     lock.lock()

@@ -1,4 +1,5 @@
 import EdgeKeyCore
+import EdgeKeyEnrollment
 import EdgeKeyMQTT
 import EdgeKeyTLS
 import EdgeKeyTPM
@@ -20,14 +21,16 @@ public final class MQTTCredentialSwitch: @unchecked Sendable {
   private var currentPolicy: TLSPolicy
   /// How long to wait for the client to connect with a new credential before leaving the
   /// previous one in place (it is retired at the next successful switch).
-  public var confirmationTimeout: TimeInterval
+  public let confirmationTimeout: Duration
   private let lock = Lock()
   private var client: MQTTClient?
   private weak var agent: RenewalAgent?
+  private let logger: Logger
 
-  public init(policy: TLSPolicy, confirmationTimeout: TimeInterval = 30) {
+  public init(policy: TLSPolicy, confirmationTimeout: Duration = .seconds(30), logger: Logger = .disabled) {
     currentPolicy = policy
     self.confirmationTimeout = confirmationTimeout
+    self.logger = logger
   }
 
   public func attach(_ client: MQTTClient, agent: RenewalAgent) {
@@ -44,10 +47,13 @@ public final class MQTTCredentialSwitch: @unchecked Sendable {
     currentPolicy = policy
     let client = self.client
     lock.unlock()
-    guard let client, let (credential, key) = current,
-      let context = try? TLSClientContext(certificateChain: credential.chain, key: key, policy: policy)
-    else { return }
-    client.replaceCredentials(context, reconnect: false)
+    guard let client, let (credential, key) = current else { return }
+    do {
+      let context = try TLSClientContext(certificateChain: credential.chain, key: key, policy: policy)
+      client.replaceCredentials(context, reconnect: false)
+    } catch {
+      logger.error("the TLS identity with the new policy could not be made; the previous one stays: \(error)")
+    }
   }
 
   /// The agent's `install`: builds the TLS context, swaps it into the client, waits (on the
@@ -56,18 +62,28 @@ public final class MQTTCredentialSwitch: @unchecked Sendable {
     lock.lock()
     let (client, agent) = (self.client, self.agent)
     lock.unlock()
-    guard let client, let agent,
-      let context = try? TLSClientContext(certificateChain: credential.chain, key: key, policy: policy)
-    else { return }
+    guard let client, let agent else { return }
+    let context: TLSClientContext
+    do { context = try TLSClientContext(certificateChain: credential.chain, key: key, policy: policy) } catch {
+      // The new credential is stored; the connection keeps the one it has until this works.
+      logger.error(
+        "the TLS identity for the new certificate could not be made; the connection keeps the previous one: \(error)")
+      return
+    }
     let before = client.metrics.connections
     client.replaceCredentials(context)
-    let deadline = Date().addingTimeInterval(confirmationTimeout)
-    while Date() < deadline {
+    let clock = ContinuousClock()
+    let deadline = clock.now.advanced(by: confirmationTimeout)
+    while clock.now < deadline {
       if client.isConnected && client.metrics.connections > before && client.tls === context {
-        try? agent.confirmInUse()
+        do { try agent.confirmInUse() } catch {
+          logger.error("the previous credential could not be retired (it is retried at the next switch): \(error)")
+        }
         return
       }
       Threads.sleep(0.02)
     }
+    logger.warning(
+      "the client did not connect with the new certificate within \(confirmationTimeout); the previous key is kept")
   }
 }
