@@ -121,6 +121,11 @@ public struct EdgeKeyError: Error, Sendable, Equatable, CustomStringConvertible 
       self.init(code, layer: code == .cancelled ? .caller : .mqtt, reason: with(e.reason), underlying: e)
     case let e as EnrollmentError:
       // The TPM's own error is kept whole where the enrollment step had it.
+      if let tpm = e.tpm {
+        self.init(tpm, context: context)
+        reason = with(e.description)
+        return
+      }
       if let tls = e.tls, e.kind == .tls || e.kind == .tpm {
         self.init(tls, context: context)
         underlying = e

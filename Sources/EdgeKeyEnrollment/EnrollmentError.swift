@@ -1,4 +1,5 @@
 import EdgeKeyTLS
+import EdgeKeyTPM
 import FoundationEssentials
 
 /// A failure of enrollment or renewal, with the step that failed.
@@ -44,17 +45,20 @@ public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatab
   public var tls: TLSError?
   /// The certificate concerned (a refused issued certificate, our expired one).
   public var certificate: TLSError.CertificateSummary?
+  /// For `.tpm`: the TPM's own error, whole (a busy TPM, to retry, is not a lockout, to stop).
+  public var tpm: TPMError?
   /// For `.pendingTooLong` (and a 503 that said so): how long the server asked us to wait
   /// before asking again (Retry-After). RFC 7030 §4.2.3: the client MUST NOT ask sooner.
   public var retryAfter: TimeInterval?
 
   public init(
     _ kind: Kind, _ message: String, tls: TLSError? = nil, certificate: TLSError.CertificateSummary? = nil,
-    retryAfter: TimeInterval? = nil
+    retryAfter: TimeInterval? = nil, tpm: TPMError? = nil
   ) {
     self.kind = kind
     self.message = message
     self.tls = tls
+    self.tpm = tpm
     self.certificate = certificate
     self.retryAfter = retryAfter
   }
@@ -65,9 +69,17 @@ public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatab
     case .network, .timedOut, .pendingTooLong, .responseTooLarge, .malformedResponse: return true
     case .server(let status): return status >= 500 || status == 408 || status == 429
     case .tls: return tls?.layer == .network || tls?.layer == .tls
+    // A busy TPM, one out of object slots or one that timed out may answer next time; a
+    // lockout, a lost key or a wrong argument will not.
+    case .tpm:
+      guard let code = tpm?.code else { return false }
+      return code == .busy || code == .objectSlotsFull || code == .timeout
     default: return false
     }
   }
+
+  /// Equal when the kinds are (the message is for people, not for matching).
+  public static func == (a: EnrollmentError, b: EnrollmentError) -> Bool { a.kind == b.kind }
 
   public var description: String {
     var text: String

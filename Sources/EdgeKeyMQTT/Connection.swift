@@ -16,7 +16,7 @@ final class Connection {
   /// The version this connection speaks (never `.automatic`).
   let version: MQTTProtocolVersion
   private let mosq: OpaquePointer
-  private var connectedAt: Date?
+  private var connectedAt: ContinuousClock.Instant?
   private var ended = false
   private var endCode: Int32 = 0
   private var endErrno: Int32 = 0
@@ -103,8 +103,10 @@ final class Connection {
         kind: .connectionFailed(rc), reason: "cannot connect to \(endpoint): \(Connection.errnoText(rc))")
       return .failed(error, refused: false, reason: "network")
     }
-    let deadline = Date().addingTimeInterval(configuration.connectTimeout)
-    var disconnectAsked: Date?
+    // Monotonic: an NTP step during a connection attempt neither shortens nor stretches it.
+    let clock = ContinuousClock()
+    let deadline = clock.now.advanced(by: .milliseconds(Int64(configuration.connectTimeout * 1000)))
+    var disconnectAsked: ContinuousClock.Instant?
     var leaving: ConnectionOutcome?
     var timedOut = false
     loop: while !ended {
@@ -124,7 +126,7 @@ final class Connection {
         pollfd(fd: engine.wakeDescriptor, events: Int16(POLLIN), revents: 0),
       ]
       var timeout = 1000.0
-      if !isConnected { timeout = min(timeout, max(deadline.timeIntervalSinceNow * 1000, 0)) }
+      if !isConnected { timeout = min(timeout, max(Self.milliseconds(deadline - clock.now), 0)) }
       if poll(&fds, 2, Int32(timeout)) < 0 && errno != EINTR { break }
       if fds[1].revents != 0 { engine.drainWake() }
       if !isConnected && fds[0].revents & Int16(POLLERR | POLLHUP) != 0, let error = Connection.socketError(sock) {
@@ -155,7 +157,7 @@ final class Connection {
         leaving = stopping ? .stopped : .swapped
         guard isConnected else { break }
         mosquitto_disconnect(mosq)
-        disconnectAsked = Date()
+        disconnectAsked = clock.now
       }
       if isConnected && leaving == nil { pump() }
       if !handshaking && (fds[0].revents & Int16(POLLOUT) != 0 || mosquitto_want_write(mosq)) {
@@ -171,17 +173,17 @@ final class Connection {
         break
       }
       flushAcknowledgements()
-      if !isConnected && Date() >= deadline {
+      if !isConnected && clock.now >= deadline {
         timedOut = true
         break loop
       }
-      if let asked = disconnectAsked, Date().timeIntervalSince(asked) > 2 { break }
+      if let asked = disconnectAsked, clock.now - asked > .seconds(2) { break }
     }
     flushAcknowledgements()
     if let leaving { return leaving }
     if let connectedAt {
       let reason = endCode == 0 ? "the connection ended" : "connection lost: \(endText)"
-      return .lost(reason: "\(reason) (\(endpoint))", upFor: Date().timeIntervalSince(connectedAt))
+      return .lost(reason: "\(reason) (\(endpoint))", upFor: Self.seconds(ContinuousClock.now - connectedAt))
     }
     if let refusal {
       let v5 = version == .v5
@@ -361,7 +363,7 @@ final class Connection {
 
   private func didConnect(_ rc: Int32) {
     if rc == 0 {
-      connectedAt = Date()
+      connectedAt = ContinuousClock.now
       engine.connected(endpoint, afterFallback: countsFallback, version: version)
     } else {
       refusal = rc
@@ -427,4 +429,11 @@ final class Connection {
         topic: String(cString: m.topic), payload: payload, qos: MQTTQoS(rawValue: m.qos) ?? .atMostOnce,
         retain: m.retain))
   }
+}
+
+extension Connection {
+  static func milliseconds(_ d: Duration) -> Double {
+    Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) * 1e-15
+  }
+  static func seconds(_ d: Duration) -> Double { milliseconds(d) / 1000 }
 }

@@ -107,9 +107,10 @@ public final class MQTTClient: Sendable {
 
   /// Waits until the outbox is empty (every accepted message acknowledged or dropped).
   public func waitUntilDelivered(timeout: Double = 30) async throws {
-    let deadline = Date().addingTimeInterval(timeout)
+    let clock = ContinuousClock()
+    let deadline = clock.now.advanced(by: .milliseconds(Int64(timeout * 1000)))
     while outbox.count > 0 {
-      if Date() >= deadline {
+      if clock.now >= deadline {
         var reason = "\(outbox.count) message(s) still unacknowledged after \(timeout) s"
         // What kept them: the connection's last failure, with its layer, when not connected.
         if !isConnected, let failure = lastFailure {
@@ -560,10 +561,12 @@ final class Engine: @unchecked Sendable {
 
   /// Sleeps `seconds`, or until stopped or given new credentials.
   private func waitInterruptibly(_ seconds: Double) {
-    let deadline = Date().addingTimeInterval(seconds)
+    // Monotonic: a clock stepped by NTP neither stretches nor skips the back-off.
+    let clock = ContinuousClock()
+    let deadline = clock.now.advanced(by: .milliseconds(Int64(seconds * 1000)))
     while true {
       let (stopping, swapped) = withShared { ($0.stopping, $0.swapRequested) }
-      let left = deadline.timeIntervalSinceNow
+      let left = Connection.seconds(deadline - clock.now)
       if stopping || swapped || left <= 0 { return }
       var fd = pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0)
       _ = poll(&fd, 1, Int32(min(left, 3600) * 1000) + 1)

@@ -68,6 +68,9 @@ public struct MQTTError: Error, CustomStringConvertible, Sendable, Equatable {
   public var reason: String
   public var description: String { "MQTT: \(reason)" }
 
+  /// Equal when the kinds are (the reason is for people, not for matching).
+  public static func == (a: MQTTError, b: MQTTError) -> Bool { a.kind == b.kind }
+
   public init(kind: Kind, reason: String) {
     self.kind = kind
     self.reason = reason

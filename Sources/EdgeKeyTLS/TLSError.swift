@@ -100,6 +100,9 @@ public struct TLSError: Error, CustomStringConvertible, Sendable, Equatable {
     self.depth = depth
   }
 
+  /// Equal when the layer and the code are (the reason is for people, not for matching).
+  public static func == (a: TLSError, b: TLSError) -> Bool { a.layer == b.layer && a.code == b.code }
+
   public var description: String {
     var text = "TLS failed (\(layer.rawValue)): \(reason)"
     if let certificate {

@@ -100,7 +100,7 @@ package enum DeviceAttestation {
       } catch  where error.meansKeyLost || error.code == .invalidArgument {
         onEvent("the stored attestation key cannot be loaded (\(error.reason)); making a new one")
       } catch {
-        throw EnrollmentError(.tpm, "loading the attestation key: \(error)")
+        throw EnrollmentError(.tpm, "loading the attestation key: \(error)", tpm: error)
       }
     }
     let ak: AttestationKey
@@ -109,14 +109,14 @@ package enum DeviceAttestation {
     } else {
       let made: TSS2PrivateKey
       do { made = try tpm.createAttestationKey() } catch {
-        throw EnrollmentError(.tpm, "creating the attestation key: \(error)")
+        throw EnrollmentError(.tpm, "creating the attestation key: \(error)", tpm: error)
       }
       // Saved before the RA hears of it: a run cut short resumes with this AK, never a second.
       try store.saveAttestationKey(made)
       try store.removeAttestationCertificates()
       file = made
       do { ak = try tpm.loadAttestationKey(made) } catch {
-        throw EnrollmentError(.tpm, "opening the attestation key: \(error)")
+        throw EnrollmentError(.tpm, "opening the attestation key: \(error)", tpm: error)
       }
       onEvent("attestation key created")
     }
@@ -124,7 +124,7 @@ package enum DeviceAttestation {
     var ekCertificate: [UInt8]? = nil
     for type in EndorsementKeyType.allCases {
       do { ekCertificate = try tpm.endorsementCertificate(type) } catch {
-        throw EnrollmentError(.tpm, "reading the EK certificate: \(error)")
+        throw EnrollmentError(.tpm, "reading the EK certificate: \(error)", tpm: error)
       }
       if ekCertificate != nil { break }
     }
@@ -137,7 +137,7 @@ package enum DeviceAttestation {
       endorsementCertificate: ekCertificate, attestationKey: ak.publicKey, authentication: authentication)
     let credential: [UInt8]
     do { credential = try ak.activateCredential(challenge.challenge, endorsementKey: challenge.endorsementKey) } catch {
-      throw EnrollmentError(.tpm, "activating the RA's credential: \(error)")
+      throw EnrollmentError(.tpm, "activating the RA's credential: \(error)", tpm: error)
     }
     let chain = try client.attestationKeyCertificate(
       challengeID: challenge.id, credential: credential, attestationKey: ak.publicKey, authentication: authentication)
@@ -157,7 +157,7 @@ package enum DeviceAttestation {
       let evidence = try key.certify(by: attestationKey, qualifyingData: nonce)
       return KeyAttestation(evidence: evidence, certificates: chain.map(\.der))
     } catch {
-      throw EnrollmentError(.tpm, "certifying the new key with the attestation key: \(error)")
+      throw EnrollmentError(.tpm, "certifying the new key with the attestation key: \(error)", tpm: error)
     }
   }
 }

@@ -410,7 +410,7 @@ public final class RenewalAgent: @unchecked Sendable {
     let chain = try store.attestationCertificates()
     guard !chain.isEmpty, let file = try store.attestationKey() else { return nil }
     do { return (try tpm.loadAttestationKey(file), chain) } catch {
-      throw EnrollmentError(.tpm, "opening the attestation key: \(error)")
+      throw EnrollmentError(.tpm, "opening the attestation key: \(error)", tpm: error)
     }
   }
 
@@ -428,7 +428,7 @@ public final class RenewalAgent: @unchecked Sendable {
     }
     let file: TSS2PrivateKey
     do { file = try tpm.createKey(algorithm) } catch {
-      throw EnrollmentError(.tpm, "creating the new \(algorithm) key: \(error)")
+      throw EnrollmentError(.tpm, "creating the new \(algorithm) key: \(error)", tpm: error)
     }
     try store.write(Credential(key: file), to: .next)
     locked { $0.counters.keysCreated += 1 }
@@ -569,7 +569,7 @@ public final class RenewalAgent: @unchecked Sendable {
         if let asked = error.retryAfter { wait = max(wait, asked) }
         onEvent(.failed(error, retryIn: wait))
       }
-      sleep(until: clock().addingTimeInterval(wait))
+      sleep(for: wait)
     }
     condition.lock()
     state.finished = true
@@ -578,6 +578,23 @@ public final class RenewalAgent: @unchecked Sendable {
   }
 
   /// Sleeps until `date` by the agent's clock, or until stopped or kicked.
+  /// Waits `seconds` on the monotonic clock (a back-off: an NTP step does not stretch it), or
+  /// until stopped or kicked.
+  private func sleep(for seconds: TimeInterval) {
+    let clock = ContinuousClock()
+    let deadline = clock.now.advanced(by: .milliseconds(Int64(max(seconds, 0) * 1000)))
+    condition.lock()
+    defer { condition.unlock() }
+    while !state.stopping && !state.kick {
+      let left = deadline - clock.now
+      if left <= .zero { return }
+      let (s, atto) = left.components
+      _ = condition.wait(seconds: Double(s) + Double(atto) * 1e-18)
+    }
+  }
+
+  /// Waits until the wall-clock moment `date` (a certificate's renewal date is one), or until
+  /// stopped or kicked.
   private func sleep(until date: Date) {
     condition.lock()
     defer { condition.unlock() }
@@ -603,12 +620,14 @@ public final class RenewalAgent: @unchecked Sendable {
       onEvent(.credentialLost(slot: slot.rawValue, reason: error.reason))
       return nil
     } catch {
-      throw EnrollmentError(.tpm, "loading the \(slot.rawValue) key: \(error)")
+      throw EnrollmentError(.tpm, "loading the \(slot.rawValue) key: \(error)", tpm: error)
     }
   }
 
   private func load(_ file: TSS2PrivateKey) throws(EnrollmentError) -> TPMKey {
-    do { return try tpm.loadKey(file) } catch { throw EnrollmentError(.tpm, "loading a stored key: \(error)") }
+    do { return try tpm.loadKey(file) } catch {
+      throw EnrollmentError(.tpm, "loading a stored key: \(error)", tpm: error)
+    }
   }
 
   private static func union(_ a: [Certificate], _ b: [Certificate]) -> [Certificate] {
