@@ -6,7 +6,7 @@
 //   edgekey-telemetry CONFIG   (name = value lines: state, server, cafile, host, port, ...;
 //                               see DeviceConfiguration(contentsOf:); INTERVAL=5 seconds)
 import EdgeKey
-import Foundation
+import FoundationEssentials
 
 await Device.main(configurationFile: CommandLine.arguments.last!) { device in
   let commands = try await device.messages("devices/\(device.name)/commands/#")
