@@ -1,4 +1,4 @@
-import CMosquitto
+internal import CMosquitto
 import Dispatch
 import EdgeKeyCore
 import EdgeKeyTLS
@@ -29,7 +29,7 @@ public final class MQTTClient: Sendable {
   public let outbox: Outbox
   /// Messages on our subscriptions, in arrival order.
   public let messages: AsyncStream<MQTTMessage>
-  /// Every change of `state`, in order.
+  /// Every change of `state`, in order; a consumer that does not keep up sees the latest 64.
   public let stateChanges: AsyncStream<MQTTConnectionState>
   private let engine: Engine
 
@@ -48,7 +48,9 @@ public final class MQTTClient: Sendable {
     self.configuration = configuration
     self.outbox = outbox ?? Outbox.memory()
     let (messages, messageSink) = AsyncStream.makeStream(of: MQTTMessage.self, bufferingPolicy: .unbounded)
-    let (states, stateSink) = AsyncStream.makeStream(of: MQTTConnectionState.self, bufferingPolicy: .unbounded)
+    // The last 64 changes: a client nobody watches, reconnecting for weeks, keeps no backlog.
+    let (states, stateSink) = AsyncStream.makeStream(
+      of: MQTTConnectionState.self, bufferingPolicy: .bufferingNewest(64))
     self.messages = messages
     self.stateChanges = states
     engine = try Engine(

@@ -1,4 +1,4 @@
-import CMosquitto
+internal import CMosquitto
 
 /// Topic names and filters checked as the broker will check them (MQTT 3.1.1 §4.7, MQTT 5
 /// §4.7), before anything is sent: UTF-8, not empty, at most 65535 bytes, no NUL; `+` and `#`

@@ -1,4 +1,4 @@
-import COpenSSL
+internal import COpenSSL
 import EdgeKeyCore
 import FoundationEssentials
 

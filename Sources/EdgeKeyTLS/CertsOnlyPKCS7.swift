@@ -1,4 +1,4 @@
-import COpenSSL
+internal import COpenSSL
 
 /// The "certs-only" PKCS#7 (CMS SignedData with no content and no signers) that EST uses to
 /// carry certificates (RFC 7030 §4.1.3, §4.2.3): a bag of certificates, in no promised order.

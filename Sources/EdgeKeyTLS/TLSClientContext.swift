@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import COpenSSL
+package import CEdgeKeyProvider
+package import COpenSSL
 import EdgeKeyTPM
 
 /// Whom we trust and how strictly, for the server side of mutual TLS.
@@ -36,6 +36,16 @@ public struct TLSPolicy: Sendable {
     case allow
   }
 
+  /// The same, with the trust anchors as certificates (as `EnrollmentSettings` takes them).
+  public init(
+    trustAnchors: [Certificate], serverName: String?, crlPEM: String? = nil, missingCRL: MissingCRL = .fail,
+    minimumVersion: TLSVersion = .tls12, maximumVersion: TLSVersion = .tls13
+  ) {
+    self.init(
+      trustAnchorsPEM: trustAnchors.map(\.pem).joined(), serverName: serverName, crlPEM: crlPEM,
+      missingCRL: missingCRL, minimumVersion: minimumVersion, maximumVersion: maximumVersion)
+  }
+
   public init(
     trustAnchorsPEM: String, serverName: String?, crlPEM: String? = nil, missingCRL: MissingCRL = .fail,
     minimumVersion: TLSVersion = .tls12, maximumVersion: TLSVersion = .tls13, requireServerAuth: Bool = true,
@@ -69,7 +79,7 @@ public enum TLSVersion: Int32, Sendable, Comparable {
 public final class TLSClientContext: @unchecked Sendable {
   // @unchecked: an SSL_CTX is safe to share once configured; nothing here mutates it.
   /// The `SSL_CTX *`, borrowed for as long as this object lives.
-  public let sslContext: OpaquePointer
+  package let sslContext: OpaquePointer
   public let certificateChain: [Certificate]
   /// The TPM key (nil for a context made with a software key).
   public let key: TPMKey?
@@ -81,7 +91,7 @@ public final class TLSClientContext: @unchecked Sendable {
 
   /// The same policy with a software key (an `EVP_PKEY *`, referenced, not taken): the floor a
   /// benchmark compares the TPM against, or a developer's stand-in. Devices use TPM keys.
-  public convenience init(certificateChain: [Certificate], softwareKey: OpaquePointer, policy: TLSPolicy)
+  package convenience init(certificateChain: [Certificate], softwareKey: OpaquePointer, policy: TLSPolicy)
     throws(TLSError)
   {
     try self.init(certificateChain: certificateChain, tpmKey: nil, softwareKey: softwareKey, policy: policy)

@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import COpenSSL
+package import CEdgeKeyProvider
+package import COpenSSL
 
 #if canImport(Glibc)
   import Glibc

@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import CTSS2
+internal import CEdgeKeyProvider
+internal import CTSS2
 import EdgeKeyCore
 
 /// A TPM key as a `TSS2 PRIVATE KEY` file: the format tpm2-openssl and tpm2-tss-engine read
@@ -14,7 +14,13 @@ public struct TSS2PrivateKey: Sendable, Equatable {
   /// Marshaled TPM2B_PRIVATE (encrypted by the parent).
   public var privateBlob: [UInt8]
 
-  public init(parent: UInt32 = EDGEKEY_PARENT_OWNER, emptyAuth: Bool, publicBlob: [UInt8], privateBlob: [UInt8]) {
+  /// The parent handle of keys under the owner hierarchy's standard SRK (0x40000001, as
+  /// tpm2-openssl writes it).
+  public static let standardParent: UInt32 = 0x4000_0001
+
+  public init(
+    parent: UInt32 = TSS2PrivateKey.standardParent, emptyAuth: Bool, publicBlob: [UInt8], privateBlob: [UInt8]
+  ) {
     self.parent = parent
     self.emptyAuth = emptyAuth
     self.publicBlob = publicBlob

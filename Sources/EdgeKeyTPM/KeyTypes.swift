@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import CTSS2
+internal import CEdgeKeyProvider
+internal import CTSS2
 
 /// The kinds of device key EdgeKey creates. ECC P-256 is the default: every TPM has it and a
 /// real chip signs with it in tens of milliseconds, where RSA-2048 takes hundreds.

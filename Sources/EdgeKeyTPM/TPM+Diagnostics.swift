@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import CTSS2
+internal import CEdgeKeyProvider
+internal import CTSS2
 
 /// What a TPM is and what it can do: for `edgekey tpm info`, provisioning checks and support.
 public struct TPMInfo: Sendable, Equatable {

@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import CTSS2
+internal import CEdgeKeyProvider
+internal import CTSS2
 
 extension TPM {
   /// Creates a device key under the standard SRK and returns it as a key file.

@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import CTSS2
+internal import CEdgeKeyProvider
+internal import CTSS2
 
 /// A TSS2 response code: from the TPM itself, or from a layer of the TSS (ESAPI, TCTI).
 ///

@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import CTSS2
+internal import CEdgeKeyProvider
+internal import CTSS2
 
 /// A signing key held by the TPM, ready to sign.
 ///

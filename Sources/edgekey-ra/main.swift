@@ -1,5 +1,5 @@
 // edgekey-ra: the registration authority (EST server, RFC 7030) for the factory line and tests.
-import CEdgeKeyProvider
+internal import CEdgeKeyProvider
 import EdgeKeyCore
 import EdgeKeyRA
 import EdgeKeyTLS

@@ -7,20 +7,20 @@
 /// A pthread mutex: what EdgeKey's classes lock their shared state with. ThreadSanitizer sees
 /// it (it does not see `Synchronization.Mutex`'s futex calls on Linux), and it needs no
 /// Foundation.
-public final class Lock: @unchecked Sendable {
+package final class Lock: @unchecked Sendable {
   let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
-  public init() { pthread_mutex_init(mutex, nil) }
+  package init() { pthread_mutex_init(mutex, nil) }
 
   deinit {
     pthread_mutex_destroy(mutex)
     mutex.deallocate()
   }
 
-  public func lock() { pthread_mutex_lock(mutex) }
-  public func unlock() { pthread_mutex_unlock(mutex) }
+  package func lock() { pthread_mutex_lock(mutex) }
+  package func unlock() { pthread_mutex_unlock(mutex) }
 
-  public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+  package func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
     pthread_mutex_lock(mutex)
     defer { pthread_mutex_unlock(mutex) }
     return try body()
@@ -29,11 +29,11 @@ public final class Lock: @unchecked Sendable {
 
 /// A `Lock` with a condition variable whose timed waits run on the monotonic clock (a wall
 /// clock set back by NTP must not stretch a renewal agent's sleep).
-public final class Condition: @unchecked Sendable {
+package final class Condition: @unchecked Sendable {
   private let mutex = Lock()
   private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
-  public init() {
+  package init() {
     var attributes = pthread_condattr_t()
     pthread_condattr_init(&attributes)
     pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
@@ -46,17 +46,17 @@ public final class Condition: @unchecked Sendable {
     cond.deallocate()
   }
 
-  public func lock() { mutex.lock() }
-  public func unlock() { mutex.unlock() }
-  public func signal() { pthread_cond_signal(cond) }
-  public func broadcast() { pthread_cond_broadcast(cond) }
+  package func lock() { mutex.lock() }
+  package func unlock() { mutex.unlock() }
+  package func signal() { pthread_cond_signal(cond) }
+  package func broadcast() { pthread_cond_broadcast(cond) }
 
   /// Waits for a signal; the lock must be held.
-  public func wait() { pthread_cond_wait(cond, mutex.mutex) }
+  package func wait() { pthread_cond_wait(cond, mutex.mutex) }
 
   /// Waits for a signal or `seconds`; the lock must be held. False when the time ran out.
   @discardableResult
-  public func wait(seconds: Double) -> Bool {
+  package func wait(seconds: Double) -> Bool {
     var deadline = timespec()
     clock_gettime(CLOCK_MONOTONIC, &deadline)
     let whole = Int(max(seconds, 0).rounded(.down))
@@ -89,10 +89,10 @@ private func threadEntry(_ raw: UnsafeMutableRawPointer?) -> UnsafeMutableRawPoi
 }
 
 /// Threads of EdgeKey's own (the MQTT network loop, the renewal agent), without Foundation.
-public enum Threads {
+package enum Threads {
   /// Runs `body` on a new detached thread named `name` (at most 15 bytes are kept: the kernel's
   /// limit, as `ps -L` and `top -H` show it).
-  public static func detach(name: String, _ body: @escaping @Sendable () -> Void) {
+  package static func detach(name: String, _ body: @escaping @Sendable () -> Void) {
     let start = Unmanaged.passRetained(ThreadStart(name: name, body: body)).toOpaque()
     var thread = pthread_t()
     let rc = pthread_create(&thread, nil, threadEntry, start)
@@ -114,7 +114,7 @@ public enum Threads {
   }
 
   /// Sleeps the calling thread for `seconds`, resuming after a signal interrupts it.
-  public static func sleep(_ seconds: Double) {
+  package static func sleep(_ seconds: Double) {
     guard seconds > 0 else { return }
     var left = timespec(
       tv_sec: Int(seconds.rounded(.down)), tv_nsec: Int((seconds - seconds.rounded(.down)) * 1e9))

@@ -1,7 +1,7 @@
 /// JSON text for the one-line records EdgeKey prints and logs (CLI `--json`, issuance logs).
-public enum JSON {
+package enum JSON {
   /// `s` as a JSON string literal, quotes included, control characters escaped.
-  public static func string(_ s: String) -> String {
+  package static func string(_ s: String) -> String {
     var r = "\""
     for c in s.unicodeScalars {
       switch c {

@@ -1,10 +1,10 @@
 /// PEM armour (RFC 7468), strict about labels, lenient about whitespace.
-public enum PEM {
-  public static func encode(_ der: [UInt8], label: String) -> String {
+package enum PEM {
+  package static func encode(_ der: [UInt8], label: String) -> String {
     "-----BEGIN \(label)-----\n" + Base64.encodeLines(der) + "-----END \(label)-----\n"
   }
 
-  public static func decode(_ text: String, label: String) -> [UInt8]? {
+  package static func decode(_ text: String, label: String) -> [UInt8]? {
     let begin = "-----BEGIN \(label)-----"
     let end = "-----END \(label)-----"
     var body: [Substring] = []
@@ -24,11 +24,11 @@ public enum PEM {
 }
 
 /// Base64 without Foundation (the TPM layer stays small for C-sized devices).
-public enum Base64 {
+package enum Base64 {
   private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
 
   /// Base64 in lines of `width` characters, each ended by `newline` (the last one too).
-  public static func encodeLines(_ bytes: [UInt8], width: Int = 64, newline: String = "\n") -> String {
+  package static func encodeLines(_ bytes: [UInt8], width: Int = 64, newline: String = "\n") -> String {
     let text = encode(bytes)
     var out = ""
     var index = text.startIndex
@@ -40,7 +40,7 @@ public enum Base64 {
     return out
   }
 
-  public static func encode(_ bytes: [UInt8]) -> String {
+  package static func encode(_ bytes: [UInt8]) -> String {
     var out: [UInt8] = []
     out.reserveCapacity((bytes.count + 2) / 3 * 4)
     var i = 0
@@ -63,7 +63,7 @@ public enum Base64 {
   }
 
   /// Decodes, skipping whitespace; nil on any other non-alphabet byte or bad padding.
-  public static func decode(_ text: String) -> [UInt8]? {
+  package static func decode(_ text: String) -> [UInt8]? {
     var values: [UInt8] = []
     var padding = 0
     for c in text.utf8 {

@@ -1,9 +1,9 @@
 /// The few text helpers EdgeKey needs from Foundation, written here so that the libraries and
 /// the `edgekey` binary link FoundationEssentials only (the full Foundation, with ICU, adds
 /// about 7 MB to a device's resident memory).
-public enum Text {
+package enum Text {
   /// Lower-case hexadecimal, two digits per byte.
-  public static func hex(_ bytes: some Sequence<UInt8>) -> String {
+  package static func hex(_ bytes: some Sequence<UInt8>) -> String {
     let digits = Array("0123456789abcdef".utf8)
     var out: [UInt8] = []
     for byte in bytes {
@@ -15,7 +15,7 @@ public enum Text {
 
   /// `value` with `digits` decimals, rounded half away from zero, as `%.Nf` prints it for the
   /// magnitudes we log (durations, counts). Non-finite values print as `inf`, `-inf`, `nan`.
-  public static func fixed(_ value: Double, _ digits: Int = 0) -> String {
+  package static func fixed(_ value: Double, _ digits: Int = 0) -> String {
     guard value.isFinite else { return value.isNaN ? "nan" : (value < 0 ? "-inf" : "inf") }
     var scale = 1.0
     for _ in 0..<max(digits, 0) { scale *= 10 }
@@ -35,10 +35,10 @@ public enum Text {
 extension StringProtocol {
   /// Without leading and trailing spaces and tabs (what `trimmingCharacters(in: .whitespaces)`
   /// removes from header and configuration values).
-  public func trimmingSpaces() -> String { trimming { $0 == " " || $0 == "\t" } }
+  package func trimmingSpaces() -> String { trimming { $0 == " " || $0 == "\t" } }
 
   /// Without leading and trailing white space and line breaks.
-  public func trimmingWhitespace() -> String { trimming(\.isWhitespace) }
+  package func trimmingWhitespace() -> String { trimming(\.isWhitespace) }
 
   private func trimming(_ trimmed: (Character) -> Bool) -> String {
     guard let first = firstIndex(where: { !trimmed($0) }) else { return "" }
@@ -47,7 +47,7 @@ extension StringProtocol {
   }
 
   /// Padded with spaces, or cut, to `width` characters.
-  public func padded(to width: Int) -> String {
+  package func padded(to width: Int) -> String {
     count >= width ? String(prefix(width)) : String(self) + String(repeating: " ", count: width - count)
   }
 }

@@ -4,9 +4,9 @@ import FoundationEssentials
 /// HTTP-date of Retry-After (RFC 9110 §5.6.7). Plain arithmetic on the proleptic Gregorian
 /// calendar: no locale, no time-zone database and no Foundation formatter (whose character-set
 /// cache LeakSanitizer reports, and which costs microseconds per call in a log line).
-public enum Timestamp {
+package enum Timestamp {
   /// `2026-11-24T08:49:37Z`: UTC, whole seconds (truncated toward the past).
-  public static func iso8601(_ date: Date) -> String {
+  package static func iso8601(_ date: Date) -> String {
     let seconds = Int64(date.timeIntervalSince1970.rounded(.down))
     let (days, secondOfDay) = floorDivision(seconds, 86_400)
     let (year, month, day) = civil(fromDays: days)
@@ -19,7 +19,7 @@ public enum Timestamp {
   /// `Sunday, 06-Nov-94 08:49:37 GMT` and asctime's `Sun Nov  6 08:49:37 1994`.
   /// The weekday is checked for form but not against the date, as RFC 9110 allows.
   /// A two-digit year more than 50 years ahead of `now` is read as the century before.
-  public static func httpDate(_ text: String, now: Date = Date()) -> Date? {
+  package static func httpDate(_ text: String, now: Date = Date()) -> Date? {
     let fields = text.split(separator: " ", omittingEmptySubsequences: true)
     guard let weekday = fields.first else { return nil }
     if weekday.hasSuffix(","), fields.count == 6, shortDays.contains(String(weekday.dropLast())), fields[5] == "GMT" {
@@ -51,7 +51,7 @@ public enum Timestamp {
   }
 
   /// Days since 1970-01-01 of a civil date (Howard Hinnant's days_from_civil).
-  public static func days(year: Int, month: Int, day: Int) -> Int64 {
+  package static func days(year: Int, month: Int, day: Int) -> Int64 {
     let y = Int64(month <= 2 ? year - 1 : year)
     let era = (y >= 0 ? y : y - 399) / 400
     let yearOfEra = y - era * 400
@@ -62,7 +62,7 @@ public enum Timestamp {
   }
 
   /// The civil date of a day count since 1970-01-01 (civil_from_days).
-  public static func civil(fromDays days: Int64) -> (year: Int, month: Int, day: Int) {
+  package static func civil(fromDays days: Int64) -> (year: Int, month: Int, day: Int) {
     let z = days + 719_468
     let era = (z >= 0 ? z : z - 146_096) / 146_097
     let dayOfEra = z - era * 146_097

@@ -24,9 +24,9 @@ public struct FileError: Error, Sendable, Equatable, CustomStringConvertible {
 /// Files replaced whole or not at all: write to a temporary file in the same directory,
 /// fsync it, rename it over the target, fsync the directory. A crash at any instant leaves
 /// either the old content or the new, never a torn file. Costs two fsyncs.
-public enum AtomicFile {
+package enum AtomicFile {
   /// Replaces the file at `path` with `bytes`, created with permissions `mode`.
-  public static func write(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws(FileError) {
+  package static func write(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws(FileError) {
     let directory = parentDirectory(of: path)
     let temporary = "\(path).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
     let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
@@ -64,7 +64,7 @@ public enum AtomicFile {
   }
 
   /// Reads a whole file.
-  public static func read(_ path: String, limit: Int = 16 << 20) throws(FileError) -> [UInt8] {
+  package static func read(_ path: String, limit: Int = 16 << 20) throws(FileError) -> [UInt8] {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { throw FileError(path: path, operation: "open", errno: Glibc.errno) }
     defer { close(fd) }
@@ -84,7 +84,7 @@ public enum AtomicFile {
   }
 
   /// Creates `path` and missing parents with `mode` (0700 by default).
-  public static func makeDirectory(_ path: String, mode: mode_t = 0o700) throws(FileError) {
+  package static func makeDirectory(_ path: String, mode: mode_t = 0o700) throws(FileError) {
     var current = path.hasPrefix("/") ? "" : "."
     for component in path.split(separator: "/") {
       current += "/" + component
@@ -100,7 +100,7 @@ public enum AtomicFile {
   }
 
   /// fsyncs a directory, so that renames and unlinks in it survive a power cut.
-  public static func syncDirectory(_ directory: String) throws(FileError) {
+  package static func syncDirectory(_ directory: String) throws(FileError) {
     let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     guard fd >= 0 else { throw FileError(path: directory, operation: "open", errno: Glibc.errno) }
     defer { close(fd) }
@@ -109,8 +109,8 @@ public enum AtomicFile {
 }
 
 /// A log that only grows: each record is appended and fsync'd before `append` returns.
-public enum AppendOnlyFile {
-  public static func append(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws(FileError) {
+package enum AppendOnlyFile {
+  package static func append(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws(FileError) {
     let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, mode)
     guard fd >= 0 else { throw FileError(path: path, operation: "open", errno: Glibc.errno) }
     defer { close(fd) }

@@ -10,31 +10,31 @@
 /// trimmed, `#` included; in double quotes it keeps its spaces and takes the escapes `\"`, `\\`,
 /// `\t` and `\n`. A key given twice, a line without `=`, control characters, text that is not
 /// UTF-8 and files over 64 KiB are refused with the line number.
-public struct ConfigFile: Sendable, Equatable {
-  public struct Entry: Sendable, Equatable {
-    public var key: String
-    public var value: String
+package struct ConfigFile: Sendable, Equatable {
+  package struct Entry: Sendable, Equatable {
+    package var key: String
+    package var value: String
     /// 1-based line number in the file.
-    public var line: Int
+    package var line: Int
 
-    public init(key: String, value: String, line: Int) {
+    package init(key: String, value: String, line: Int) {
       self.key = key
       self.value = value
       self.line = line
     }
   }
 
-  public static let maximumBytes = 64 << 10
+  package static let maximumBytes = 64 << 10
 
-  public var entries: [Entry]
+  package var entries: [Entry]
 
-  public init(entries: [Entry]) { self.entries = entries }
+  package init(entries: [Entry]) { self.entries = entries }
 
   /// The value for `key`, if given.
-  public subscript(key: String) -> String? { entries.first { $0.key == key }?.value }
+  package subscript(key: String) -> String? { entries.first { $0.key == key }?.value }
 
   /// Parses `bytes`; `origin` (the path) goes into error messages.
-  public init(parsing bytes: [UInt8], origin: String) throws(ConfigError) {
+  package init(parsing bytes: [UInt8], origin: String) throws(ConfigError) {
     guard bytes.count <= ConfigFile.maximumBytes else {
       throw ConfigError(origin: origin, line: nil, "larger than \(ConfigFile.maximumBytes) bytes")
     }
@@ -74,7 +74,7 @@ public struct ConfigFile: Sendable, Equatable {
   }
 
   /// Reads and parses the file at `path`.
-  public init(contentsOf path: String) throws(ConfigError) {
+  package init(contentsOf path: String) throws(ConfigError) {
     let bytes: [UInt8]
     do { bytes = try AtomicFile.read(path, limit: ConfigFile.maximumBytes + 1) } catch {
       throw ConfigError(origin: path, line: nil, "cannot read: \(error)")
@@ -83,7 +83,7 @@ public struct ConfigFile: Sendable, Equatable {
   }
 
   /// The text that parses back to these entries (values quoted when they need it).
-  public var text: String {
+  package var text: String {
     entries.map { entry in
       let u = Array(entry.value.utf8)
       let blank: (UInt8?) -> Bool = { $0 == 0x20 || $0 == 0x09 }
@@ -146,18 +146,18 @@ public struct ConfigFile: Sendable, Equatable {
 }
 
 /// A configuration file that cannot be used: where, and why.
-public struct ConfigError: Error, CustomStringConvertible, Sendable, Equatable {
-  public var origin: String
-  public var line: Int?
-  public var reason: String
+package struct ConfigError: Error, CustomStringConvertible, Sendable, Equatable {
+  package var origin: String
+  package var line: Int?
+  package var reason: String
 
-  public init(origin: String, line: Int?, _ reason: String) {
+  package init(origin: String, line: Int?, _ reason: String) {
     self.origin = origin
     self.line = line
     self.reason = reason
   }
 
-  public var description: String { "\(origin)\(line.map { ":\($0)" } ?? ""): \(reason)" }
+  package var description: String { "\(origin)\(line.map { ":\($0)" } ?? ""): \(reason)" }
 }
 
 extension ArraySlice<UInt8> {

@@ -1,5 +1,5 @@
-import CEdgeKeyHTTP
-import CEdgeKeyProvider
+internal import CEdgeKeyHTTP
+internal import CEdgeKeyProvider
 import EdgeKeyTLS
 import EdgeKeyTPM
 import FoundationEssentials

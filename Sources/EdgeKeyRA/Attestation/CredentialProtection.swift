@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import COpenSSL
+internal import CEdgeKeyProvider
+internal import COpenSSL
 import EdgeKeyCore
 import EdgeKeyTLS
 import EdgeKeyTPM

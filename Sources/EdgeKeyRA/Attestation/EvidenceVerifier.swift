@@ -1,5 +1,5 @@
-import COpenSSL
-import CTSS2
+internal import COpenSSL
+internal import CTSS2
 import EdgeKeyCore
 import EdgeKeyTLS
 import EdgeKeyTPM

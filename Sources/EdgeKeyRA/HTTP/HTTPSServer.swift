@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import COpenSSL
+internal import CEdgeKeyProvider
+internal import COpenSSL
 import EdgeKeyTLS
 import Foundation
 
@@ -128,7 +128,7 @@ public final class HTTPSServer: @unchecked Sendable {
 
   /// - Parameters:
   ///   - context: a server `SSL_CTX` (see `edgekey_tls_server_ctx`); this object takes it.
-  public init(context: OpaquePointer, limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping Handler) {
+  package init(context: OpaquePointer, limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping Handler) {
     self.context = context
     self.limits = limits
     self.handler = handler

@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import CTSS2
+internal import CEdgeKeyProvider
+internal import CTSS2
 
 /// An attestation key, opened for TPM2_Certify and credential activation: a restricted signing
 /// key signs only what the TPM itself produced, never a digest handed to it, so this type has

@@ -1,5 +1,5 @@
-import CEdgeKeyProvider
-import CTSS2
+internal import CEdgeKeyProvider
+internal import CTSS2
 
 /// The endorsement keys of the TCG EK Credential Profile's low range: the manufacturer's
 /// certificate for each sits at a fixed NV index, and the key itself is re-created from the
