@@ -25,8 +25,11 @@ import FoundationEssentials
 /// cancellation reaches an EST transfer or a 202 wait within about a second.
 public final class Device: @unchecked Sendable {
   // @unchecked: the mutable state is behind `lock`; the rest is immutable or Sendable.
+  /// What the device was opened with.
   public let configuration: DeviceConfiguration
+  /// The TPM its keys live in (the process's one context for that TCTI).
   public let tpm: TPM
+  /// Its credential store: the state directory.
   public let store: CredentialStore
   private let agent: RenewalAgent
   private let switcher: MQTTCredentialSwitch

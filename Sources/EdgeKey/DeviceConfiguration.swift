@@ -15,12 +15,14 @@ public struct DeviceConfiguration: Sendable {
   public var stateDirectory: String
   /// The EST server, `https://host[:port]`, and its label if any.
   public var enrollmentServer: String
+  /// The EST label (`/.well-known/est/<label>/`), if the server uses one.
   public var enrollmentLabel: String?
   /// Trust for the enrollment server (and the broker unless ``brokerTrustAnchors`` is set).
   public var trustAnchors: [Certificate]
   /// The MQTT connection: the broker(s), tried in order, keep-alive, session, will, reconnect
   /// policy. Its client id, when nil, is the certificate's common name.
   public var mqtt: MQTTConfiguration
+  /// Trust for the broker, when it is not ``trustAnchors``.
   public var brokerTrustAnchors: [Certificate]?
   /// The name the broker's certificate must carry; its host name when nil.
   public var brokerServerName: String?
@@ -42,9 +44,14 @@ public struct DeviceConfiguration: Sendable {
   /// Write the OpenMetrics text here every ``metricsInterval`` (node_exporter's textfile
   /// collector reads `*.prom` files).
   public var metricsFile: String?
+  /// How often ``metricsFile`` is written (and once more at stop).
   public var metricsInterval: Duration = .seconds(15)
+  /// Where renewal, EST and MQTT events go (none by default; `verbose = true` in a
+  /// configuration file: stderr).
   public var logger: Logger = .disabled
 
+  /// The minimum: the state directory, the EST server (`https://host[:port]`), the anchors that
+  /// vouch for it (and the broker), and the broker.
   public init(
     stateDirectory: String, enrollmentServer: String, trustAnchors: [Certificate], broker: MQTTEndpoint
   ) {

@@ -9,7 +9,9 @@ import EdgeKeyTPM
 public struct EdgeKeyError: Error, Sendable, Equatable, CustomStringConvertible {
   /// What went wrong, matched in `catch` clauses (`catch let e where e.code == .tpmBusy`).
   public struct Code: Hashable, Sendable, CustomStringConvertible {
+    /// The code's name, as printed.
     public var name: String
+    /// A code of your own (the set is open).
     public init(_ name: String) { self.name = name }
     public var description: String { name }
 
@@ -57,17 +59,34 @@ public struct EdgeKeyError: Error, Sendable, Equatable, CustomStringConvertible 
 
   /// Where the evidence says the failure is.
   public enum Layer: String, Sendable, CustomStringConvertible {
-    case tpm, tls, mqtt, enrollment, storage, configuration, caller
+    /// The TPM (or the TSS talking to it).
+    case tpm
+    /// A TLS handshake: certificates, protocol, the network under it.
+    case tls
+    /// The MQTT broker, the connection to it, or the outbox.
+    case mqtt
+    /// The enrollment server (EST): its answers and policy.
+    case enrollment
+    /// The state directory on disk.
+    case storage
+    /// Our own setup: configuration, files, options.
+    case configuration
+    /// The caller: a cancellation, a call made out of order.
+    case caller
     public var description: String { rawValue }
   }
 
+  /// What went wrong.
   public var code: Code
+  /// Where the evidence says it went wrong.
   public var layer: Layer
+  /// A sentence for people: what failed and, where known, what to do.
   public var reason: String
   /// The error as the layer below threw it (`TPMError`, `TLSError`, `MQTTError`,
   /// `EnrollmentError`, ...).
   public var underlying: (any Error & Sendable)?
 
+  /// An error of the family, made directly.
   public init(_ code: Code, layer: Layer, reason: String, underlying: (any Error & Sendable)? = nil) {
     self.code = code
     self.layer = layer

@@ -27,12 +27,18 @@ public final class MQTTCredentialSwitch: @unchecked Sendable {
   private weak var agent: RenewalAgent?
   private let logger: Logger
 
+  /// - Parameters:
+  ///   - policy: the broker's side of each new TLS context (its CA, name, CRLs).
+  ///   - confirmationTimeout: how long a new credential may take to connect before the previous
+  ///     one is kept.
+  ///   - logger: where a context that cannot be made, or a credential not confirmed, is said.
   public init(policy: TLSPolicy, confirmationTimeout: Duration = .seconds(30), logger: Logger = .disabled) {
     currentPolicy = policy
     self.confirmationTimeout = confirmationTimeout
     self.logger = logger
   }
 
+  /// The client to give new credentials to, and the agent to confirm them to.
   public func attach(_ client: MQTTClient, agent: RenewalAgent) {
     lock.lock()
     self.client = client
