@@ -284,8 +284,9 @@ public final class Device: @unchecked Sendable {
   }
 
   /// Runs until SIGTERM or SIGINT (or the task is cancelled), then stops cleanly: starts the
-  /// device if needed, tells systemd READY=1 once connected and STOPPING=1 at the end; SIGHUP
-  /// asks for a renewal now. Returns normally on a signal or cancellation.
+  /// device if needed, tells systemd READY=1 once connected and STOPPING=1 at the end, and
+  /// pings its watchdog (`WatchdogSec=`) meanwhile; SIGHUP asks for a renewal now. Returns
+  /// normally on a signal or cancellation.
   public func run() async throws(EdgeKeyError) {
     let signals = SignalStream([SIGTERM, SIGINT, SIGHUP])
     defer { signals.cancel() }
@@ -303,6 +304,16 @@ public final class Device: @unchecked Sendable {
           return nil
         } catch {
           return error.code == .cancelled ? nil : .failure(error)
+        }
+      }
+      if let interval = Systemd.watchdogInterval {
+        // systemd's watchdog (WatchdogSec=): pinged at half its interval while we run.
+        group.addTask {
+          while !Task.isCancelled {
+            Systemd.notify("WATCHDOG=1")
+            try? await ContinuousClock().sleep(for: interval / 2)
+          }
+          return nil
         }
       }
       group.addTask {

@@ -1295,4 +1295,58 @@ struct ExampleDaemonTests {
     #expect(status == 0, "a clean stop, not the signal's default action")
     #expect(took < 10, "it did not wait out the server's 60 s")
   }
+
+  /// A unix datagram socket bound at `path`: what systemd listens on for NOTIFY_SOCKET.
+  final class NotifySocket {
+    let fd: Int32
+    init(path: String) throws {
+      fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+      var address = sockaddr_un()
+      address.sun_family = sa_family_t(AF_UNIX)
+      let bytes = Array(path.utf8)
+      withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, b) in bytes.enumerated() { raw[i] = b } }
+      let ok = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+      }
+      guard fd >= 0, ok == 0 else { throw HarnessError("cannot bind \(path)") }
+    }
+    deinit { close(fd) }
+
+    /// The next datagram, or nil after `seconds`.
+    func next(within seconds: Double) -> String? {
+      var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+      guard poll(&p, 1, Int32(seconds * 1000)) == 1 else { return nil }
+      var buffer = [UInt8](repeating: 0, count: 4096)
+      let n = recv(fd, &buffer, buffer.count, 0)
+      return n > 0 ? String(decoding: buffer.prefix(n), as: UTF8.self) : nil
+    }
+  }
+
+  @Test("under systemd (Type=notify, WatchdogSec=): READY=1 once connected, WATCHDOG=1 pings, STOPPING=1 at SIGTERM")
+  func systemdNotifications() throws {
+    let f = try Fleet()
+    #expect(try f.enroll(commonName: "device-77").status == 0)
+    let path = f.path("notify.sock")
+    let notify = try NotifySocket(path: path)
+    var environment = f.environment
+    environment["NOTIFY_SOCKET"] = path
+    environment["WATCHDOG_USEC"] = "400000"
+    let log = f.path("daemon.log")
+    let daemon = try ChildProcess(
+      try builtExecutable("edgekey-telemetry"), [try write(f)], logPath: log, environment: environment)
+    defer { daemon.stop() }
+    var seen: [String] = []
+    while seen.filter({ $0 == "WATCHDOG=1" }).count < 2 || !seen.contains(where: { $0.hasPrefix("READY=1") }) {
+      guard let message = notify.next(within: 60) else { break }
+      seen.append(message)
+    }
+    #expect(
+      seen.contains { $0.hasPrefix("READY=1") }, "\(seen) \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+    #expect(seen.filter { $0 == "WATCHDOG=1" }.count >= 2, "\(seen)")
+    daemon.send(SIGTERM)
+    var stopping = false
+    while !stopping, let message = notify.next(within: 30) { stopping = message == "STOPPING=1" }
+    #expect(stopping)
+    #expect(daemon.wait() == 0)
+  }
 }
