@@ -102,13 +102,7 @@ package final class AttestationService: @unchecked Sendable {
       return .text(
         400, "the body must be JSON {\"ekCertificate\": base64 DER, \"attestationKey\": base64 TPM2B_PUBLIC}")
     }
-    func refuse(_ reason: String) -> HTTPResponse {
-      logger.info("refused attest-activate for \(device) from \(source): \(reason)")
-      try? registry.storage.write { t throws(RegistryError) in
-        try t.append(AuditEntry(time: Date(), device: device, event: "refused", detail: reason, source: source))
-      }
-      return .text(403, reason)
-    }
+    func refuse(_ reason: String) -> HTTPResponse { refusal("attest-activate", reason, device: device, source: source) }
     let ek: Certificate
     do { ek = try Certificate(der: ekDER) } catch { return refuse("the EK certificate: \(error.reason)") }
     do {
@@ -168,13 +162,7 @@ package final class AttestationService: @unchecked Sendable {
     }
     // Single use: taken out before it is checked.
     let entry = lock.withLock { pending.removeValue(forKey: answer.id) }
-    func refuse(_ reason: String) -> HTTPResponse {
-      logger.info("refused attest-akcert for \(device) from \(source): \(reason)")
-      try? registry.storage.write { t throws(RegistryError) in
-        try t.append(AuditEntry(time: Date(), device: device, event: "refused", detail: reason, source: source))
-      }
-      return .text(403, reason)
-    }
+    func refuse(_ reason: String) -> HTTPResponse { refusal("attest-akcert", reason, device: device, source: source) }
     guard let entry else { return refuse("no such credential challenge, or it was answered already") }
     guard entry.expires > Date() else { return refuse("the credential challenge expired") }
     guard entry.device == device, entry.owner == owner else {
@@ -212,6 +200,15 @@ package final class AttestationService: @unchecked Sendable {
         status: 200, headers: [("Content-Type", "application/pem-certificate-chain")],
         body: Array(chain.map(\.pem).joined().utf8))
     }
+  }
+
+  /// A 403 with its reason, logged and in the device's audit trail.
+  private func refusal(_ operation: String, _ reason: String, device: String, source: String) -> HTTPResponse {
+    logger.info("refused \(operation) for \(device) from \(source): \(reason)")
+    try? registry.storage.write { t throws(RegistryError) in
+      try t.append(AuditEntry(time: Date(), device: device, event: "refused", detail: reason, source: source))
+    }
+    return .text(403, reason)
   }
 
   static func json(_ object: [String: Any]) -> HTTPResponse {

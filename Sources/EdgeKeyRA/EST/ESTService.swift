@@ -245,29 +245,13 @@ public final class ESTService: @unchecked Sendable {
         }
       }
       claim = .renewal(current)
-    } else if let bootstrap = request.clientCertificates.first,
-      request.clientCertificates.dropFirst().contains(where: { c in policy.bootstrapCAs.contains { $0.der == c.der } })
-    {
-      claim = .bootstrap(bootstrap)
-    } else if let (u, p) = ESTService.basicCredentials(request.header("authorization")) {
-      if naming.sharedPasswordPattern != nil, let user = policy.bootstrapUser, let password = policy.bootstrapPassword,
-        u == user, ESTService.constantTimeEqual(Array(p.utf8), Array(password.utf8))
-      {
-        claim = .sharedPassword(user: u)
-      } else {
-        claim = .secret(device: u, secret: p)
-      }
+    } else if let first = firstEnrolmentClaim(request) {
+      claim = first
     } else {
       return .text(401, "authentication required", headers: [("WWW-Authenticate", "Basic realm=\"EST\"")])
     }
-    if let wait = limiter.admit(source: request.peerAddress, credential: claim.rateKey) {
-      let seconds = Int(wait.rounded(.up))
-      log(
-        "refused \(renewal ? "simplereenroll" : "simpleenroll") from \(request.peerAddress): rate limit (\(claim.rateKey)), retry in \(seconds) s"
-      )
-      return .text(
-        429, "too many requests from this address or credential; retry after \(seconds) s",
-        headers: [("Retry-After", String(seconds))])
+    if let limited = rateLimited(request, claim, operation: renewal ? "simplereenroll" : "simpleenroll") {
+      return limited
     }
 
     // A configured number of 202s first (a CA that needs manual approval).
@@ -349,28 +333,12 @@ public final class ESTService: @unchecked Sendable {
     let claim: EnrolmentClaim
     if let current = request.clientCertificates.first, issuedHere(request.clientCertificates) {
       claim = .renewal(current)
-    } else if let bootstrap = request.clientCertificates.first,
-      request.clientCertificates.dropFirst().contains(where: { c in policy.bootstrapCAs.contains { $0.der == c.der } })
-    {
-      claim = .bootstrap(bootstrap)
-    } else if let (u, p) = ESTService.basicCredentials(request.header("authorization")) {
-      if naming.sharedPasswordPattern != nil, let user = policy.bootstrapUser, let password = policy.bootstrapPassword,
-        u == user, ESTService.constantTimeEqual(Array(p.utf8), Array(password.utf8))
-      {
-        claim = .sharedPassword(user: u)
-      } else {
-        claim = .secret(device: u, secret: p)
-      }
+    } else if let first = firstEnrolmentClaim(request) {
+      claim = first
     } else {
       return .text(401, "authentication required", headers: [("WWW-Authenticate", "Basic realm=\"EST\"")])
     }
-    if let wait = limiter.admit(source: request.peerAddress, credential: claim.rateKey) {
-      let seconds = Int(wait.rounded(.up))
-      log("refused \(operation) from \(request.peerAddress): rate limit (\(claim.rateKey)), retry in \(seconds) s")
-      return .text(
-        429, "too many requests from this address or credential; retry after \(seconds) s",
-        headers: [("Retry-After", String(seconds))])
-    }
+    if let limited = rateLimited(request, claim, operation: operation) { return limited }
     let device: String
     do {
       switch try registry.authenticate(claim) {
@@ -392,6 +360,33 @@ public final class ESTService: @unchecked Sendable {
     default:
       return attestation.certifyAttestationKey(request.body, device: device, owner: claim.rateKey, source: source)
     }
+  }
+
+  /// The credential a first enrollment presents: a bootstrap certificate of a bootstrap CA, the
+  /// shared password (when allowed), or a device's one-time secret; nil for none.
+  private func firstEnrolmentClaim(_ request: HTTPRequest) -> EnrolmentClaim? {
+    if let bootstrap = request.clientCertificates.first,
+      request.clientCertificates.dropFirst().contains(where: { c in policy.bootstrapCAs.contains { $0.der == c.der } })
+    {
+      return .bootstrap(bootstrap)
+    }
+    guard let (u, p) = ESTService.basicCredentials(request.header("authorization")) else { return nil }
+    if naming.sharedPasswordPattern != nil, let user = policy.bootstrapUser, let password = policy.bootstrapPassword,
+      u == user, ESTService.constantTimeEqual(Array(p.utf8), Array(password.utf8))
+    {
+      return .sharedPassword(user: u)
+    }
+    return .secret(device: u, secret: p)
+  }
+
+  /// A 429 with Retry-After when this source or credential is over its rate, logged; nil to go on.
+  private func rateLimited(_ request: HTTPRequest, _ claim: EnrolmentClaim, operation: String) -> HTTPResponse? {
+    guard let wait = limiter.admit(source: request.peerAddress, credential: claim.rateKey) else { return nil }
+    let seconds = Int(wait.rounded(.up))
+    log("refused \(operation) from \(request.peerAddress): rate limit (\(claim.rateKey)), retry in \(seconds) s")
+    return .text(
+      429, "too many requests from this address or credential; retry after \(seconds) s",
+      headers: [("Retry-After", String(seconds))])
   }
 
   private func refuse(_ status: Int, _ reason: String, _ request: HTTPRequest) -> HTTPResponse {
