@@ -1212,6 +1212,7 @@ struct ExampleDaemonTests {
   /// `mosquitto_sub`/`mosquitto_pub` as an operator's client (a software certificate of the CA).
   func operatorClient(_ f: Fleet) throws -> [String] {
     let identity = try f.ca.issueSoftwareClient(commonName: "operator")
+    defer { EVP_PKEY_free(identity.key) }
     let cert = f.path("operator.pem")
     let key = f.path("operator.key")
     try identity.certificate.write(toFile: cert, atomically: true, encoding: .utf8)
