@@ -103,7 +103,9 @@ public final class Device: @unchecked Sendable {
   public func credential() async throws(EdgeKeyError) -> Credential {
     let agent = self.agent
     let working = try await Offload.run("checking the stored credential") { try agent.hasWorkingCredential() }
-    if working, let credential = try? store.read(.current) { return credential }
+    if working {
+      do { if let credential = try store.read(.current) { return credential } } catch { throw EdgeKeyError(error) }
+    }
     let before = agent.counters.renewals
     agent.start()
     let clock = ContinuousClock()
@@ -270,7 +272,13 @@ public final class Device: @unchecked Sendable {
     }
     // Subscribed now if connected, else on connecting; the broker's answer is not waited for
     // (a broker that is down must not hold up a daemon's start).
-    Task.detached { _ = try? await client.subscribe(filter, qos: qos) }
+    let logger = self.logger
+    Task.detached {
+      do { _ = try await client.subscribe(filter, qos: qos) } catch {
+        // The client subscribes again at its next connection; the failure is said, not dropped.
+        logger.warning("subscribing to \(filter): \(error)")
+      }
+    }
     return stream
   }
 
