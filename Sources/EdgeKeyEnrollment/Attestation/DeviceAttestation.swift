@@ -84,7 +84,7 @@ package enum DeviceAttestation {
     tpm: TPM, store: CredentialStore, client: ESTClient, authentication: ESTAuthentication,
     onEvent: (String) -> Void = { _ in }
   ) throws(EnrollmentError) -> [Certificate] {
-    var file = try store.attestationKey()
+    let file = try store.attestationKey()
     if let existing = file {
       let chain = try store.attestationCertificates()
       if let first = chain.first, first.isValid(), first.publicKeyDER == (try? existing.publicKey().spki) {
@@ -114,7 +114,6 @@ package enum DeviceAttestation {
       // Saved before the RA hears of it: a run cut short resumes with this AK, never a second.
       try store.saveAttestationKey(made)
       try store.removeAttestationCertificates()
-      file = made
       do { ak = try tpm.loadAttestationKey(made) } catch {
         throw EnrollmentError(.tpm, "opening the attestation key: \(error)", tpm: error)
       }

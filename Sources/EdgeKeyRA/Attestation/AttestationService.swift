@@ -120,9 +120,13 @@ package final class AttestationService: @unchecked Sendable {
       return refuse("the attestation key is not a restricted signing key fixed to its TPM [\(ak.attributes)]")
     }
     let ekFingerprint = Certificate.sha256Hex(ek.publicKeyDER)
-    if let bound = try? registry.storage.read({ t throws(RegistryError) in
-      try t.attestation(endorsementKey: ekFingerprint)
-    }), bound.device != device {
+    let bound: AttestationRecord?
+    do {
+      bound = try registry.storage.read { t throws(RegistryError) in try t.attestation(endorsementKey: ekFingerprint) }
+    } catch {
+      return .text(500, "the registry cannot be read: \(error)")
+    }
+    if let bound, bound.device != device {
       return refuse(
         "this TPM's endorsement key is registered to device \(JSON.string(bound.device)): one TPM is one device (a clone?)"
       )
