@@ -102,6 +102,10 @@ static const char *decode_edgekey_rc(TSS2_RC rc) {
   }
 }
 
+static void install_process_hooks(void);
+
+void edgekey_install_process_hooks(void) { pthread_once(&atfork_once, install_process_hooks); }
+
 static void install_process_hooks(void) {
   pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
   atexit(flush_at_exit);

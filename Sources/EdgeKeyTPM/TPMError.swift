@@ -14,7 +14,12 @@ public struct ResponseCode: RawRepresentable, Hashable, Sendable, CustomStringCo
   /// The code without the handle, parameter or session number of a format-one TPM error.
   public var base: ResponseCode { ResponseCode(rawValue: edgekey_rc_base_public(rawValue)) }
   /// The TSS's decoding, e.g. "tpm:warn(2.0): out of memory for object contexts".
-  public var decoded: String { String(cString: Tss2_RC_Decode(rawValue)) }
+  public var decoded: String {
+    // EdgeKey's own layer is named by a decoder the first TPM open installs; installed here too,
+    // so that a code decodes the same before any TPM was opened.
+    edgekey_install_process_hooks()
+    return String(cString: Tss2_RC_Decode(rawValue))
+  }
   public var description: String { "0x\(String(rawValue, radix: 16, uppercase: true)) (\(decoded))" }
 
   public static func ~= (pattern: ResponseCode, value: ResponseCode) -> Bool {

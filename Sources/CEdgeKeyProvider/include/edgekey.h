@@ -208,6 +208,13 @@ TSS2_RC edgekey_tpm_key_certify(edgekey_tpm_key *key, edgekey_tpm_key *ak,
                                 TPM2B_ATTEST *attest, TPMT_SIGNATURE *signature,
                                 const char **cmd);
 
+/*
+ * Installs, once per process, what the first TPM open installs: the decoder of EdgeKey's own
+ * response codes (Tss2_RC_Decode names them), the fork handlers and quiet tpm2-tss logging.
+ * For callers that decode a code before any TPM was opened.
+ */
+void edgekey_install_process_hooks(void);
+
 /* Number of TPM2_Load commands this key has issued (diagnostics: should stay at 1). */
 uint64_t edgekey_tpm_key_load_count(const edgekey_tpm_key *key);
 
