@@ -47,7 +47,7 @@ func ourRate(
       try client.enqueue(Array(repeating: message, count: n))
       sent += n
     }
-    try await client.waitUntilDelivered(timeout: 600)
+    try await client.waitUntilDelivered(timeout: .seconds(600))
     let rate = Double(count) / Date().timeIntervalSince(start)
     client.stop()
     return rate

@@ -239,8 +239,7 @@ public final class Device: @unchecked Sendable {
   /// Waits until every accepted message is acknowledged by the broker.
   public func delivered(timeout: Duration = .seconds(30)) async throws(EdgeKeyError) {
     guard let client = mqttClient else { return }
-    let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) * 1e-18
-    do { try await client.waitUntilDelivered(timeout: seconds) } catch { throw EdgeKeyError(error) }
+    do { try await client.waitUntilDelivered(timeout: timeout) } catch { throw EdgeKeyError(error) }
   }
 
   /// The messages on `filter` (`+` and `#` allowed), its own stream: subscribed now, and again

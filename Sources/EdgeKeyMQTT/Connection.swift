@@ -105,7 +105,7 @@ final class Connection {
     }
     // Monotonic: an NTP step during a connection attempt neither shortens nor stretches it.
     let clock = ContinuousClock()
-    let deadline = clock.now.advanced(by: .milliseconds(Int64(configuration.connectTimeout * 1000)))
+    let deadline = clock.now.advanced(by: configuration.connectTimeout)
     var disconnectAsked: ContinuousClock.Instant?
     var leaving: ConnectionOutcome?
     var timedOut = false
@@ -215,11 +215,11 @@ final class Connection {
         let error = MQTTError(
           kind: .timedOut,
           reason: "\(endpoint) accepted our certificate but did not answer our MQTT 5 CONNECT within "
-            + "\(configuration.connectTimeout) s: a broker that speaks only MQTT 3.1.1 does this")
+            + "\(configuration.connectTimeout.secondsText): a broker that speaks only MQTT 3.1.1 does this")
         return .failed(error, refused: false, reason: "timeout-after-tls")
       }
       let error = MQTTError(
-        kind: .timedOut, reason: "no CONNACK from \(endpoint) within \(configuration.connectTimeout) s")
+        kind: .timedOut, reason: "no CONNACK from \(endpoint) within \(configuration.connectTimeout.secondsText)")
       return .failed(error, refused: false, reason: "timeout")
     }
     if let summary, summary.serverAcceptedUs, summary.alert == nil {

@@ -81,7 +81,7 @@ public final class MQTTClient: Sendable {
   /// Starts, and waits until the broker has accepted us. Throws the first failed attempt's
   /// error (`TLSError` with its layer, or `MQTTError`); the client keeps retrying in the
   /// background by its `ReconnectPolicy` until `stop()`.
-  public func connect(timeout: Double = 15) async throws {
+  public func connect(timeout: Duration = .seconds(15)) async throws {
     try await engine.connect(timeout: timeout)
   }
 
@@ -108,12 +108,12 @@ public final class MQTTClient: Sendable {
   }
 
   /// Waits until the outbox is empty (every accepted message acknowledged or dropped).
-  public func waitUntilDelivered(timeout: Double = 30) async throws {
+  public func waitUntilDelivered(timeout: Duration = .seconds(30)) async throws {
     let clock = ContinuousClock()
-    let deadline = clock.now.advanced(by: .milliseconds(Int64(timeout * 1000)))
+    let deadline = clock.now.advanced(by: timeout)
     while outbox.count > 0 {
       if clock.now >= deadline {
-        var reason = "\(outbox.count) message(s) still unacknowledged after \(timeout) s"
+        var reason = "\(outbox.count) message(s) still unacknowledged after \(timeout.secondsText)"
         // What kept them: the connection's last failure, with its layer, when not connected.
         if !isConnected, let failure = lastFailure {
           reason += "; not connected: \(failure.description)"
@@ -281,7 +281,7 @@ final class Engine: @unchecked Sendable {
     }
   }
 
-  func connect(timeout: Double) async throws {
+  func connect(timeout: Duration) async throws {
     let id = UUID()
     try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
       // The waiter is in place before the network thread starts: a first attempt that fails at
@@ -299,11 +299,12 @@ final class Engine: @unchecked Sendable {
         return
       }
       start()
-      DispatchQueue.global().asyncAfter(deadline: .now() + timeout) { [weak self] in
+      DispatchQueue.global().asyncAfter(deadline: .now() + timeout.seconds) { [weak self] in
         guard let self else { return }
         let waiter = self.withShared { $0.connectWaiters.removeValue(forKey: id) }
         let endpoints = self.configuration.endpoints.map(\.description).joined(separator: ", ")
-        waiter?.resume(throwing: MQTTError(kind: .timedOut, reason: "not connected to \(endpoints) after \(timeout) s"))
+        waiter?.resume(
+          throwing: MQTTError(kind: .timedOut, reason: "not connected to \(endpoints) after \(timeout.secondsText)"))
       }
     }
   }

@@ -117,8 +117,8 @@ public struct MQTTConfiguration: Sendable {
   public var cleanSession = true
   public var will: MQTTWill?
   public var reconnect = ReconnectPolicy()
-  /// Seconds for TCP, the TLS handshake and CONNACK together.
-  public var connectTimeout: Double = 15
+  /// The time TCP, the TLS handshake and CONNACK may take together.
+  public var connectTimeout: Duration = .seconds(15)
   /// How many QoS ≥ 1 messages are handed to the network at once (the broker's receive
   /// maximum still applies within it).
   public var inflightWindow = 100

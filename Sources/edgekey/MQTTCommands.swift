@@ -84,7 +84,7 @@ func pubCommand(_ args: Arguments, logger: Logger) {
   }
   if fromStdin && args.flag("stdin-file") { fail("-l and -s both read standard input: choose one", .usage) }
   let interval = Double(args.option("interval-ms") ?? "0").map { $0 / 1000 } ?? 0
-  let timeout = Double(args.option("timeout") ?? "60") ?? 60
+  let timeout = Duration.milliseconds(Int64((Double(args.option("timeout") ?? "60") ?? 60) * 1000))
   let printAccepted = args.flag("print-accepted")
   let retain = args.flag("retain")
   let (client, tpm, key) = mqttClient(args, logger: logger)
@@ -126,7 +126,8 @@ func subCommand(_ args: Arguments, logger: Logger) {
   let count = args.option("count").flatMap(Int.init)
   let (client, tpm, key) = mqttClient(args, logger: logger)
   runAsync {
-    try await client.connect(timeout: Double(args.option("timeout") ?? "30") ?? 30)
+    try await client.connect(
+      timeout: .milliseconds(Int64((Double(args.option("timeout") ?? "30") ?? 30) * 1000)))
     try await client.subscribe(topic, qos: qos)
     var seen = 0
     for await message in client.messages {

@@ -205,7 +205,7 @@ func doctorCommand(_ args: Arguments, logger: Logger) throws {
   }
   runAsync {
     do {
-      try await client.connect(timeout: 10)
+      try await client.connect(timeout: .seconds(10))
       try await client.publish(topic: topic, payload: Array("edgekey doctor".utf8), qos: .atLeastOnce)
       if client.protocolVersionInUse == .v311 {
         // MQTT 3.1.1's PUBACK has no reason code: a broker acknowledges a publish its ACL

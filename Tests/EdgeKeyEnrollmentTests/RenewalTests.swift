@@ -272,7 +272,7 @@ struct RenewalTests {
       try await Task.sleep(nanoseconds: 20_000_000)
     }
     agent.stop()
-    try await device.waitUntilDelivered(timeout: 30)
+    try await device.waitUntilDelivered(timeout: .seconds(30))
     let (got, duplicates) = await drain(sink, expecting: accepted, within: 30)
     let missing = accepted.subtracting(got)
     print(

@@ -85,4 +85,13 @@ struct TextTests {
     }
     #expect(counter.total == 8000)
   }
+
+  @Test("a Duration as seconds and as the text messages use: whole seconds without a fraction")
+  func durationSeconds() {
+    #expect(Duration.seconds(15).seconds == 15)
+    #expect(Duration.milliseconds(250).seconds == 0.25)
+    #expect(Duration.seconds(15).secondsText == "15 s")
+    #expect(Duration.milliseconds(250).secondsText == "0.25 s")
+    #expect(Duration.milliseconds(-1500).secondsText == "-1.5 s")
+  }
 }

@@ -56,7 +56,7 @@ struct FaultInjectionTests {
     var configuration = MQTTConfiguration(host: "127.0.0.1", port: endpointPort)
     configuration.reconnect = quickReconnect
     configuration.keepAlive = 5  // libmosquitto's minimum
-    configuration.connectTimeout = 3
+    configuration.connectTimeout = .seconds(3)
     let publisher = try MQTTClient(
       configuration, tls: try f.context(serverName: "127.0.0.1"), outbox: try Outbox(path: temporaryPath("outbox.db")),
       logger: ProcessInfo.processInfo.environment["EDGEKEY_TEST_LOG"] == nil
@@ -78,7 +78,7 @@ struct FaultInjectionTests {
     }
     try await fault(Self.batches)  // the fault's chance to end (resume, heal, restart)
     var undelivered: (any Error)?
-    do { try await publisher.waitUntilDelivered(timeout: 60) } catch { undelivered = error }
+    do { try await publisher.waitUntilDelivered(timeout: .seconds(60)) } catch { undelivered = error }
     let (got, duplicates) = await drain(sink, expecting: accepted, within: undelivered == nil ? 30 : 1)
     let m = publisher.metrics
     publisher.stop()

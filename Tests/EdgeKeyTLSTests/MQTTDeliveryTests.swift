@@ -81,7 +81,7 @@ struct MQTTDeliveryTests {
       }
       try await Task.sleep(nanoseconds: 100_000_000)
     }
-    try await publisher.waitUntilDelivered(timeout: 30)
+    try await publisher.waitUntilDelivered(timeout: .seconds(30))
     let (got, duplicates) = await drain(sink, expecting: accepted, within: 30)
     let missing = accepted.subtracting(got)
     if !missing.isEmpty { print(broker.log) }
@@ -182,7 +182,7 @@ struct MQTTDeliveryTests {
       configuration.reconnect = quickReconnect
       let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
       do {
-        try await client.connect(timeout: 30)
+        try await client.connect(timeout: .seconds(30))
         outcomes["connected", default: 0] += 1
       } catch let error as TLSError {
         outcomes["\(error.layer.rawValue) \(error.codeName)", default: 0] += 1
@@ -210,7 +210,7 @@ struct MQTTDeliveryTests {
     for await state in client.stateChanges {
       if case .waiting = state { break }
     }
-    let error = await #expect(throws: TLSError.self) { try await client.connect(timeout: 60) }
+    let error = await #expect(throws: TLSError.self) { try await client.connect(timeout: .seconds(60)) }
     #expect(error?.layer == .serverCertificate)
   }
 
@@ -225,11 +225,11 @@ struct MQTTDeliveryTests {
     let proxy = try LateAcceptProxy(to: broker.port)
     var configuration = MQTTConfiguration(host: "127.0.0.1", port: proxy.port)
     configuration.reconnect = quickReconnect
-    configuration.connectTimeout = 20
+    configuration.connectTimeout = .seconds(20)
     let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
     defer { client.stop() }
     proxy.releaseWhenConnectPending()
-    let error = await #expect(throws: TLSError.self) { try await client.connect(timeout: 30) }
+    let error = await #expect(throws: TLSError.self) { try await client.connect(timeout: .seconds(30)) }
     #expect(error?.layer == .serverCertificate, "\(String(describing: error))")
   }
 

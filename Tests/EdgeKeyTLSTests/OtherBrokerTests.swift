@@ -32,10 +32,10 @@ struct OtherBrokerTests {
 
     var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
     configuration.reconnect = quickReconnect
-    configuration.connectTimeout = 5  // how long an unanswered MQTT 5 CONNECT is waited for
+    configuration.connectTimeout = .seconds(5)  // how long an unanswered MQTT 5 CONNECT is waited for
     #expect(configuration.protocolVersion == .automatic)
     let publisher = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
-    try await publisher.connect(timeout: 30)
+    try await publisher.connect(timeout: .seconds(30))
     var accepted = Set<String>()
     for i in 0..<20 {
       let text = "reading \(i)"
@@ -59,11 +59,11 @@ struct OtherBrokerTests {
     var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
     configuration.protocolVersion = .v5
     configuration.reconnect = quickReconnect
-    configuration.connectTimeout = 5
+    configuration.connectTimeout = .seconds(5)
     let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
     defer { client.stop() }
     do {
-      try await client.connect(timeout: 30)
+      try await client.connect(timeout: .seconds(30))
       Issue.record("an MQTT 5 client connected to a 3.1.1-only broker")
     } catch let error as MQTTError {
       // amqtt 0.12 misreads libmosquitto's MQTT 5 CONNECT and waits: no answer, no close.
@@ -84,7 +84,7 @@ struct OtherBrokerTests {
     let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
     defer { client.stop() }
     do {
-      try await client.connect(timeout: 30)
+      try await client.connect(timeout: .seconds(30))
       Issue.record("connected with a certificate the broker does not trust")
     } catch let error as TLSError {
       // The alert, when it arrives before the reset; else the ambiguous end, which is transient.

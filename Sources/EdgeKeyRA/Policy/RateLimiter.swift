@@ -80,11 +80,3 @@ final class RateLimiter: @unchecked Sendable {
     if buckets.count > maximumBuckets { buckets.removeAll() }
   }
 }
-
-extension Duration {
-  /// As seconds, fractional.
-  var seconds: Double {
-    let (s, attoseconds) = components
-    return Double(s) + Double(attoseconds) * 1e-18
-  }
-}
