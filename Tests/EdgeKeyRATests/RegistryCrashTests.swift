@@ -44,7 +44,11 @@ struct RegistryCrashTests {
     }
     let shared = Shared()
     let lock = shared.lock
+    // The killer signals when it is done: the test then owns `ra` again (a semaphore is a
+    // happens-before edge; polling Thread.isFinished is not one ThreadSanitizer can see).
+    let killerDone = DispatchSemaphore(value: 0)
     let killer = Thread {
+      defer { killerDone.signal() }
       while true {
         lock.lock()
         let go = shared.killing
@@ -91,7 +95,7 @@ struct RegistryCrashTests {
     lock.lock()
     shared.killing = false
     lock.unlock()
-    while !killer.isFinished { usleep(10_000) }
+    killerDone.wait()
     ra.kill()
 
     #expect(shared.finalStatus.count == jobs.count, "every request got an answer")
