@@ -24,7 +24,7 @@ func runRegistry(_ options: Options, ca testCA: TestCA, work: URL) throws {
   let without = clock.measure {
     for csr in requests {
       guard let parsed = try? CertificateSigningRequest(der: csr.der) else { continue }
-      _ = try? ca.issue(for: parsed, lifetime: 86400)
+      _ = try? ca.issue(for: parsed, lifetime: .seconds(86400))
     }
   }
   let path = work.appendingPathComponent("bench-registry-\(UUID().uuidString).db").path
@@ -40,7 +40,7 @@ func runRegistry(_ options: Options, ca testCA: TestCA, work: URL) throws {
         case .issued? = try? registry.issue(
           .secret(device: "SN-\(i)", secret: "secret-of-device-\(i)-padding"), csr: parsed, naming: NamingPolicy(),
           operation: "simpleenroll", source: "bench",
-          sign: { _ throws(RAError) in try ca.issue(for: parsed, lifetime: 86400) })
+          sign: { _ throws(RAError) in try ca.issue(for: parsed, lifetime: .seconds(86400)) })
       else { continue }
       issued += 1
     }
@@ -56,7 +56,7 @@ func runRegistry(_ options: Options, ca testCA: TestCA, work: URL) throws {
       guard let parsed = try? CertificateSigningRequest(der: csr.der),
         case .issued? = try? sharedRegistry.issue(
           .sharedPassword(user: "line"), csr: parsed, naming: shared, operation: "simpleenroll", source: "bench",
-          sign: { _ throws(RAError) in try ca.issue(for: parsed, lifetime: 86400) })
+          sign: { _ throws(RAError) in try ca.issue(for: parsed, lifetime: .seconds(86400)) })
       else { continue }
       issuedShared += 1
     }

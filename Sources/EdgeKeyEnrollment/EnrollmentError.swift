@@ -49,11 +49,11 @@ public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatab
   public var tpm: TPMError?
   /// For `.pendingTooLong` (and a 503 that said so): how long the server asked us to wait
   /// before asking again (Retry-After). RFC 7030 §4.2.3: the client MUST NOT ask sooner.
-  public var retryAfter: TimeInterval?
+  public var retryAfter: Duration?
 
   public init(
     _ kind: Kind, _ message: String, tls: TLSError? = nil, certificate: TLSError.CertificateSummary? = nil,
-    retryAfter: TimeInterval? = nil, tpm: TPMError? = nil
+    retryAfter: Duration? = nil, tpm: TPMError? = nil
   ) {
     self.kind = kind
     self.message = message

@@ -90,7 +90,7 @@ final class Connection {
   func run() -> ConnectionOutcome {
     let configuration = engine.configuration
     let rc = mosquitto_connect_bind_async(
-      mosq, endpoint.host, Int32(endpoint.port), configuration.keepAlive, nil)
+      mosq, endpoint.host, Int32(endpoint.port), Int32(configuration.keepAlive.components.seconds), nil)
     guard rc == MOSQ_ERR_SUCCESS.rawValue else {
       // On loopback the whole handshake can happen inside connect_async (it writes CONNECT,
       // which drives SSL_write through the handshake): a refusal surfaces here too.
@@ -126,7 +126,7 @@ final class Connection {
         pollfd(fd: engine.wakeDescriptor, events: Int16(POLLIN), revents: 0),
       ]
       var timeout = 1000.0
-      if !isConnected { timeout = min(timeout, max(Self.milliseconds(deadline - clock.now), 0)) }
+      if !isConnected { timeout = min(timeout, max((deadline - clock.now).seconds * 1000, 0)) }
       if poll(&fds, 2, Int32(timeout)) < 0 && errno != EINTR { break }
       if fds[1].revents != 0 { engine.drainWake() }
       if !isConnected && fds[0].revents & Int16(POLLERR | POLLHUP) != 0, let error = Connection.socketError(sock) {
@@ -183,7 +183,7 @@ final class Connection {
     if let leaving { return leaving }
     if let connectedAt {
       let reason = endCode == 0 ? "the connection ended" : "connection lost: \(endText)"
-      return .lost(reason: "\(reason) (\(endpoint))", upFor: Self.seconds(ContinuousClock.now - connectedAt))
+      return .lost(reason: "\(reason) (\(endpoint))", upFor: ContinuousClock.now - connectedAt)
     }
     if let refusal {
       let v5 = version == .v5
@@ -429,11 +429,4 @@ final class Connection {
         topic: String(cString: m.topic), payload: payload, qos: MQTTQoS(rawValue: m.qos) ?? .atMostOnce,
         retain: m.retain))
   }
-}
-
-extension Connection {
-  static func milliseconds(_ d: Duration) -> Double {
-    Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) * 1e-15
-  }
-  static func seconds(_ d: Duration) -> Double { milliseconds(d) / 1000 }
 }

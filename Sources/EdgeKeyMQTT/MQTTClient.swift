@@ -41,9 +41,11 @@ public final class MQTTClient: Sendable {
       throw MQTTError(kind: .invalidArgument, reason: "no broker endpoint configured")
     }
     // libmosquitto refuses anything else, at connect time, as "invalid function arguments".
-    guard configuration.keepAlive == 0 || (5...65535).contains(configuration.keepAlive) else {
+    let keepAlive = configuration.keepAlive.components
+    guard keepAlive.attoseconds == 0, keepAlive.seconds == 0 || (5...65535).contains(keepAlive.seconds) else {
       throw MQTTError(
-        kind: .invalidArgument, reason: "keepAlive \(configuration.keepAlive) s: 0 (off) or 5 to 65535 seconds")
+        kind: .invalidArgument,
+        reason: "keepAlive \(configuration.keepAlive.secondsText): zero (off) or 5 to 65535 whole seconds")
     }
     self.configuration = configuration
     self.outbox = outbox ?? Outbox.memory()
@@ -87,10 +89,11 @@ public final class MQTTClient: Sendable {
 
   /// Accepts a message. QoS 1 and 2: stored in the outbox, then returns once the broker has
   /// acknowledged it (PUBACK / PUBCOMP). QoS 0: sent if connected, else `.notConnected`.
-  /// - Parameter expiry: seconds after which an unsent message is dropped (and counted); also
-  ///   sent as the MQTT 5 message expiry interval.
+  /// - Parameter expiry: how long after acceptance an unsent message is dropped (and counted);
+  ///   also sent as the MQTT 5 message expiry interval. The deadline is stored with the message,
+  ///   as a wall-clock moment, so that it survives a restart.
   public func publish(
-    topic: String, payload: [UInt8], qos: MQTTQoS = .atLeastOnce, retain: Bool = false, expiry: Double? = nil
+    topic: String, payload: [UInt8], qos: MQTTQoS = .atLeastOnce, retain: Bool = false, expiry: Duration? = nil
   ) async throws {
     let message = MQTTMessage(topic: topic, payload: payload, qos: qos, retain: retain)
     if qos == .atMostOnce {
@@ -103,7 +106,7 @@ public final class MQTTClient: Sendable {
   /// Accepts messages into the outbox in one transaction and returns their outbox ids at once;
   /// delivery happens in the background. (`waitUntilDelivered` waits for the outbox to drain.)
   @discardableResult
-  public func enqueue(_ messages: [MQTTMessage], expiry: Double? = nil) throws(MQTTError) -> [Int64] {
+  public func enqueue(_ messages: [MQTTMessage], expiry: Duration? = nil) throws(MQTTError) -> [Int64] {
     try engine.enqueue(messages, expiry: expiry)
   }
 
@@ -158,8 +161,8 @@ enum ConnectionOutcome {
   case swapped
   /// Never got to CONNACK success.
   case failed(any Error, refused: Bool, reason: String)
-  /// Was up for `upFor` seconds.
-  case lost(reason: String, upFor: Double)
+  /// Was up for `upFor`.
+  case lost(reason: String, upFor: Duration)
 }
 
 /// The client's state and its network thread.
@@ -252,7 +255,7 @@ final class Engine: @unchecked Sendable {
     var m = withShared { $0.metrics }
     m.outboxMessages = outbox.count
     m.outboxBytes = outbox.bytes
-    m.certificateExpiresIn = currentTLS.certificateChain.first.map { $0.notAfter.timeIntervalSinceNow } ?? 0
+    m.certificateExpiresIn = .seconds(currentTLS.certificateChain.first.map { $0.notAfter.timeIntervalSinceNow } ?? 0)
     return m
   }
 
@@ -325,7 +328,7 @@ final class Engine: @unchecked Sendable {
     wake()
   }
 
-  private func stored(_ messages: [MQTTMessage], expiry: Double?) throws(MQTTError) -> [OutboxMessage] {
+  private func stored(_ messages: [MQTTMessage], expiry: Duration?) throws(MQTTError) -> [OutboxMessage] {
     let now = Date()
     return try messages.map { (m: MQTTMessage) throws(MQTTError) -> OutboxMessage in
       guard m.qos != .atMostOnce else {
@@ -334,16 +337,16 @@ final class Engine: @unchecked Sendable {
       try Engine.checkTopic(m.topic)
       return OutboxMessage(
         id: 0, topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain, created: now,
-        expires: expiry.map { now.addingTimeInterval($0) })
+        expires: expiry.map { now.addingTimeInterval($0.seconds) })
     }
   }
 
-  func enqueue(_ messages: [MQTTMessage], expiry: Double?) throws(MQTTError) -> [Int64] {
+  func enqueue(_ messages: [MQTTMessage], expiry: Duration?) throws(MQTTError) -> [Int64] {
     let result = try accept(try stored(messages, expiry: expiry), waiter: nil)
     return result.map(\.id)
   }
 
-  func publishAndWait(_ message: MQTTMessage, expiry: Double?) async throws {
+  func publishAndWait(_ message: MQTTMessage, expiry: Duration?) async throws {
     let records = try stored([message], expiry: expiry)
     try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
       do {
@@ -521,7 +524,7 @@ final class Engine: @unchecked Sendable {
       } else if case .failed = outcome {
         closedAfterCertificate = 0
       }
-      var delay = 0.0
+      var delay = Duration.zero
       var why = ""
       switch outcome {
       case .stopped:
@@ -556,20 +559,20 @@ final class Engine: @unchecked Sendable {
       }
       if case .stopped = outcome { break }
       setState(.waiting(retryIn: delay, reason: why))
-      logger.info("next attempt in \(Text.fixed(delay, 1)) s after: \(why)")
+      logger.info("next attempt in \(Text.fixed(delay.seconds, 1)) s after: \(why)")
       waitInterruptibly(delay)
     }
     finish()
   }
 
-  /// Sleeps `seconds`, or until stopped or given new credentials.
-  private func waitInterruptibly(_ seconds: Double) {
+  /// Sleeps `delay`, or until stopped or given new credentials.
+  private func waitInterruptibly(_ delay: Duration) {
     // Monotonic: a clock stepped by NTP neither stretches nor skips the back-off.
     let clock = ContinuousClock()
-    let deadline = clock.now.advanced(by: .milliseconds(Int64(seconds * 1000)))
+    let deadline = clock.now.advanced(by: delay)
     while true {
       let (stopping, swapped) = withShared { ($0.stopping, $0.swapRequested) }
-      let left = Connection.seconds(deadline - clock.now)
+      let left = (deadline - clock.now).seconds
       if stopping || swapped || left <= 0 { return }
       var fd = pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0)
       _ = poll(&fd, 1, Int32(min(left, 3600) * 1000) + 1)

@@ -32,7 +32,7 @@ public struct MQTTMetrics: Sendable, Equatable {
   public var outboxMessages = 0
   public var outboxBytes = 0
   /// Seconds until the certificate in use expires (negative once it has).
-  public var certificateExpiresIn: Double = 0
+  public var certificateExpiresIn: Duration = .zero
   public var connected = false
 
   public init() {}
@@ -82,7 +82,7 @@ public struct MQTTMetrics: Sendable, Equatable {
     gauge("connected", "1 while connected.", connected ? "1" : "0")
     gauge(
       "certificate_expiry_seconds", "Seconds until the client certificate expires.",
-      Text.fixed(certificateExpiresIn))
+      Text.fixed(certificateExpiresIn.seconds))
     out += "# EOF\n"
     return out
   }

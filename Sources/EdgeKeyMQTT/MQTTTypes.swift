@@ -109,8 +109,9 @@ public struct MQTTConfiguration: Sendable {
   /// Defaults to the common name of the TLS identity's certificate.
   public var clientID: String?
   public var protocolVersion: MQTTProtocolVersion = .automatic
-  /// Seconds: 0 (off) or 5 to 65535. A broker silent for 1.5 × keepAlive is given up on.
-  public var keepAlive: Int32 = 60
+  /// Whole seconds: zero (off) or 5 to 65535 s. A broker silent for 1.5 × keepAlive is given
+  /// up on.
+  public var keepAlive: Duration = .seconds(60)
   /// MQTT 3.1.1 clean session / MQTT 5 clean start. A session that outlives the connection
   /// needs MQTT 3.1.1 for now: libmosquitto's asynchronous connect sends no MQTT 5 session
   /// expiry interval, so an MQTT 5 session ends with its connection.
@@ -142,8 +143,8 @@ public enum MQTTConnectionState: Sendable, Equatable {
   case idle
   case connecting(MQTTEndpoint)
   case connected(MQTTEndpoint)
-  /// Waiting `retryIn` seconds before the next attempt, after `reason`.
-  case waiting(retryIn: Double, reason: String)
+  /// Waiting `retryIn` before the next attempt, after `reason`.
+  case waiting(retryIn: Duration, reason: String)
   case stopped
 }
 

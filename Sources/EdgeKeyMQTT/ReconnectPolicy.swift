@@ -8,16 +8,24 @@
 /// cured by retrying soon: it waits on a separate, much longer schedule, never less than half
 /// of its bound.
 public struct ReconnectPolicy: Sendable, Equatable {
-  public var initialDelay: Double
-  public var maximumDelay: Double
+  /// The bound after the first failure; it grows by `multiplier` per failure up to `maximumDelay`.
+  public var initialDelay: Duration
+  /// The largest bound after failures that were not refusals.
+  public var maximumDelay: Duration
+  /// How much the bound grows per consecutive failure (at least 1).
   public var multiplier: Double
-  public var stableAfter: Double
-  public var refusedInitialDelay: Double
-  public var refusedMaximumDelay: Double
+  /// How long a connection must stay up before the failure count starts again.
+  public var stableAfter: Duration
+  /// The bound after the first refusal.
+  public var refusedInitialDelay: Duration
+  /// The largest bound after refusals.
+  public var refusedMaximumDelay: Duration
 
+  /// A policy; the defaults suit a device on a broker it shares with a fleet.
   public init(
-    initialDelay: Double = 1, maximumDelay: Double = 120, multiplier: Double = 2, stableAfter: Double = 60,
-    refusedInitialDelay: Double = 300, refusedMaximumDelay: Double = 3600
+    initialDelay: Duration = .seconds(1), maximumDelay: Duration = .seconds(120), multiplier: Double = 2,
+    stableAfter: Duration = .seconds(60), refusedInitialDelay: Duration = .seconds(300),
+    refusedMaximumDelay: Duration = .seconds(3600)
   ) {
     self.initialDelay = initialDelay
     self.maximumDelay = maximumDelay
@@ -28,20 +36,20 @@ public struct ReconnectPolicy: Sendable, Equatable {
   }
 
   /// The bound for the `failures`-th consecutive failure (1-based).
-  public func bound(failures: Int, refused: Bool) -> Double {
+  public func bound(failures: Int, refused: Bool) -> Duration {
     let (start, cap) = refused ? (refusedInitialDelay, refusedMaximumDelay) : (initialDelay, maximumDelay)
     var d = start
     var n = 1
     while n < failures && d < cap {
-      d *= max(multiplier, 1)
+      d = d * max(multiplier, 1)
       n += 1
     }
     return min(d, cap)
   }
 
   /// The delay before the next attempt; `random` is uniform in [0, 1).
-  public func delay(failures: Int, refused: Bool, random: Double) -> Double {
+  public func delay(failures: Int, refused: Bool, random: Double) -> Duration {
     let b = bound(failures: failures, refused: refused)
-    return refused ? b / 2 + random * b / 2 : random * b
+    return refused ? b / 2 + b * (random / 2) : b * random
   }
 }

@@ -1,5 +1,6 @@
 internal import CEdgeKeyProvider
 internal import COpenSSL
+import EdgeKeyCore
 import FoundationEssentials
 
 #if canImport(Glibc)
@@ -17,8 +18,11 @@ public final class TLSConnection {
   private let fd: Int32
   public let context: TLSClientContext
 
-  /// Connects to `host:port` and completes the handshake within `timeout` seconds.
-  public init(context: TLSClientContext, host: String, port: UInt16, timeout: Double = 10) throws(TLSError) {
+  /// Connects to `host:port` within `timeout`, then completes the handshake; each read and
+  /// write after that times out after `timeout` too.
+  public init(context: TLSClientContext, host: String, port: UInt16, timeout: Duration = .seconds(10))
+    throws(TLSError)
+  {
     TLSConnection.ignoreSIGPIPE
     self.context = context
     fd = try TLSConnection.connectTCP(host: host, port: port, timeout: timeout)
@@ -119,7 +123,7 @@ public final class TLSConnection {
   }()
 
   /// A TCP connection with a connect timeout; reads and writes then time out after `timeout`.
-  static func connectTCP(host: String, port: UInt16, timeout: Double) throws(TLSError) -> Int32 {
+  static func connectTCP(host: String, port: UInt16, timeout: Duration) throws(TLSError) -> Int32 {
     var hints = addrinfo()
     hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
     hints.ai_family = AF_UNSPEC
@@ -140,21 +144,22 @@ public final class TLSConnection {
       var ok = connect(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) == 0
       if !ok && errno == EINPROGRESS {
         var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-        if poll(&pfd, 1, Int32(timeout * 1000)) == 1 {
+        if poll(&pfd, 1, Int32(clamping: max(timeout.milliseconds, 1))) == 1 {
           var soError: Int32 = 0
           var length = socklen_t(MemoryLayout<Int32>.size)
           getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &length)
           ok = soError == 0
           if !ok { lastError = String(cString: strerror(soError)) }
         } else {
-          lastError = "connection timed out after \(timeout) s"
+          lastError = "connection timed out after \(timeout.secondsText)"
         }
       } else if !ok {
         lastError = String(cString: strerror(errno))
       }
       if ok {
         _ = fcntl(fd, F_SETFL, flags)
-        var tv = timeval(tv_sec: Int(timeout), tv_usec: Int((timeout - timeout.rounded(.down)) * 1_000_000))
+        let ms = max(timeout.milliseconds, 1)
+        var tv = timeval(tv_sec: Int(ms / 1000), tv_usec: Int(ms % 1000) * 1000)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         var one: Int32 = 1

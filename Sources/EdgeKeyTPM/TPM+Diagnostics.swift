@@ -22,8 +22,8 @@ public struct TPMInfo: Sendable, Equatable {
   /// Failed authorizations counted so far, and the count that triggers lockout.
   public var lockoutCounter: UInt32
   public var maxAuthFail: UInt32
-  /// Seconds after which one failure is forgotten; seconds of lockout after a lockout-auth failure.
-  public var lockoutInterval: UInt32
+  /// How long until one failure is forgotten (TPM2_PT_LOCKOUT_INTERVAL).
+  public var lockoutInterval: Duration
   /// Transient object slots the TPM guarantees (3 on swtpm).
   public var transientSlots: UInt32
   /// Objects persisted in NV memory.
@@ -78,7 +78,7 @@ extension TPM {
         inLockout: permanent & 0x200 != 0,
         lockoutCounter: variable[TPM2_PT_VAR + 14] ?? 0,
         maxAuthFail: variable[TPM2_PT_VAR + 15] ?? 0,
-        lockoutInterval: variable[TPM2_PT_VAR + 16] ?? 0,
+        lockoutInterval: .seconds(variable[TPM2_PT_VAR + 16] ?? 0),
         transientSlots: fixed[TPM2_PT_FIXED + 14] ?? 0,
         persistentHandles: try handles(ctx, from: 0x8100_0000).compactMap { PersistentHandle(rawValue: $0) },
         endorsementCertificates: try handles(ctx, from: 0x01c0_0002, count: 32).filter {

@@ -61,10 +61,7 @@ public final class TPM: @unchecked Sendable {
   }
 
   private func setTimeouts(command: Duration, keyGeneration: Duration) {
-    func milliseconds(_ d: Duration) -> Int32 {
-      let ms = d.components.seconds * 1000 + d.components.attoseconds / 1_000_000_000_000_000
-      return Int32(clamping: max(1, ms))
-    }
+    func milliseconds(_ d: Duration) -> Int32 { Int32(clamping: max(1, d.milliseconds)) }
     edgekey_tpm_set_timeouts(raw, milliseconds(command), milliseconds(keyGeneration))
   }
 

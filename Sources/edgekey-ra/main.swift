@@ -101,10 +101,12 @@ func readText(_ path: String) -> String {
   do { return String(decoding: try AtomicFile.read(path), as: UTF8.self) } catch { fail("\(error)") }
 }
 
-func duration(_ text: String) -> TimeInterval {
-  let units: [Character: TimeInterval] = ["s": 1, "m": 60, "h": 3600, "d": 86400]
-  if let unit = text.last, let scale = units[unit], let value = Double(text.dropLast()) { return value * scale }
-  if let value = Double(text) { return value }
+func duration(_ text: String) -> Duration {
+  let units: [Character: Double] = ["s": 1, "m": 60, "h": 3600, "d": 86400]
+  if let unit = text.last, let scale = units[unit], let value = Double(text.dropLast()), value >= 0 {
+    return .seconds(value * scale)
+  }
+  if let value = Double(text), value >= 0 { return .seconds(value) }
   fail("\(text) is not a duration (90s, 15m, 12h, 30d)")
 }
 
@@ -228,7 +230,7 @@ let policy = ESTPolicy(
   caCertificates: caCertificates, bootstrapUser: user, bootstrapPassword: password, bootstrapCAs: bootstrapCAs,
   lifetime: duration(option("--lifetime") ?? "30d"), backdate: duration(option("--backdate") ?? "60"),
   pendingTries: number("--pending", 0),
-  retryAfterSeconds: number("--retry-after", 1),
+  retryAfter: .seconds(number("--retry-after", 1)),
   requireChannelBinding: flags.contains("--channel-binding"), label: option("--label"),
   issuanceLogPath: option("--log"))
 var reenrollPolicy = policy
@@ -261,7 +263,7 @@ for path in options["--ek-ca"] ?? [] {
 if !manufacturerCAs.isEmpty {
   attestationPolicy = AttestationPolicy(
     manufacturerCAs: manufacturerCAs, requireForAll: flags.contains("--require-attestation"),
-    nonceLifetime: TimeInterval(number("--nonce-lifetime", 300)),
+    nonceLifetime: .seconds(number("--nonce-lifetime", 300)),
     attestationKeyCertificateLifetime: duration(option("--ak-lifetime") ?? "3650d"))
 } else if flags.contains("--require-attestation") {
   fail("--require-attestation needs --ek-ca: the manufacturer CAs that vouch for TPMs")

@@ -196,7 +196,8 @@ func doctorCommand(_ args: Arguments, logger: Logger) throws {
   // PUBACK carries its verdict on one QoS 1 message.
   let topic = args.option("topic") ?? "devices/\(leaf.commonName ?? "edgekey")/doctor"
   configuration.reconnect = ReconnectPolicy(
-    initialDelay: 0.2, maximumDelay: 1, stableAfter: 1, refusedInitialDelay: 60, refusedMaximumDelay: 60)
+    initialDelay: .milliseconds(200), maximumDelay: .seconds(1), stableAfter: .seconds(1),
+    refusedInitialDelay: .seconds(60), refusedMaximumDelay: .seconds(60))
   nonisolated(unsafe) var verdict: (Bool, String) = (false, "")
   let client: MQTTClient
   do { client = try MQTTClient(configuration, tls: context) } catch {
@@ -236,7 +237,7 @@ func doctorCommand(_ args: Arguments, logger: Logger) throws {
 func doctorEST(_ args: Arguments, host: String, port: UInt16, chain: [Certificate], key: TPMKey, caFile: String) {
   do {
     var options = ESTOptions()
-    options.timeout = 15
+    options.timeout = .seconds(15)
     let crl = crlOptions(args, trustPEM: readText(caFile))
     options.crlPEM = crl.pem
     options.missingCRL = crl.missing

@@ -341,7 +341,7 @@ func run(_ argv: [[UInt8]]) throws {
       out("curves:            \(info.curves.joined(separator: ", "))")
       out("algorithms:        \(info.algorithms.joined(separator: ", "))")
       out(
-        "lockout:           \(info.inLockout ? "IN LOCKOUT" : "not in lockout") (\(info.lockoutCounter)/\(info.maxAuthFail) failures, interval \(info.lockoutInterval) s)"
+        "lockout:           \(info.inLockout ? "IN LOCKOUT" : "not in lockout") (\(info.lockoutCounter)/\(info.maxAuthFail) failures, interval \(info.lockoutInterval.secondsText))"
       )
       out("transient slots:   \(info.transientSlots)")
       out(

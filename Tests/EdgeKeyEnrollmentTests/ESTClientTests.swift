@@ -97,7 +97,7 @@ struct ESTClientTests {
 
     let other = try f.newKey()
     var impatient = ESTOptions()
-    impatient.maximumPendingWait = 1
+    impatient.maximumPendingWait = .seconds(1)
     #expect {
       try f.client(options: impatient).enroll(try f.request(other), authentication: EnrollmentFixture.password)
     } throws: { ($0 as? EnrollmentError)?.kind == .pendingTooLong }
@@ -268,17 +268,17 @@ struct ESTEdgeCaseTests {
     let f = try EnrollmentFixture(extraArguments: ["--pending", "5", "--retry-after", "3600"])
     let waits = Waits()
     var options = ESTOptions()
-    options.sleep = { waits.add($0) }
+    options.sleep = { waits.add($0.seconds) }
     let error = #expect(throws: EnrollmentError.self) {
       try f.client(options: options).enroll(try f.request(try f.newKey()), authentication: EnrollmentFixture.password)
     }
     #expect(error?.kind == .pendingTooLong)
-    #expect(error?.retryAfter == 3600)
+    #expect(error?.retryAfter == .seconds(3600))
     #expect(error?.message.contains("come back in 3600 s") == true)
     #expect(waits.values.isEmpty, "a 300 s wait instead of the 3600 s asked: \(waits.values)")
     // Allowed to wait that long, it waits exactly what the server asked, each time.
-    options.maximumRetryAfter = 7200
-    options.maximumPendingWait = 100_000
+    options.maximumRetryAfter = .seconds(7200)
+    options.maximumPendingWait = .seconds(100_000)
     _ = try f.client(options: options).enroll(try f.request(try f.newKey()), authentication: EnrollmentFixture.password)
     #expect(waits.values == [3600, 3600, 3600, 3600, 3600])
   }
@@ -304,8 +304,8 @@ struct ESTEdgeCaseTests {
     let f = try EnrollmentFixture(extraArguments: ["--pending", "100", "--retry-after", "120"])
     let store = try CredentialStore(directory: stateDirectory())
     var settings = try f.settings(password: ("device", "factory-secret"))
-    settings.options.maximumRetryAfter = 600
-    settings.options.maximumPendingWait = 6000
+    settings.options.maximumRetryAfter = .seconds(600)
+    settings.options.maximumPendingWait = .seconds(6000)
     let log = RecordingLogHandler()
     settings.options.logger = Logger(label: "test", level: .info, handler: log)
     let agent = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: ([("CN", "device-stop")], []))
@@ -322,7 +322,7 @@ struct ESTEdgeCaseTests {
     // A transfer cut short: a server that accepts the connection and never answers.
     let silent = try SilentServer()
     var options = ESTOptions()
-    options.timeout = 600
+    options.timeout = .seconds(600)
     let cancellation = ESTCancellation()
     options.cancellation = cancellation
     let client = try ESTClient(

@@ -98,7 +98,7 @@ struct HostileServerTests {
     #expect(huge?.kind == .responseTooLarge)
 
     var impatient = ESTOptions()
-    impatient.timeout = 1
+    impatient.timeout = .seconds(1)
     let slow = try enrollError(options: impatient) { _, _ in
       Thread.sleep(forTimeInterval: 3)
       return .text(500, "too late")
@@ -142,9 +142,9 @@ struct HostileServerTests {
   @Test("a 202 loop gives up at the bound; a cross-origin redirect is refused; an error keeps its text")
   func loopsRedirectsAndErrors() throws {
     var options = ESTOptions()
-    options.maximumPendingWait = 30
+    options.maximumPendingWait = .seconds(30)
     let slept = Counter()
-    options.sleep = { slept.add($0) }
+    options.sleep = { slept.add($0.seconds) }
     let loop = try enrollError(options: options) { _, _ in
       .text(202, "later", headers: [("Retry-After", "10")])
     }

@@ -111,14 +111,14 @@ struct RenewalTests {
       #expect(at <= 2.0 / 3.0 && at >= 2.0 / 3.0 - policy.jitter)
       #expect(policy.renewalDate(for: cert) == policy.renewalDate(for: cert), "the same moment after a restart")
     }
-    policy.initialBackoff = 10
-    policy.maximumBackoff = 3600
-    #expect(policy.backoff(failures: 1, remaining: 86400, random: 1) == 10)
-    #expect(policy.backoff(failures: 4, remaining: 86400, random: 1) == 80)
-    #expect(policy.backoff(failures: 30, remaining: 86400, random: 1) == 3600)
+    policy.initialBackoff = .seconds(10)
+    policy.maximumBackoff = .seconds(3600)
+    #expect(policy.backoff(failures: 1, remaining: .seconds(86400), random: 1) == .seconds(10))
+    #expect(policy.backoff(failures: 4, remaining: .seconds(86400), random: 1) == .seconds(80))
+    #expect(policy.backoff(failures: 30, remaining: .seconds(86400), random: 1) == .seconds(3600))
     // Two minutes left: never wait more than a third of it.
-    #expect(policy.backoff(failures: 30, remaining: 120, random: 1) == 40)
-    #expect(policy.backoff(failures: 30, remaining: 120, random: 0) == 20)
+    #expect(policy.backoff(failures: 30, remaining: .seconds(120), random: 1) == .seconds(40))
+    #expect(policy.backoff(failures: 30, remaining: .seconds(120), random: 0) == .seconds(20))
   }
 
   @Test(
@@ -219,7 +219,7 @@ struct RenewalTests {
     let store = try CredentialStore(directory: stateDirectory())
     try store.write(try f.bootstrapCredential(from: factory, commonName: "device-42"), to: .bootstrap)
     var policy = RenewalPolicy()
-    policy.initialBackoff = 0.5
+    policy.initialBackoff = .milliseconds(500)
     let events = EventLog()
     let serverCert = try f.ca.issueServer()
     let tlsPolicy = TLSPolicy(trustAnchorsPEM: f.ca.certificatePEM, serverName: "127.0.0.1")

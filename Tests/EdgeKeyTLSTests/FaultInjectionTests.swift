@@ -55,7 +55,7 @@ struct FaultInjectionTests {
     // The device: TPM key, durable outbox, a short keepalive so that a silent network is noticed.
     var configuration = MQTTConfiguration(host: "127.0.0.1", port: endpointPort)
     configuration.reconnect = quickReconnect
-    configuration.keepAlive = 5  // libmosquitto's minimum
+    configuration.keepAlive = .seconds(5)  // libmosquitto's minimum
     configuration.connectTimeout = .seconds(3)
     let publisher = try MQTTClient(
       configuration, tls: try f.context(serverName: "127.0.0.1"), outbox: try Outbox(path: temporaryPath("outbox.db")),
@@ -63,7 +63,9 @@ struct FaultInjectionTests {
         ? .disabled : Logger(label: name, level: .debug, handler: StandardErrorLogHandler()))
     try await publisher.connect()
     var tooShort = configuration
-    tooShort.keepAlive = 2
+    tooShort.keepAlive = .seconds(2)
+    #expect(throws: MQTTError.self) { try MQTTClient(tooShort, tls: try f.context(serverName: "127.0.0.1")) }
+    tooShort.keepAlive = .milliseconds(5500)  // MQTT's keep alive is whole seconds
     #expect(throws: MQTTError.self) { try MQTTClient(tooShort, tls: try f.context(serverName: "127.0.0.1")) }
 
     var accepted = Set<String>()
@@ -195,16 +197,16 @@ struct FaultInjectionTests {
     let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
     defer { client.stop() }
     client.start()
-    var sawWaiting: [Double] = []
+    var sawWaiting: [Duration] = []
     for await state in client.stateChanges {
       if case .waiting(let retryIn, _) = state {
         sawWaiting.append(retryIn)
-        if retryIn >= 10 { break }  // the refusal schedule: the failure this test is about
+        if retryIn >= .seconds(10) { break }  // the refusal schedule: the failure this test is about
       }
       if case .connected = state { break }
     }
     #expect(client.isConnected)
-    #expect(sawWaiting.allSatisfy { $0 < 10 }, "a reset must not start the refusal schedule: \(sawWaiting)")
+    #expect(sawWaiting.allSatisfy { $0 < .seconds(10) }, "a reset must not start the refusal schedule: \(sawWaiting)")
     let failures = client.metrics.handshakeFailures
     #expect(
       failures["closedAfterOurCertificate", default: 0] + failures["connectionFailed", default: 0] >= 1, "\(failures)")

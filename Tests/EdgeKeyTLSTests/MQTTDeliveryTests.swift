@@ -161,7 +161,7 @@ struct MQTTDeliveryTests {
     // The quick policy would have retried ~10 times in a second; a refusal waits minutes.
     #expect(client.metrics.connectAttempts == 1)
     if case .waiting(let retryIn, _) = client.state {
-      #expect(retryIn >= 150)
+      #expect(retryIn >= .seconds(150))
     } else {
       Issue.record("expected to be waiting, is \(client.state)")
     }

@@ -104,17 +104,19 @@ struct MQTTOutboxTests {
 
   @Test("the reconnect policy: full jitter within a growing bound, long waits after refusals")
   func reconnectPolicy() {
-    let p = ReconnectPolicy(initialDelay: 1, maximumDelay: 60, refusedInitialDelay: 300, refusedMaximumDelay: 3600)
-    #expect(p.bound(failures: 1, refused: false) == 1)
-    #expect(p.bound(failures: 4, refused: false) == 8)
-    #expect(p.bound(failures: 50, refused: false) == 60)
-    #expect(p.delay(failures: 3, refused: false, random: 0) == 0)
-    #expect(p.delay(failures: 3, refused: false, random: 0.5) == 2)
-    #expect(p.delay(failures: 1, refused: true, random: 0) == 150)
-    #expect(p.bound(failures: 10, refused: true) == 3600)
+    let p = ReconnectPolicy(
+      initialDelay: .seconds(1), maximumDelay: .seconds(60), refusedInitialDelay: .seconds(300),
+      refusedMaximumDelay: .seconds(3600))
+    #expect(p.bound(failures: 1, refused: false) == .seconds(1))
+    #expect(p.bound(failures: 4, refused: false) == .seconds(8))
+    #expect(p.bound(failures: 50, refused: false) == .seconds(60))
+    #expect(p.delay(failures: 3, refused: false, random: 0) == .zero)
+    #expect(p.delay(failures: 3, refused: false, random: 0.5) == .seconds(2))
+    #expect(p.delay(failures: 1, refused: true, random: 0) == .seconds(150))
+    #expect(p.bound(failures: 10, refused: true) == .seconds(3600))
     let samples = (0..<1000).map { _ in p.delay(failures: 5, refused: false, random: Double.random(in: 0..<1)) }
-    #expect(samples.allSatisfy { $0 >= 0 && $0 < 16 })
-    #expect(Set(samples.map { Int($0) }).count > 10, "the delays are spread, not synchronized")
+    #expect(samples.allSatisfy { $0 >= .zero && $0 < .seconds(16) })
+    #expect(Set(samples.map { Int($0.seconds) }).count > 10, "the delays are spread, not synchronized")
   }
 
   @Test("metrics render as OpenMetrics text")
@@ -123,7 +125,7 @@ struct MQTTOutboxTests {
     m.messagesQueued = 3
     m.messagesDropped = ["expired": 1]
     m.handshakeFailures = ["untrustedRoot": 2]
-    m.certificateExpiresIn = 86400
+    m.certificateExpiresIn = .seconds(86400)
     let text = m.openMetrics(labels: ["device": "device-\"1\""])
     #expect(text.contains("# TYPE edgekey_mqtt_messages_queued counter\n"))
     #expect(text.contains("edgekey_mqtt_messages_queued_total{device=\"device-\\\"1\\\"\"} 3\n"))

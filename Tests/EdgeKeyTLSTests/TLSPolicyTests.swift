@@ -69,7 +69,7 @@ struct TLSPolicyTests {
     func viaConnection(_ name: String) throws -> String? {
       let capture = try ClientHelloCapture()
       _ = try? TLSConnection(
-        context: try f.context(serverName: name), host: "127.0.0.1", port: capture.port, timeout: 5)
+        context: try f.context(serverName: name), host: "127.0.0.1", port: capture.port, timeout: .seconds(5))
       return try capture.hello().serverName
     }
     func viaMosquitto(_ name: String) throws -> String? {

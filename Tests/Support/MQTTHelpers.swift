@@ -3,7 +3,8 @@ import Foundation
 
 /// A reconnect policy for tests: quick, still jittered.
 public let quickReconnect = ReconnectPolicy(
-  initialDelay: 0.05, maximumDelay: 0.5, stableAfter: 1, refusedInitialDelay: 300, refusedMaximumDelay: 600)
+  initialDelay: .milliseconds(50), maximumDelay: .milliseconds(500), stableAfter: .seconds(1),
+  refusedInitialDelay: .seconds(300), refusedMaximumDelay: .seconds(600))
 
 public func temporaryPath(_ name: String) -> String {
   FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-\(UUID().uuidString)").appendingPathComponent(

@@ -5,6 +5,12 @@ extension Duration {
     return Double(s) + Double(attoseconds) * 1e-18
   }
 
+  /// As whole milliseconds, rounded towards zero (for `poll` and C timeouts in ms).
+  package var milliseconds: Int64 {
+    let (s, attoseconds) = components
+    return s * 1000 + attoseconds / 1_000_000_000_000_000
+  }
+
   /// As a short text for messages and logs: "15 s", "0.25 s".
   package var secondsText: String {
     let value = seconds

@@ -8,14 +8,17 @@ public final class ESTCancellation: @unchecked Sendable {
   private let condition = Condition()
   private var cancelled = false
 
+  /// A cancellation not yet cancelled.
   public init() {}
 
+  /// Whether `cancel()` was called.
   public var isCancelled: Bool {
     condition.lock()
     defer { condition.unlock() }
     return cancelled
   }
 
+  /// Ends every transfer and wait that watches this cancellation, now and later.
   public func cancel() {
     condition.lock()
     cancelled = true
@@ -23,16 +26,15 @@ public final class ESTCancellation: @unchecked Sendable {
     condition.unlock()
   }
 
-  /// Sleeps `seconds`, or until cancelled.
-  public func sleep(_ seconds: Double) {
+  /// Sleeps `delay` (measured on the monotonic clock), or until cancelled.
+  public func sleep(_ delay: Duration) {
     condition.lock()
     defer { condition.unlock() }
-    var left = seconds
-    let start = ContinuousClock.now
-    while !cancelled && left > 0 {
+    let deadline = ContinuousClock.now + delay
+    while !cancelled {
+      let left = (deadline - ContinuousClock.now).seconds
+      if left <= 0 { break }
       condition.wait(seconds: left)
-      let elapsed = ContinuousClock.now - start
-      left = seconds - (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
     }
   }
 }

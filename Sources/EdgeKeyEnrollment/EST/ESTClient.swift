@@ -5,22 +5,23 @@ import FoundationEssentials
 /// Limits and preferences of an EST client.
 public struct ESTOptions: Sendable {
   /// The whole of one HTTP exchange.
-  public var timeout: TimeInterval = 30
-  public var connectTimeout: TimeInterval = 10
+  public var timeout: Duration = .seconds(30)
+  /// The TCP connect and TLS handshake of one exchange.
+  public var connectTimeout: Duration = .seconds(10)
   /// EST answers are small: a few certificates.
   public var maximumResponseBytes = 256 * 1024
   /// How long in total `enroll` waits while the server answers 202 (manual approval).
-  public var maximumPendingWait: TimeInterval = 600
+  public var maximumPendingWait: Duration = .seconds(600)
   /// The longest single Retry-After `enroll` waits through. A server that asks for more is
   /// never asked sooner (RFC 7030 §4.2.3: the client MUST wait at least that long): `enroll`
   /// gives up with `.pendingTooLong` carrying the server's time, for the caller to schedule.
-  public var maximumRetryAfter: TimeInterval = 300
+  public var maximumRetryAfter: Duration = .seconds(300)
   public var maximumRedirects = 3
   /// Widely deployed EST servers stop at TLS 1.2, so 1.2 is allowed by default.
   public var minimumVersion: TLSVersion = .tls12
   public var maximumVersion: TLSVersion = .tls13
   /// How much the server's clock may be ahead of ours when a certificate's notBefore is checked.
-  public var clockSkew: TimeInterval = 300
+  public var clockSkew: Duration = .seconds(300)
   /// CRLs (PEM) for the EST server's chain, checked at every level of it.
   public var crlPEM: String?
   /// What a level of the server's chain without a CRL here means (with `crlPEM`).
@@ -30,7 +31,7 @@ public struct ESTOptions: Sendable {
   public var allowServerCertificateWithoutEKU = false
   /// Sleeps between 202 answers; replaceable so that tests need not wait. Nil: a sleep that
   /// `cancellation` ends at once.
-  public var sleep: (@Sendable (TimeInterval) -> Void)? = nil
+  public var sleep: (@Sendable (Duration) -> Void)? = nil
   /// Ends every transfer and wait of this client within about a second when cancelled.
   public var cancellation: ESTCancellation?
   /// Each wait for the server (202 Retry-After) and each HTTP authentication challenge answered.
@@ -188,7 +189,7 @@ public final class ESTClient: Sendable {
     }
     // RFC 8951: base64 of the DER request; lines of 64 ending in a newline, which every server reads.
     func body(_ csr: CertificateSigningRequest) -> [UInt8] { Array(Base64.encodeLines(csr.der).utf8) }
-    var waited: TimeInterval = 0
+    var waited = Duration.zero
     while true {
       var sent: CertificateSigningRequest?
       let answer: HTTPAnswer
@@ -211,18 +212,19 @@ public final class ESTClient: Sendable {
       if answer.status == 202 {
         // RFC 7030 §4.2.3: wait at least Retry-After. Never shortened: a wait beyond what we
         // wait here ends the attempt, with the server's time for the caller to schedule.
-        let delay = max(ESTBody.retryAfter(answer.retryAfter) ?? 60, 0)
+        let delay = Duration.seconds(max(ESTBody.retryAfter(answer.retryAfter) ?? 60, 0))
         let shown = answer.retryAfter.isEmpty ? "absent, 60 s assumed" : answer.retryAfter
         guard delay <= options.maximumRetryAfter, waited + delay <= options.maximumPendingWait else {
           throw EnrollmentError(
             .pendingTooLong,
-            "the server answers 202 and asks us to come back in \(Text.fixed(delay, 0)) s (Retry-After \(shown)) "
-              + "after \(Text.fixed(waited, 0)) s of waiting; this attempt waits at most "
-              + "\(Text.fixed(options.maximumRetryAfter, 0)) s at a time and \(Text.fixed(options.maximumPendingWait, 0)) s in all",
+            "the server answers 202 and asks us to come back in \(Text.fixed(delay.seconds, 0)) s (Retry-After \(shown)) "
+              + "after \(Text.fixed(waited.seconds, 0)) s of waiting; this attempt waits at most "
+              + "\(Text.fixed(options.maximumRetryAfter.seconds, 0)) s at a time and "
+              + "\(Text.fixed(options.maximumPendingWait.seconds, 0)) s in all",
             retryAfter: delay)
         }
         options.logger.info(
-          "\(operation): 202, waiting \(Text.fixed(delay, 0)) s as the server asks (Retry-After \(shown))")
+          "\(operation): 202, waiting \(Text.fixed(delay.seconds, 0)) s as the server asks (Retry-After \(shown))")
         try ESTClient.wait(delay, options: options)
         waited += delay
         continue
@@ -234,14 +236,14 @@ public final class ESTClient: Sendable {
     }
   }
 
-  /// Sleeps `seconds` (the replaceable `options.sleep`, or a wait `options.cancellation` ends).
-  static func wait(_ seconds: TimeInterval, options: ESTOptions) throws(EnrollmentError) {
+  /// Sleeps `delay` (the replaceable `options.sleep`, or a wait `options.cancellation` ends).
+  static func wait(_ delay: Duration, options: ESTOptions) throws(EnrollmentError) {
     if let sleep = options.sleep {
-      sleep(seconds)
+      sleep(delay)
     } else if let cancellation = options.cancellation {
-      cancellation.sleep(seconds)
+      cancellation.sleep(delay)
     } else {
-      Threads.sleep(seconds)
+      Threads.sleep(delay.seconds)
     }
     if options.cancellation?.isCancelled == true {
       throw EnrollmentError(.cancelled, "stopped while waiting for the server")

@@ -66,8 +66,8 @@ enum HTTPSTransport {
     var crlPEM: String? = nil
     var missingCRL: TLSPolicy.MissingCRL = .fail
     var allowNoEKU = false
-    var timeout: TimeInterval
-    var connectTimeout: TimeInterval
+    var timeout: Duration
+    var connectTimeout: Duration
     var maximumResponseBytes: Int
     /// Channel binding: GET this URL first, then build the body from the connection's
     /// tls-unique and send it on the same connection.
@@ -130,8 +130,8 @@ enum HTTPSTransport {
                               request.username = user
                               request.password = password
                               request.tls = trust == nil ? nil : tls
-                              request.timeout_ms = Int(r.timeout * 1000)
-                              request.connect_timeout_ms = Int(r.connectTimeout * 1000)
+                              request.timeout_ms = Int(r.timeout.seconds * 1000)
+                              request.connect_timeout_ms = Int(r.connectTimeout.seconds * 1000)
                               request.max_response = r.maximumResponseBytes
                               if let cancellation = r.cancellation {
                                 request.cancelled_arg = Unmanaged.passUnretained(cancellation).toOpaque()

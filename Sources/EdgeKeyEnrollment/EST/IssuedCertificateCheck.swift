@@ -8,7 +8,7 @@ enum IssuedCertificateCheck {
   /// certificate first, intermediates after (the anchor stays in the trust store).
   static func validate(
     _ bag: [Certificate], for csr: CertificateSigningRequest, anchors: [Certificate], at now: Date,
-    clockSkew: TimeInterval
+    clockSkew: Duration
   ) throws(EnrollmentError) -> [Certificate] {
     let ours = csr.publicKeyDER
     guard let leaf = bag.first(where: { $0.publicKeyDER == ours }) else {
@@ -31,7 +31,7 @@ enum IssuedCertificateCheck {
     guard leaf.allowsClientAuth else { throw refuse("the certificate does not allow clientAuth") }
     guard !leaf.isCA else { throw refuse("the certificate is a CA certificate") }
     guard leaf.notAfter > now else { throw refuse("the certificate is already expired") }
-    guard leaf.notBefore <= now.addingTimeInterval(clockSkew) else {
+    guard leaf.notBefore <= now.addingTimeInterval(clockSkew.seconds) else {
       throw refuse("the certificate is not valid before \(leaf.summary.notBefore) (check our clock and the CA's)")
     }
     do {

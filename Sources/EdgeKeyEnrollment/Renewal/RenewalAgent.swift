@@ -37,8 +37,9 @@ public struct RenewalPolicy: Sendable {
   public var jitter = 0.05
   /// First retry delay after a failed attempt; doubled per failure up to `maximumBackoff`, and
   /// never more than a third of the remaining validity (several tries before expiry).
-  public var initialBackoff: TimeInterval = 10
-  public var maximumBackoff: TimeInterval = 3600
+  public var initialBackoff: Duration = .seconds(10)
+  /// The longest wait between two failed attempts.
+  public var maximumBackoff: Duration = .seconds(3600)
   /// A new TPM key for each certificate (rotation). Off: the key is kept and only the
   /// certificate renewed.
   public var rotateKeys = true
@@ -61,10 +62,11 @@ public struct RenewalPolicy: Sendable {
     return certificate.notBefore.addingTimeInterval(lifetime * renewAfter - early)
   }
 
-  /// The wait after `failures` consecutive failures, `remaining` seconds before expiry.
-  public func backoff(failures: Int, remaining: TimeInterval, random: Double) -> TimeInterval {
+  /// The wait after `failures` consecutive failures, `remaining` before expiry; `random` is
+  /// uniform in [0, 1).
+  public func backoff(failures: Int, remaining: Duration, random: Double) -> Duration {
     let exponential = min(initialBackoff * Double(1 << min(max(failures - 1, 0), 60)), maximumBackoff)
-    let capped = remaining > 0 ? min(exponential, max(remaining / 3, 1)) : exponential
+    let capped = remaining > .zero ? min(exponential, max(remaining / 3, .seconds(1))) : exponential
     return capped * (0.5 + random / 2)
   }
 }
@@ -79,7 +81,7 @@ public enum RenewalEvent: Sendable, CustomStringConvertible {
   case anchorsChanged(added: [String], withdrawn: [String])
   case anchorsRemoved([String])
   case previousRetired(keyRetired: Bool)
-  case failed(EnrollmentError, retryIn: TimeInterval?)
+  case failed(EnrollmentError, retryIn: Duration?)
   case clockRefused(String)
   /// A stored key the TPM can never load again (a cleared or replaced TPM): its credential is
   /// treated as lost and a new key is enrolled with the bootstrap credential or password.
@@ -102,7 +104,7 @@ public enum RenewalEvent: Sendable, CustomStringConvertible {
     case .anchorsRemoved(let removed): return "trust anchors removed: \(removed)"
     case .previousRetired(let keyRetired): return "previous credential retired\(keyRetired ? " with its key" : "")"
     case .failed(let error, let retry):
-      return "renewal failed: \(error)\(retry.map { "; retry in \(Text.fixed($0)) s" } ?? "")"
+      return "renewal failed: \(error)\(retry.map { "; retry in \(Text.fixed($0.seconds)) s" } ?? "")"
     case .clockRefused(let why): return "clock refused: \(why)"
     case .credentialLost(let slot, let reason):
       return "the \(slot) credential's key can no longer be loaded by this TPM (cleared or replaced): \(reason)"
@@ -450,7 +452,7 @@ public final class RenewalAgent: @unchecked Sendable {
     var why: String?
     if now < policy.earliestPlausibleDate {
       why = "the clock reads \(now), before this software was built (\(policy.earliestPlausibleDate))"
-    } else if let certificate, now.addingTimeInterval(settings.options.clockSkew) < certificate.notBefore {
+    } else if let certificate, now.addingTimeInterval(settings.options.clockSkew.seconds) < certificate.notBefore {
       why = "the clock reads \(now), before our certificate was issued (\(certificate.notBefore))"
     }
     if let why {
@@ -537,7 +539,7 @@ public final class RenewalAgent: @unchecked Sendable {
     while !locked({ $0.stopping }) {
       let now = clock()
       let current = try? store.read(.current)
-      var wait: TimeInterval
+      var wait: Duration
       if let cert = current?.certificate, !locked({ $0.kick }) {
         let due = policy.renewalDate(for: cert)
         // A key this TPM can no longer load (cleared, replaced) is a credential to replace now.
@@ -563,7 +565,7 @@ public final class RenewalAgent: @unchecked Sendable {
       } catch {
         if error.kind == .cancelled { break }
         failures += 1
-        let remaining = current?.certificate?.notAfter.timeIntervalSince(now) ?? 0
+        let remaining = Duration.seconds(current?.certificate?.notAfter.timeIntervalSince(now) ?? 0)
         wait = policy.backoff(failures: failures, remaining: remaining, random: Double.random(in: 0..<1))
         // A server that said when to come back (Retry-After) is not asked sooner (RFC 7030 §4.2.3).
         if let asked = error.retryAfter { wait = max(wait, asked) }
@@ -577,19 +579,17 @@ public final class RenewalAgent: @unchecked Sendable {
     condition.unlock()
   }
 
-  /// Sleeps until `date` by the agent's clock, or until stopped or kicked.
-  /// Waits `seconds` on the monotonic clock (a back-off: an NTP step does not stretch it), or
+  /// Waits `delay` on the monotonic clock (a back-off: an NTP step does not stretch it), or
   /// until stopped or kicked.
-  private func sleep(for seconds: TimeInterval) {
+  private func sleep(for delay: Duration) {
     let clock = ContinuousClock()
-    let deadline = clock.now.advanced(by: .milliseconds(Int64(max(seconds, 0) * 1000)))
+    let deadline = clock.now.advanced(by: max(delay, .zero))
     condition.lock()
     defer { condition.unlock() }
     while !state.stopping && !state.kick {
       let left = deadline - clock.now
       if left <= .zero { return }
-      let (s, atto) = left.components
-      _ = condition.wait(seconds: Double(s) + Double(atto) * 1e-18)
+      _ = condition.wait(seconds: left.seconds)
     }
   }
 

@@ -60,7 +60,7 @@ package final class AttestationService: @unchecked Sendable {
       if nonces.count >= Self.outstandingLimit, let oldest = nonces.min(by: { $0.value.expires < $1.value.expires }) {
         nonces[oldest.key] = nil
       }
-      nonces[nonce] = (owner, now.addingTimeInterval(policy.nonceLifetime))
+      nonces[nonce] = (owner, now.addingTimeInterval(policy.nonceLifetime.seconds))
     }
     return nonce
   }
@@ -72,7 +72,7 @@ package final class AttestationService: @unchecked Sendable {
       return "the evidence's nonce is not one this RA gave out, or it was used already (a replay?)"
     }
     guard entry.expires > Date() else {
-      return "the evidence's nonce expired (it lives \(Int(policy.nonceLifetime)) s)"
+      return "the evidence's nonce expired (it lives \(policy.nonceLifetime.secondsText))"
     }
     guard entry.owner == owner else { return "the evidence's nonce was given to another credential" }
     return nil
@@ -82,7 +82,7 @@ package final class AttestationService: @unchecked Sendable {
 
   package func nonceResponse(owner: String) -> HTTPResponse {
     let nonce = issueNonce(owner: owner)
-    return Self.json(["nonce": Base64.encode(nonce), "expiresIn": Int(policy.nonceLifetime)])
+    return Self.json(["nonce": Base64.encode(nonce), "expiresIn": Int(policy.nonceLifetime.seconds)])
   }
 
   private struct ActivationRequest: Decodable {
@@ -146,7 +146,8 @@ package final class AttestationService: @unchecked Sendable {
       if pending.count >= Self.outstandingLimit { pending = pending.filter { $0.value.expires > now } }
       pending[id] = Pending(
         device: device, owner: owner, credential: credential, endorsementKeyFingerprint: ekFingerprint,
-        endorsementKeyIssuer: ek.issuer, attestationKey: ak, expires: now.addingTimeInterval(policy.activationLifetime))
+        endorsementKeyIssuer: ek.issuer, attestationKey: ak,
+        expires: now.addingTimeInterval(policy.activationLifetime.seconds))
     }
     logger.info(
       "attest-activate for \(device) from \(source): challenge \(id) for EK sha256:\(ekFingerprint.prefix(16))…")
@@ -186,7 +187,7 @@ package final class AttestationService: @unchecked Sendable {
       ) { () throws(RAError) -> Certificate in
         try ca.issueAttestationKeyCertificate(
           publicKeySPKI: entry.attestationKey.spki, device: device,
-          lifetime: policy.attestationKeyCertificateLifetime, backdate: 60)
+          lifetime: policy.attestationKeyCertificateLifetime, backdate: .seconds(60))
       }
     } catch {
       return .text(500, "the registry cannot be written: \(error)")

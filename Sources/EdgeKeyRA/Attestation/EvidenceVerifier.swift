@@ -17,15 +17,16 @@ public struct AttestationPolicy: Sendable {
   /// it has activated an attestation key (no downgrade).
   public var requireForAll: Bool
   /// How long a nonce may be used (once).
-  public var nonceLifetime: TimeInterval
+  public var nonceLifetime: Duration
   /// How long a credential challenge may be answered (once).
-  public var activationLifetime: TimeInterval
+  public var activationLifetime: Duration
   /// Lifetime of AK certificates.
-  public var attestationKeyCertificateLifetime: TimeInterval
+  public var attestationKeyCertificateLifetime: Duration
 
   public init(
-    manufacturerCAs: [Certificate], requireForAll: Bool = false, nonceLifetime: TimeInterval = 300,
-    activationLifetime: TimeInterval = 300, attestationKeyCertificateLifetime: TimeInterval = 10 * 365 * 86400
+    manufacturerCAs: [Certificate], requireForAll: Bool = false, nonceLifetime: Duration = .seconds(300),
+    activationLifetime: Duration = .seconds(300),
+    attestationKeyCertificateLifetime: Duration = .seconds(10 * 365 * 86400)
   ) {
     self.manufacturerCAs = manufacturerCAs
     self.requireForAll = requireForAll

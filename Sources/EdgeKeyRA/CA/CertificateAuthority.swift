@@ -72,10 +72,10 @@ public final class CertificateAuthority: @unchecked Sendable {
   /// Signs a client certificate for the request's key and subject, with exactly the subject
   /// alternative names given (the policy's, never the request's own extension):
   /// digitalSignature, clientAuth, not a CA, with key identifiers and, when given, where the
-  /// CRL is published. Valid from `now - backdate` for `lifetime` seconds after `now`.
+  /// CRL is published. Valid from `now - backdate` until `lifetime` after `now`.
   public func issue(
     for csr: CertificateSigningRequest, subjectAlternativeNames: [SubjectAlternativeName] = [],
-    lifetime: TimeInterval, backdate: TimeInterval = 0, crlDistributionPoint: String? = nil
+    lifetime: Duration, backdate: Duration = .zero, crlDistributionPoint: String? = nil
   ) throws(RAError) -> Certificate {
     let req: OpaquePointer
     do { req = try CertificateSigningRequest.parse(csr.der) } catch { throw RAError(error.reason) }
@@ -97,7 +97,7 @@ public final class CertificateAuthority: @unchecked Sendable {
   /// tcg-kp-AIKCertificate (2.23.133.8.3) only, so that it can never be a TLS client's, not a CA.
   /// Issued once credential activation proved the AK is in the device's TPM.
   public func issueAttestationKeyCertificate(
-    publicKeySPKI: [UInt8], device: String, lifetime: TimeInterval, backdate: TimeInterval = 0
+    publicKeySPKI: [UInt8], device: String, lifetime: Duration, backdate: Duration = .zero
   ) throws(RAError) -> Certificate {
     guard let key = CredentialProtection.parsePublicKey(publicKeySPKI) else {
       throw RAError("the attestation key is not a public key OpenSSL reads")
@@ -118,10 +118,10 @@ public final class CertificateAuthority: @unchecked Sendable {
   }
 
   /// A certificate for `publicKey` and `subject` with `extensions` (and the key identifiers),
-  /// valid from `now - backdate` for `lifetime` seconds after `now`, with a random serial.
+  /// valid from `now - backdate` until `lifetime` after `now` (whole seconds), with a random serial.
   private func sign(
     subject: OpaquePointer?, publicKey: OpaquePointer, extensions: [(Int32, String)],
-    subjectAlternativeNames: [SubjectAlternativeName], lifetime: TimeInterval, backdate: TimeInterval
+    subjectAlternativeNames: [SubjectAlternativeName], lifetime: Duration, backdate: Duration
   ) throws(RAError) -> Certificate {
     guard let x = X509_new() else { throw RAError("out of memory") }
     var owned: OpaquePointer? = x
@@ -133,8 +133,8 @@ public final class CertificateAuthority: @unchecked Sendable {
     BN_rand(serial, 159, -1, 0)
     BN_to_ASN1_INTEGER(serial, X509_get_serialNumber(x))
     var now = time(nil)
-    X509_time_adj_ex(X509_getm_notBefore(x), 0, -Int(backdate), &now)
-    X509_time_adj_ex(X509_getm_notAfter(x), 0, Int(lifetime), &now)
+    X509_time_adj_ex(X509_getm_notBefore(x), 0, -Int(backdate.components.seconds), &now)
+    X509_time_adj_ex(X509_getm_notAfter(x), 0, Int(lifetime.components.seconds), &now)
     X509_set_subject_name(x, subject)
     X509_set_issuer_name(x, X509_get_subject_name(certificate.x509))
     guard X509_set_pubkey(x, publicKey) == 1 else { throw RAError("the public key cannot be used") }

@@ -15,13 +15,15 @@ public struct ESTPolicy: Sendable {
   public var bootstrapPassword: String?
   /// CAs whose client certificates allow a first enrollment (manufacturer/bootstrap identities).
   public var bootstrapCAs: [Certificate]
-  /// Lifetime of issued certificates; seconds are allowed, so that tests renew quickly.
-  public var lifetime: TimeInterval
+  /// Lifetime of issued certificates (whole seconds; seconds are allowed, so that tests renew
+  /// quickly).
+  public var lifetime: Duration
   /// How far before now notBefore is put (clock skew between the station and devices).
-  public var backdate: TimeInterval
+  public var backdate: Duration
   /// Answer 202 with Retry-After this many times per key before issuing.
   public var pendingTries: Int
-  public var retryAfterSeconds: Int
+  /// The Retry-After of those 202 answers (sent in whole seconds, rounded up).
+  public var retryAfter: Duration
   /// Key types accepted, as `CertificateSigningRequest.keyType` names them.
   public var acceptedKeyTypes: Set<String>
   /// Require the tls-unique channel binding in the challengePassword on TLS 1.2 (RFC 7030 §3.5).
@@ -44,8 +46,8 @@ public struct ESTPolicy: Sendable {
 
   public init(
     caCertificates: [Certificate], bootstrapUser: String? = nil, bootstrapPassword: String? = nil,
-    bootstrapCAs: [Certificate] = [], lifetime: TimeInterval = 30 * 86400, backdate: TimeInterval = 60,
-    pendingTries: Int = 0, retryAfterSeconds: Int = 1,
+    bootstrapCAs: [Certificate] = [], lifetime: Duration = .seconds(30 * 86400),
+    backdate: Duration = .seconds(60), pendingTries: Int = 0, retryAfter: Duration = .seconds(1),
     acceptedKeyTypes: Set<String> = ["EC P-256", "EC P-384", "RSA 2048", "RSA 3072", "RSA 4096"],
     requireChannelBinding: Bool = false, label: String? = nil, issuanceLogPath: String? = nil
   ) {
@@ -56,7 +58,7 @@ public struct ESTPolicy: Sendable {
     self.lifetime = lifetime
     self.backdate = backdate
     self.pendingTries = pendingTries
-    self.retryAfterSeconds = retryAfterSeconds
+    self.retryAfter = retryAfter
     self.acceptedKeyTypes = acceptedKeyTypes
     self.requireChannelBinding = requireChannelBinding
     self.label = label
@@ -261,7 +263,8 @@ public final class ESTService: @unchecked Sendable {
     if seen < policy.pendingTries { pending[keyID] = seen + 1 }
     lock.unlock()
     if seen < policy.pendingTries {
-      return .text(202, "pending approval", headers: [("Retry-After", String(policy.retryAfterSeconds))])
+      return .text(
+        202, "pending approval", headers: [("Retry-After", String(Int64(policy.retryAfter.seconds.rounded(.up))))])
     }
 
     let operation = renewal ? "simplereenroll" : "simpleenroll"

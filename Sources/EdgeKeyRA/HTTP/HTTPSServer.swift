@@ -478,8 +478,7 @@ struct TLSServerConnection {
         return -1
       }
       var p = pollfd(fd: fd, events: events, revents: 0)
-      let milliseconds = Int32(
-        min(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1, 60_000))
+      let milliseconds = Int32(min(left.milliseconds + 1, 60_000))
       if poll(&p, 1, milliseconds) < 0 && errno != EINTR { return -1 }
     }
   }

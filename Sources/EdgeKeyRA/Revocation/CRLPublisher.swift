@@ -9,7 +9,7 @@ public final class CRLPublisher: @unchecked Sendable {
   public let ca: CertificateAuthority
   public let registry: DeviceRegistry
   /// How long each CRL is valid (its nextUpdate); devices refresh before it passes.
-  public let validity: TimeInterval
+  public let validity: Duration
   /// Where the PEM CRL is written (0644), or nil.
   public let path: String?
   private let logger: Logger
@@ -20,7 +20,7 @@ public final class CRLPublisher: @unchecked Sendable {
   private var running = false
 
   public init(
-    ca: CertificateAuthority, registry: DeviceRegistry, validity: TimeInterval = 86400, path: String? = nil,
+    ca: CertificateAuthority, registry: DeviceRegistry, validity: Duration = .seconds(86400), path: String? = nil,
     logger: Logger = .disabled
   ) {
     self.ca = ca
@@ -42,7 +42,7 @@ public final class CRLPublisher: @unchecked Sendable {
     let now = Date()
     let seen: Int64
     do { seen = try registry.revocationVersion() } catch { throw RAError("the registry: \(error)") }
-    if let latest, seen == version, now < latest.thisUpdate.addingTimeInterval(validity / 2) { return latest }
+    if let latest, seen == version, now < latest.thisUpdate.addingTimeInterval(validity.seconds / 2) { return latest }
     let list: RevocationList
     do {
       list = try ca.revocationList(
@@ -65,8 +65,8 @@ public final class CRLPublisher: @unchecked Sendable {
     return list
   }
 
-  /// Checks every `interval` seconds on a thread of its own, until `stop()`.
-  public func start(interval: Double = 1) {
+  /// Checks every `interval` on a thread of its own, until `stop()`.
+  public func start(interval: Duration = .seconds(1)) {
     condition.lock()
     guard !running else {
       condition.unlock()
@@ -83,7 +83,7 @@ public final class CRLPublisher: @unchecked Sendable {
       }
       while !stopped {
         do { _ = try refreshLocked() } catch { logger.error("\(error)") }
-        condition.wait(seconds: interval)
+        condition.wait(seconds: interval.seconds)
       }
     }
   }

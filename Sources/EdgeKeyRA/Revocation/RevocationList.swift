@@ -19,7 +19,7 @@ public struct RevocationList: Sendable {
 
 extension CertificateAuthority {
   /// Signs a CRL listing `revoked`, valid from now until `validity` from now.
-  public func revocationList(_ revoked: [CertificateRecord], number: Int64, validity: TimeInterval)
+  public func revocationList(_ revoked: [CertificateRecord], number: Int64, validity: Duration)
     throws(RAError) -> RevocationList
   {
     guard let crl = X509_CRL_new() else { throw RAError("out of memory") }
@@ -27,7 +27,7 @@ extension CertificateAuthority {
     X509_CRL_set_version(crl, 1)
     X509_CRL_set_issuer_name(crl, X509_get_subject_name(certificate.x509))
     let now = Date()
-    let next = now.addingTimeInterval(validity)
+    let next = now.addingTimeInterval(validity.seconds)
     let thisUpdate = ASN1_TIME_set(nil, time_t(now.timeIntervalSince1970))
     let nextUpdate = ASN1_TIME_set(nil, time_t(next.timeIntervalSince1970))
     defer {
