@@ -44,12 +44,12 @@ func ourRate(
     var sent = 0
     while sent < count {
       let n = min(batch, count - sent)
-      try client.enqueue(Array(repeating: message, count: n))
+      try await client.enqueue(Array(repeating: message, count: n))
       sent += n
     }
     try await client.waitUntilDelivered(timeout: .seconds(600))
     let rate = Double(count) / Date().timeIntervalSince(start)
-    client.stop()
+    await client.stop()
     return rate
   }
 }

@@ -71,26 +71,20 @@ final class SignalStream: @unchecked Sendable {
 }
 
 /// Blocking work (TPM commands, EST, an outbox fsync, joining a thread) on threads of
-/// EdgeKey's own, never on Swift's cooperative pool, which has as many threads as cores.
+/// EdgeKey's own (`BlockingPool`), never on Swift's cooperative pool, which has as many threads
+/// as cores.
 enum Offload {
   static func run<T: Sendable>(_ what: String, _ body: @escaping @Sendable () throws -> T) async throws(EdgeKeyError)
     -> T
   {
-    let result: Result<T, any Error> = await withCheckedContinuation { continuation in
-      Threads.detach(name: "edgekey-work") { continuation.resume(returning: Result { try body() }) }
-    }
-    switch result {
-    case .success(let value): return value
-    case .failure(let error): throw EdgeKeyError(error, context: what)
+    do {
+      return try await BlockingPool.shared.run { () throws(any Error) -> T in try body() }
+    } catch {
+      throw EdgeKeyError(error, context: what)
     }
   }
 
   static func quietly(_ body: @escaping @Sendable () -> Void) async {
-    await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-      Threads.detach(name: "edgekey-work") {
-        body()
-        continuation.resume()
-      }
-    }
+    await BlockingPool.shared.run(body)
   }
 }

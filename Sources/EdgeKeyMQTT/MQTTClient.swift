@@ -105,6 +105,18 @@ public final class MQTTClient: Sendable {
 
   /// Accepts messages into the outbox in one transaction and returns their outbox ids at once;
   /// delivery happens in the background. (`waitUntilDelivered` waits for the outbox to drain.)
+  ///
+  /// Async callers get this overload: the transaction (an fsync with a durable outbox) runs on
+  /// a thread of EdgeKey's own, not on the cooperative pool.
+  @discardableResult
+  public func enqueue(_ messages: [MQTTMessage], expiry: Duration? = nil) async throws(MQTTError) -> [Int64] {
+    let engine = engine
+    return try await BlockingPool.shared.run { () throws(MQTTError) -> [Int64] in
+      try engine.enqueue(messages, expiry: expiry)
+    }
+  }
+
+  /// Accepts messages into the outbox, as the async `enqueue` does, on the calling thread.
   @discardableResult
   public func enqueue(_ messages: [MQTTMessage], expiry: Duration? = nil) throws(MQTTError) -> [Int64] {
     try engine.enqueue(messages, expiry: expiry)
@@ -146,6 +158,12 @@ public final class MQTTClient: Sendable {
   /// Disconnects cleanly and stops the network thread. Unacknowledged messages stay in the
   /// outbox. Waiting calls fail with `.stopped`.
   public func stop() { engine.stop() }
+
+  /// Stops as `stop()` does, waiting for the network thread on a thread of EdgeKey's own.
+  public func stop() async {
+    let engine = engine
+    await BlockingPool.shared.run { engine.stop() }
+  }
 
   /// The same as `stop()`.
   public func disconnect() { engine.stop() }

@@ -84,6 +84,14 @@ public final class TPM: @unchecked Sendable {
   /// `device:/dev/tpmrm0`; each is tried until one answers, and the error names every one
   /// tried. Costs TPM2_Startup (tolerated when already started) and, over a TCTI without a
   /// resource manager, a flush of objects leaked by dead processes.
+  public static func open(tcti: String? = nil, logger: Logger = .disabled) async throws(TPMError) -> TPM {
+    // A real chip's start-up and a TCTI that does not answer take seconds: not on the
+    // cooperative pool.
+    try await BlockingPool.shared.run { () throws(TPMError) -> TPM in try open(tcti: tcti, logger: logger) }
+  }
+
+  /// Opens the TPM, as the async `open` does, on the calling thread (which it blocks for as
+  /// long as the TCTI and the TPM take).
   public static func open(tcti: String? = nil, logger: Logger = .disabled) throws(TPMError) -> TPM {
     let logger = logger.labeled("edgekey.tpm")
     var candidates: [String] = []

@@ -205,8 +205,11 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
       }
     }
   }
-  let started = Date()
-  var nextBeat = interval > 0 ? Date() : Date.distantFuture
+  // Monotonic: an NTP step neither bunches nor stops the heartbeats.
+  let clock = ContinuousClock()
+  let started = clock.now
+  let never = started.advanced(by: .seconds(100 * 365 * 86400))
+  var nextBeat = interval > 0 ? started : never
   var ready = false
   var sequence = 0
   while true {
@@ -214,19 +217,19 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
       ready = true
       Systemd.notify("READY=1\nSTATUS=connected to \(host):\(port)")
     }
-    if let topic, Date() >= nextBeat {
+    if let topic, clock.now >= nextBeat {
       let cert = (try? store.read(.current))?.certificate
       let beat =
-        "{\"seq\":\(sequence),\"uptime\":\(Int(Date().timeIntervalSince(started))),"
+        "{\"seq\":\(sequence),\"uptime\":\((clock.now - started).components.seconds),"
         + "\"certificateNotAfter\":\(jsonString(cert.map { Certificate.format($0.notAfter) } ?? ""))}"
       do { try client.enqueue([MQTTMessage(topic: topic, payload: Array(beat.utf8), qos: .atLeastOnce)]) } catch {
         logger.warning("a heartbeat was not accepted: \(error)")
       }
       sequence += 1
-      nextBeat = Date().addingTimeInterval(interval)
+      nextBeat = clock.now.advanced(by: .seconds(interval))
     }
     status.write(agent: agent, client: client, state: client.isConnected ? "connected" : "connecting")
-    let s = waitForSignal(min(1, max(nextBeat.timeIntervalSinceNow, 0.05)))
+    let s = waitForSignal(min(1, max((nextBeat - clock.now).seconds, 0.05)))
     if s == SIGTERM || s == SIGINT { break }
     if s == SIGHUP {
       // Reload: a credential another command stored (edgekey renew), and a renewal if due.

@@ -129,7 +129,7 @@ func renewCommand(_ args: Arguments, logger: Logger) throws {
 /// Prints one JSON line; exit 0 when the device is ready. Run again after an interruption (power
 /// pulled, cable out), it resumes: the key already made is used, a finished enrollment is kept.
 func provisionCommand(_ args: Arguments, logger: Logger) throws {
-  let started = Date()
+  let started = ContinuousClock.now
   let (store, settings) = enrollmentSettings(args, logger: logger)
   guard let host = args.option("host"), let port = UInt16(args.option("port") ?? "8883") else {
     fail("provision needs -h/--host H (the broker to verify with; -p/--port P, default 8883)", .usage)
@@ -139,7 +139,7 @@ func provisionCommand(_ args: Arguments, logger: Logger) throws {
     var all = [("ok", ok ? "true" : "false")] + fields
     if let step { all.append(("failedStep", jsonString(step))) }
     if let reason { all.append(("reason", jsonString(reason))) }
-    all.append(("ms", String(Int(Date().timeIntervalSince(started) * 1000))))
+    all.append(("ms", String((ContinuousClock.now - started).milliseconds)))
     out("{" + all.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}")
     exit(ok ? 0 : code.rawValue)
   }

@@ -96,7 +96,7 @@ func pubCommand(_ args: Arguments, logger: Logger) {
         try await client.connect(timeout: timeout)
         try await client.publish(topic: topic, payload: payload, qos: qos, retain: retain)
       } else {
-        try client.enqueue([MQTTMessage(topic: topic, payload: payload, qos: qos, retain: retain)])
+        try await client.enqueue([MQTTMessage(topic: topic, payload: payload, qos: qos, retain: retain)])
       }
       // Printed only once the message is ours to deliver (stored in the outbox).
       if printAccepted {
@@ -112,7 +112,7 @@ func pubCommand(_ args: Arguments, logger: Logger) {
     try await client.waitUntilDelivered(timeout: timeout)
     let m = client.metrics
     logger.info("sent \(m.messagesSent), acknowledged \(m.messagesAcknowledged), resent \(m.messagesResent)")
-    client.stop()
+    await client.stop()
   }
   _ = (tpm, key)
 }
@@ -135,7 +135,7 @@ func subCommand(_ args: Arguments, logger: Logger) {
       seen += 1
       if let count, seen >= count { break }
     }
-    client.stop()
+    await client.stop()
   }
   _ = (tpm, key)
 }

@@ -226,7 +226,7 @@ func doctorCommand(_ args: Arguments, logger: Logger) throws {
         verdict = (false, "\(topic): \(error.reason)")
       }
     }
-    client.stop()
+    await client.stop()
   }
   report(verdict.0, "authorized to publish", verdict.1)
   if !verdict.0 { exit(ExitCode.failure.rawValue) }

@@ -336,6 +336,44 @@ struct ESTEdgeCaseTests {
     }
     #expect(error?.kind == .cancelled)
   }
+
+  @Test("cancelling the task of an async renew() ends its 202 wait: .cancelled, nothing stored, the agent still usable")
+  func taskCancellationEndsRenew() async throws {
+    let f = try EnrollmentFixture(extraArguments: ["--pending", "100", "--retry-after", "120"])
+    let store = try CredentialStore(directory: stateDirectory())
+    var settings = try f.settings(password: ("device", "factory-secret"))
+    settings.options.maximumRetryAfter = .seconds(600)
+    settings.options.maximumPendingWait = .seconds(6000)
+    let log = RecordingLogHandler()
+    settings.options.logger = Logger(label: "test", level: .info, handler: log)
+    let agent = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: ([("CN", "device-task")], []))
+    let renewal = Task { try await agent.renew() }
+    // Wait for the event: the RA answered 202 and the client is in its 120 s wait.
+    while !log.messages.contains(where: { $0.contains("waiting 120 s") }) {
+      try await ContinuousClock().sleep(for: .milliseconds(20))
+    }
+    let clock = ContinuousClock()
+    let cancelled = clock.now
+    renewal.cancel()
+    let result = await renewal.result
+    let took = clock.now - cancelled
+    print("renew() ended \(took) after its task was cancelled, in a 120 s Retry-After wait")
+    guard case .failure(let error) = result else {
+      Issue.record("renew() succeeded through a 120 s wait it should have left")
+      return
+    }
+    #expect((error as? EnrollmentError)?.kind == .cancelled, "\(error)")
+    #expect(try store.read(.current) == nil)
+    #expect(f.ra.issuanceLog.isEmpty)
+    // The cancellation was the call's own: the agent's next renewal is not cancelled by it.
+    let next = Task { try await agent.renew() }
+    while log.messages.filter({ $0.contains("waiting 120 s") }).count < 2 {
+      try await ContinuousClock().sleep(for: .milliseconds(20))
+    }
+    next.cancel()
+    let nextResult = await next.result
+    #expect(throws: EnrollmentError.self) { try nextResult.get() }
+  }
 }
 
 @Suite("csrattrs: what the server asks for is applied, and what is not understood is reported")

@@ -244,10 +244,10 @@ struct RenewalTests {
     try await sink.subscribe("devices/device-42/#", qos: .atLeastOnce)
 
     // Factory enrollment: the bootstrap certificate authenticates, the RA issues the first one.
-    let first = try agent.renew()
+    let first = try await agent.renew()
     #expect(first.certificate?.commonName == "device-42")
     #expect(first.certificate?.issuer == (try f.anchors)[0].subject)
-    let (credential, key) = try #require(try agent.current())
+    let (credential, key) = try await #require(try agent.current())
     var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
     configuration.reconnect = quickReconnect
     let device = try MQTTClient(
@@ -264,14 +264,14 @@ struct RenewalTests {
     var i = 0
     while agent.counters.renewals < 4 && Date() < deadline {
       let text = "reading \(i)"
-      try device.enqueue([
+      try await device.enqueue([
         MQTTMessage(topic: "devices/device-42/telemetry", payload: Array(text.utf8), qos: .atLeastOnce)
       ])
       accepted.insert(text)
       i += 1
       try await Task.sleep(nanoseconds: 20_000_000)
     }
-    agent.stop()
+    await agent.stop()
     try await device.waitUntilDelivered(timeout: .seconds(30))
     let (got, duplicates) = await drain(sink, expecting: accepted, within: 30)
     let missing = accepted.subtracting(got)
@@ -291,8 +291,8 @@ struct RenewalTests {
     #expect(try store.read(.previous) == nil)
     #expect(try store.read(.bootstrap) != nil, "the factory credential stays")
     #expect(f.ra.issuanceLog.count == agent.counters.renewals)
-    device.stop()
-    sink.stop()
+    await device.stop()
+    await sink.stop()
   }
 
   @Test("a CA rollover: the new root is added when a link certificate vouches for it, the old one dropped once unused")

@@ -73,7 +73,9 @@ struct FaultInjectionTests {
       try await fault(batch)
       for i in 0..<Self.perBatch {
         let text = "\(name) \(batch * Self.perBatch + i)"
-        try publisher.enqueue([MQTTMessage(topic: "devices/d/telemetry", payload: Array(text.utf8), qos: .atLeastOnce)])
+        try await publisher.enqueue([
+          MQTTMessage(topic: "devices/d/telemetry", payload: Array(text.utf8), qos: .atLeastOnce)
+        ])
         accepted.insert(text)
       }
       try await Task.sleep(nanoseconds: 250_000_000)
@@ -83,8 +85,8 @@ struct FaultInjectionTests {
     do { try await publisher.waitUntilDelivered(timeout: .seconds(60)) } catch { undelivered = error }
     let (got, duplicates) = await drain(sink, expecting: accepted, within: undelivered == nil ? 30 : 1)
     let m = publisher.metrics
-    publisher.stop()
-    sink.stop()
+    await publisher.stop()
+    await sink.stop()
     let report = DeliveryReport(
       fault: name, accepted: accepted.count, delivered: got.intersection(accepted).count, duplicated: duplicates,
       lost: accepted.subtracting(got).count, connections: m.connections, failures: m.connectFailures,

@@ -74,7 +74,7 @@ struct MQTTDeliveryTests {
       if batch == 4 { try broker.start() }
       for i in 0..<50 {
         let text = "reading \(batch * 50 + i)"
-        try publisher.enqueue([
+        try await publisher.enqueue([
           MQTTMessage(topic: "devices/device-0200/telemetry", payload: Array(text.utf8), qos: .atLeastOnce)
         ])
         accepted.insert(text)
@@ -94,8 +94,8 @@ struct MQTTDeliveryTests {
     #expect(m.messagesAcknowledged >= accepted.count)
     #expect(m.messagesDroppedTotal == 0)
     #expect(publisher.outbox.count == 0)
-    publisher.stop()
-    sink.stop()
+    await publisher.stop()
+    await sink.stop()
   }
 
   @Test("the outbox survives the client: messages stored by one client are delivered by the next")
@@ -112,7 +112,7 @@ struct MQTTDeliveryTests {
       let offline = try MQTTClient(
         MQTTConfiguration(host: "127.0.0.1", port: try PortFinder.free()), tls: try f.context(serverName: "127.0.0.1"),
         outbox: try Outbox(path: outboxPath))
-      try offline.enqueue(
+      try await offline.enqueue(
         (0..<20).map { MQTTMessage(topic: "devices/device-0201/t", payload: Array("m\($0)".utf8), qos: .exactlyOnce) })
       #expect(offline.outbox.count == 20)
       await #expect(throws: MQTTError.self) {
@@ -129,8 +129,8 @@ struct MQTTDeliveryTests {
     let expected = Set((0..<20).map { "m\($0)" })
     let (got, _) = await drain(sink, expecting: expected, within: 10)
     #expect(got == expected)
-    client.stop()
-    sink.stop()
+    await client.stop()
+    await sink.stop()
   }
 
   @Test(
@@ -167,7 +167,7 @@ struct MQTTDeliveryTests {
     }
     #expect(client.metrics.handshakeFailures.values.reduce(0, +) == 1)
     #expect(client.openMetrics().contains("edgekey_mqtt_handshake_failures_total{reason="))
-    client.stop()
+    await client.stop()
   }
 
   @Test("a broker we do not trust, 60 times with every core busy: always the server-certificate error, never a timeout")
@@ -189,7 +189,7 @@ struct MQTTDeliveryTests {
       } catch {
         outcomes["\(error)", default: 0] += 1
       }
-      client.stop()
+      await client.stop()
     }
     print("untrusted broker under load: \(outcomes)")
     #expect(outcomes.keys.allSatisfy { $0.hasPrefix("server certificate") }, "\(outcomes)")
@@ -251,7 +251,7 @@ struct MQTTDeliveryTests {
       if case .waiting(let retryIn, _) = state, retryIn >= configuration.reconnect.refusedInitialDelay / 2 { break }
     }
     #expect(client.metrics.connectAttempts <= 3)
-    client.stop()
+    await client.stop()
   }
 
   @Test("a refused connection to the first endpoint moves on to the next")
@@ -271,7 +271,7 @@ struct MQTTDeliveryTests {
       }
     }
     #expect(client.metrics.connectFailures["network"] == 1)
-    client.stop()
+    await client.stop()
     #expect(client.state == .stopped)
   }
 
@@ -288,12 +288,12 @@ struct MQTTDeliveryTests {
     configuration.reconnect = quickReconnect
     let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
     try await client.connect()
-    try client.enqueue(
+    try await client.enqueue(
       (0..<100).map { MQTTMessage(topic: "devices/device-0204/t", payload: Array("a\($0)".utf8), qos: .atLeastOnce) })
     // Renewal: a new key and certificate for the same device.
     let (newKey, newTLS) = try f.otherDevice("device-0204")
     client.replaceCredentials(newTLS)
-    try client.enqueue(
+    try await client.enqueue(
       (0..<100).map { MQTTMessage(topic: "devices/device-0204/t", payload: Array("b\($0)".utf8), qos: .atLeastOnce) })
     try await client.waitUntilDelivered()
     let expected = Set((0..<100).flatMap { ["a\($0)", "b\($0)"] })
@@ -302,8 +302,8 @@ struct MQTTDeliveryTests {
     #expect(client.metrics.connections == 2)
     #expect(client.metrics.credentialSwaps == 1)
     #expect(client.tls === newTLS)
-    client.stop()
-    sink.stop()
+    await client.stop()
+    await sink.stop()
     _ = newKey
   }
 }
@@ -350,7 +350,7 @@ struct MQTTAuthorizationTests {
     #expect(got.map(\.topic) == ["devices/device-0300/telemetry"])
     #expect(got.first?.payload == Array("genuine".utf8))
     #expect(broker.log.contains("Denied PUBLISH from device-0300"))
-    device.stop()
-    collector.stop()
+    await device.stop()
+    await collector.stop()
   }
 }

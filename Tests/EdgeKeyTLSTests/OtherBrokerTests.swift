@@ -48,8 +48,8 @@ struct OtherBrokerTests {
     #expect(m.protocolFallbacks == 1)
     #expect(m.handshakeFailures.isEmpty, "the certificate was never blamed: \(m.handshakeFailures)")
     #expect(m.connectFailures.isEmpty, "the fallback is not a failed attempt: \(m.connectFailures)")
-    publisher.stop()
-    sink.stop()
+    await publisher.stop()
+    await sink.stop()
   }
 
   @Test("MQTT 5 pinned: a typed protocol error naming the version, never a certificate refusal")

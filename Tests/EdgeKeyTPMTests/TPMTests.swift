@@ -360,7 +360,7 @@ struct TPMTests {
   func concurrentSignatures() async throws {
     let swtpm = try SoftwareTPM()
     let dir = try scratchDirectory()
-    let tpm = try TPM.open(tcti: swtpm.tcti)
+    let tpm = try await TPM.open(tcti: swtpm.tcti)
     let key = try tpm.loadKey(try tpm.createKey())
     let results = await withTaskGroup(of: (digest: [UInt8], signature: Signature?).self) { group in
       for _ in 0..<8 {

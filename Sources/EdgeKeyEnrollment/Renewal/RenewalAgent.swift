@@ -194,7 +194,14 @@ public final class RenewalAgent: @unchecked Sendable {
   /// The last attempt's failure, nil after a success.
   public var lastError: EnrollmentError? { locked { $0.lastError } }
 
-  /// The credential in use and its key, or nil before the first enrollment.
+  /// The credential in use and its key, or nil before the first enrollment. Loading the key
+  /// costs TPM commands (25–190 ms each on a real chip): they run on a thread of EdgeKey's own.
+  public func current() async throws(EnrollmentError) -> (Credential, TPMKey)? {
+    try await BlockingPool.shared.run { () throws(EnrollmentError) -> (Credential, TPMKey)? in try self.current() }
+  }
+
+  /// The credential in use and its key, as the async `current()` gives them, on the calling
+  /// thread.
   public func current() throws(EnrollmentError) -> (Credential, TPMKey)? {
     guard let credential = try store.read(.current) else { return nil }
     return (credential, try load(credential.key))
@@ -203,6 +210,11 @@ public final class RenewalAgent: @unchecked Sendable {
   /// True when the current certificate is valid now and its key still loads in this TPM:
   /// false before the first enrollment, after expiry, and after a TPM clear or replacement
   /// (then ``renew()`` enrolls a new key). Costs a key load (SRK + TPM2_Load) the first time.
+  public func hasWorkingCredential() async throws(EnrollmentError) -> Bool {
+    try await BlockingPool.shared.run { () throws(EnrollmentError) -> Bool in try self.hasWorkingCredential() }
+  }
+
+  /// Whether the current credential works, as the async overload tells, on the calling thread.
   public func hasWorkingCredential() throws(EnrollmentError) -> Bool {
     guard let current = try store.read(.current), let cert = current.certificate, cert.isValid(at: clock()) else {
       return false
@@ -215,11 +227,29 @@ public final class RenewalAgent: @unchecked Sendable {
   /// Enrolls or renews now: re-enrollment with the current certificate while it is valid;
   /// otherwise (first enrollment, or expired) enrollment with the bootstrap credential and/or
   /// the password. Returns the installed credential.
+  ///
+  /// Async callers get this overload: the attempt runs on a thread of EdgeKey's own, and
+  /// cancelling the calling task (or `stop()`) ends its EST transfer or 202 wait within about a
+  /// second with `.cancelled`, nothing half-stored.
+  @discardableResult
+  public func renew() async throws(EnrollmentError) -> Credential {
+    let cancellation = locked { $0.cancellation }.child()
+    return try await BlockingPool.shared.run(onCancel: { cancellation.cancel() }) {
+      () throws(EnrollmentError) -> Credential in try self.renew(cancellation: cancellation)
+    }
+  }
+
+  /// Enrolls or renews now, as the async `renew()` does, on the calling thread; `stop()` cuts
+  /// it short.
   @discardableResult
   public func renew() throws(EnrollmentError) -> Credential {
+    try renew(cancellation: locked { $0.cancellation })
+  }
+
+  private func renew(cancellation: ESTCancellation) throws(EnrollmentError) -> Credential {
     locked { $0.counters.attempts += 1 }
     do {
-      let credential = try attempt()
+      let credential = try attempt(cancellation: cancellation)
       locked { $0.lastError = nil }
       return credential
     } catch {
@@ -232,7 +262,7 @@ public final class RenewalAgent: @unchecked Sendable {
     }
   }
 
-  private func attempt() throws(EnrollmentError) -> Credential {
+  private func attempt(cancellation: ESTCancellation) throws(EnrollmentError) -> Credential {
     let now = clock()
     let current = try store.read(.current)
     let bootstrap = try store.read(.bootstrap)
@@ -299,7 +329,7 @@ public final class RenewalAgent: @unchecked Sendable {
     // The CA's current anchors, before anything is requested.
     let stored = try store.anchors()
     var options = settings.options
-    options.cancellation = locked { $0.cancellation }
+    options.cancellation = cancellation
     if let crl = locked({ $0.crlPEM }) { options.crlPEM = crl }
     let client = try ESTClient(
       server: settings.server, trustAnchors: Self.union(settings.trustAnchors, stored), options: options)
@@ -466,6 +496,11 @@ public final class RenewalAgent: @unchecked Sendable {
   /// The current credential has been used in a successful handshake: the previous one (and its
   /// key) is retired, and anchors the server no longer sends are dropped when our chain does
   /// not need them.
+  public func confirmInUse() async throws(EnrollmentError) {
+    try await BlockingPool.shared.run { () throws(EnrollmentError) in try self.confirmInUse() }
+  }
+
+  /// Retires the previous credential, as the async `confirmInUse()` does, on the calling thread.
   public func confirmInUse() throws(EnrollmentError) {
     let hadPrevious = (try? store.read(.previous)) != nil
     let retiredKey = try store.retirePrevious()
@@ -515,6 +550,11 @@ public final class RenewalAgent: @unchecked Sendable {
 
   /// Stops the background thread and waits for it: an attempt under way is cut short (its EST
   /// transfer or 202 wait ends within about a second, `.cancelled`, nothing half-stored).
+  public func stop() async {
+    await BlockingPool.shared.run { self.stop() }
+  }
+
+  /// Stops the background thread as the async `stop()` does, blocking the calling thread.
   public func stop() {
     condition.lock()
     guard state.running else {

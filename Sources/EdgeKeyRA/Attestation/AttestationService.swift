@@ -27,7 +27,7 @@ package final class AttestationService: @unchecked Sendable {
   private let registry: DeviceRegistry
   private let logger: Logger
   private let lock = Lock()
-  private var nonces: [[UInt8]: (owner: String, expires: Date)] = [:]
+  private var nonces: [[UInt8]: (owner: String, expires: ContinuousClock.Instant)] = [:]
   private var pending: [String: Pending] = [:]
 
   private struct Pending {
@@ -37,7 +37,7 @@ package final class AttestationService: @unchecked Sendable {
     var endorsementKeyFingerprint: String
     var endorsementKeyIssuer: String
     var attestationKey: PublicKey
-    var expires: Date
+    var expires: ContinuousClock.Instant
   }
 
   /// At most this many nonces or challenges are outstanding; older ones are dropped first.
@@ -54,13 +54,14 @@ package final class AttestationService: @unchecked Sendable {
 
   package func issueNonce(owner: String) -> [UInt8] {
     let nonce = (try? CredentialProtection.randomBytes(32)) ?? []
-    let now = Date()
+    // In-memory lifetimes run on the monotonic clock: an NTP step neither kills nor extends them.
+    let now = ContinuousClock.now
     lock.withLock {
       if nonces.count >= Self.outstandingLimit { nonces = nonces.filter { $0.value.expires > now } }
       if nonces.count >= Self.outstandingLimit, let oldest = nonces.min(by: { $0.value.expires < $1.value.expires }) {
         nonces[oldest.key] = nil
       }
-      nonces[nonce] = (owner, now.addingTimeInterval(policy.nonceLifetime.seconds))
+      nonces[nonce] = (owner, now.advanced(by: policy.nonceLifetime))
     }
     return nonce
   }
@@ -71,7 +72,7 @@ package final class AttestationService: @unchecked Sendable {
     guard let entry else {
       return "the evidence's nonce is not one this RA gave out, or it was used already (a replay?)"
     }
-    guard entry.expires > Date() else {
+    guard entry.expires > ContinuousClock.now else {
       return "the evidence's nonce expired (it lives \(policy.nonceLifetime.secondsText))"
     }
     guard entry.owner == owner else { return "the evidence's nonce was given to another credential" }
@@ -141,13 +142,13 @@ package final class AttestationService: @unchecked Sendable {
       return refuse("no credential can be made for this EK: \(error)")
     }
     let id = (try? CredentialProtection.randomBytes(16))?.map { String(format: "%02x", $0) }.joined() ?? ""
-    let now = Date()
+    let now = ContinuousClock.now
     lock.withLock {
       if pending.count >= Self.outstandingLimit { pending = pending.filter { $0.value.expires > now } }
       pending[id] = Pending(
         device: device, owner: owner, credential: credential, endorsementKeyFingerprint: ekFingerprint,
         endorsementKeyIssuer: ek.issuer, attestationKey: ak,
-        expires: now.addingTimeInterval(policy.activationLifetime.seconds))
+        expires: now.advanced(by: policy.activationLifetime))
     }
     logger.info(
       "attest-activate for \(device) from \(source): challenge \(id) for EK sha256:\(ekFingerprint.prefix(16))…")
@@ -169,7 +170,7 @@ package final class AttestationService: @unchecked Sendable {
     let entry = lock.withLock { pending.removeValue(forKey: answer.id) }
     func refuse(_ reason: String) -> HTTPResponse { refusal("attest-akcert", reason, device: device, source: source) }
     guard let entry else { return refuse("no such credential challenge, or it was answered already") }
-    guard entry.expires > Date() else { return refuse("the credential challenge expired") }
+    guard entry.expires > ContinuousClock.now else { return refuse("the credential challenge expired") }
     guard entry.device == device, entry.owner == owner else {
       return refuse("the credential challenge was given to another credential")
     }
