@@ -4,9 +4,11 @@ import FoundationEssentials
 
 /// A failure of enrollment or renewal, with the step that failed.
 public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatable {
+  /// Which step failed, for code that reacts differently (retry, fall back, stop).
   public enum Kind: Sendable, Equatable {
     /// The enrollment server could not be reached, or the connection broke.
     case network
+    /// An exchange took longer than `ESTOptions.timeout`.
     case timedOut
     /// The TLS handshake failed; `tls` says which side and why.
     case tls
@@ -16,6 +18,7 @@ public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatab
     case pendingTooLong
     /// The answer was not what EST promises (content type, encoding, PKCS#7).
     case malformedResponse
+    /// The answer was larger than `ESTOptions.maximumResponseBytes`.
     case responseTooLarge
     /// A redirect to another origin (scheme, host or port).
     case redirectRefused
@@ -39,7 +42,9 @@ public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatab
     case cancelled
   }
 
+  /// The step that failed.
   public var kind: Kind
+  /// What happened, for a log: never holds a secret.
   public var message: String
   /// For `.tls`: the handshake failure with its layer and certificate.
   public var tls: TLSError?
@@ -51,6 +56,7 @@ public struct EnrollmentError: Error, CustomStringConvertible, Sendable, Equatab
   /// before asking again (Retry-After). RFC 7030 §4.2.3: the client MUST NOT ask sooner.
   public var retryAfter: Duration?
 
+  /// A failure of `kind`, with what is known about it.
   public init(
     _ kind: Kind, _ message: String, tls: TLSError? = nil, certificate: TLSError.CertificateSummary? = nil,
     retryAfter: Duration? = nil, tpm: TPMError? = nil

@@ -25,7 +25,9 @@ import FoundationEssentials
 /// - Reconnects by `ReconnectPolicy` (full jitter, a long wait after a refusal), trying the
 ///   endpoints in turn.
 public final class MQTTClient: Sendable {
+  /// The brokers, session and reconnect policy this client was made with.
   public let configuration: MQTTConfiguration
+  /// Where accepted QoS 1 and 2 messages wait for their acknowledgement.
   public let outbox: Outbox
   /// Messages on our subscriptions, in arrival order.
   public let messages: AsyncStream<MQTTMessage>
@@ -64,12 +66,14 @@ public final class MQTTClient: Sendable {
 
   /// The TLS identity the next connection uses.
   public var tls: TLSClientContext { engine.currentTLS }
+  /// Where the connection stands now.
   public var state: MQTTConnectionState { engine.state }
   /// True while the broker has accepted us and the connection is up.
   public var isConnected: Bool {
     if case .connected = state { return true }
     return false
   }
+  /// A snapshot of the counters.
   public var metrics: MQTTMetrics { engine.metricsSnapshot() }
   /// The MQTT version of the current (or last) connection: 5 or 3.1.1 (with `.automatic`, what
   /// the broker turned out to speak); nil before the first connection.
@@ -146,6 +150,7 @@ public final class MQTTClient: Sendable {
     try await engine.subscribe(filter, qos: qos)
   }
 
+  /// Unsubscribes, and no longer subscribes after a reconnect.
   public func unsubscribe(_ filter: String) { engine.unsubscribe(filter) }
 
   /// Uses `tls` from the next connection on (certificate renewal, key rotation). With

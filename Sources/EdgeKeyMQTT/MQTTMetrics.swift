@@ -16,8 +16,11 @@ public struct MQTTMetrics: Sendable, Equatable {
   public var messagesDropped: [String: Int] = [:]
   /// Refused by a full outbox (`refuseNew`).
   public var messagesRefused = 0
+  /// Messages received on subscriptions.
   public var messagesReceived = 0
+  /// Connections tried.
   public var connectAttempts = 0
+  /// Connections that reached CONNACK success.
   public var connections = 0
   /// Connections lost after CONNACK.
   public var disconnections = 0
@@ -25,18 +28,23 @@ public struct MQTTMetrics: Sendable, Equatable {
   public var connectFailures: [String: Int] = [:]
   /// TLS handshakes that failed, by reason (a subset of `connectFailures`).
   public var handshakeFailures: [String: Int] = [:]
+  /// Credentials replaced (renewals, key rotations).
   public var credentialSwaps = 0
   /// Endpoints the automatic version fell back to MQTT 3.1.1 for (they do not speak 5).
   public var protocolFallbacks = 0
   /// Messages waiting in the outbox, and their size.
   public var outboxMessages = 0
+  /// Bytes of topic and payload in the outbox.
   public var outboxBytes = 0
   /// Seconds until the certificate in use expires (negative once it has).
   public var certificateExpiresIn: Duration = .zero
+  /// Whether the client is connected now.
   public var connected = false
 
+  /// All counters at zero.
   public init() {}
 
+  /// Messages dropped, whatever the reason.
   public var messagesDroppedTotal: Int { messagesDropped.values.reduce(0, +) }
 
   /// The OpenMetrics text exposition (`application/openmetrics-text; version=1.0.0`), ending

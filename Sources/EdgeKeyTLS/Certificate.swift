@@ -103,7 +103,9 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
     return String(cString: hex)
   }
 
+  /// Valid from.
   public var notBefore: Date { date(X509_get0_notBefore(x509)) }
+  /// Valid until.
   public var notAfter: Date { date(X509_get0_notAfter(x509)) }
 
   /// True when `date` lies within the validity period.
@@ -227,6 +229,7 @@ public final class Certificate: @unchecked Sendable, CustomStringConvertible {
 extension Certificate {
   /// What a verified chain is for.
   public enum Purpose: Sendable {
+    /// The extended key usage the leaf must allow.
     case clientAuth, serverAuth
     /// No purpose is checked (EK and AK certificates carry the TCG's own usages).
     case any
@@ -286,9 +289,13 @@ extension Certificate {
 
 /// A subject alternative name.
 public enum SubjectAlternativeName: Hashable, Sendable, CustomStringConvertible {
+  /// A DNS name.
   case dns(String)
+  /// An IPv4 or IPv6 address, as text.
   case ip(String)
+  /// A URI.
   case uri(String)
+  /// An e-mail address.
   case email(String)
 
   public var description: String {
@@ -303,6 +310,7 @@ public enum SubjectAlternativeName: Hashable, Sendable, CustomStringConvertible 
 
 /// Extended key usages EdgeKey cares about.
 public enum ExtendedKeyUsage: String, Hashable, Sendable {
+  /// RFC 5280's key purposes, and anyExtendedKeyUsage.
   case serverAuth, clientAuth, codeSigning, emailProtection, any
 }
 

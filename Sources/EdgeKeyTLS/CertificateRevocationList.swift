@@ -5,9 +5,11 @@ import FoundationEssentials
 /// A certificate revocation list as received (RFC 5280 §5): parsed, with what a relying party
 /// checks before it uses one.
 public struct CertificateRevocationList: Sendable, Equatable {
+  /// The CRL, DER.
   public let der: [UInt8]
   /// The issuer, as RFC 2253 text.
   public let issuer: String
+  /// When it was signed.
   public let thisUpdate: Date
   /// nil when the CRL gives none (it then never goes stale by itself).
   public let nextUpdate: Date?
@@ -16,6 +18,7 @@ public struct CertificateRevocationList: Sendable, Equatable {
   /// Serials listed (upper-case hex).
   public let revokedSerials: [String]
 
+  /// The CRL as PEM.
   public var pem: String { PEM.encode(der, label: "X509 CRL") }
 
   /// Parses one CRL, DER or PEM.

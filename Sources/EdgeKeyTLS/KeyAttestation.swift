@@ -27,6 +27,7 @@ public struct KeyAttestation: Sendable, Equatable {
   /// DER certificates that come with it: the attestation key's first.
   public var certificates: [[UInt8]]
 
+  /// Evidence and the certificates (DER) that vouch for the key that made it.
   public init(evidence: CertifyEvidence, certificates: [[UInt8]]) {
     self.evidence = evidence
     self.certificates = certificates

@@ -14,7 +14,9 @@ public struct TLSPolicy: Sendable {
   /// The host name or IP address the server's certificate must name. A host name is also sent
   /// as SNI; an IP address never is (RFC 6066 §3).
   public var serverName: String?
+  /// The oldest TLS version accepted.
   public var minimumVersion: TLSVersion
+  /// The newest TLS version offered.
   public var maximumVersion: TLSVersion
   /// Require serverAuth in the server certificate's extended key usage (default: yes). False
   /// also accepts a certificate with no EKU at all (RFC 5280: unrestricted); an EKU that lists
@@ -46,6 +48,7 @@ public struct TLSPolicy: Sendable {
       missingCRL: missingCRL, minimumVersion: minimumVersion, maximumVersion: maximumVersion)
   }
 
+  /// A policy trusting `trustAnchorsPEM` for a server named `serverName`.
   public init(
     trustAnchorsPEM: String, serverName: String?, crlPEM: String? = nil, missingCRL: MissingCRL = .fail,
     minimumVersion: TLSVersion = .tls12, maximumVersion: TLSVersion = .tls13, requireServerAuth: Bool = true,
@@ -63,8 +66,11 @@ public struct TLSPolicy: Sendable {
   }
 }
 
+/// A TLS version (its wire value).
 public enum TLSVersion: Int32, Sendable, Comparable {
+  /// TLS 1.2.
   case tls12 = 0x0303
+  /// TLS 1.3.
   case tls13 = 0x0304
   public static func < (a: TLSVersion, b: TLSVersion) -> Bool { a.rawValue < b.rawValue }
 }
@@ -80,11 +86,16 @@ public final class TLSClientContext: @unchecked Sendable {
   // @unchecked: an SSL_CTX is safe to share once configured; nothing here mutates it.
   /// The `SSL_CTX *`, borrowed for as long as this object lives.
   package let sslContext: OpaquePointer
+  /// The client certificate chain presented, leaf first.
   public let certificateChain: [Certificate]
   /// The TPM key (nil for a context made with a software key).
   public let key: TPMKey?
+  /// How the server is verified.
   public let policy: TLSPolicy
 
+  /// A context presenting `certificateChain` (leaf first), signing its handshakes with `key` in
+  /// the TPM; `.configuration` errors for an empty chain, unreadable anchors or a chain that does
+  /// not suit the key.
   public convenience init(certificateChain: [Certificate], key: TPMKey, policy: TLSPolicy) throws(TLSError) {
     try self.init(certificateChain: certificateChain, tpmKey: key, softwareKey: nil, policy: policy)
   }

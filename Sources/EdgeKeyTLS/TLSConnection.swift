@@ -16,6 +16,7 @@ import FoundationEssentials
 public final class TLSConnection {
   private let ssl: OpaquePointer
   private let fd: Int32
+  /// The context it was made with.
   public let context: TLSClientContext
 
   /// Connects to `host:port` within `timeout`, then completes the handshake; each read and

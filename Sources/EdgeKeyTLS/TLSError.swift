@@ -32,21 +32,32 @@ public struct TLSError: Error, CustomStringConvertible, Sendable, Equatable {
 
   /// What exactly, for code that reacts differently (backoff, fall back to bootstrap, ...).
   public enum Code: Sendable, Equatable {
+    /// Our own chain is malformed or does not verify.
     case badCertificateChain
+    /// Our certificate has expired.
     case certificateExpired
+    /// Our certificate is not valid yet (or our clock is behind).
     case certificateNotYetValid
+    /// Our certificate is not for clientAuth.
     case missingClientAuth
+    /// Our certificate is not for our key.
     case certificateKeyMismatch
+    /// No trust anchor was given, or none could be read.
     case noTrustAnchor
+    /// A CRL we were given cannot be read.
     case badCRL
+    /// No server name to verify was given.
     case noServerName
+    /// The key cannot sign for TLS (its type, its TPM).
     case unusableKey
     /// The server's chain ends in a self-signed certificate we do not trust (unknown CA).
     case untrustedRoot
     /// An issuer in the server's chain was neither sent by the server nor trusted by us: a
     /// missing intermediate, or a chain from a CA we do not know.
     case issuerNotFound
+    /// The server's certificate has expired (or our clock is ahead).
     case serverCertificateExpired
+    /// The server's certificate is not valid yet (or our clock is behind).
     case serverCertificateNotYetValid
     /// The server's certificate does not name the host or IP address we connected to.
     case nameMismatch
@@ -60,36 +71,49 @@ public struct TLSError: Error, CustomStringConvertible, Sendable, Equatable {
     case serverVerification(Int)
     /// The server sent this TLS alert (e.g. 42 bad_certificate, 48 unknown_ca).
     case alert(Int)
+    /// No TLS version or cipher suite in common.
     case protocolMismatch
     /// TLS 1.3: the connection ended right after we sent our certificate, with no alert and no
     /// session ticket. A reset, or a refusal whose alert was lost: transient, and worth
     /// treating as a refusal only when it keeps happening.
     case closedAfterOurCertificate
+    /// The TPM did not sign the handshake (busy, reset, hung, the key gone).
     case tpmSigningFailed
+    /// TCP: refused, unreachable, reset, or ended before TLS began.
     case connectionFailed
+    /// The connection or handshake took too long.
     case timedOut
+    /// Anything else, with libssl's reason.
     case other
   }
 
   /// A certificate's identity as the log should show it.
   public struct CertificateSummary: Sendable, Equatable, CustomStringConvertible {
+    /// The subject, one line.
     public var subject: String
+    /// The issuer, one line.
     public var issuer: String
+    /// Valid from (ISO 8601).
     public var notBefore: String
+    /// Valid until (ISO 8601).
     public var notAfter: String
     public var description: String {
       "subject \"\(subject)\", issuer \"\(issuer)\", valid \(notBefore) to \(notAfter)"
     }
   }
 
+  /// Which layer failed.
   public var layer: Layer
+  /// What exactly failed.
   public var code: Code
+  /// What happened, for a log.
   public var reason: String
   /// The certificate at fault: the server's (at `depth`), or ours when the server refused it.
   public var certificate: CertificateSummary?
   /// Chain depth of the server certificate at fault (0 = the server's own).
   public var depth: Int?
 
+  /// A failure of `layer` with `code`; `certificate` and `depth` say which certificate.
   public init(
     _ layer: Layer, _ code: Code, _ reason: String, certificate: CertificateSummary? = nil, depth: Int? = nil
   ) {

@@ -18,6 +18,7 @@ public struct TSS2PrivateKey: Sendable, Equatable {
   /// tpm2-openssl writes it).
   public static let standardParent: UInt32 = 0x4000_0001
 
+  /// A key file of the TPM's blobs under `parent`.
   public init(
     parent: UInt32 = TSS2PrivateKey.standardParent, emptyAuth: Bool, publicBlob: [UInt8], privateBlob: [UInt8]
   ) {

@@ -4,9 +4,13 @@ internal import CTSS2
 /// The kinds of device key EdgeKey creates. ECC P-256 is the default: every TPM has it and a
 /// real chip signs with it in tens of milliseconds, where RSA-2048 takes hundreds.
 public enum KeyAlgorithm: String, Sendable, CaseIterable, Codable, CustomStringConvertible {
+  /// ECDSA on NIST P-256: every TPM 2.0 has it.
   case eccP256 = "ecc-p256"
+  /// ECDSA on NIST P-384 (not on every chip).
   case eccP384 = "ecc-p384"
+  /// RSA 2048.
   case rsa2048 = "rsa-2048"
+  /// RSA 3072 (not on every chip).
   case rsa3072 = "rsa-3072"
 
   public var description: String { rawValue }
@@ -66,6 +70,7 @@ public enum KeyAlgorithm: String, Sendable, CaseIterable, Codable, CustomStringC
 
 /// Digest algorithms a TPM signature can name.
 public enum HashAlgorithm: String, Sendable, CaseIterable, Codable {
+  /// The digests a TPM signs.
   case sha1, sha256, sha384, sha512
 
   /// Length of the digest in bytes.
@@ -101,16 +106,27 @@ public struct ObjectAttributes: OptionSet, Sendable, Hashable, CustomStringConve
   public var rawValue: UInt32
   public init(rawValue: UInt32) { self.rawValue = rawValue }
 
+  /// The key is bound to this TPM's hierarchy: it never leaves it.
   public static let fixedTPM = ObjectAttributes(rawValue: 0x0000_0002)
+  /// The object is flushed at TPM2_Startup(CLEAR).
   public static let stClear = ObjectAttributes(rawValue: 0x0000_0004)
+  /// The key cannot be duplicated to another parent.
   public static let fixedParent = ObjectAttributes(rawValue: 0x0000_0010)
+  /// The TPM generated the private part.
   public static let sensitiveDataOrigin = ObjectAttributes(rawValue: 0x0000_0020)
+  /// The key's own authorization (a password) may be used.
   public static let userWithAuth = ObjectAttributes(rawValue: 0x0000_0040)
+  /// Administrative use needs a policy session.
   public static let adminWithPolicy = ObjectAttributes(rawValue: 0x0000_0080)
+  /// Not subject to dictionary-attack protection.
   public static let noDA = ObjectAttributes(rawValue: 0x0000_0400)
+  /// Duplication needs an inner wrapper.
   public static let encryptedDuplication = ObjectAttributes(rawValue: 0x0000_0800)
+  /// The key signs only TPM-made structures (an AK) or is a storage parent.
   public static let restricted = ObjectAttributes(rawValue: 0x0001_0000)
+  /// The key decrypts (a storage parent).
   public static let decrypt = ObjectAttributes(rawValue: 0x0002_0000)
+  /// The key signs.
   public static let sign = ObjectAttributes(rawValue: 0x0004_0000)
 
   /// What EdgeKey's device keys are created with: the private key can never leave this TPM

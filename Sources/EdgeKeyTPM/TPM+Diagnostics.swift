@@ -21,6 +21,7 @@ public struct TPMInfo: Sendable, Equatable {
   public var inLockout: Bool
   /// Failed authorizations counted so far, and the count that triggers lockout.
   public var lockoutCounter: UInt32
+  /// Failures that trigger lockout.
   public var maxAuthFail: UInt32
   /// How long until one failure is forgotten (TPM2_PT_LOCKOUT_INTERVAL).
   public var lockoutInterval: Duration
@@ -34,6 +35,7 @@ public struct TPMInfo: Sendable, Equatable {
   public var endorsementCertificates: [UInt32]
   /// The TCTI in use, and whether a resource manager sits in between.
   public var tcti: String
+  /// Whether a resource manager (tpm2-abrmd, /dev/tpmrm0) sits between us and the TPM.
   public var hasResourceManager: Bool
 }
 

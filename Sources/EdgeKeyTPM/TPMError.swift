@@ -22,40 +22,72 @@ public struct ResponseCode: RawRepresentable, Hashable, Sendable, CustomStringCo
   }
   public var description: String { "0x\(String(rawValue, radix: 16, uppercase: true)) (\(decoded))" }
 
+  /// Matches a code, or its base: `case .lockout:` matches a lockout from any layer.
   public static func ~= (pattern: ResponseCode, value: ResponseCode) -> Bool {
     pattern.rawValue == value.rawValue || pattern.rawValue == value.base.rawValue
   }
 
+  /// TPM_RC_SUCCESS.
   public static let success = ResponseCode(rawValue: 0)
+  /// TPM_RC_INITIALIZE: TPM2_Startup has not run.
   public static let initialize = ResponseCode(rawValue: 0x100)
+  /// TPM_RC_FAILURE: the TPM is in failure mode.
   public static let failure = ResponseCode(rawValue: 0x101)
+  /// TPM_RC_NV_DEFINED: the NV index exists.
   public static let nvDefined = ResponseCode(rawValue: 0x14C)
+  /// TPM_RC_ASYMMETRIC: the key type is not supported here.
   public static let asymmetric = ResponseCode(rawValue: 0x081)
+  /// TPM_RC_ATTRIBUTES: the object's attributes do not allow this.
   public static let attributes = ResponseCode(rawValue: 0x082)
+  /// TPM_RC_HASH: the hash algorithm is not supported or not allowed.
   public static let hash = ResponseCode(rawValue: 0x083)
+  /// TPM_RC_VALUE: a value is out of range.
   public static let value = ResponseCode(rawValue: 0x084)
+  /// TPM_RC_KEY_SIZE: the key size is not supported.
   public static let keySize = ResponseCode(rawValue: 0x087)
+  /// TPM_RC_HANDLE: the handle is not loaded or not valid.
   public static let handle = ResponseCode(rawValue: 0x08B)
+  /// TPM_RC_AUTH_FAIL: the authorization failed (counts towards lockout).
   public static let authFail = ResponseCode(rawValue: 0x08E)
+  /// TPM_RC_SCHEME: the signing scheme is not supported.
   public static let scheme = ResponseCode(rawValue: 0x092)
+  /// TPM_RC_SIZE: a structure has the wrong size.
   public static let size = ResponseCode(rawValue: 0x095)
+  /// TPM_RC_INTEGRITY: a blob failed its integrity check (another TPM's, or tampered).
   public static let integrity = ResponseCode(rawValue: 0x09F)
+  /// TPM_RC_BAD_AUTH: the authorization is wrong (not counted towards lockout).
   public static let badAuth = ResponseCode(rawValue: 0x0A2)
+  /// TPM_RC_CURVE: the curve is not supported.
   public static let curve = ResponseCode(rawValue: 0x0A6)
+  /// TPM_RC_OBJECT_MEMORY: no free object slot.
   public static let objectMemory = ResponseCode(rawValue: 0x902)
+  /// TPM_RC_SESSION_MEMORY: no free session slot.
   public static let sessionMemory = ResponseCode(rawValue: 0x903)
+  /// TPM_RC_YIELDED: the TPM paused the command; send it again.
   public static let yielded = ResponseCode(rawValue: 0x908)
+  /// TPM_RC_CANCELED: the command was cancelled.
   public static let canceled = ResponseCode(rawValue: 0x909)
+  /// TPM_RC_TESTING: the TPM is running its self tests.
   public static let testing = ResponseCode(rawValue: 0x90A)
+  /// TPM_RC_REFERENCE_H0: the first handle refers to an object not loaded.
   public static let referenceH0 = ResponseCode(rawValue: 0x910)
+  /// TPM_RC_LOCKOUT: dictionary-attack lockout.
   public static let lockout = ResponseCode(rawValue: 0x921)
+  /// TPM_RC_RETRY: the TPM is busy; try again.
   public static let retry = ResponseCode(rawValue: 0x922)
+  /// EdgeKey: no TCTI answered.
   public static let noTPM = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 1)
+  /// EdgeKey: the key file cannot be read.
   public static let badKeyFile = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 2)
+  /// EdgeKey: an argument the TPM layer cannot use.
   public static let badArgument = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 3)
+  /// EdgeKey: the key file's parent is not this TPM's storage root key.
   public static let srkMismatch = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 5)
+  /// EdgeKey: the key cannot sign.
   public static let notASigningKey = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 6)
+  /// EdgeKey: the key needs an authorization value.
   public static let authRequired = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 7)
+  /// EdgeKey: the TPM did not answer within the command timeout.
   public static let timeout = ResponseCode(rawValue: EDGEKEY_RC_LAYER_VALUE | 8)
 }
 
@@ -67,7 +99,9 @@ let EDGEKEY_RC_LAYER_VALUE: UInt32 = 12 << 16
 public struct TPMError: Error, Sendable, Equatable, CustomStringConvertible {
   /// The kind of failure: extensible, matched in `catch` clauses.
   public struct Code: Hashable, Sendable, CustomStringConvertible {
+    /// The code's name, as errors and metrics show it.
     public var name: String
+    /// A code named `name` (codes compare by name).
     public init(_ name: String) { self.name = name }
     public var description: String { name }
 
@@ -105,6 +139,7 @@ public struct TPMError: Error, Sendable, Equatable, CustomStringConvertible {
     public static let tpmFailure = Code("tpmFailure")
   }
 
+  /// What kind of failure, for code that reacts (retry, reprovision, stop).
   public var code: Code
   /// The TSS2 response code, when one was returned.
   public var responseCode: ResponseCode?
@@ -112,9 +147,12 @@ public struct TPMError: Error, Sendable, Equatable, CustomStringConvertible {
   public var command: String?
   /// A sentence for people: what failed and what to do about it.
   public var reason: String
+  /// Where in EdgeKey it was thrown.
   public var file: String
+  /// The line it was thrown at.
   public var line: Int
 
+  /// An error of `code`; `command` names the TPM command that failed.
   public init(
     _ code: Code, responseCode: ResponseCode? = nil, command: String? = nil, reason: String,
     file: String = #fileID, line: Int = #line

@@ -101,6 +101,7 @@ public struct Signature: Sendable, Equatable {
   /// The RSA padding; nil for ECDSA.
   public var padding: RSAPadding?
 
+  /// A signature of `bytes` over a `hash` digest (`padding` for RSA).
   public init(bytes: [UInt8], hash: HashAlgorithm, padding: RSAPadding? = nil) {
     self.bytes = bytes
     self.hash = hash

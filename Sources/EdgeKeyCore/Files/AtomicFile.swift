@@ -6,10 +6,14 @@
 
 /// Errors of file storage, with the path and the system's reason.
 public struct FileError: Error, Sendable, Equatable, CustomStringConvertible {
+  /// The file or directory concerned.
   public var path: String
+  /// What was being done: "open", "write", "fsync", "rename"...
   public var operation: String
+  /// The system's error number (`ENOSPC`, `EACCES`, ...).
   public var errno: Int32
 
+  /// An error of `operation` on `path` with the system's `errno`.
   public init(path: String, operation: String, errno: Int32) {
     self.path = path
     self.operation = operation

@@ -12,7 +12,9 @@ import FoundationEssentials
 /// credential activation (`attestation-key.crt`). There is never more than one AK: one that the
 /// TPM can no longer load (the TPM was cleared) is replaced, not kept beside a new one.
 extension CredentialStore {
+  /// The attestation key's TSS2 PRIVATE KEY file.
   public var attestationKeyPath: String { "\(directory)/attestation-key.pem" }
+  /// The attestation key's certificate from the RA.
   public var attestationCertificatePath: String { "\(directory)/attestation-key.crt" }
 
   /// The attestation key file, if one was made.
@@ -63,6 +65,7 @@ public struct AttestationStatus: Sendable, Equatable {
     return hasAttestationKey ? "key made, not activated" : "none"
   }
 
+  /// The attestation state of `store` at `date` (reads files only: no TPM command).
   public static func read(_ store: CredentialStore, at date: Date = Date()) -> AttestationStatus {
     let key = (try? store.attestationKey()) ?? nil
     let chain = (try? store.attestationCertificates()) ?? []

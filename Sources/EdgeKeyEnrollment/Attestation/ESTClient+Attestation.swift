@@ -7,6 +7,7 @@ import FoundationEssentials
 public struct ActivationChallenge: Sendable {
   /// The RA's name for it, sent back with the answer.
   public var id: String
+  /// The credential, sealed to the EK and bound to the AK's name, for TPM2_ActivateCredential.
   public var challenge: CredentialChallenge
   /// The EK the challenge is sealed to.
   public var endorsementKey: EndorsementKeyType

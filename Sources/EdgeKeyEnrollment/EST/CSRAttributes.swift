@@ -23,6 +23,7 @@ public struct CSRAttributes: Sendable, Equatable {
   /// Attributes, OIDs and parameters we do not understand (dotted OIDs, with what about them).
   public var notUnderstood: [String] = []
 
+  /// No attributes asked for.
   public init() {}
 
   static let challengePasswordOID = "1.2.840.113549.1.9.7"

@@ -16,9 +16,11 @@ public struct ESTOptions: Sendable {
   /// never asked sooner (RFC 7030 §4.2.3: the client MUST wait at least that long): `enroll`
   /// gives up with `.pendingTooLong` carrying the server's time, for the caller to schedule.
   public var maximumRetryAfter: Duration = .seconds(300)
+  /// Same-origin redirects followed per request (a bound request follows none).
   public var maximumRedirects = 3
   /// Widely deployed EST servers stop at TLS 1.2, so 1.2 is allowed by default.
   public var minimumVersion: TLSVersion = .tls12
+  /// The newest TLS version offered.
   public var maximumVersion: TLSVersion = .tls13
   /// How much the server's clock may be ahead of ours when a certificate's notBefore is checked.
   public var clockSkew: Duration = .seconds(300)
@@ -37,17 +39,23 @@ public struct ESTOptions: Sendable {
   /// Each wait for the server (202 Retry-After) and each HTTP authentication challenge answered.
   public var logger: Logger = .disabled
 
+  /// The defaults above.
   public init() {}
 }
 
 /// Where an EST server is: `https://host[:port]`, and an optional label
 /// (`/.well-known/est/<label>/`).
 public struct ESTServer: Sendable, Equatable {
+  /// Always "https".
   public let scheme: String
+  /// The server's host name or IP address, as in the URL.
   public let host: String
+  /// The TCP port (443 when the URL names none).
   public let port: Int
+  /// The EST label (RFC 7030 §3.2.2), or nil for the default CA.
   public let label: String?
 
+  /// Reads `https://host[:port]`; `.configuration` for another scheme or what is not a URL.
   public init(url: String, label: String? = nil) throws(EnrollmentError) {
     guard let parsed = URLComponents(string: url), let scheme = parsed.scheme?.lowercased(), let host = parsed.host,
       !host.isEmpty
@@ -72,11 +80,15 @@ public struct ESTServer: Sendable, Equatable {
 /// An EST client (RFC 7030, with the RFC 8951 clarifications) over libcurl, presenting the
 /// TPM-held key through the same TLS identity code as MQTT.
 public final class ESTClient: Sendable {
+  /// The server this client talks to.
   public let server: ESTServer
   /// The CA certificates the server's certificate must chain to, and issued ones too.
   public let trustAnchors: [Certificate]
+  /// Its limits and preferences.
   public let options: ESTOptions
 
+  /// A client for `server`, trusting `trustAnchors` for its TLS certificate (and, unless the
+  /// caller checks otherwise, for what it issues). Makes no connection yet.
   public init(server: ESTServer, trustAnchors: [Certificate], options: ESTOptions = ESTOptions())
     throws(EnrollmentError)
   {

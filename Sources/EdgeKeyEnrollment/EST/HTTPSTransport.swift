@@ -18,15 +18,20 @@ struct HTTPAnswer {
 /// Who we are to the server: a TLS client certificate whose key is in the TPM, HTTP Basic
 /// credentials (sent over TLS only), or both.
 public struct ESTAuthentication: Sendable {
+  /// The client certificate chain (leaf first) for TLS client authentication; empty: none.
   public var certificateChain: [Certificate]
+  /// The TPM key of the chain's leaf.
   public var key: TPMKey?
+  /// HTTP Basic user, sent only over the verified TLS connection. Never logged.
   public var username: String?
+  /// HTTP Basic password. Never logged.
   public var password: String?
   /// Credentials sent only when the server challenges for them (a 401 with
   /// `WWW-Authenticate: Basic`), e.g. on re-enrollment, where the certificate is enough for most
   /// servers and some want HTTP authentication too (RFC 7030 §3.2.3). Never logged.
   public var challengeCredentials: (user: String, password: String)?
 
+  /// A certificate (with its TPM key), HTTP Basic credentials, both, or neither.
   public init(
     certificateChain: [Certificate] = [], key: TPMKey? = nil, username: String? = nil, password: String? = nil
   ) {

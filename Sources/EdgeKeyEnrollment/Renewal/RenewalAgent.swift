@@ -5,10 +5,12 @@ import FoundationEssentials
 
 /// Where and how the device enrolls.
 public struct EnrollmentSettings: Sendable {
+  /// The EST server (and label) to enroll with.
   public var server: ESTServer
   /// The anchors the device was given for the enrollment server's TLS certificate and for the
   /// chains it issues. Anchors learnt from `cacerts` are added to these.
   public var trustAnchors: [Certificate]
+  /// Timeouts, waits, TLS versions and CRLs of the EST client.
   public var options: ESTOptions
   /// HTTP Basic credentials for first enrollment (a factory one-time secret), if any. Never logged.
   public var password: (user: String, password: String)?
@@ -16,6 +18,7 @@ public struct EnrollmentSettings: Sendable {
   /// §3.5). TLS 1.2 only: set `options.maximumVersion = .tls12` too.
   public var channelBinding = false
 
+  /// Settings for `server`, trusting `trustAnchors`.
   public init(
     server: ESTServer, trustAnchors: [Certificate], options: ESTOptions = ESTOptions(),
     password: (user: String, password: String)? = nil
@@ -43,6 +46,7 @@ public struct RenewalPolicy: Sendable {
   /// A new TPM key for each certificate (rotation). Off: the key is kept and only the
   /// certificate renewed.
   public var rotateKeys = true
+  /// The key type of new keys.
   public var keyAlgorithm: KeyAlgorithm = .eccP256
   /// Activate an attestation key with the RA first when the device has none (`provision
   /// --attest`). Once the device has an AK certificate, every request carries TPM2_Certify
@@ -52,6 +56,7 @@ public struct RenewalPolicy: Sendable {
   /// discarded.
   public var earliestPlausibleDate = Date(timeIntervalSince1970: 1_793_491_200)  // 2026-11-01
 
+  /// The defaults above.
   public init() {}
 
   /// The moment to renew a certificate.
@@ -73,15 +78,28 @@ public struct RenewalPolicy: Sendable {
 
 /// Something the agent did, for logs and metrics. Holds no secret.
 public enum RenewalEvent: Sendable, CustomStringConvertible {
+  /// The next renewal of `certificate` is due at this moment.
   case scheduled(Date, certificate: TLSError.CertificateSummary)
+  /// An attempt began: re-enrollment with the current certificate, or enrollment.
   case started(reenroll: Bool)
+  /// A new key was made in the TPM for the request.
   case keyCreated(algorithm: KeyAlgorithm)
+  /// A new certificate was stored and installed, with a new key or the old one.
   case renewed(TLSError.CertificateSummary, newKey: Bool)
+  /// The current certificate could not be used (expired, refused): enrolling with the bootstrap
+  /// credential or password instead.
   case bootstrapFallback(reason: String)
+  /// `cacerts` named new anchors (added) and no longer names some (kept until the chain in use
+  /// no longer needs them).
   case anchorsChanged(added: [String], withdrawn: [String])
+  /// Withdrawn anchors were dropped from the store.
   case anchorsRemoved([String])
+  /// The previous credential was removed after the new one worked (and its TPM key, when it
+  /// was rotated).
   case previousRetired(keyRetired: Bool)
+  /// An attempt failed; the next is in `retryIn` (nil: not scheduled).
   case failed(EnrollmentError, retryIn: Duration?)
+  /// The clock reads before `RenewalPolicy.earliestPlausibleDate`: nothing was done.
   case clockRefused(String)
   /// A stored key the TPM can never load again (a cleared or replaced TPM): its credential is
   /// treated as lost and a new key is enrolled with the bootstrap credential or password.
@@ -118,14 +136,23 @@ public enum RenewalEvent: Sendable, CustomStringConvertible {
 
 /// Counts per step, for `status` and metrics.
 public struct RenewalCounters: Sendable, Equatable {
+  /// Enrollments and renewals tried.
   public var attempts = 0
+  /// Certificates installed.
   public var renewals = 0
+  /// Attempts that failed.
   public var failures = 0
+  /// Attempts that fell back to the bootstrap credential or password.
   public var bootstrapFallbacks = 0
+  /// TPM keys made.
   public var keysCreated = 0
+  /// Previous keys removed after the new credential worked.
   public var keysRetired = 0
+  /// Trust anchors learnt from `cacerts`.
   public var anchorsAdded = 0
+  /// Withdrawn trust anchors dropped.
   public var anchorsRemoved = 0
+  /// Attempts refused because the clock was implausible.
   public var clockRefusals = 0
   /// Stored credentials found unusable because the TPM can never load their key again.
   public var credentialsLost = 0
@@ -141,9 +168,13 @@ public struct RenewalCounters: Sendable, Equatable {
 /// `install` is called with each new credential (give it to the MQTT client); call
 /// `confirmInUse()` when a handshake with it has succeeded, which retires the previous key.
 public final class RenewalAgent: @unchecked Sendable {
+  /// Where the credentials are kept, crash-safe.
   public let store: CredentialStore
+  /// The TPM that holds the keys.
   public let tpm: TPM
+  /// Where and how to enroll.
   public let settings: EnrollmentSettings
+  /// When to renew, and with what key.
   public let policy: RenewalPolicy
   /// The subject and names to request; nil: those of the current (or bootstrap) certificate.
   public let identity: (subject: [(String, String)], names: [SubjectAlternativeName])?
@@ -172,6 +203,8 @@ public final class RenewalAgent: @unchecked Sendable {
   /// `RevocationListCache` refreshed them.
   public func useRevocationLists(_ pem: String?) { locked { $0.crlPEM = .some(pem) } }
 
+  /// An agent for the credentials in `store`, with keys in `tpm`. `onEvent` and `install` are
+  /// called on the agent's thread; `clock` gives the wall-clock time certificates are judged by.
   public init(
     store: CredentialStore, tpm: TPM, settings: EnrollmentSettings, policy: RenewalPolicy = RenewalPolicy(),
     identity: (subject: [(String, String)], names: [SubjectAlternativeName])? = nil,
@@ -189,6 +222,7 @@ public final class RenewalAgent: @unchecked Sendable {
     self.install = install
   }
 
+  /// What the agent did so far.
   public var counters: RenewalCounters { locked { $0.counters } }
 
   /// The last attempt's failure, nil after a success.

@@ -10,6 +10,7 @@ import FoundationEssentials
 /// For the EST server's chain (`ESTOptions.crlPEM`) and the broker's (`TLSPolicy.crlPEM`).
 public final class RevocationListCache: @unchecked Sendable {
   // @unchecked: `held`, `fetches` and `lastError` are guarded by `lock`.
+  /// Where the CRL is fetched from (HTTPS).
   public let url: String
   /// Where the CRL is kept between runs (PEM), or nil.
   public let cachePath: String?
@@ -43,6 +44,7 @@ public final class RevocationListCache: @unchecked Sendable {
     }
   }
 
+  /// Options for fetching a CRL: the EST client's defaults, with answers up to 1 MiB.
   public static var defaultOptions: ESTOptions {
     var options = ESTOptions()
     options.maximumResponseBytes = 1 << 20

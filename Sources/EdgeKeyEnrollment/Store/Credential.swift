@@ -9,9 +9,12 @@ import EdgeKeyTPM
 /// On disk it is one PEM file, the key block then the certificates, so that one atomic rename
 /// switches key and certificate together; tpm2-openssl and OpenSSL's tools read the same file.
 public struct Credential: Sendable {
+  /// The TPM key (a TSS2 PRIVATE KEY file: loadable only by the TPM that made it).
   public let key: TSS2PrivateKey
+  /// The certificate chain, leaf first; empty while only the key exists.
   public let chain: [Certificate]
 
+  /// A credential of `key` and `chain`.
   public init(key: TSS2PrivateKey, chain: [Certificate] = []) {
     self.key = key
     self.chain = chain
@@ -19,8 +22,10 @@ public struct Credential: Sendable {
 
   /// Our certificate, if issued.
   public var certificate: Certificate? { chain.first }
+  /// True when it has a certificate.
   public var isComplete: Bool { !chain.isEmpty }
 
+  /// The key file followed by the chain, as stored.
   public var pem: String { key.pem + chain.map(\.pem).joined() }
 
   /// Parses and checks a stored credential: a TSS2 key block, then any certificates, the first

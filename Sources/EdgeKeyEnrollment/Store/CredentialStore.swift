@@ -23,9 +23,13 @@ import EdgeKeyTPM
 /// never removed. Killed at any instant, the store holds a working, matching credential: the
 /// old or the new. `open` finishes a switch that was cut short.
 public final class CredentialStore: @unchecked Sendable {
+  /// The state directory.
   public let directory: String
 
+  /// The credentials a device holds at once.
   public enum Slot: String, Sendable, CaseIterable {
+    /// `current`: in use. `next`: issued, not yet switched to. `previous`: kept until `current` has
+    /// worked. `bootstrap`: the factory identity for a first or fallback enrollment.
     case current, next, previous, bootstrap
     var file: String { "\(rawValue).pem" }
   }
@@ -38,6 +42,7 @@ public final class CredentialStore: @unchecked Sendable {
     public var removedTemporaryFiles = 0
   }
 
+  /// What opening the store found and repaired.
   public private(set) var recovery = Recovery()
 
   /// Opens (creating it 0700 if missing) the state directory and finishes an interrupted switch.
@@ -58,7 +63,9 @@ public final class CredentialStore: @unchecked Sendable {
     try recover()
   }
 
+  /// The file of `slot`.
   public func path(_ slot: Slot) -> String { "\(directory)/\(slot.file)" }
+  /// The trust anchors' file.
   public var anchorsPath: String { "\(directory)/anchors.pem" }
 
   // MARK: - Reading
@@ -85,6 +92,7 @@ public final class CredentialStore: @unchecked Sendable {
     try writeText(credential.pem, to: path(slot))
   }
 
+  /// Replaces the stored trust anchors, atomically and durably.
   public func saveAnchors(_ anchors: [Certificate]) throws(EnrollmentError) {
     try writeText(anchors.map(\.pem).joined(), to: anchorsPath)
   }

@@ -11,6 +11,7 @@
 public final class StateLock: @unchecked Sendable {
   // @unchecked: the descriptor is written once in init and closed once in deinit.
   private let descriptor: Int32
+  /// The lock file.
   public let path: String
 
   /// Takes the lock on `store`'s directory, or throws `.storage` naming the process that holds it.

@@ -6,14 +6,20 @@ import FoundationEssentials
 public struct OutboxMessage: Sendable, Equatable {
   /// Assigned by the outbox; increases with every message, so it is also the delivery order.
   public var id: Int64
+  /// The topic.
   public var topic: String
+  /// The payload.
   public var payload: [UInt8]
+  /// QoS 1 or 2 (QoS 0 is never stored).
   public var qos: MQTTQoS
+  /// The retain flag.
   public var retain: Bool
+  /// When it was accepted.
   public var created: Date
   /// After this the message is dropped (and counted) instead of sent.
   public var expires: Date?
 
+  /// A stored message; `id` is the outbox's (0 before it is stored).
   public init(
     id: Int64 = 0, topic: String, payload: [UInt8], qos: MQTTQoS = .atLeastOnce, retain: Bool = false,
     created: Date = Date(), expires: Date? = nil
@@ -32,16 +38,21 @@ public struct OutboxMessage: Sendable, Equatable {
 
 /// How large the outbox may grow, and what happens when it is full.
 public struct OutboxLimits: Sendable, Equatable {
+  /// What a full outbox does with a new message.
   public enum WhenFull: Sendable, Equatable {
     /// New messages are refused with `MQTTError.Kind.outboxFull`; nothing stored is lost.
     case refuseNew
     /// The oldest messages are dropped (and counted) to make room for the new one.
     case dropOldest
   }
+  /// The most messages stored at once.
   public var maximumMessages: Int
+  /// The most topic and payload bytes stored at once.
   public var maximumBytes: Int
+  /// What happens beyond either limit.
   public var whenFull: WhenFull
 
+  /// Limits of `maximumMessages` and `maximumBytes`.
   public init(maximumMessages: Int = 100_000, maximumBytes: Int = 64 << 20, whenFull: WhenFull = .refuseNew) {
     self.maximumMessages = maximumMessages
     self.maximumBytes = maximumBytes
@@ -73,6 +84,7 @@ public enum OutboxDurability: Sendable, Equatable {
 /// restart.
 public final class Outbox: @unchecked Sendable {
   // @unchecked: every member is used under `lock`.
+  /// How large it may grow.
   public let limits: OutboxLimits
   /// The database file, or nil for an in-memory outbox.
   public let path: String?

@@ -23,6 +23,7 @@ public struct AttestationPolicy: Sendable {
   /// Lifetime of AK certificates.
   public var attestationKeyCertificateLifetime: Duration
 
+  /// A policy trusting `manufacturerCAs` for EK certificates.
   public init(
     manufacturerCAs: [Certificate], requireForAll: Bool = false, nonceLifetime: Duration = .seconds(300),
     activationLifetime: Duration = .seconds(300),

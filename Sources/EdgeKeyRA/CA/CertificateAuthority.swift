@@ -9,6 +9,7 @@ import Foundation
 public final class CertificateAuthority: @unchecked Sendable {
   // @unchecked: the key and certificates are never mutated after loading; signing with an
   // EVP_PKEY from several threads is safe in OpenSSL 3 (a TPM key serialises in its context).
+  /// The CA's certificate followed by its issuers, up to (not including) the root.
   public let chain: [Certificate]
   private let key: OpaquePointer
   /// The TPM key behind `key`, when the CA key is held in a TPM.
@@ -195,5 +196,6 @@ private let freeGeneralName: @convention(c) (UnsafeMutableRawPointer?) -> Void =
 /// A registration authority's own failure (configuration, signing).
 public struct RAError: Error, CustomStringConvertible, Sendable {
   public var description: String
+  /// An error described by `description`.
   public init(_ description: String) { self.description = description }
 }

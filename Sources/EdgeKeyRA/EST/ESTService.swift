@@ -12,6 +12,7 @@ public struct ESTPolicy: Sendable {
   public var caCertificates: [Certificate]
   /// HTTP Basic credentials that allow a first enrollment (a factory's bootstrap secret).
   public var bootstrapUser: String?
+  /// The bootstrap password (compared in constant time; never logged).
   public var bootstrapPassword: String?
   /// CAs whose client certificates allow a first enrollment (manufacturer/bootstrap identities).
   public var bootstrapCAs: [Certificate]
@@ -35,6 +36,7 @@ public struct ESTPolicy: Sendable {
   /// HTTP Basic credentials re-enrollment needs in addition to the current certificate (RFC 7030
   /// §3.2.3 lets a server ask for both); nil: the certificate is enough.
   public var reenrollUser: String?
+  /// The re-enrollment password (compared in constant time; never logged).
   public var reenrollPassword: String?
   /// The DER `csrattrs` answers with; nil: challengePassword, EC P-256, ECDSA with SHA-256.
   public var csrAttributesDER: [UInt8]?
@@ -44,6 +46,7 @@ public struct ESTPolicy: Sendable {
   /// Enrollment requests allowed per source address and per credential.
   public var rateLimits = RateLimits()
 
+  /// A policy issuing from `caCertificates` under these rules.
   public init(
     caCertificates: [Certificate], bootstrapUser: String? = nil, bootstrapPassword: String? = nil,
     bootstrapCAs: [Certificate] = [], lifetime: Duration = .seconds(30 * 86400),
@@ -70,10 +73,13 @@ public struct ESTPolicy: Sendable {
 /// simplereenroll. A bad request gets the RFC's status and a text reason, and changes nothing.
 public final class ESTService: @unchecked Sendable {
   // @unchecked: `pending` and the log are guarded by `lock`.
+  /// The CA that signs.
   public let ca: CertificateAuthority
+  /// Who may enroll, for how long, and how.
   public let policy: ESTPolicy
   /// Who may be issued which name; every certificate is recorded here before it is handed out.
   public let registry: DeviceRegistry
+  /// Which names a device may have in its certificate.
   public let naming: NamingPolicy
   /// The CRL served at `/crl` (DER) and `/crl.pem`, when revocation is published.
   public let revocation: CRLPublisher?
@@ -109,6 +115,7 @@ public final class ESTService: @unchecked Sendable {
     return issuedCount
   }
 
+  /// Answers one request (`/.well-known/est/...`, `/crl`, the attestation endpoints).
   public func handle(_ request: HTTPRequest) -> HTTPResponse {
     if request.path == "/crl" || request.path == "/crl.pem" {
       guard request.method == "GET" else { return .text(405, "use GET", headers: [("Allow", "GET")]) }

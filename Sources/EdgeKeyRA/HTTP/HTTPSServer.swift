@@ -9,22 +9,26 @@ import Foundation
 
 /// An HTTP/1.1 request as the server read it.
 public struct HTTPRequest: Sendable {
+  /// "GET", "POST", ...
   public var method: String
   /// The path, without the query.
   public var path: String
   /// Header names lower-cased, in arrival order.
   public var headers: [(name: String, value: String)]
+  /// The body (Content-Length framed).
   public var body: [UInt8]
   /// The client certificate chain the TLS layer verified (leaf first), or empty.
   public var clientCertificates: [Certificate]
   /// The tls-unique channel binding of this connection (RFC 5929).
   public var tlsUnique: [UInt8]
+  /// The TLS version of the connection (`0x0303` TLS 1.2, `0x0304` TLS 1.3).
   public var tlsVersion: Int32
   /// The client's IP address, as text.
   public var peerAddress: String = ""
   /// Whether the TLS session was resumed (an abbreviated handshake).
   public var resumedSession = false
 
+  /// The first header named `name` (any case), or nil.
   public func header(_ name: String) -> String? {
     let lower = name.lowercased()
     return headers.first { $0.name == lower }?.value
@@ -33,11 +37,16 @@ public struct HTTPRequest: Sendable {
 
 /// An HTTP response. `raw` bypasses the framing (a test's hostile server sends whatever it likes).
 public struct HTTPResponse: Sendable {
+  /// The HTTP status.
   public var status: Int
+  /// Headers besides Content-Length and Connection, which the server adds.
   public var headers: [(String, String)]
+  /// The body.
   public var body: [UInt8]
+  /// Bytes sent as they are instead of a framed response (then the connection is closed).
   public var raw: [UInt8]?
 
+  /// A response of `status`.
   public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = []) {
     self.status = status
     self.headers = headers
@@ -91,7 +100,9 @@ public struct HTTPResponse: Sendable {
 
 /// Limits that keep a hostile client from holding the server.
 public struct HTTPServerLimits: Sendable {
+  /// The longest request head accepted.
   public var maximumHeaderBytes = 16 * 1024
+  /// The largest body accepted.
   public var maximumBodyBytes = 64 * 1024
   /// The whole of a request: the TLS handshake (for the first), the wait for it, its head
   /// and its body. A client that sends a byte now and then is dropped when it passes.
@@ -102,6 +113,7 @@ public struct HTTPServerLimits: Sendable {
   public var maximumConnectionsPerSource = 16
   /// Requests served on one connection before it is closed.
   public var maximumRequestsPerConnection = 8
+  /// The defaults above.
   public init() {}
 }
 
@@ -112,8 +124,10 @@ public struct HTTPServerLimits: Sendable {
 public final class HTTPSServer: @unchecked Sendable {
   // @unchecked: `listener`, `wake` and `acceptThread` are set in `start` before sharing;
   // `active` and `perSource` are guarded by `lock`.
+  /// Answers a request; called on the connection's thread.
   public typealias Handler = @Sendable (HTTPRequest) -> HTTPResponse
 
+  /// The port it listens on (the one the system chose when asked for 0).
   public private(set) var port: UInt16 = 0
   private let context: OpaquePointer
   private let handler: Handler
@@ -506,7 +520,9 @@ func firstRange(of needle: [UInt8], in haystack: [UInt8]) -> Int? {
   return nil
 }
 
+/// The server could not start (the address, the certificate, the key).
 public struct HTTPServerError: Error, CustomStringConvertible, Sendable {
   public var description: String
+  /// An error described by `description`.
   public init(_ description: String) { self.description = description }
 }

@@ -25,6 +25,7 @@ public struct NamingPolicy: Sendable {
   /// ("DNS:{name}.fleet.local"); none by default.
   public var subjectAlternativeNames: [String] = []
 
+  /// The default: the device id as common name, no alternative names.
   public init() {}
 
   /// Why `name` cannot be a device's name, or nil when it can. The rules keep a name from

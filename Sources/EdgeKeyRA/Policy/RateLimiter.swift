@@ -2,8 +2,11 @@ import EdgeKeyCore
 
 /// How many enrollment requests are allowed: a burst of `count`, refilled evenly over `period`.
 public struct Rate: Sendable, Equatable {
+  /// Requests allowed per period.
   public var count: Int
+  /// The period.
   public var period: Duration
+  /// `count` requests per `period`.
   public init(count: Int, per period: Duration) {
     self.count = count
     self.period = period
@@ -29,8 +32,11 @@ public struct Rate: Sendable, Equatable {
 /// Limits on enrollment requests, per source address and per credential (a device id, a
 /// bootstrap certificate, a certificate's name); nil: no limit.
 public struct RateLimits: Sendable {
+  /// Per client IP address; nil: unlimited.
   public var perSource: Rate? = Rate(count: 600, per: .seconds(60))
+  /// Per credential (certificate or user); nil: unlimited.
   public var perCredential: Rate? = Rate(count: 60, per: .seconds(60))
+  /// The defaults above.
   public init() {}
 }
 

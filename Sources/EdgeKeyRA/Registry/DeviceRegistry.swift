@@ -8,8 +8,10 @@ import Foundation
 /// issuance is decided and recorded in one durable transaction, so a certificate is handed out
 /// only once it is in the registry, and no name is ever given to two devices.
 public final class DeviceRegistry: Sendable {
+  /// Where the registry is kept.
   public let storage: any DeviceRegistryStorage
 
+  /// A registry kept in `storage`.
   public init(storage: any DeviceRegistryStorage) { self.storage = storage }
 
   /// The embedded registry in an SQLite file (created 0600 if missing).
@@ -19,6 +21,7 @@ public final class DeviceRegistry: Sendable {
 
   // MARK: - Reading
 
+  /// The device with `id`, or nil.
   public func device(_ id: String) throws(RegistryError) -> DeviceRecord? {
     try storage.read { t throws(RegistryError) in try t.device(id) }
   }
@@ -26,18 +29,23 @@ public final class DeviceRegistry: Sendable {
   public func deviceCount() throws(RegistryError) -> Int {
     try storage.read { t throws(RegistryError) in try t.deviceCount() }
   }
+  /// Every device.
   public func devices() throws(RegistryError) -> [DeviceRecord] {
     try storage.read { t throws(RegistryError) in try t.devices() }
   }
+  /// The certificates issued to `device`, oldest first.
   public func certificates(of device: String) throws(RegistryError) -> [CertificateRecord] {
     try storage.read { t throws(RegistryError) in try t.certificates(of: device) }
   }
+  /// The certificate with this serial (hex), or nil.
   public func certificate(serial: String) throws(RegistryError) -> CertificateRecord? {
     try storage.read { t throws(RegistryError) in try t.certificate(serial: serial.uppercased()) }
   }
+  /// The latest audit entries, newest last; for one device or all.
   public func audit(device: String? = nil, limit: Int = 100) throws(RegistryError) -> [AuditEntry] {
     try storage.read { t throws(RegistryError) in try t.audit(device: device, limit: limit) }
   }
+  /// The reserved name patterns (never issued to any device).
   public func reserved() throws(RegistryError) -> [String] {
     try storage.read { t throws(RegistryError) in try t.reserved() }
   }
@@ -228,17 +236,23 @@ public final class DeviceRegistry: Sendable {
 
 /// One device of a factory manifest.
 public struct ManifestEntry: Sendable, Equatable {
+  /// How a device proves it is the one imported.
   public enum Credential: Sendable, Equatable {
+    /// A one-time secret (stored only as a verifier).
     case secret(String)
     /// The SHA-256 fingerprint (hex) of the device's bootstrap certificate.
     case bootstrapFingerprint(String)
   }
+  /// The device id.
   public var id: String
+  /// The names it may have in its certificates.
   public var names: [String]
+  /// How it proves itself at first enrollment.
   public var credential: Credential
   /// Where it was in the manifest (for error messages).
   public var line: Int
 
+  /// An entry; `line` is its line in the manifest, for errors.
   public init(id: String, names: [String], credential: Credential, line: Int = 0) {
     self.id = id
     self.names = names

@@ -6,43 +6,63 @@ import Foundation
 /// same two entry points. A write transaction is atomic and durable when it returns, and two
 /// writers never interleave (a name can never be given to two devices).
 public protocol DeviceRegistryStorage: AnyObject, Sendable {
+  /// Runs `body` in a read transaction (a consistent snapshot).
   func read<R>(_ body: (any RegistryTransaction) throws(RegistryError) -> R) throws(RegistryError) -> R
+  /// Runs `body` in a write transaction: committed durably when `body` returns, rolled back
+  /// when it throws.
   func write<R>(_ body: (any RegistryTransaction) throws(RegistryError) -> R) throws(RegistryError) -> R
 }
 
 /// The registry's operations inside one transaction.
 public protocol RegistryTransaction {
+  /// The device with `id`, or nil.
   func device(_ id: String) throws(RegistryError) -> DeviceRecord?
+  /// The device whose bootstrap certificate has this SHA-256 fingerprint, or nil.
   func device(bootstrapFingerprint: String) throws(RegistryError) -> DeviceRecord?
   /// The device holding `name`, if any.
   func holder(of name: String) throws(RegistryError) -> String?
+  /// Every device.
   func devices() throws(RegistryError) -> [DeviceRecord]
+  /// How many devices there are.
   func deviceCount() throws(RegistryError) -> Int
   /// The stored verifier of a device's one-time secret (never the secret).
   func secretVerifier(of device: String) throws(RegistryError) -> String?
   /// Adds a device and its names; `.conflict` when the id exists or a name is held.
   func insert(_ device: DeviceRecord, secretVerifier: String?) throws(RegistryError)
+  /// Sets a device's state.
   func setState(_ state: DeviceState, of device: String) throws(RegistryError)
+  /// Marks a device's one-time secret used.
   func setSecretUsed(_ at: Date, of device: String) throws(RegistryError)
   /// Gives a device a new one-time secret (its verifier), unused.
   func setSecret(_ verifier: String, of device: String) throws(RegistryError)
+  /// Frees every name a device holds.
   func releaseNames(of device: String) throws(RegistryError)
+  /// The certificate with this serial, or nil.
   func certificate(serial: String) throws(RegistryError) -> CertificateRecord?
+  /// A device's certificates, oldest first.
   func certificates(of device: String) throws(RegistryError) -> [CertificateRecord]
+  /// Every revoked certificate.
   func revokedCertificates() throws(RegistryError) -> [CertificateRecord]
+  /// Records an issued certificate.
   func insert(_ certificate: CertificateRecord) throws(RegistryError)
+  /// Revokes an issued certificate.
   func revoke(serial: String, at: Date, reason: RevocationReason) throws(RegistryError)
   /// Revokes a certificate of the CA that the registry did not issue (a broker's, an
   /// operator's); it stays on the CRL.
   func revokeExternal(serial: String, at: Date, reason: RevocationReason) throws(RegistryError)
+  /// The certificates `revokeExternal` revoked.
   func externalRevocations() throws(RegistryError) -> [CertificateRecord]
+  /// Appends an audit entry.
   func append(_ entry: AuditEntry) throws(RegistryError)
   /// The latest entries, newest last; for one device or all.
   func audit(device: String?, limit: Int) throws(RegistryError) -> [AuditEntry]
+  /// The reserved name patterns.
   func reserved() throws(RegistryError) -> [String]
+  /// Reserves a name pattern.
   func reserve(_ pattern: String) throws(RegistryError)
   /// Adds one to a named counter and returns the new value (CRL numbers, revocation version).
   func increment(_ counter: String) throws(RegistryError) -> Int64
+  /// A named counter's value (0 when never incremented).
   func counter(_ counter: String) throws(RegistryError) -> Int64
   /// The TPM a device proved it holds (EK, activated AK), if any.
   func attestation(of device: String) throws(RegistryError) -> AttestationRecord?
@@ -55,6 +75,7 @@ public protocol RegistryTransaction {
   func removeAttestation(of device: String) throws(RegistryError)
   /// Whether an operator requires this device's keys to be attested.
   func attestationRequired(of device: String) throws(RegistryError) -> Bool
+  /// Requires this device's keys to be attested from now on.
   func requireAttestation(of device: String) throws(RegistryError)
 }
 
@@ -65,6 +86,7 @@ public final class SQLiteRegistryStorage: DeviceRegistryStorage, @unchecked Send
   private let lock = Lock()
   private let db: SQLiteDatabase
 
+  /// Opens (or creates) the database at `path`, and its schema.
   public init(path: String) throws(RegistryError) {
     do {
       db = try SQLiteDatabase(path: path, synchronous: "FULL")
@@ -100,12 +122,14 @@ public final class SQLiteRegistryStorage: DeviceRegistryStorage, @unchecked Send
     }
   }
 
+  /// Runs `body` in a read transaction.
   public func read<R>(_ body: (any RegistryTransaction) throws(RegistryError) -> R) throws(RegistryError) -> R {
     try lock.withLock { () throws(RegistryError) -> R in
       try db.readTransaction { () throws(RegistryError) -> R in try body(SQLiteRegistryTransaction(db: db)) }
     }
   }
 
+  /// Runs `body` in a write transaction (BEGIN IMMEDIATE), fsync'd at commit.
   public func write<R>(_ body: (any RegistryTransaction) throws(RegistryError) -> R) throws(RegistryError) -> R {
     try lock.withLock { () throws(RegistryError) -> R in
       try db.transaction { () throws(RegistryError) -> R in try body(SQLiteRegistryTransaction(db: db)) }

@@ -6,7 +6,9 @@ import Foundation
 /// validity has passed; each written atomically to a file a broker reads (`crlfile`).
 public final class CRLPublisher: @unchecked Sendable {
   // @unchecked: `latest`, `version` and `stopped` are guarded by `condition`.
+  /// The CA that signs the CRLs.
   public let ca: CertificateAuthority
+  /// Where the revocations are recorded.
   public let registry: DeviceRegistry
   /// How long each CRL is valid (its nextUpdate); devices refresh before it passes.
   public let validity: Duration
@@ -19,6 +21,7 @@ public final class CRLPublisher: @unchecked Sendable {
   private var stopped = false
   private var running = false
 
+  /// A publisher of `ca`'s CRL from `registry`, written to `path` when given.
   public init(
     ca: CertificateAuthority, registry: DeviceRegistry, validity: Duration = .seconds(86400), path: String? = nil,
     logger: Logger = .disabled

@@ -6,9 +6,13 @@ import Foundation
 /// A certificate revocation list the CA signed (RFC 5280 §5): v2, with a CRL number, the
 /// authority key identifier and each entry's reason.
 public struct RevocationList: Sendable {
+  /// The signed CRL, DER.
   public let der: [UInt8]
+  /// Its CRL number (it only grows).
   public let number: Int64
+  /// When it was signed.
   public let thisUpdate: Date
+  /// When the next one is due.
   public let nextUpdate: Date
   /// The serials listed (upper-case hex).
   public let serials: [String]

@@ -117,6 +117,7 @@ public struct CredentialChallenge: Sendable, Equatable {
   /// Marshaled TPM2B_ENCRYPTED_SECRET.
   public var encryptedSecret: [UInt8]
 
+  /// A challenge of TPM2_MakeCredential's two outputs.
   public init(credentialBlob: [UInt8], encryptedSecret: [UInt8]) {
     self.credentialBlob = credentialBlob
     self.encryptedSecret = encryptedSecret
@@ -134,6 +135,7 @@ public struct CertifyEvidence: Sendable, Equatable {
   /// Marshaled TPMT_PUBLIC of the certified key (no size prefix).
   public var certifiedPublicArea: [UInt8]
 
+  /// Evidence of TPM2_Certify's outputs and the certified key's public area.
   public init(attest: [UInt8], signature: [UInt8], certifiedPublicArea: [UInt8]) {
     self.attest = attest
     self.signature = signature
