@@ -97,7 +97,7 @@ func enrollCommand(_ args: Arguments, logger: Logger) throws {
   let agent = RenewalAgent(
     store: store, tpm: tpm, settings: settings, policy: policy, identity: identity,
     onEvent: { logger.info("\($0)") })
-  let credential = try agent.renew()
+  let credential = try agent.renew().credential
   out(credentialJSON(credential, store: store, action: "enrolled", counters: agent.counters))
 }
 
@@ -119,7 +119,7 @@ func renewCommand(_ args: Arguments, logger: Logger) throws {
   let tpm = openTPM(args, logger: logger)
   let agent = RenewalAgent(
     store: store, tpm: tpm, settings: settings, policy: policy, onEvent: { logger.info("\($0)") })
-  let credential = try agent.renew()
+  let credential = try agent.renew().credential
   out(credentialJSON(credential, store: store, action: "renewed", counters: agent.counters))
 }
 
@@ -186,7 +186,7 @@ func provisionCommand(_ args: Arguments, logger: Logger) throws {
       credential = existing
       resumed = true
     } else {
-      credential = try agent.renew()
+      credential = try agent.renew().credential
     }
   } catch {
     report(ok: false, step: "enroll", reason: error.description)

@@ -97,10 +97,10 @@ struct AttestationTests {
     let status = AttestationStatus.read(device.store)
     #expect(status.state == "activated", "\(status)")
     #expect(status.certificate?.subject == "CN=device-0001")
-    var keys: Set<String> = [try first.key.publicKey().fingerprint]
+    var keys: Set<String> = [try first.credential.key.publicKey().fingerprint]
     for _ in 0..<3 {
       let renewed = try agent.renew()
-      keys.insert(try renewed.key.publicKey().fingerprint)
+      keys.insert(try renewed.credential.key.publicKey().fingerprint)
     }
     #expect(keys.count == 4, "every rotation made a new key")
     #expect(fleet.ra.issuanceLog.count == 4)

@@ -413,7 +413,7 @@ struct CSRAttributesTests {
       store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")),
       identity: ([("CN", "device-attrs")], []), onEvent: events.add)
     let issued = try agent.renew()
-    #expect(try issued.key.publicKey().algorithm == .eccP384)
+    #expect(try issued.credential.key.publicKey().algorithm == .eccP384)
     #expect(issued.certificate?.keyType == "EC P-384")
     let said = try #require(events.all.first { $0.hasPrefix("the server's csrattrs") })
     #expect(said.contains("key ecc-p384"))

@@ -136,6 +136,8 @@ struct RenewalTests {
       identity: ([("CN", "device-lost")], []), onEvent: events.add)
     let first = try agent.renew()
     #expect(try agent.hasWorkingCredential())
+    // renew() hands back the key loaded in the TPM with the credential: the certificate's key.
+    #expect(first.key.publicKey.spki == first.certificate?.publicKeyDER)
     try f.swtpm.replaceWithFresh()
     // The certificate is still valid, but its key will never load in this TPM.
     #expect(try !agent.hasWorkingCredential())
@@ -151,7 +153,7 @@ struct RenewalTests {
     #expect(shown.contains("certificate \(first.certificate!.serialNumber)"))
     #expect(shown.contains("(superseded)"), "\(shown)")
     #expect(second.certificate?.der != first.certificate?.der)
-    #expect(try second.key.publicKey() != first.key.publicKey(), "a new key, made in the new TPM")
+    #expect(try second.credential.key.publicKey() != first.credential.key.publicKey(), "a new key, made in the new TPM")
     #expect(try agent.hasWorkingCredential())
     #expect(agent.counters.credentialsLost >= 1)
     #expect(events.all.contains { $0.contains("falling back to the bootstrap credential") })

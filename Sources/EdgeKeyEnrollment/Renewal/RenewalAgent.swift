@@ -260,27 +260,27 @@ public final class RenewalAgent: @unchecked Sendable {
 
   /// Enrolls or renews now: re-enrollment with the current certificate while it is valid;
   /// otherwise (first enrollment, or expired) enrollment with the bootstrap credential and/or
-  /// the password. Returns the installed credential.
+  /// the password. Returns the installed credential with its key, loaded.
   ///
   /// Async callers get this overload: the attempt runs on a thread of EdgeKey's own, and
   /// cancelling the calling task (or `stop()`) ends its EST transfer or 202 wait within about a
   /// second with `.cancelled`, nothing half-stored.
   @discardableResult
-  public func renew() async throws(EnrollmentError) -> Credential {
+  public func renew() async throws(EnrollmentError) -> InstalledCredential {
     let cancellation = locked { $0.cancellation }.child()
     return try await BlockingPool.shared.run(onCancel: { cancellation.cancel() }) {
-      () throws(EnrollmentError) -> Credential in try self.renew(cancellation: cancellation)
+      () throws(EnrollmentError) -> InstalledCredential in try self.renew(cancellation: cancellation)
     }
   }
 
   /// Enrolls or renews now, as the async `renew()` does, on the calling thread; `stop()` cuts
   /// it short.
   @discardableResult
-  public func renew() throws(EnrollmentError) -> Credential {
+  public func renew() throws(EnrollmentError) -> InstalledCredential {
     try renew(cancellation: locked { $0.cancellation })
   }
 
-  private func renew(cancellation: ESTCancellation) throws(EnrollmentError) -> Credential {
+  private func renew(cancellation: ESTCancellation) throws(EnrollmentError) -> InstalledCredential {
     locked { $0.counters.attempts += 1 }
     do {
       let credential = try attempt(cancellation: cancellation)
@@ -296,7 +296,7 @@ public final class RenewalAgent: @unchecked Sendable {
     }
   }
 
-  private func attempt(cancellation: ESTCancellation) throws(EnrollmentError) -> Credential {
+  private func attempt(cancellation: ESTCancellation) throws(EnrollmentError) -> InstalledCredential {
     let now = clock()
     let current = try store.read(.current)
     let bootstrap = try store.read(.bootstrap)
@@ -464,7 +464,7 @@ public final class RenewalAgent: @unchecked Sendable {
     locked { $0.counters.renewals += 1 }
     onEvent(.renewed(chain[0].summary, newKey: newKey))
     install(issued, key)
-    return issued
+    return InstalledCredential(credential: issued, key: key)
   }
 
   /// The device's activated attestation key and its certificate chain; nil before activation.

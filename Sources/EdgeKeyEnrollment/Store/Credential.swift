@@ -57,3 +57,23 @@ public struct Credential: Sendable {
     }
   }
 }
+
+/// What an enrollment or renewal installed: the stored credential and its key, loaded in the
+/// TPM and ready to sign (for a `TLSClientContext`), so the caller need not load it again.
+/// The credential's properties read through (`renewed.certificate`, `renewed.chain`).
+@dynamicMemberLookup
+public struct InstalledCredential: Sendable {
+  /// The credential as stored in the `current` slot.
+  public let credential: Credential
+  /// Its key, loaded in the TPM.
+  public let key: TPMKey
+
+  /// The installed `credential` with its loaded `key`.
+  public init(credential: Credential, key: TPMKey) {
+    self.credential = credential
+    self.key = key
+  }
+
+  /// A property of the credential.
+  public subscript<T>(dynamicMember path: KeyPath<Credential, T>) -> T { credential[keyPath: path] }
+}
