@@ -29,7 +29,8 @@ public final class MQTTClient: Sendable {
   public let configuration: MQTTConfiguration
   /// Where accepted QoS 1 and 2 messages wait for their acknowledgement.
   public let outbox: Outbox
-  /// Messages on our subscriptions, in arrival order.
+  /// Messages on our subscriptions, in arrival order. A consumer that falls behind by
+  /// `configuration.receiveBuffer` messages loses the oldest (counted in `metrics`).
   public let messages: AsyncStream<MQTTMessage>
   /// Every change of `state`, in order; a consumer that does not keep up sees the latest 64.
   public let stateChanges: AsyncStream<MQTTConnectionState>
@@ -51,7 +52,11 @@ public final class MQTTClient: Sendable {
     }
     self.configuration = configuration
     self.outbox = outbox ?? Outbox.memory()
-    let (messages, messageSink) = AsyncStream.makeStream(of: MQTTMessage.self, bufferingPolicy: .unbounded)
+    guard configuration.receiveBuffer > 0 else {
+      throw MQTTError(kind: .invalidArgument, reason: "receiveBuffer \(configuration.receiveBuffer): at least 1")
+    }
+    let (messages, messageSink) = AsyncStream.makeStream(
+      of: MQTTMessage.self, bufferingPolicy: .bufferingNewest(configuration.receiveBuffer))
     // The last 64 changes: a client nobody watches, reconnecting for weeks, keeps no backlog.
     let (states, stateSink) = AsyncStream.makeStream(
       of: MQTTConnectionState.self, bufferingPolicy: .bufferingNewest(64))
@@ -684,7 +689,18 @@ final class Engine: @unchecked Sendable {
 
   func received(_ message: MQTTMessage) {
     withShared { $0.metrics.messagesReceived += 1 }
-    messageSink.yield(message)
+    if case .dropped = messageSink.yield(message) {
+      let dropped = withShared { s -> Int in
+        s.metrics.messagesReceivedDropped += 1
+        return s.metrics.messagesReceivedDropped
+      }
+      // Said once, then every 1000th: a stalled consumer must not flood the log too.
+      if dropped == 1 || dropped % 1000 == 0 {
+        logger.warning(
+          "the messages consumer is \(configuration.receiveBuffer) messages behind: the oldest are dropped "
+            + "(\(dropped) so far)")
+      }
+    }
   }
 
   func countSent(_ n: Int, resent: Int) {

@@ -18,6 +18,8 @@ public struct MQTTMetrics: Sendable, Equatable {
   public var messagesRefused = 0
   /// Messages received on subscriptions.
   public var messagesReceived = 0
+  /// Received messages dropped because the consumer of `messages` was too far behind.
+  public var messagesReceivedDropped = 0
   /// Connections tried.
   public var connectAttempts = 0
   /// Connections that reached CONNACK success.
@@ -78,6 +80,9 @@ public struct MQTTMetrics: Sendable, Equatable {
     counters("messages_dropped", "Messages that left the outbox unsent.", "reason", messagesDropped)
     counter("messages_refused", "Messages refused by a full outbox.", messagesRefused)
     counter("messages_received", "Messages received on subscriptions.", messagesReceived)
+    counter(
+      "messages_received_dropped", "Received messages dropped: the consumer was too far behind.",
+      messagesReceivedDropped)
     counter("connect_attempts", "Connection attempts.", connectAttempts)
     counter("connections", "Connections the broker accepted.", connections)
     counter("disconnections", "Connections lost after the broker accepted them.", disconnections)

@@ -152,6 +152,10 @@ public struct MQTTConfiguration: Sendable {
   /// How many QoS ≥ 1 messages are handed to the network at once (the broker's receive
   /// maximum still applies within it).
   public var inflightWindow = 100
+  /// How many received messages `MQTTClient.messages` holds for a consumer that is behind;
+  /// beyond it the oldest are dropped, counted (`messagesReceivedDropped`) and logged, so a
+  /// consumer that stalls costs bounded memory.
+  public var receiveBuffer = 4096
 
   /// One broker at `host:port`.
   public init(host: String, port: UInt16 = 8883, clientID: String? = nil) {

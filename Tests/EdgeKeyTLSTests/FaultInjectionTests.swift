@@ -163,7 +163,7 @@ struct FaultInjectionTests {
     let tpmFailures = report.handshakeFailures["tpmSigningFailed", default: 0]
     #expect(tpmFailures >= 1, "attempts while the TPM was down must fail at the TPM layer: \(report)")
     // And the key still signs in the TPM that came back.
-    #expect(try f.key.sign(digest: [UInt8](repeating: 7, count: 32), hash: .sha256).bytes.count > 0)
+    await #expect(try f.key.sign(digest: [UInt8](repeating: 7, count: 32), hash: .sha256).bytes.count > 0)
   }
 
   @Test(

@@ -38,7 +38,7 @@ struct MQTTClientTests {
     var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
     configuration.protocolVersion = version
     let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
-    try f.key.load()
+    try await f.key.load()
     let before = f.tpm.commandCount
     try await client.connect()
     #expect(f.tpm.commandCount - before == 1, "one TPM2_Sign for the whole connection")

@@ -57,7 +57,18 @@ struct MQTTDeliveryTests {
     let sink = try MQTTClient(sinkConfiguration, tls: sinkTLS)
     try await sink.connect()
     try await sink.subscribe("devices/device-0200/#", qos: .atLeastOnce)
-    try await Task.sleep(nanoseconds: 1_500_000_000)
+    // Wait for the event: the broker saved its database after the subscription (autosave runs
+    // every 1-2 s). A fixed sleep lost the race once on a loaded machine: the kill came before
+    // the save, the restored session had no subscription, and 200 messages had nowhere to go.
+    while true {
+      let log = broker.log
+      if let subscribed = log.range(of: "Received SUBSCRIBE from sink-0200", options: .backwards),
+        log[subscribed.upperBound...].contains("Saving in-memory database")
+      {
+        break
+      }
+      try await Task.sleep(for: .milliseconds(50))
+    }
 
     var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
     configuration.reconnect = quickReconnect
@@ -96,6 +107,39 @@ struct MQTTDeliveryTests {
     #expect(publisher.outbox.count == 0)
     await publisher.stop()
     await sink.stop()
+  }
+
+  @Test("a consumer that does not read: the messages stream keeps the newest receiveBuffer, the rest are counted")
+  func boundedReceiveBuffer() async throws {
+    let f = try Fixture(commonName: "device-0206")
+    let broker = try f.broker()
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: broker.port)
+    configuration.receiveBuffer = 5
+    let sink = try MQTTClient(configuration, tls: try f.softwareParty("sink-0206"))
+    try await sink.connect()
+    try await sink.subscribe("devices/device-0206/#")
+    let publisher = try MQTTClient(
+      MQTTConfiguration(host: "127.0.0.1", port: broker.port), tls: try f.context(serverName: "127.0.0.1"))
+    try await publisher.connect()
+    try await publisher.enqueue(
+      (0..<20).map { MQTTMessage(topic: "devices/device-0206/t", payload: Array("m\($0)".utf8), qos: .atLeastOnce) })
+    try await publisher.waitUntilDelivered()
+    // Wait for the event: all 20 reached the sink's network thread, nobody read the stream.
+    while sink.metrics.messagesReceived < 20 { try await ContinuousClock().sleep(for: .milliseconds(20)) }
+    #expect(sink.metrics.messagesReceivedDropped == 15)
+    #expect(sink.openMetrics().contains("edgekey_mqtt_messages_received_dropped_total 15"))
+    // The stream holds what was kept: had nothing been dropped, m0 would come first.
+    var kept: [String] = []
+    var iterator = sink.messages.makeAsyncIterator()
+    while kept.count < 5, let message = await iterator.next() {
+      kept.append(String(decoding: message.payload, as: UTF8.self))
+    }
+    #expect(kept == (15..<20).map { "m\($0)" }, "the newest five, in order")
+    await sink.stop()
+    await publisher.stop()
+    var zero = configuration
+    zero.receiveBuffer = 0
+    #expect(throws: MQTTError.self) { try MQTTClient(zero, tls: try f.softwareParty("sink-0206")) }
   }
 
   @Test("the outbox survives the client: messages stored by one client are delivered by the next")
