@@ -376,11 +376,15 @@ final class Engine: @unchecked Sendable {
 
   func publishAndWait(_ message: MQTTMessage, expiry: Duration?) async throws {
     let records = try stored([message], expiry: expiry)
+    // The commit (an fsync under powerSafe, shared with the publishes that arrive meanwhile)
+    // runs on a thread of EdgeKey's own, never on the caller's cooperative thread.
     try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-      do {
-        _ = try accept(records, waiter: c)
-      } catch {
-        c.resume(throwing: error)
+      BlockingPool.shared.execute { [self] in
+        do {
+          _ = try accept(records, waiter: c)
+        } catch {
+          c.resume(throwing: error)
+        }
       }
     }
   }

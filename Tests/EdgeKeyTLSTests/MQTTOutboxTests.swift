@@ -9,6 +9,30 @@ func message(_ i: Int, size: Int = 0, expires: Date? = nil) -> OutboxMessage {
     created: Date(), expires: expires)
 }
 
+/// A value shared by test threads.
+final class Locked<Value>: @unchecked Sendable {
+  // @unchecked: `value` is used under `lock`.
+  private let lock = NSLock()
+  private var value: Value
+  init(_ value: Value) { self.value = value }
+  func withLock<R>(_ body: (inout Value) -> R) -> R {
+    lock.lock()
+    defer { lock.unlock() }
+    return body(&value)
+  }
+}
+
+/// True for the first caller of `raiseOnce()` only.
+final class Flag: @unchecked Sendable {
+  private let raised = Locked(false)
+  func raiseOnce() -> Bool {
+    raised.withLock { r in
+      defer { r = true }
+      return !r
+    }
+  }
+}
+
 @Suite("The outbox: order, bounds, expiry, durability (SQLite WAL and in memory)")
 struct MQTTOutboxTests {
   static let kinds = ["sqlite", "memory"]
@@ -100,6 +124,68 @@ struct MQTTOutboxTests {
     let error = #expect(throws: MQTTError.self) { _ = try Outbox(path: path) }
     #expect(error?.kind == .outbox)
     #expect(try String(contentsOfFile: path, encoding: .utf8).hasPrefix("this is not"))
+  }
+
+  /// Runs `body(i)` on `n` threads at once and waits for all of them.
+  private func onThreads(_ n: Int, _ body: @escaping @Sendable (Int) -> Void) {
+    let done = DispatchSemaphore(value: 0)
+    for i in 0..<n {
+      Thread.detachNewThread {
+        body(i)
+        done.signal()
+      }
+    }
+    for _ in 0..<n { done.wait() }
+  }
+
+  /// Holds the first commit until `waiting` other appends are pending, so that the next commit
+  /// must gather them (without it, whether appends overlap is up to the scheduler).
+  private func holdFirstCommit(of outbox: Outbox, until waiting: Int) {
+    let first = Flag()
+    outbox.onCommit { _ in
+      guard first.raiseOnce() else { return }
+      let deadline = ContinuousClock.now + .seconds(60)
+      while outbox.pendingCount < waiting && ContinuousClock.now < deadline { usleep(1000) }
+    }
+  }
+
+  @Test("group commit: appends that arrive during a commit are committed together, in one transaction")
+  func groupCommit() throws {
+    let path = temporaryPath("group.db")
+    let ids = Locked<[Int: Int64]>([:])
+    do {
+      let outbox = try Outbox(path: path)
+      holdFirstCommit(of: outbox, until: 15)
+      onThreads(16) { i in
+        let stored = try? outbox.append([message(i)])
+        if let id = stored?.stored.first?.id { ids.withLock { $0[i] = id } }
+      }
+      #expect(outbox.commitCount == 2, "the first append alone, then the fifteen that waited for it, together")
+      outbox.onCommit(nil)  // the hook holds the outbox; let it go, so the file can be opened again
+    }
+    let all = ids.withLock { $0 }
+    #expect(all.count == 16 && Set(all.values).count == 16, "every caller got its own id: \(all)")
+    // Durable: what each caller was told is stored is in the file.
+    let reopened = try Outbox(path: path)
+    let (messages, _) = try reopened.next(after: 0, limit: 100)
+    #expect(messages.count == 16)
+    for m in messages { #expect(all[Int(m.topic.dropFirst(2))!] == m.id, "\(m.topic) has the id its caller got") }
+  }
+
+  @Test("group commit at the limit: a group that does not fit is taken one by one, refusing exactly what is over")
+  func groupCommitAtTheLimit() throws {
+    let outbox = try Outbox(path: temporaryPath("group-full.db"), limits: OutboxLimits(maximumMessages: 10))
+    holdFirstCommit(of: outbox, until: 15)
+    let refused = Locked(0)
+    onThreads(16) { i in
+      do {
+        try outbox.append([message(i)])
+      } catch {
+        if (error as? MQTTError)?.kind == .outboxFull { refused.withLock { $0 += 1 } }
+      }
+    }
+    #expect(outbox.count == 10)
+    #expect(refused.withLock { $0 } == 6)
   }
 
   @Test("the reconnect policy: full jitter within a growing bound, long waits after refusals")

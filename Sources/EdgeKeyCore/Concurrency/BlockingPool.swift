@@ -58,6 +58,9 @@ package final class BlockingPool: @unchecked Sendable {
     return try result.get()
   }
 
+  /// Runs `job` on a worker and returns at once (for work that resumes a continuation itself).
+  package func execute(_ job: @escaping @Sendable () -> Void) { submit(job) }
+
   private func submit(_ job: @escaping @Sendable () -> Void) {
     condition.lock()
     jobs.append(job)

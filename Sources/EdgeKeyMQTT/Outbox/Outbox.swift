@@ -63,7 +63,8 @@ public struct OutboxLimits: Sendable, Equatable {
 /// What a power cut may cost.
 public enum OutboxDurability: Sendable, Equatable {
   /// Every accepted message is on stable storage before `publish`/`enqueue` returns
-  /// (SQLite WAL, `synchronous=FULL`: one fsync of the write-ahead log per append).
+  /// (SQLite WAL, `synchronous=FULL`: one fsync of the write-ahead log per commit; appends that
+  /// arrive while a commit runs are committed together, with one fsync, by the next).
   case powerSafe
   /// Accepted messages survive the process being killed; a power cut may take the last ones
   /// back (never corrupts the file). SQLite WAL, `synchronous=NORMAL`: no fsync per append.
@@ -80,10 +81,16 @@ public enum OutboxDurability: Sendable, Equatable {
 /// acknowledged messages is committed without an fsync of its own: a power cut can at worst
 /// deliver an acknowledged message again (at-least-once), never lose one.
 ///
+/// Group commit: appends from several threads at once are not committed one after another.
+/// While one commit runs, the appends that arrive wait together, and the next commit stores
+/// them all in one transaction (one fsync); each caller returns once its own messages are
+/// durable, and the order of acceptance is kept.
+///
 /// `Outbox.memory()` keeps the same rules in memory, for messages that need not survive a
 /// restart.
 public final class Outbox: @unchecked Sendable {
-  // @unchecked: every member is used under `lock`.
+  // @unchecked: the store and the caches are used under `lock`; `pending`, `committing`,
+  // `commits` and `commitHook` under `commit`.
   /// How large it may grow.
   public let limits: OutboxLimits
   /// The database file, or nil for an in-memory outbox.
@@ -92,6 +99,24 @@ public final class Outbox: @unchecked Sendable {
   private let store: any OutboxStorage
   private var countCache = 0
   private var bytesCache = 0
+  private let commit = Condition()
+  private var pending: [AppendRequest] = []
+  private var committing = false
+  private var commits = 0
+  private var commitHook: (@Sendable (Int) -> Void)?
+
+  /// One caller's append, waiting for a commit.
+  private final class AppendRequest {
+    let messages: [OutboxMessage]
+    let size: Int
+    let whileLocked: ([OutboxMessage]) -> Void
+    var result: Result<(stored: [OutboxMessage], dropped: [Int64]), MQTTError>?
+    init(_ messages: [OutboxMessage], size: Int, whileLocked: @escaping ([OutboxMessage]) -> Void) {
+      self.messages = messages
+      self.size = size
+      self.whileLocked = whileLocked
+    }
+  }
 
   /// An outbox in the SQLite database at `path` (created 0600, in a directory created 0700).
   public init(path: String, limits: OutboxLimits = OutboxLimits(), durability: OutboxDurability = .powerSafe)
@@ -133,7 +158,7 @@ public final class Outbox: @unchecked Sendable {
 
   /// `whileLocked` runs before anyone else can read the stored messages (the client registers
   /// its waiters there, so that no acknowledgement can come before them).
-  func append(_ messages: [OutboxMessage], whileLocked: ([OutboxMessage]) -> Void) throws(MQTTError) -> (
+  func append(_ messages: [OutboxMessage], whileLocked: @escaping ([OutboxMessage]) -> Void) throws(MQTTError) -> (
     stored: [OutboxMessage], dropped: [Int64]
   ) {
     guard !messages.isEmpty else { return ([], []) }
@@ -143,30 +168,116 @@ public final class Outbox: @unchecked Sendable {
         kind: .outboxFull,
         reason: "\(messages.count) message(s) of \(size) bytes exceed the outbox's limits on their own")
     }
-    return try locked { () throws(MQTTError) -> ([OutboxMessage], [Int64]) in
-      var dropped: [Int64] = []
-      let overCount = countCache + messages.count - limits.maximumMessages
-      let overBytes = bytesCache + size - limits.maximumBytes
-      if overCount > 0 || overBytes > 0 {
-        guard limits.whenFull == .dropOldest else {
-          throw MQTTError(
-            kind: .outboxFull,
-            reason:
-              "the outbox is full (\(countCache) messages, \(bytesCache) bytes; limits \(limits.maximumMessages), "
-              + "\(limits.maximumBytes)): the message was refused")
-        }
-        let victims = try store.oldest(freeing: max(overCount, 0), bytes: max(overBytes, 0))
-        try store.remove(victims.map(\.id), durable: true)
-        countCache -= victims.count
-        bytesCache -= victims.reduce(0) { $0 + $1.size }
-        dropped = victims.map(\.id)
+    let request = AppendRequest(messages, size: size, whileLocked: whileLocked)
+    commit.lock()
+    pending.append(request)
+    // The first caller to find no commit running commits everything pending; the others wait
+    // for it, and whoever is still pending after it commits next.
+    while request.result == nil {
+      if committing {
+        commit.wait()
+        continue
       }
-      let stored = try store.append(messages)
-      countCache += stored.count
-      bytesCache += size
-      whileLocked(stored)
-      return (stored, dropped)
+      committing = true
+      let group = pending
+      pending = []
+      commits += 1
+      let hook = commitHook
+      commit.unlock()
+      hook?(group.count)
+      let results = commitGroup(group)
+      commit.lock()
+      // Results are handed over under `commit`, where the waiters read them.
+      for (r, result) in zip(group, results) { r.result = result }
+      committing = false
+      commit.broadcast()
     }
+    commit.unlock()
+    return try request.result!.get()
+  }
+
+  /// Commits (stored in the order of `group`) every request of `group`: in one transaction when
+  /// together they fit the limits, else one by one (a full outbox refuses or makes room per
+  /// request, as for a caller alone).
+  private func commitGroup(_ group: [AppendRequest]) -> [Result<(stored: [OutboxMessage], dropped: [Int64]), MQTTError>]
+  {
+    lock.lock()
+    defer { lock.unlock() }
+    let count = group.reduce(0) { $0 + $1.messages.count }
+    let size = group.reduce(0) { $0 + $1.size }
+    guard group.count > 1, countCache + count <= limits.maximumMessages, bytesCache + size <= limits.maximumBytes
+    else {
+      return group.map { r in
+        Result { () throws(MQTTError) in try appendLocked(r.messages, size: r.size, whileLocked: r.whileLocked) }
+      }
+    }
+    let stored: [OutboxMessage]
+    do {
+      stored = try store.append(group.flatMap(\.messages))
+    } catch {
+      return group.map { _ in .failure(error) }
+    }
+    countCache += stored.count
+    bytesCache += size
+    var results: [Result<(stored: [OutboxMessage], dropped: [Int64]), MQTTError>] = []
+    var start = 0
+    for r in group {
+      let part = Array(stored[start..<start + r.messages.count])
+      start += r.messages.count
+      r.whileLocked(part)
+      results.append(.success((part, [])))
+    }
+    return results
+  }
+
+  /// One append under `lock`: the limits, room made under `.dropOldest`, one transaction.
+  private func appendLocked(_ messages: [OutboxMessage], size: Int, whileLocked: ([OutboxMessage]) -> Void)
+    throws(MQTTError) -> (stored: [OutboxMessage], dropped: [Int64])
+  {
+    var dropped: [Int64] = []
+    let overCount = countCache + messages.count - limits.maximumMessages
+    let overBytes = bytesCache + size - limits.maximumBytes
+    if overCount > 0 || overBytes > 0 {
+      guard limits.whenFull == .dropOldest else {
+        throw MQTTError(
+          kind: .outboxFull,
+          reason:
+            "the outbox is full (\(countCache) messages, \(bytesCache) bytes; limits \(limits.maximumMessages), "
+            + "\(limits.maximumBytes)): the message was refused")
+      }
+      let victims = try store.oldest(freeing: max(overCount, 0), bytes: max(overBytes, 0))
+      try store.remove(victims.map(\.id), durable: true)
+      countCache -= victims.count
+      bytesCache -= victims.reduce(0) { $0 + $1.size }
+      dropped = victims.map(\.id)
+    }
+    let stored = try store.append(messages)
+    countCache += stored.count
+    bytesCache += size
+    whileLocked(stored)
+    return (stored, dropped)
+  }
+
+  /// Commits made so far (each one transaction; one fsync under `.powerSafe`).
+  package var commitCount: Int {
+    commit.lock()
+    defer { commit.unlock() }
+    return commits
+  }
+
+  /// Called by each committing caller, before its commit, with the number of appends in it
+  /// (tests hold a commit there to see the next one gather the appends that arrive meanwhile).
+  package func onCommit(_ hook: (@Sendable (Int) -> Void)?) {
+    commit.lock()
+    commitHook = hook
+    commit.unlock()
+  }
+
+  /// Appends waiting for a commit.
+  package var pendingCount: Int {
+    commit.lock()
+    defer { commit.unlock() }
+    return pending.count
   }
 
   /// Up to `limit` messages with ids above `id`, in order. Expired ones are removed instead
