@@ -76,6 +76,7 @@ typedef struct {
   edgekey_tcti_stats *stats; /* shared with the context, outlives it while workers are stuck */
   int32_t timeout_ms;
   int32_t long_timeout_ms;
+  int32_t delay_ms; /* "delay:MS:" before the TCTI: each command takes this much longer */
   pid_t pid;
 
   /* Caller's side, touched only by the thread holding the edgekey_tpm lock. */
@@ -161,6 +162,13 @@ static void *worker_main(void *arg) {
       rc = Tss2_TctiLdr_Initialize(g->conf, &g->inner);
     } else if (job == JOB_TRANSMIT) {
       rc = Tss2_Tcti_Transmit(g->inner, length, g->buffer);
+      /* A real chip's time to answer (25-540 ms), which swtpm's 1 ms cannot show: counted
+       * against the command's timeout like the chip's own time would be. */
+      if (rc == TSS2_RC_SUCCESS && g->delay_ms > 0) {
+        struct timespec wait = {g->delay_ms / 1000, (long)(g->delay_ms % 1000) * 1000000L};
+        while (nanosleep(&wait, &wait) != 0 && errno == EINTR) {
+        }
+      }
     } else {
       /* The remaining time, for inner TCTIs that honour it; those that answer TRY_AGAIN
        * early are asked again until the deadline. */
@@ -310,6 +318,17 @@ TSS2_RC edgekey_tcti_guard_open(const char *conf, atomic_uint_fast64_t *counter,
   *out = NULL;
   guard_tcti *g = calloc(1, sizeof(*g));
   if (g == NULL) return EDGEKEY_RC_MEMORY;
+  /* "delay:MS:INNER" (tests and benchmarks: the latency of a real chip over swtpm). */
+  while (strncmp(conf, "delay:", 6) == 0) {
+    char *end = NULL;
+    long ms = strtol(conf + 6, &end, 10);
+    if (end == conf + 6 || *end != ':' || ms < 0 || ms > 60000) {
+      free(g);
+      return EDGEKEY_RC_BAD_ARGUMENT;
+    }
+    g->delay_ms += (int32_t)ms;
+    conf = end + 1;
+  }
   g->conf = strdup(conf);
   g->common.v1.magic = GUARD_MAGIC;
   g->common.v1.version = 2;

@@ -174,7 +174,15 @@ static void append_why(char *why, size_t why_len, const char *fmt, ...) {
  * transient objects, so flushing "everything" it sees flushes only ours.
  */
 static int tcti_is_direct(const char *tcti) {
-  while (strncmp(tcti, "pcap:", 5) == 0) tcti += 5; /* the pcap TCTI's config is the inner TCTI */
+  for (;;) {
+    if (strncmp(tcti, "pcap:", 5) == 0) { /* the pcap TCTI's config is the inner TCTI */
+      tcti += 5;
+    } else if (strncmp(tcti, "delay:", 6) == 0 && strchr(tcti + 6, ':') != NULL) {
+      tcti = strchr(tcti + 6, ':') + 1; /* our latency wrapper around the inner TCTI */
+    } else {
+      break;
+    }
+  }
   if (strncmp(tcti, "libtss2-tcti-", 13) == 0) tcti += 13;
   if (strncmp(tcti, "tabrmd", 6) == 0) return 0;
   if (strncmp(tcti, "device", 6) == 0) {

@@ -115,11 +115,14 @@ public final class MQTTClient: Sendable {
   /// Accepts messages into the outbox in one transaction and returns their outbox ids at once;
   /// delivery happens in the background. (`waitUntilDelivered` waits for the outbox to drain.)
   ///
-  /// Async callers get this overload: the transaction (an fsync with a durable outbox) runs on
-  /// a thread of EdgeKey's own, not on the cooperative pool.
+  /// Async callers get this overload: a transaction that waits for the disk (`.powerSafe`: an
+  /// fsync, shared with the appends that arrive meanwhile) runs on a thread of EdgeKey's own,
+  /// not on the cooperative pool; one that does not (in memory, `.processSafe`: microseconds)
+  /// runs at once.
   @discardableResult
   public func enqueue(_ messages: [MQTTMessage], expiry: Duration? = nil) async throws(MQTTError) -> [Int64] {
     let engine = engine
+    guard outbox.commitsWaitForTheDisk else { return try engine.enqueue(messages, expiry: expiry) }
     return try await BlockingPool.shared.run { () throws(MQTTError) -> [Int64] in
       try engine.enqueue(messages, expiry: expiry)
     }
@@ -378,14 +381,16 @@ final class Engine: @unchecked Sendable {
     let records = try stored([message], expiry: expiry)
     // The commit (an fsync under powerSafe, shared with the publishes that arrive meanwhile)
     // runs on a thread of EdgeKey's own, never on the caller's cooperative thread.
+    let waitsForTheDisk = outbox.commitsWaitForTheDisk
     try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-      BlockingPool.shared.execute { [self] in
+      let commit: @Sendable () -> Void = { [self] in
         do {
           _ = try accept(records, waiter: c)
         } catch {
           c.resume(throwing: error)
         }
       }
+      if waitsForTheDisk { BlockingPool.shared.execute(commit) } else { commit() }
     }
   }
 

@@ -17,7 +17,9 @@ import EdgeKeyCore
 public final class TPM: @unchecked Sendable {
   // @unchecked: all mutable state is behind the C core's mutex (edgekey_tpm_acquire).
   package let raw: OpaquePointer
-  /// The TCTI this context talks through, e.g. `swtpm:host=127.0.0.1,port=2321`.
+  /// The TCTI this context talks through, e.g. `swtpm:host=127.0.0.1,port=2321`. In front of
+  /// any TCTI, `delay:MS:` makes every command take MS milliseconds longer: a real chip's
+  /// latency (25–540 ms) over swtpm's 1 ms, for tests and benchmarks.
   public let tcti: String
   /// True unless a resource manager we know sits between us and the TPM (tpm2-abrmd, the
   /// kernel's /dev/tpmrm*): swtpm, mssim, /dev/tpm0, and anything wrapped or spelled otherwise

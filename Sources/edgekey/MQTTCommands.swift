@@ -86,6 +86,10 @@ func pubCommand(_ args: Arguments, logger: Logger) {
   let interval = Double(args.option("interval-ms") ?? "0").map { $0 / 1000 } ?? 0
   let timeout = Duration.milliseconds(Int64((Double(args.option("timeout") ?? "60") ?? 60) * 1000))
   let printAccepted = args.flag("print-accepted")
+  // Several publishing tasks at once share the outbox's commits (group commit).
+  guard let publishers = Int(args.option("publishers") ?? "1"), publishers >= 1, publishers <= 256 else {
+    fail("--publishers takes 1 to 256", .usage)
+  }
   let retain = args.flag("retain")
   let (client, tpm, key) = mqttClient(args, logger: logger)
   let messages = payloads
@@ -104,7 +108,19 @@ func pubCommand(_ args: Arguments, logger: Logger) {
       }
       if interval > 0 { try await Task.sleep(nanoseconds: UInt64(interval * 1e9)) }
     }
-    for payload in messages { try await accept(payload) }
+    if publishers == 1 {
+      for payload in messages { try await accept(payload) }
+    } else {
+      // Payload i goes to publisher i mod N: each publisher keeps its own order.
+      try await withThrowingTaskGroup(of: Void.self) { group in
+        for p in 0..<publishers {
+          group.addTask {
+            for i in stride(from: p, to: messages.count, by: publishers) { try await accept(messages[i]) }
+          }
+        }
+        try await group.waitForAll()
+      }
+    }
     if fromStdin {
       let lines = LineReader()
       while let line = lines.next() { try await accept(line) }

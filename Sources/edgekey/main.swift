@@ -69,12 +69,13 @@ let usage = """
                                               csrattrs, re-enrollment); ✓/✗ each
     edgekey pub -h H [-p P] --cafile CA --cert CERT (--file FILE | --handle H) -t TOPIC
                 (-m BYTES | -f FILE | -s | -l | --count N [--prefix P]) [-q 0|1|2] [-r]
-                [--outbox DB] [--interval-ms MS] [--print-accepted] [--timeout S]
+                [--outbox DB] [--interval-ms MS] [--print-accepted] [--publishers N] [--timeout S]
                                               publish with the TPM key, like mosquitto_pub; payloads
                                               are bytes, sent unchanged (-f a file, -s all of stdin,
                                               -l a message per line); QoS ≥ 1 messages wait in the
                                               outbox (on disk with --outbox, which a later run
-                                              delivers if this one is killed)
+                                              delivers if this one is killed); --publishers N
+                                              publishes from N tasks at once
     edgekey sub -h H [-p P] --cafile CA --cert CERT (--file FILE | --handle H) -t FILTER
                 [-q 0|1|2] [--count N]
                                               print "topic payload" per message, like mosquitto_sub -v
@@ -163,7 +164,7 @@ let commandOptions: [String: Set<String>] = {
     ]),
     "pub": client.union([
       "message", "file-message", "stdin-file", "stdin-line", "count", "prefix", "retain", "outbox", "interval-ms",
-      "print-accepted",
+      "print-accepted", "publishers",
     ]),
     "sub": client.union(["count"]),
   ]

@@ -782,7 +782,9 @@ struct CRLURLTests {
 
 @Suite("edgekey pub: killed mid-stream, restarted, nothing accepted is lost", .serialized)
 struct PublisherKillTests {
-  @Test("SIGKILL at 100 random instants of a QoS 1 stream into one outbox; the next run delivers all accepted")
+  @Test(
+    "SIGKILL at 100 random instants of a QoS 1 stream into one outbox, from 1 and from 8 publishers; the next run delivers all accepted"
+  )
   func killAndRestart() throws {
     let swtpm = try SoftwareTPM()
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
@@ -830,6 +832,8 @@ struct PublisherKillTests {
         ["pub"] + device.mqttArguments(broker) + [
           "-t", "devices/device-kill/t", "-q", "1", "--count", "60", "--prefix", "t\(trial)-", "--interval-ms", "2",
           "--print-accepted", "--outbox", outbox,
+          // Every other run publishes from 8 tasks at once: killed during group commits too.
+          "--publishers", trial % 2 == 0 ? "1" : "8",
         ], logPath: publishLog, environment: env)
       usleep(UInt32.random(in: 0...250_000))
       if publisher.isRunning { killedWhileRunning += 1 }

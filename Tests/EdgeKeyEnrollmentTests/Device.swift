@@ -12,12 +12,13 @@ final class EnrollmentFixture: @unchecked Sendable {
   let ca: TestCA
   let ra: RegistrationAuthority
 
+  /// - Parameter tctiPrefix: put in front of the swtpm TCTI string, e.g. `"delay:540:"`.
   init(
     password: String? = "device:factory-secret", bootstrapCA: TestCA? = nil, lifetime: String = "30d",
-    backdate: String = "60", extraArguments: [String] = []
+    backdate: String = "60", extraArguments: [String] = [], tctiPrefix: String = ""
   ) throws {
     swtpm = try SoftwareTPM()
-    tpm = try TPM.open(tcti: swtpm.tcti)
+    tpm = try TPM.open(tcti: tctiPrefix + swtpm.tcti)
     ca = try TestCA()
     ra = try RegistrationAuthority(
       ca: ca, password: password, bootstrapCA: bootstrapCA, lifetime: lifetime, backdate: backdate,

@@ -427,6 +427,36 @@ struct RenewalTests {
   }
 }
 
+@Suite("a slow chip: every TPM command 540 ms (the slowest real chips'), the defaults still enroll and renew")
+struct SlowChipTests {
+  @Test(
+    "enrollment, then a renewal with a new key over TLS client authentication, with no timeout raised (the delay is a mock: swtpm answers in 1 ms)"
+  )
+  func enrollAndRenewOnASlowChip() async throws {
+    // Async: the 10 s of TPM waits run on EdgeKey's threads, not on one of the two threads
+    // of the cooperative pool every other test needs.
+    let f = try EnrollmentFixture(tctiPrefix: "delay:540:")
+    let store = try CredentialStore(directory: stateDirectory())
+    let agent = RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(password: ("device", "factory-secret")),
+      identity: ([("CN", "device-slow")], []))
+    let clock = ContinuousClock()
+    var start = clock.now
+    let before = f.tpm.commandCount
+    let enrolled = try await agent.renew()
+    let enrollment = (clock.now - start, f.tpm.commandCount - before)
+    start = clock.now
+    let middle = f.tpm.commandCount
+    let renewed = try await agent.renew()
+    let renewal = (clock.now - start, f.tpm.commandCount - middle)
+    #expect(renewed.certificate?.serialNumber != enrolled.certificate?.serialNumber)
+    #expect(renewed.key.publicKey.spki == renewed.certificate?.publicKeyDER, "a new key, and the certificate is for it")
+    print(
+      "slow chip (540 ms a command): enrollment \(enrollment.0) with \(enrollment.1) TPM commands, "
+        + "renewal \(renewal.0) with \(renewal.1)")
+  }
+}
+
 @Suite("renewal killed at many points (SIGKILL of the edgekey CLI)")
 struct KillDuringRenewalTests {
   @Test("killed at any instant of an enrollment or renewal, the device comes back with a working, matching credential")

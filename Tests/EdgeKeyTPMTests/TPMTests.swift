@@ -39,6 +39,31 @@ func verifyWithOpenSSL(
 
 @Suite("TPM layer on swtpm")
 struct TPMTests {
+  @Test(
+    "delay:MS: in front of a TCTI gives each command a real chip's latency (a mock of what swtpm cannot have); a bad one is refused"
+  )
+  func delayedTCTI() throws {
+    let swtpm = try SoftwareTPM()
+    let tpm = try TPM.open(tcti: "delay:150:" + swtpm.tcti)
+    #expect(tpm.isDirect, "the delay wraps swtpm, which has no resource manager")
+    let key = try tpm.loadKey(try tpm.createKey())
+    try key.load()
+    let before = tpm.commandCount
+    let clock = ContinuousClock()
+    let start = clock.now
+    let digest = randomDigest(.sha256)
+    let signature = try key.sign(digest: digest, hash: .sha256)
+    let took = clock.now - start
+    #expect(tpm.commandCount - before == 1, "one TPM2_Sign")
+    // A lower bound only: the wrapper delays each command by at least its latency.
+    #expect(took >= .milliseconds(150), "\(took)")
+    let dir = try scratchDirectory()
+    #expect(try verifyWithOpenSSL(publicKeyPEM: key.publicKey.pem, digest: digest, signature: signature, in: dir))
+    for bad in ["delay:x:", "delay:-5:", "delay:100"] {
+      #expect(throws: TPMError.self, "\(bad)") { _ = try TPM.open(tcti: bad + swtpm.tcti) }
+    }
+  }
+
   @Test("a TPM that is not there gives a typed error naming every TCTI tried")
   func unreachableTPMNamesWhatWasTried() throws {
     let port = try PortFinder.freePair()

@@ -95,6 +95,10 @@ public final class Outbox: @unchecked Sendable {
   public let limits: OutboxLimits
   /// The database file, or nil for an in-memory outbox.
   public let path: String?
+  /// Whether a commit waits for the disk (an fsync): `.powerSafe` on a file. Then a commit takes
+  /// milliseconds and async callers make it on EdgeKey's own threads; otherwise microseconds,
+  /// made on the caller's.
+  package let commitsWaitForTheDisk: Bool
   private let lock = Lock()
   private let store: any OutboxStorage
   private var countCache = 0
@@ -124,6 +128,7 @@ public final class Outbox: @unchecked Sendable {
   {
     self.limits = limits
     self.path = path
+    commitsWaitForTheDisk = durability == .powerSafe
     let db = try SQLiteOutboxStorage(path: path, durability: durability)
     store = db
     (countCache, bytesCache) = try db.totals()
@@ -132,6 +137,7 @@ public final class Outbox: @unchecked Sendable {
   private init(memoryWith limits: OutboxLimits) {
     self.limits = limits
     path = nil
+    commitsWaitForTheDisk = false
     store = MemoryOutboxStorage()
   }
 
