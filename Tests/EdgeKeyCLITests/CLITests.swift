@@ -785,86 +785,89 @@ struct PublisherKillTests {
   @Test(
     "SIGKILL at 100 random instants of a QoS 1 stream into one outbox, from 1 and from 8 publishers; the next run delivers all accepted"
   )
-  func killAndRestart() throws {
-    let swtpm = try SoftwareTPM()
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(at: dir) }
-    var env = ProcessInfo.processInfo.environment
-    env["EDGEKEY_TCTI"] = swtpm.tcti
-    env["TPM2TOOLS_TCTI"] = nil
-    let binary = try edgekeyBinary()
-    let ca = try TestCA()
-    let device = try CLIDevice(in: dir, swtpm: swtpm, ca: ca, commonName: "device-kill") {
-      try Command.runCapturing(binary, $0, environment: env).status
-    }
-    let server = try ca.issueServer()
-    let broker = try MosquittoBroker(
-      certificatePEM: server.certificate, keyPEM: server.key, clientCAPEM: ca.certificatePEM)
-    // An independent subscriber: mosquitto_sub with a software key.
-    let sinkIdentity = try ca.issueSoftwareClient(commonName: "sink-kill")
-    defer { EVP_PKEY_free(sinkIdentity.key) }
-    let sinkCert = dir.appendingPathComponent("sink.pem").path
-    let sinkKey = dir.appendingPathComponent("sink.key").path
-    try sinkIdentity.certificate.write(toFile: sinkCert, atomically: true, encoding: .utf8)
-    try TestCA.privateKeyPEM(sinkIdentity.key).write(toFile: sinkKey, atomically: true, encoding: .utf8)
-    let sinkLog = dir.appendingPathComponent("sink.log").path
-    let sink = try ChildProcess(
-      try #require(findExecutable("mosquitto_sub")),
-      [
-        "-h", "127.0.0.1", "-p", String(broker.port), "--cafile", device.caPath, "--cert", sinkCert, "--key", sinkKey,
-        "-t", "devices/#", "-q", "1", "-v",
-      ], logPath: sinkLog)
-    defer { sink.stop() }
-    let deadline = Date().addingTimeInterval(10)
-    while !broker.log.contains("Received SUBSCRIBE from sink-kill") && Date() < deadline { usleep(50_000) }
+  func killAndRestart() async throws {
+    // On a thread of its own: it blocks for long (see onOwnThread).
+    try await onOwnThread {
+      let swtpm = try SoftwareTPM()
+      let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-cli-\(UUID().uuidString)")
+      try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+      defer { try? FileManager.default.removeItem(at: dir) }
+      var env = ProcessInfo.processInfo.environment
+      env["EDGEKEY_TCTI"] = swtpm.tcti
+      env["TPM2TOOLS_TCTI"] = nil
+      let binary = try edgekeyBinary()
+      let ca = try TestCA()
+      let device = try CLIDevice(in: dir, swtpm: swtpm, ca: ca, commonName: "device-kill") {
+        try Command.runCapturing(binary, $0, environment: env).status
+      }
+      let server = try ca.issueServer()
+      let broker = try MosquittoBroker(
+        certificatePEM: server.certificate, keyPEM: server.key, clientCAPEM: ca.certificatePEM)
+      // An independent subscriber: mosquitto_sub with a software key.
+      let sinkIdentity = try ca.issueSoftwareClient(commonName: "sink-kill")
+      defer { EVP_PKEY_free(sinkIdentity.key) }
+      let sinkCert = dir.appendingPathComponent("sink.pem").path
+      let sinkKey = dir.appendingPathComponent("sink.key").path
+      try sinkIdentity.certificate.write(toFile: sinkCert, atomically: true, encoding: .utf8)
+      try TestCA.privateKeyPEM(sinkIdentity.key).write(toFile: sinkKey, atomically: true, encoding: .utf8)
+      let sinkLog = dir.appendingPathComponent("sink.log").path
+      let sink = try ChildProcess(
+        try #require(findExecutable("mosquitto_sub")),
+        [
+          "-h", "127.0.0.1", "-p", String(broker.port), "--cafile", device.caPath, "--cert", sinkCert, "--key", sinkKey,
+          "-t", "devices/#", "-q", "1", "-v",
+        ], logPath: sinkLog)
+      defer { sink.stop() }
+      let deadline = Date().addingTimeInterval(10)
+      while !broker.log.contains("Received SUBSCRIBE from sink-kill") && Date() < deadline { usleep(50_000) }
 
-    // One device, one outbox, killed 100 times at random instants: while starting, loading the
-    // key, handshaking, appending to the outbox (SQLite WAL) or publishing. Each run delivers
-    // what the runs before it left, then adds 30 messages of its own.
-    let outbox = dir.appendingPathComponent("outbox.db").path
-    var accepted = Set<String>()
-    var killedWhileRunning = 0
-    for trial in 0..<100 {
-      let publishLog = dir.appendingPathComponent("pub-\(trial).log").path
-      let publisher = try ChildProcess(
-        binary,
-        ["pub"] + device.mqttArguments(broker) + [
-          "-t", "devices/device-kill/t", "-q", "1", "--count", "60", "--prefix", "t\(trial)-", "--interval-ms", "2",
-          "--print-accepted", "--outbox", outbox,
-          // Every other run publishes from 8 tasks at once: killed during group commits too.
-          "--publishers", trial % 2 == 0 ? "1" : "8",
-        ], logPath: publishLog, environment: env)
-      usleep(UInt32.random(in: 0...250_000))
-      if publisher.isRunning { killedWhileRunning += 1 }
-      publisher.kill9()
-      let lines = ((try? String(contentsOfFile: publishLog, encoding: .utf8)) ?? "").split(separator: "\n")
-      #expect(!lines.contains { $0.contains("damaged") || $0.contains("malformed") }, "\(lines.suffix(3))")
-      accepted.formUnion(lines.filter { $0.hasPrefix("accepted ") }.map { String($0.dropFirst("accepted ".count)) })
+      // One device, one outbox, killed 100 times at random instants: while starting, loading the
+      // key, handshaking, appending to the outbox (SQLite WAL) or publishing. Each run delivers
+      // what the runs before it left, then adds 30 messages of its own.
+      let outbox = dir.appendingPathComponent("outbox.db").path
+      var accepted = Set<String>()
+      var killedWhileRunning = 0
+      for trial in 0..<100 {
+        let publishLog = dir.appendingPathComponent("pub-\(trial).log").path
+        let publisher = try ChildProcess(
+          binary,
+          ["pub"] + device.mqttArguments(broker) + [
+            "-t", "devices/device-kill/t", "-q", "1", "--count", "60", "--prefix", "t\(trial)-", "--interval-ms", "2",
+            "--print-accepted", "--outbox", outbox,
+            // Every other run publishes from 8 tasks at once: killed during group commits too.
+            "--publishers", trial % 2 == 0 ? "1" : "8",
+          ], logPath: publishLog, environment: env)
+        usleep(UInt32.random(in: 0...250_000))
+        if publisher.isRunning { killedWhileRunning += 1 }
+        publisher.kill9()
+        let lines = ((try? String(contentsOfFile: publishLog, encoding: .utf8)) ?? "").split(separator: "\n")
+        #expect(!lines.contains { $0.contains("damaged") || $0.contains("malformed") }, "\(lines.suffix(3))")
+        accepted.formUnion(lines.filter { $0.hasPrefix("accepted ") }.map { String($0.dropFirst("accepted ".count)) })
+      }
+      // The next run finds the outbox and delivers what is left, then exits.
+      let drain = try Command.runCapturing(
+        binary, ["pub"] + device.mqttArguments(broker) + ["-t", "devices/device-kill/t", "--outbox", outbox],
+        environment: env)
+      #expect(drain.status == 0, "\(drain.stderr)")
+      #expect(killedWhileRunning >= 50, "most kills must land while the publisher runs")
+      var received = Set<String>()
+      let until = Date().addingTimeInterval(15)
+      while Date() < until {
+        let text = (try? String(contentsOfFile: sinkLog, encoding: .utf8)) ?? ""
+        received = Set(
+          text.split(separator: "\n").compactMap { $0.split(separator: " ", maxSplits: 1).last.map(String.init) })
+        if accepted.isSubset(of: received) { break }
+        usleep(100_000)
+      }
+      let missing = accepted.subtracting(received)
+      #expect(!accepted.isEmpty)
+      #expect(
+        missing.isEmpty,
+        "\(missing.count) of \(accepted.count) accepted messages never arrived: \(missing.sorted().prefix(5))")
+      print(
+        "publisher kill report: 100 SIGKILLs (\(killedWhileRunning) while running), accepted \(accepted.count), lost \(missing.count)"
+      )
     }
-    // The next run finds the outbox and delivers what is left, then exits.
-    let drain = try Command.runCapturing(
-      binary, ["pub"] + device.mqttArguments(broker) + ["-t", "devices/device-kill/t", "--outbox", outbox],
-      environment: env)
-    #expect(drain.status == 0, "\(drain.stderr)")
-    #expect(killedWhileRunning >= 50, "most kills must land while the publisher runs")
-    var received = Set<String>()
-    let until = Date().addingTimeInterval(15)
-    while Date() < until {
-      let text = (try? String(contentsOfFile: sinkLog, encoding: .utf8)) ?? ""
-      received = Set(
-        text.split(separator: "\n").compactMap { $0.split(separator: " ", maxSplits: 1).last.map(String.init) })
-      if accepted.isSubset(of: received) { break }
-      usleep(100_000)
-    }
-    let missing = accepted.subtracting(received)
-    #expect(!accepted.isEmpty)
-    #expect(
-      missing.isEmpty,
-      "\(missing.count) of \(accepted.count) accepted messages never arrived: \(missing.sorted().prefix(5))")
-    print(
-      "publisher kill report: 100 SIGKILLs (\(killedWhileRunning) while running), accepted \(accepted.count), lost \(missing.count)"
-    )
   }
 }
 

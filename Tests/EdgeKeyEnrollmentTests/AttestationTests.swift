@@ -374,97 +374,102 @@ struct KillDuringAttestationTests {
   @Test(
     "killed during activation and during certify, the device resumes: one AK, every key with its certificate, every issuance attested"
   )
-  func killAnywhere() throws {
-    let fleet = try AttestedFleet(lifetime: "1h")
-    let device = try AttestedFleet.Device(fleet, id: "device-0001")
-    let work = device.swtpm.stateDirectory.path
-    let caFile = work + "/ca.pem"
-    try fleet.ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
-    let edgekey = try builtExecutable("edgekey")
-    let common = [
-      "--state", device.store.directory, "--server", fleet.ra.localhostURL, "--cafile", caFile, "--tcti",
-      device.swtpm.tcti, "--password-env", "EST_PASSWORD",
-    ]
-    var environment = ProcessInfo.processInfo.environment
-    environment["EST_PASSWORD"] = "\(device.id):\(device.secret)"
-    let log = work + "/cli.log"
+  func killAnywhere() async throws {
+    // On a thread of its own: it blocks for long (see onOwnThread).
+    try await onOwnThread {
+      let fleet = try AttestedFleet(lifetime: "1h")
+      let device = try AttestedFleet.Device(fleet, id: "device-0001")
+      let work = device.swtpm.stateDirectory.path
+      let caFile = work + "/ca.pem"
+      try fleet.ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+      let edgekey = try builtExecutable("edgekey")
+      let common = [
+        "--state", device.store.directory, "--server", fleet.ra.localhostURL, "--cafile", caFile, "--tcti",
+        device.swtpm.tcti, "--password-env", "EST_PASSWORD",
+      ]
+      var environment = ProcessInfo.processInfo.environment
+      environment["EST_PASSWORD"] = "\(device.id):\(device.secret)"
+      let log = work + "/cli.log"
 
-    func run(_ words: [String], killAfter delay: Double?) throws -> Bool {
-      let p = try ChildProcess(edgekey, words + common, logPath: log, environment: environment)
-      guard let delay else {
-        #expect(p.wait() == 0, "\(words): \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
-        return true
+      func run(_ words: [String], killAfter delay: Double?) throws -> Bool {
+        let p = try ChildProcess(edgekey, words + common, logPath: log, environment: environment)
+        guard let delay else {
+          #expect(p.wait() == 0, "\(words): \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+          return true
+        }
+        let deadline = Date().addingTimeInterval(delay)
+        while p.isRunning && Date() < deadline { usleep(500) }
+        let finished = !p.isRunning
+        p.kill9()
+        _ = p.wait()
+        return finished
       }
-      let deadline = Date().addingTimeInterval(delay)
-      while p.isRunning && Date() < deadline { usleep(500) }
-      let finished = !p.isRunning
-      p.kill9()
-      _ = p.wait()
-      return finished
-    }
 
-    /// Whatever the moment: the AK certificate (if any) is for the AK file, and current.pem
-    /// (if any) holds a certificate for its key.
-    func checkStore(_ trial: String) throws {
-      let store = try CredentialStore(directory: device.store.directory)
-      let files = try FileManager.default.contentsOfDirectory(atPath: store.directory).filter { !$0.contains(".tmp-") }
-      #expect(
-        Set(files).isSubset(of: [
-          "current.pem", "next.pem", "previous.pem", "anchors.pem", "attestation-key.pem", "attestation-key.crt",
-        ]), "\(trial): \(files)")
-      if let first = try store.attestationCertificates().first {
-        #expect(first.publicKeyDER == (try store.attestationKey()?.publicKey().spki), "\(trial)")
+      /// Whatever the moment: the AK certificate (if any) is for the AK file, and current.pem
+      /// (if any) holds a certificate for its key.
+      func checkStore(_ trial: String) throws {
+        let store = try CredentialStore(directory: device.store.directory)
+        let files = try FileManager.default.contentsOfDirectory(atPath: store.directory).filter {
+          !$0.contains(".tmp-")
+        }
+        #expect(
+          Set(files).isSubset(of: [
+            "current.pem", "next.pem", "previous.pem", "anchors.pem", "attestation-key.pem", "attestation-key.crt",
+          ]), "\(trial): \(files)")
+        if let first = try store.attestationCertificates().first {
+          #expect(first.publicKeyDER == (try store.attestationKey()?.publicKey().spki), "\(trial)")
+        }
+        if let current = try store.read(.current) { #expect(current.isComplete, "\(trial)") }
+        // A restarted device on a direct TCTI flushes what the killed process left loaded.
+        _ = try device.tpm.flushAllTransientObjects()
       }
-      if let current = try store.read(.current) { #expect(current.isComplete, "\(trial)") }
-      // A restarted device on a direct TCTI flushes what the killed process left loaded.
+
+      // Provisioning with attestation (EK certificate, AK, activation, certify, enroll), killed at
+      // delays growing by half each time, so that kills land in every step, until one run completes.
+      var delay = 0.03
+      var activationKills = 0
+      while try !run(["enroll", "--attest", "--subject", "O=EdgeKey Tests,CN=device-0001"], killAfter: delay) {
+        activationKills += 1
+        try checkStore("enrollment kill \(activationKills)")
+        delay *= 1.5
+      }
+      try checkStore("after enrollment")
+
+      // Renewals (a fresh nonce, TPM2_Certify, the request), killed at points spread over a run.
+      let started = Date()
+      _ = try run(["renew", "--force"], killAfter: nil)
+      let duration = Date().timeIntervalSince(started)
+      let trials = 16
+      for trial in 0..<trials {
+        _ = try run(["renew", "--force"], killAfter: duration * 1.2 * Double(trial) / Double(trials))
+        try checkStore("renewal trial \(trial)")
+      }
+      _ = try run(["renew", "--force"], killAfter: nil)
+      try checkStore("at the end")
+
+      // One AK ever: every activation the registry recorded names the same AK, the one stored.
+      let audit = try fleet.ra.admin(["audit", "device-0001", "--limit", "1000"]).output
+      let activations = audit.split(separator: "\n").filter { $0.contains("attestation key activated") }
+      let names = Set(activations.compactMap { $0.components(separatedBy: "AK name ").dropFirst().first?.prefix(20) })
+      #expect(activations.count >= 1 && names.count == 1, "\(activations)")
+      let stored = try #require(try device.store.attestationKey()).publicKey().name.map { String(format: "%02x", $0) }
+      #expect(names.first.map { stored.joined().hasPrefix($0) } == true)
+      // Every certificate the RA issued was for an attested key (the RA requires it).
+      #expect(!fleet.ra.issuanceLog.isEmpty)
+      #expect(fleet.attestedIssuances == fleet.ra.issuanceLog.count, "\(fleet.ra.issuanceLog)")
+      // What the device's tools say of it.
       _ = try device.tpm.flushAllTransientObjects()
+      let status = try Command.runCapturing(edgekey, ["status", "--state", device.store.directory, "--json"])
+      #expect(status.stdout.contains("\"attestation\":{\"state\":\"activated\""), "\(status.stdout)\(status.stderr)")
+      let info = try Command.runCapturing(
+        edgekey, ["tpm", "info", "--json", "--state", device.store.directory, "--tcti", device.swtpm.tcti])
+      #expect(info.stdout.contains("\"attestation\":{\"state\":\"activated\""), "\(info.stdout)\(info.stderr)")
+      #expect(info.stdout.contains("\"matchesKey\":true"), "the EK certificate is for this TPM's EK")
+      #expect(info.stdout.contains("\"tpm\":\"id:"), "the TPM the EK certificate names: \(info.stdout)")
+      print(
+        "kill during attestation: enrollment with activation killed \(activationKills) times; \(trials) renewals killed "
+          + "at 0-\(Int(duration * 1200)) ms (one takes \(Int(duration * 1000)) ms); \(activations.count) activation(s) of one AK, "
+          + "\(fleet.ra.issuanceLog.count) attested issuances")
     }
-
-    // Provisioning with attestation (EK certificate, AK, activation, certify, enroll), killed at
-    // delays growing by half each time, so that kills land in every step, until one run completes.
-    var delay = 0.03
-    var activationKills = 0
-    while try !run(["enroll", "--attest", "--subject", "O=EdgeKey Tests,CN=device-0001"], killAfter: delay) {
-      activationKills += 1
-      try checkStore("enrollment kill \(activationKills)")
-      delay *= 1.5
-    }
-    try checkStore("after enrollment")
-
-    // Renewals (a fresh nonce, TPM2_Certify, the request), killed at points spread over a run.
-    let started = Date()
-    _ = try run(["renew", "--force"], killAfter: nil)
-    let duration = Date().timeIntervalSince(started)
-    let trials = 16
-    for trial in 0..<trials {
-      _ = try run(["renew", "--force"], killAfter: duration * 1.2 * Double(trial) / Double(trials))
-      try checkStore("renewal trial \(trial)")
-    }
-    _ = try run(["renew", "--force"], killAfter: nil)
-    try checkStore("at the end")
-
-    // One AK ever: every activation the registry recorded names the same AK, the one stored.
-    let audit = try fleet.ra.admin(["audit", "device-0001", "--limit", "1000"]).output
-    let activations = audit.split(separator: "\n").filter { $0.contains("attestation key activated") }
-    let names = Set(activations.compactMap { $0.components(separatedBy: "AK name ").dropFirst().first?.prefix(20) })
-    #expect(activations.count >= 1 && names.count == 1, "\(activations)")
-    let stored = try #require(try device.store.attestationKey()).publicKey().name.map { String(format: "%02x", $0) }
-    #expect(names.first.map { stored.joined().hasPrefix($0) } == true)
-    // Every certificate the RA issued was for an attested key (the RA requires it).
-    #expect(!fleet.ra.issuanceLog.isEmpty)
-    #expect(fleet.attestedIssuances == fleet.ra.issuanceLog.count, "\(fleet.ra.issuanceLog)")
-    // What the device's tools say of it.
-    _ = try device.tpm.flushAllTransientObjects()
-    let status = try Command.runCapturing(edgekey, ["status", "--state", device.store.directory, "--json"])
-    #expect(status.stdout.contains("\"attestation\":{\"state\":\"activated\""), "\(status.stdout)\(status.stderr)")
-    let info = try Command.runCapturing(
-      edgekey, ["tpm", "info", "--json", "--state", device.store.directory, "--tcti", device.swtpm.tcti])
-    #expect(info.stdout.contains("\"attestation\":{\"state\":\"activated\""), "\(info.stdout)\(info.stderr)")
-    #expect(info.stdout.contains("\"matchesKey\":true"), "the EK certificate is for this TPM's EK")
-    #expect(info.stdout.contains("\"tpm\":\"id:"), "the TPM the EK certificate names: \(info.stdout)")
-    print(
-      "kill during attestation: enrollment with activation killed \(activationKills) times; \(trials) renewals killed "
-        + "at 0-\(Int(duration * 1200)) ms (one takes \(Int(duration * 1000)) ms); \(activations.count) activation(s) of one AK, "
-        + "\(fleet.ra.issuanceLog.count) attested issuances")
   }
 }

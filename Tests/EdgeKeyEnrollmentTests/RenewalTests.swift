@@ -460,85 +460,88 @@ struct SlowChipTests {
 @Suite("renewal killed at many points (SIGKILL of the edgekey CLI)")
 struct KillDuringRenewalTests {
   @Test("killed at any instant of an enrollment or renewal, the device comes back with a working, matching credential")
-  func killAnywhere() throws {
-    let factory = try TestCA(name: "Factory CA")
-    let f = try EnrollmentFixture(password: nil, bootstrapCA: factory)
-    let dir = stateDirectory()
-    let work = (temporaryPath("x") as NSString).deletingLastPathComponent
-    try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
-    let caFile = work + "/ca.pem"
-    try f.ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
-    let bootstrap = try f.bootstrapCredential(from: factory, commonName: "device-50")
-    try CredentialStore(directory: dir).write(bootstrap, to: .bootstrap)
-    let edgekey = try builtExecutable("edgekey")
-    let common = ["--state", dir, "--server", f.ra.localhostURL, "--cafile", caFile, "--tcti", f.swtpm.tcti]
-    let log = work + "/cli.log"
+  func killAnywhere() async throws {
+    // On a thread of its own: it blocks for long (see onOwnThread).
+    try await onOwnThread {
+      let factory = try TestCA(name: "Factory CA")
+      let f = try EnrollmentFixture(password: nil, bootstrapCA: factory)
+      let dir = stateDirectory()
+      let work = (temporaryPath("x") as NSString).deletingLastPathComponent
+      try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+      let caFile = work + "/ca.pem"
+      try f.ca.certificatePEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+      let bootstrap = try f.bootstrapCredential(from: factory, commonName: "device-50")
+      try CredentialStore(directory: dir).write(bootstrap, to: .bootstrap)
+      let edgekey = try builtExecutable("edgekey")
+      let common = ["--state", dir, "--server", f.ra.localhostURL, "--cafile", caFile, "--tcti", f.swtpm.tcti]
+      let log = work + "/cli.log"
 
-    /// Runs the CLI and kills it after `delay` seconds (or lets it finish if it is quicker).
-    func run(_ words: [String], killAfter delay: Double?) throws -> Bool {
-      let p = try ChildProcess(edgekey, words + common, logPath: log)
-      guard let delay else {
-        while p.isRunning { usleep(5_000) }
-        return true
+      /// Runs the CLI and kills it after `delay` seconds (or lets it finish if it is quicker).
+      func run(_ words: [String], killAfter delay: Double?) throws -> Bool {
+        let p = try ChildProcess(edgekey, words + common, logPath: log)
+        guard let delay else {
+          while p.isRunning { usleep(5_000) }
+          return true
+        }
+        let deadline = Date().addingTimeInterval(delay)
+        while p.isRunning && Date() < deadline { usleep(500) }
+        let finished = !p.isRunning
+        p.kill9()
+        return finished
       }
-      let deadline = Date().addingTimeInterval(delay)
-      while p.isRunning && Date() < deadline { usleep(500) }
-      let finished = !p.isRunning
-      p.kill9()
-      return finished
-    }
 
-    /// What a restarted device finds: a credential whose certificate is for its key, valid now,
-    /// and a key the TPM can load and sign with.
-    func check(_ trial: String) throws -> String {
-      let store = try CredentialStore(directory: dir)
-      let current = try #require(try store.read(.current), "\(trial): no current credential")
-      let cert = try #require(current.certificate, "\(trial): a key without its certificate")
-      #expect(cert.isValid(at: Date()), "\(trial)")
-      // What a restarted device's TPM.open does on a direct TCTI: flush the objects the killed
-      // process left loaded (swtpm has no resource manager to do it).
-      _ = try f.tpm.flushAllTransientObjects()
-      let key = try f.tpm.loadKey(current.key)
-      _ = try key.sign(digest: Array(repeating: 7, count: 32), hash: .sha256)
-      return cert.fingerprint
-    }
+      /// What a restarted device finds: a credential whose certificate is for its key, valid now,
+      /// and a key the TPM can load and sign with.
+      func check(_ trial: String) throws -> String {
+        let store = try CredentialStore(directory: dir)
+        let current = try #require(try store.read(.current), "\(trial): no current credential")
+        let cert = try #require(current.certificate, "\(trial): a key without its certificate")
+        #expect(cert.isValid(at: Date()), "\(trial)")
+        // What a restarted device's TPM.open does on a direct TCTI: flush the objects the killed
+        // process left loaded (swtpm has no resource manager to do it).
+        _ = try f.tpm.flushAllTransientObjects()
+        let key = try f.tpm.loadKey(current.key)
+        _ = try key.sign(digest: Array(repeating: 7, count: 32), hash: .sha256)
+        return cert.fingerprint
+      }
 
-    // Factory enrollment, killed at growing delays until one run completes.
-    var delay = 0.0
-    var enrollKills = 0
-    while try !run(["enroll", "--subject", "O=EdgeKey Tests,CN=device-50"], killAfter: delay) {
-      enrollKills += 1
-      let store = try CredentialStore(directory: dir)
-      // Before the first certificate there is nothing to fall back on but bootstrap, which stays.
-      if let current = try store.read(.current) { #expect(current.isComplete) }
-      #expect(try store.read(.bootstrap)?.certificate?.der == bootstrap.certificate?.der)
-      delay += 0.015
-    }
-    var seen = [try check("after enrollment")]
+      // Factory enrollment, killed at growing delays until one run completes.
+      var delay = 0.0
+      var enrollKills = 0
+      while try !run(["enroll", "--subject", "O=EdgeKey Tests,CN=device-50"], killAfter: delay) {
+        enrollKills += 1
+        let store = try CredentialStore(directory: dir)
+        // Before the first certificate there is nothing to fall back on but bootstrap, which stays.
+        if let current = try store.read(.current) { #expect(current.isComplete) }
+        #expect(try store.read(.bootstrap)?.certificate?.der == bootstrap.certificate?.der)
+        delay += 0.015
+      }
+      var seen = [try check("after enrollment")]
 
-    // Renewals, each killed at a point spread over the run's whole duration.
-    let started = Date()
-    _ = try run(["renew", "--force"], killAfter: nil)
-    let duration = Date().timeIntervalSince(started)
-    seen.append(try check("after a full renewal"))
-    let trials = 100
-    var completed = 0
-    var keptOld = 0
-    for trial in 0..<trials {
-      let before = seen.last!
-      if try run(["renew", "--force"], killAfter: duration * 1.2 * Double(trial) / Double(trials)) { completed += 1 }
-      let now = try check("trial \(trial)")
-      if now == before { keptOld += 1 } else { seen.append(now) }
+      // Renewals, each killed at a point spread over the run's whole duration.
+      let started = Date()
+      _ = try run(["renew", "--force"], killAfter: nil)
+      let duration = Date().timeIntervalSince(started)
+      seen.append(try check("after a full renewal"))
+      let trials = 100
+      var completed = 0
+      var keptOld = 0
+      for trial in 0..<trials {
+        let before = seen.last!
+        if try run(["renew", "--force"], killAfter: duration * 1.2 * Double(trial) / Double(trials)) { completed += 1 }
+        let now = try check("trial \(trial)")
+        if now == before { keptOld += 1 } else { seen.append(now) }
+      }
+      // The store never piles up keys: at most current, previous, a pending next and bootstrap.
+      let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".pem") }
+      #expect(Set(files).isSubset(of: ["current.pem", "previous.pem", "next.pem", "bootstrap.pem", "anchors.pem"]))
+      print(
+        "kill during renewal: enrollment killed \(enrollKills) times; \(trials) renewals killed at 0-\(Int(duration * 1200)) ms "
+          + "(a renewal takes \(Int(duration * 1000)) ms): \(keptOld) kept the old credential, "
+          + "\(trials - keptOld) had switched to a new one, \(completed) finished before the kill; all worked")
+      #expect(keptOld > 0 && keptOld < trials, "the kills landed both before and after the switch")
+      #expect(f.ra.isRunning, "clients killed mid-exchange do not take the registration authority down")
     }
-    // The store never piles up keys: at most current, previous, a pending next and bootstrap.
-    let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".pem") }
-    #expect(Set(files).isSubset(of: ["current.pem", "previous.pem", "next.pem", "bootstrap.pem", "anchors.pem"]))
-    print(
-      "kill during renewal: enrollment killed \(enrollKills) times; \(trials) renewals killed at 0-\(Int(duration * 1200)) ms "
-        + "(a renewal takes \(Int(duration * 1000)) ms): \(keptOld) kept the old credential, "
-        + "\(trials - keptOld) had switched to a new one, \(completed) finished before the kill; all worked")
-    #expect(keptOld > 0 && keptOld < trials, "the kills landed both before and after the switch")
-    #expect(f.ra.isRunning, "clients killed mid-exchange do not take the registration authority down")
   }
 }
 
