@@ -78,9 +78,10 @@ final class TPMDevice {
   let tpm: TPM
   let swtpm: SoftwareTPM
 
-  init(ca: TestCA, commonName: String) throws {
+  /// - Parameter tctiPrefix: in front of swtpm's TCTI, e.g. `"delay:100:"` (a real chip's latency).
+  init(ca: TestCA, commonName: String, tctiPrefix: String = "") throws {
     swtpm = try SoftwareTPM()
-    tpm = try TPM.open(tcti: swtpm.tcti)
+    tpm = try TPM.open(tcti: tctiPrefix + swtpm.tcti)
     key = try tpm.loadKey(try tpm.createKey())
     let cert = try ca.issueClient(publicKeyDER: key.publicKey.spki, commonName: commonName)
     context = try TLSClientContext(
@@ -134,7 +135,10 @@ func run() throws {
     try runProvisioning(options, ca: ca, broker: broker, work: work)
   }
   if options.only == "provision" { return }
-  if options.only != "handshakes" { try runMQTT(options, ca: ca, broker: broker, work: work) }
+  if options.only != "handshakes" {
+    try runMQTT(options, ca: ca, broker: broker, work: work)
+    try runReconnects(ca: ca, broker: broker)
+  }
   if options.only == "mqtt" { return }
   var rows: [Row] = []
 
