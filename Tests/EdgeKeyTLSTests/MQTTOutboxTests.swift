@@ -142,8 +142,9 @@ struct MQTTOutboxTests {
   /// must gather them (without it, whether appends overlap is up to the scheduler).
   private func holdFirstCommit(of outbox: Outbox, until waiting: Int) {
     let first = Flag()
-    outbox.onCommit { _ in
-      guard first.raiseOnce() else { return }
+    // Weak: the outbox keeps the hook, and the hook must not keep the outbox.
+    outbox.onCommit { [weak outbox] _ in
+      guard first.raiseOnce(), let outbox else { return }
       let deadline = ContinuousClock.now + .seconds(60)
       while outbox.pendingCount < waiting && ContinuousClock.now < deadline { usleep(1000) }
     }
@@ -161,8 +162,7 @@ struct MQTTOutboxTests {
         if let id = stored?.stored.first?.id { ids.withLock { $0[i] = id } }
       }
       #expect(outbox.commitCount == 2, "the first append alone, then the fifteen that waited for it, together")
-      outbox.onCommit(nil)  // the hook holds the outbox; let it go, so the file can be opened again
-    }
+    }  // closed here, so that the file can be opened again
     let all = ids.withLock { $0 }
     #expect(all.count == 16 && Set(all.values).count == 16, "every caller got its own id: \(all)")
     // Durable: what each caller was told is stored is in the file.
