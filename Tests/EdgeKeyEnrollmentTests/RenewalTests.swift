@@ -521,12 +521,22 @@ struct KillDuringRenewalTests {
       // Renewals, each killed at a point spread over the run's whole duration.
       let started = Date()
       _ = try run(["renew", "--force"], killAfter: nil)
-      let duration = Date().timeIntervalSince(started)
+      let measured = Date().timeIntervalSince(started)
+      var duration = measured
       seen.append(try check("after a full renewal"))
       let trials = 100
       var completed = 0
       var keptOld = 0
       for trial in 0..<trials {
+        // One renewal measured on a quiet moment can be shorter than every later one on a busy
+        // machine (once 64 ms, then all 100 kills landed before the switch): every 10 trials a
+        // renewal runs to its end again, and the kills spread over the longest one seen.
+        if trial > 0 && trial % 10 == 0 {
+          let again = Date()
+          _ = try run(["renew", "--force"], killAfter: nil)
+          duration = max(duration, Date().timeIntervalSince(again))
+          seen.append(try check("after a full renewal at trial \(trial)"))
+        }
         let before = seen.last!
         if try run(["renew", "--force"], killAfter: duration * 1.2 * Double(trial) / Double(trials)) { completed += 1 }
         let now = try check("trial \(trial)")
@@ -537,7 +547,7 @@ struct KillDuringRenewalTests {
       #expect(Set(files).isSubset(of: ["current.pem", "previous.pem", "next.pem", "bootstrap.pem", "anchors.pem"]))
       print(
         "kill during renewal: enrollment killed \(enrollKills) times; \(trials) renewals killed at 0-\(Int(duration * 1200)) ms "
-          + "(a renewal takes \(Int(duration * 1000)) ms): \(keptOld) kept the old credential, "
+          + "(a renewal took \(Int(measured * 1000)) ms alone): \(keptOld) kept the old credential, "
           + "\(trials - keptOld) had switched to a new one, \(completed) finished before the kill; all worked")
       #expect(keptOld > 0 && keptOld < trials, "the kills landed both before and after the switch")
       #expect(f.ra.isRunning, "clients killed mid-exchange do not take the registration authority down")

@@ -101,117 +101,142 @@ struct FaultInjectionTests {
 
   @Test("the broker paused (SIGSTOP) for 13 s, then resumed: keepalive notices, nothing accepted is lost")
   func brokerPaused() async throws {
-    let f = try Fixture(commonName: "device-0300")
-    let broker = try f.broker()
-    let report = try await stream("broker-paused", f: f, broker: broker, endpointPort: broker.port) { batch in
-      if batch == 2 { broker.pause() }
-      if batch > 2 && batch < Self.batches { try await Task.sleep(nanoseconds: 2_500_000_000) }
-      if batch == Self.batches { broker.resume() }
+    // On an executor of its own: this suite runs serialized and sets the length of the whole
+    // run, so its continuations must not queue behind synchronous tests (see onOwnThread).
+    try await onOwnThread {
+      let f = try Fixture(commonName: "device-0300")
+      let broker = try f.broker()
+      let report = try await stream("broker-paused", f: f, broker: broker, endpointPort: broker.port) { batch in
+        if batch == 2 { broker.pause() }
+        if batch > 2 && batch < Self.batches { try await Task.sleep(nanoseconds: 2_500_000_000) }
+        if batch == Self.batches { broker.resume() }
+      }
+      #expect(report.connections >= 2, "the silent broker was never noticed: \(report)")
     }
-    #expect(report.connections >= 2, "the silent broker was never noticed: \(report)")
   }
 
   @Test("the network cut (every byte dropped, both ways) for 12 s, then healed: reconnects, nothing lost")
   func networkPartition() async throws {
-    let f = try Fixture(commonName: "device-0301")
-    let broker = try f.broker()
-    let proxy = try FaultProxy(to: broker.port)
-    defer { proxy.stop() }
-    let report = try await stream("network-partition", f: f, broker: broker, endpointPort: proxy.port) { batch in
-      if batch == 2 { proxy.partition() }
-      if batch > 2 && batch < 6 { try await Task.sleep(nanoseconds: 4_000_000_000) }
-      if batch == 6 { proxy.heal() }
+    // On an executor of its own: this suite runs serialized and sets the length of the whole
+    // run, so its continuations must not queue behind synchronous tests (see onOwnThread).
+    try await onOwnThread {
+      let f = try Fixture(commonName: "device-0301")
+      let broker = try f.broker()
+      let proxy = try FaultProxy(to: broker.port)
+      defer { proxy.stop() }
+      let report = try await stream("network-partition", f: f, broker: broker, endpointPort: proxy.port) { batch in
+        if batch == 2 { proxy.partition() }
+        if batch > 2 && batch < 6 { try await Task.sleep(nanoseconds: 4_000_000_000) }
+        if batch == 6 { proxy.heal() }
+      }
+      #expect(proxy.droppedBytes > 0)
+      #expect(report.connections >= 2)
+      #expect(report.failures.values.reduce(0, +) >= 1, "connects during the cut must have failed: \(report)")
     }
-    #expect(proxy.droppedBytes > 0)
-    #expect(report.connections >= 2)
-    #expect(report.failures.values.reduce(0, +) >= 1, "connects during the cut must have failed: \(report)")
   }
 
   @Test("every connection reset three times mid-stream (a vanishing broker or middlebox): nothing lost")
   func connectionsReset() async throws {
-    let f = try Fixture(commonName: "device-0302")
-    let broker = try f.broker()
-    let proxy = try FaultProxy(to: broker.port)
-    defer { proxy.stop() }
-    let report = try await stream("connection-reset", f: f, broker: broker, endpointPort: proxy.port) { batch in
-      if batch == 1 || batch == 3 || batch == 5 { proxy.resetAll() }
+    // On an executor of its own: this suite runs serialized and sets the length of the whole
+    // run, so its continuations must not queue behind synchronous tests (see onOwnThread).
+    try await onOwnThread {
+      let f = try Fixture(commonName: "device-0302")
+      let broker = try f.broker()
+      let proxy = try FaultProxy(to: broker.port)
+      defer { proxy.stop() }
+      let report = try await stream("connection-reset", f: f, broker: broker, endpointPort: proxy.port) { batch in
+        if batch == 1 || batch == 3 || batch == 5 { proxy.resetAll() }
+      }
+      #expect(report.connections >= 4)
     }
-    #expect(report.connections >= 4)
   }
 
   @Test(
     "swtpm stopped, connections reset: handshakes fail at the TPM layer and are retried; swtpm back (reset): the key is reloaded, nothing lost"
   )
   func tpmRestarted() async throws {
-    let f = try Fixture(commonName: "device-0303")
-    let broker = try f.broker()
-    let proxy = try FaultProxy(to: broker.port)
-    defer { proxy.stop() }
-    let port = f.swtpm.port
-    let report = try await stream("tpm-restart", f: f, broker: broker, endpointPort: proxy.port) { batch in
-      if batch == 2 {
-        f.swtpm.stop()
-        proxy.resetAll()  // the next connection needs a signature
+    // On an executor of its own: this suite runs serialized and sets the length of the whole
+    // run, so its continuations must not queue behind synchronous tests (see onOwnThread).
+    try await onOwnThread {
+      let f = try Fixture(commonName: "device-0303")
+      let broker = try f.broker()
+      let proxy = try FaultProxy(to: broker.port)
+      defer { proxy.stop() }
+      let port = f.swtpm.port
+      let report = try await stream("tpm-restart", f: f, broker: broker, endpointPort: proxy.port) { batch in
+        if batch == 2 {
+          f.swtpm.stop()
+          proxy.resetAll()  // the next connection needs a signature
+        }
+        if batch > 2 && batch < 5 { try await Task.sleep(nanoseconds: 1_500_000_000) }
+        if batch == 5 {
+          try f.swtpm.start()  // a power cycle: the SRK and our key are no longer loaded
+          #expect(f.swtpm.port == port)
+        }
       }
-      if batch > 2 && batch < 5 { try await Task.sleep(nanoseconds: 1_500_000_000) }
-      if batch == 5 {
-        try f.swtpm.start()  // a power cycle: the SRK and our key are no longer loaded
-        #expect(f.swtpm.port == port)
-      }
+      #expect(report.connections >= 2)
+      let tpmFailures = report.handshakeFailures["tpmSigningFailed", default: 0]
+      #expect(tpmFailures >= 1, "attempts while the TPM was down must fail at the TPM layer: \(report)")
+      // And the key still signs in the TPM that came back.
+      await #expect(try f.key.sign(digest: [UInt8](repeating: 7, count: 32), hash: .sha256).bytes.count > 0)
     }
-    #expect(report.connections >= 2)
-    let tpmFailures = report.handshakeFailures["tpmSigningFailed", default: 0]
-    #expect(tpmFailures >= 1, "attempts while the TPM was down must fail at the TPM layer: \(report)")
-    // And the key still signs in the TPM that came back.
-    await #expect(try f.key.sign(digest: [UInt8](repeating: 7, count: 32), hash: .sha256).bytes.count > 0)
   }
 
   @Test(
     "swtpm hung (SIGSTOP) while connections reset: each handshake ends in a TPM timeout and is retried; nothing lost")
   func tpmHung() async throws {
-    let f = try Fixture(commonName: "device-0304")
-    let broker = try f.broker()
-    let proxy = try FaultProxy(to: broker.port)
-    defer { proxy.stop() }
-    f.key.tpm.commandTimeout = .seconds(1)
-    let report = try await stream("tpm-hung", f: f, broker: broker, endpointPort: proxy.port) { batch in
-      if batch == 2 {
-        f.swtpm.pause()
-        proxy.resetAll()  // the next connection needs a signature from a TPM that answers nothing
+    // On an executor of its own: this suite runs serialized and sets the length of the whole
+    // run, so its continuations must not queue behind synchronous tests (see onOwnThread).
+    try await onOwnThread {
+      let f = try Fixture(commonName: "device-0304")
+      let broker = try f.broker()
+      let proxy = try FaultProxy(to: broker.port)
+      defer { proxy.stop() }
+      f.key.tpm.commandTimeout = .seconds(1)
+      let report = try await stream("tpm-hung", f: f, broker: broker, endpointPort: proxy.port) { batch in
+        if batch == 2 {
+          f.swtpm.pause()
+          proxy.resetAll()  // the next connection needs a signature from a TPM that answers nothing
+        }
+        if batch > 2 && batch < 5 { try await Task.sleep(nanoseconds: 1_500_000_000) }
+        if batch == 5 { f.swtpm.resume() }
       }
-      if batch > 2 && batch < 5 { try await Task.sleep(nanoseconds: 1_500_000_000) }
-      if batch == 5 { f.swtpm.resume() }
+      #expect(report.connections >= 2)
+      let tpmFailures = report.handshakeFailures["tpmSigningFailed", default: 0]
+      #expect(tpmFailures >= 1, "attempts while the TPM hung must fail at the TPM layer: \(report)")
     }
-    #expect(report.connections >= 2)
-    let tpmFailures = report.handshakeFailures["tpmSigningFailed", default: 0]
-    #expect(tpmFailures >= 1, "attempts while the TPM hung must fail at the TPM layer: \(report)")
   }
 
   @Test("one reset right after our Certificate (TLS 1.3): transient, retried at once, never the refusal schedule")
   func resetAfterOurCertificate() async throws {
-    let f = try Fixture(commonName: "device-0305")
-    let broker = try f.broker()
-    let proxy = try FaultProxy(to: broker.port)
-    defer { proxy.stop() }
-    proxy.resetNextConnection(atClientFlight: 2)
-    var configuration = MQTTConfiguration(host: "127.0.0.1", port: proxy.port)
-    configuration.reconnect = quickReconnect  // a refusal would wait 300 s or more
-    let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
-    defer { client.stop() }
-    client.start()
-    var sawWaiting: [Duration] = []
-    for await state in client.stateChanges {
-      if case .waiting(let retryIn, _) = state {
-        sawWaiting.append(retryIn)
-        if retryIn >= .seconds(10) { break }  // the refusal schedule: the failure this test is about
+    // On an executor of its own: this suite runs serialized and sets the length of the whole
+    // run, so its continuations must not queue behind synchronous tests (see onOwnThread).
+    try await onOwnThread {
+      let f = try Fixture(commonName: "device-0305")
+      let broker = try f.broker()
+      let proxy = try FaultProxy(to: broker.port)
+      defer { proxy.stop() }
+      proxy.resetNextConnection(atClientFlight: 2)
+      var configuration = MQTTConfiguration(host: "127.0.0.1", port: proxy.port)
+      configuration.reconnect = quickReconnect  // a refusal would wait 300 s or more
+      let client = try MQTTClient(configuration, tls: try f.context(serverName: "127.0.0.1"))
+      defer { client.stop() }
+      client.start()
+      var sawWaiting: [Duration] = []
+      for await state in client.stateChanges {
+        if case .waiting(let retryIn, _) = state {
+          sawWaiting.append(retryIn)
+          if retryIn >= .seconds(10) { break }  // the refusal schedule: the failure this test is about
+        }
+        if case .connected = state { break }
       }
-      if case .connected = state { break }
+      #expect(client.isConnected)
+      #expect(sawWaiting.allSatisfy { $0 < .seconds(10) }, "a reset must not start the refusal schedule: \(sawWaiting)")
+      let failures = client.metrics.handshakeFailures
+      #expect(
+        failures["closedAfterOurCertificate", default: 0] + failures["connectionFailed", default: 0] >= 1, "\(failures)"
+      )
+      #expect(client.metrics.connectAttempts == 2)
     }
-    #expect(client.isConnected)
-    #expect(sawWaiting.allSatisfy { $0 < .seconds(10) }, "a reset must not start the refusal schedule: \(sawWaiting)")
-    let failures = client.metrics.handshakeFailures
-    #expect(
-      failures["closedAfterOurCertificate", default: 0] + failures["connectionFailed", default: 0] >= 1, "\(failures)")
-    #expect(client.metrics.connectAttempts == 2)
   }
 }
