@@ -73,53 +73,26 @@ func mqttThroughput(
     "127.0.0.1", Int32(broker.port), tls.sslContext, Int32(messages), Int32(payloadSize), 5)
   guard anchor > 0 else { throw HarnessError("the libmosquitto anchor failed (\(anchor))") }
   rows.append(Throughput(name: "libmosquitto C loop (anchor)", perSecond: anchor, messages: messages))
-  rows.append(
-    Throughput(
-      name: "EdgeKey, in-memory outbox",
-      perSecond: try ourRate(tls, port: broker.port, outbox: .memory(), count: messages, payload: payload),
-      messages: messages))
-  let processSafe = try Outbox(path: work.appendingPathComponent("process-safe.db").path, durability: .processSafe)
-  rows.append(
-    Throughput(
-      name: "EdgeKey, SQLite outbox, processSafe",
-      perSecond: try ourRate(tls, port: broker.port, outbox: processSafe, count: messages, payload: payload),
-      messages: messages))
+  /// One row: `count` messages through `outbox` from `publishers` tasks, `batch` at a time.
+  func row(_ name: String, _ outbox: Outbox, count: Int = messages, publishers: Int = 1, batch: Int = 1) throws {
+    let rate = try ourRate(
+      tls, port: broker.port, outbox: outbox, count: count, payload: payload, batch: batch, publishers: publishers)
+    rows.append(Throughput(name: name, perSecond: rate, messages: count))
+  }
+  func file(_ name: String, _ durability: OutboxDurability) throws -> Outbox {
+    try Outbox(path: work.appendingPathComponent(name).path, durability: durability)
+  }
+  try row("EdgeKey, in-memory outbox", .memory())
+  try row("EdgeKey, SQLite outbox, processSafe", try file("process-safe.db", .processSafe))
   // An fsync per accepted message is bounded by the disk, not the client: fewer messages.
-  let fewer = max(min(messages / 10, 2000), 1)
-  let powerSafe = try Outbox(path: work.appendingPathComponent("power-safe.db").path, durability: .powerSafe)
-  rows.append(
-    Throughput(
-      name: "EdgeKey, SQLite outbox, powerSafe",
-      perSecond: try ourRate(tls, port: broker.port, outbox: powerSafe, count: fewer, payload: payload),
-      messages: fewer))
+  try row(
+    "EdgeKey, SQLite outbox, powerSafe", try file("power-safe.db", .powerSafe), count: max(min(messages / 10, 2000), 1))
   // Most callers publish one message at a time from several tasks: group commit stores what
   // arrives during a commit with the next one (one fsync for all of them).
-  rows.append(
-    Throughput(
-      name: "EdgeKey, in-memory outbox, 16 publishers",
-      perSecond: try ourRate(
-        tls, port: broker.port, outbox: .memory(), count: messages, payload: payload, publishers: 16),
-      messages: messages))
-  let processSafe16 = try Outbox(path: work.appendingPathComponent("process-safe-16.db").path, durability: .processSafe)
-  rows.append(
-    Throughput(
-      name: "EdgeKey, processSafe, 16 publishers",
-      perSecond: try ourRate(
-        tls, port: broker.port, outbox: processSafe16, count: messages, payload: payload, publishers: 16),
-      messages: messages))
-  let powerSafe16 = try Outbox(path: work.appendingPathComponent("power-safe-16.db").path, durability: .powerSafe)
-  rows.append(
-    Throughput(
-      name: "EdgeKey, powerSafe, 16 publishers",
-      perSecond: try ourRate(
-        tls, port: broker.port, outbox: powerSafe16, count: messages, payload: payload, publishers: 16),
-      messages: messages))
-  let batched = try Outbox(path: work.appendingPathComponent("power-safe-batched.db").path, durability: .powerSafe)
-  rows.append(
-    Throughput(
-      name: "EdgeKey, powerSafe, enqueue ×100",
-      perSecond: try ourRate(tls, port: broker.port, outbox: batched, count: messages, payload: payload, batch: 100),
-      messages: messages))
+  try row("EdgeKey, in-memory outbox, 16 publishers", .memory(), publishers: 16)
+  try row("EdgeKey, processSafe, 16 publishers", try file("process-safe-16.db", .processSafe), publishers: 16)
+  try row("EdgeKey, powerSafe, 16 publishers", try file("power-safe-16.db", .powerSafe), publishers: 16)
+  try row("EdgeKey, powerSafe, enqueue ×100", try file("power-safe-batched.db", .powerSafe), batch: 100)
   return rows
 }
 

@@ -299,8 +299,11 @@ struct ESTEdgeCaseTests {
     #expect(failed.contains("retry in 3600") || failed.contains("retry in 36"), "\(failed)")
   }
 
-  @Test("stop() during a long 202 wait and during a transfer returns within a second, .cancelled, nothing stored")
-  func stopCutsWaitsShort() throws {
+  /// An agent for an RA that answers 202 with Retry-After 120 a hundred times, allowed to wait
+  /// that long; `log` shows each wait.
+  private func agentWaitingOutRetryAfter(commonName: String) throws -> (
+    EnrollmentFixture, CredentialStore, RecordingLogHandler, RenewalAgent
+  ) {
     let f = try EnrollmentFixture(extraArguments: ["--pending", "100", "--retry-after", "120"])
     let store = try CredentialStore(directory: stateDirectory())
     var settings = try f.settings(password: ("device", "factory-secret"))
@@ -308,7 +311,13 @@ struct ESTEdgeCaseTests {
     settings.options.maximumPendingWait = .seconds(6000)
     let log = RecordingLogHandler()
     settings.options.logger = Logger(label: "test", level: .info, handler: log)
-    let agent = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: ([("CN", "device-stop")], []))
+    let agent = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: ([("CN", commonName)], []))
+    return (f, store, log, agent)
+  }
+
+  @Test("stop() during a long 202 wait and during a transfer returns within a second, .cancelled, nothing stored")
+  func stopCutsWaitsShort() throws {
+    let (f, store, log, agent) = try agentWaitingOutRetryAfter(commonName: "device-stop")
     agent.start()
     // Wait for the event: the RA answered 202 and the client is in its 120 s wait.
     let deadline = Date().addingTimeInterval(30)
@@ -339,14 +348,7 @@ struct ESTEdgeCaseTests {
 
   @Test("cancelling the task of an async renew() ends its 202 wait: .cancelled, nothing stored, the agent still usable")
   func taskCancellationEndsRenew() async throws {
-    let f = try EnrollmentFixture(extraArguments: ["--pending", "100", "--retry-after", "120"])
-    let store = try CredentialStore(directory: stateDirectory())
-    var settings = try f.settings(password: ("device", "factory-secret"))
-    settings.options.maximumRetryAfter = .seconds(600)
-    settings.options.maximumPendingWait = .seconds(6000)
-    let log = RecordingLogHandler()
-    settings.options.logger = Logger(label: "test", level: .info, handler: log)
-    let agent = RenewalAgent(store: store, tpm: f.tpm, settings: settings, identity: ([("CN", "device-task")], []))
+    let (f, store, log, agent) = try agentWaitingOutRetryAfter(commonName: "device-task")
     let renewal = Task { try await agent.renew() }
     // Wait for the event: the RA answered 202 and the client is in its 120 s wait.
     while !log.messages.contains(where: { $0.contains("waiting 120 s") }) {
