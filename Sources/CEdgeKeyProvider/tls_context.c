@@ -40,7 +40,19 @@ typedef struct {
   int cert_sent;
   int cert_verify_sent;
   char sign_failure[256]; /* the provider's reason, when known */
+  char endpoint[272];     /* "host:port", for session resumption; "" when unknown */
+  int resumed;            /* the handshake resumed a kept session */
 } failure_record;
+
+/* One kept session: a ticket the server sent on a connection to `endpoint`. */
+typedef struct {
+  char endpoint[272];
+  SSL_SESSION *session;
+  long long stored_ms; /* CLOCK_MONOTONIC: a clock step neither ages nor rejuvenates it */
+} kept_session;
+
+#define KEPT_PER_CONTEXT 16
+#define KEPT_PER_ENDPOINT 4
 
 typedef struct {
   int require_server_auth_eku;
@@ -55,6 +67,10 @@ typedef struct {
   failure_record last;
   int has_last_connection;
   failure_record last_connection;
+  /* Session resumption (edgekey_tls_client_ctx only); `kept` is guarded by `lock`. */
+  int resume;
+  long long max_age_ms;
+  kept_session kept[KEPT_PER_CONTEXT];
 } ctx_policy;
 
 static int ssl_index = -1;
@@ -115,6 +131,7 @@ static void free_policy(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, lo
   (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
   ctx_policy *policy = ptr;
   if (policy == NULL) return;
+  for (int i = 0; i < KEPT_PER_CONTEXT; i++) SSL_SESSION_free(policy->kept[i].session);
   pthread_mutex_destroy(&policy->lock);
   free(policy);
 }
@@ -243,6 +260,159 @@ static void msg_callback(int write_p, int version, int content_type, const void 
   }
 }
 
+/* ---- Session resumption ------------------------------------------------------------------- */
+
+/* The endpoint a thread is connecting to, for SSLs made inside another library. */
+static _Thread_local struct {
+  SSL_CTX *ctx;
+  char endpoint[272];
+} endpoint_scope;
+
+static long long monotonic_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void drop_kept(kept_session *k) {
+  SSL_SESSION_free(k->session);
+  memset(k, 0, sizeof(*k));
+}
+
+/* Whether `k` may still be offered: young enough, and both certificates within their dates. */
+static int still_usable(const ctx_policy *policy, SSL_CTX *ctx, const kept_session *k, long long now) {
+  if (!SSL_SESSION_is_resumable(k->session)) return 0;
+  long long age = now - k->stored_ms;
+  unsigned long hint = SSL_SESSION_get_ticket_lifetime_hint(k->session);
+  if (age >= policy->max_age_ms || (hint > 0 && age >= (long long)hint * 1000)) return 0;
+  X509 *peer = SSL_SESSION_get0_peer(k->session);
+  X509 *own = SSL_CTX_get0_certificate(ctx);
+  if (peer == NULL || X509_cmp_current_time(X509_get0_notAfter(peer)) <= 0) return 0;
+  if (own != NULL && X509_cmp_current_time(X509_get0_notAfter(own)) <= 0) return 0;
+  return 1;
+}
+
+/* Before the ClientHello: the newest usable session kept for this endpoint. A TLS 1.3 ticket is
+ * taken out (used once, RFC 8446 C.4; the server sends a fresh one on every connection); a
+ * TLS 1.2 session stays (RFC 5077 tickets are reused, and OpenSSL reports no renewed ticket on
+ * a resumed TLS 1.2 handshake). */
+static void offer_kept_session(SSL *ssl, ctx_policy *policy) {
+  failure_record *r = record_for(ssl, 1);
+  SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+  if (r == NULL) return;
+  if (r->endpoint[0] == '\0' && endpoint_scope.ctx == ctx)
+    memcpy(r->endpoint, endpoint_scope.endpoint, sizeof(r->endpoint));
+  if (r->endpoint[0] == '\0') return;
+  SSL_SESSION *chosen = NULL;
+  long long now = monotonic_ms(), newest = -1;
+  int at = -1;
+  pthread_mutex_lock(&policy->lock);
+  for (int i = 0; i < KEPT_PER_CONTEXT; i++) {
+    kept_session *k = &policy->kept[i];
+    if (k->session == NULL) continue;
+    if (!still_usable(policy, ctx, k, now)) {
+      drop_kept(k);
+      continue;
+    }
+    if (strcmp(k->endpoint, r->endpoint) == 0 && k->stored_ms > newest) {
+      newest = k->stored_ms;
+      at = i;
+    }
+  }
+  if (at >= 0) {
+    chosen = policy->kept[at].session;
+    if (SSL_SESSION_get_protocol_version(chosen) == TLS1_3_VERSION) {
+      policy->kept[at].session = NULL;
+      drop_kept(&policy->kept[at]);
+    } else {
+      SSL_SESSION_up_ref(chosen);
+    }
+  }
+  pthread_mutex_unlock(&policy->lock);
+  if (chosen != NULL) {
+    SSL_set_session(ssl, chosen);
+    SSL_SESSION_free(chosen);
+  }
+}
+
+/* OpenSSL's new-session callback (client): keeps a copy of the ticket for the connection's
+ * endpoint, and returns 0 (OpenSSL keeps its reference). A copy, because the session handed
+ * over may be the live connection's own, which OpenSSL marks not resumable when that
+ * connection ends without a close_notify (a reset): exactly when it would be needed. */
+static int keep_session(SSL *ssl, SSL_SESSION *handed) {
+  ctx_policy *policy = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_index);
+  failure_record *r = record_for(ssl, 0);
+  if (policy == NULL || !policy->resume || r == NULL || r->endpoint[0] == '\0' ||
+      !SSL_SESSION_is_resumable(handed) || SSL_get_verify_result(ssl) != X509_V_OK)
+    return 0;
+  SSL_SESSION *session = SSL_SESSION_dup(handed);
+  if (session == NULL) return 0;
+  long long now = monotonic_ms();
+  int tls12 = SSL_SESSION_get_protocol_version(session) != TLS1_3_VERSION;
+  pthread_mutex_lock(&policy->lock);
+  int same = 0, free_slot = -1, oldest_same = -1, oldest = -1;
+  for (int i = 0; i < KEPT_PER_CONTEXT; i++) {
+    kept_session *k = &policy->kept[i];
+    if (tls12 && k->session != NULL && strcmp(k->endpoint, r->endpoint) == 0 &&
+        SSL_SESSION_get_protocol_version(k->session) != TLS1_3_VERSION)
+      drop_kept(k); /* a full TLS 1.2 handshake: the session it replaces was refused or aged */
+    if (k->session == NULL) {
+      if (free_slot < 0) free_slot = i;
+      continue;
+    }
+    if (oldest < 0 || k->stored_ms < policy->kept[oldest].stored_ms) oldest = i;
+    if (strcmp(k->endpoint, r->endpoint) == 0) {
+      same++;
+      if (oldest_same < 0 || k->stored_ms < policy->kept[oldest_same].stored_ms) oldest_same = i;
+    }
+  }
+  int at = same >= KEPT_PER_ENDPOINT ? oldest_same : free_slot >= 0 ? free_slot : oldest;
+  drop_kept(&policy->kept[at]);
+  memcpy(policy->kept[at].endpoint, r->endpoint, sizeof(r->endpoint));
+  policy->kept[at].session = session;
+  policy->kept[at].stored_ms = now;
+  pthread_mutex_unlock(&policy->lock);
+  return 0;
+}
+
+int edgekey_tls_set_endpoint(SSL *ssl, const char *endpoint) {
+  pthread_once(&index_once, make_indexes);
+  failure_record *r = ssl != NULL ? record_for(ssl, 1) : NULL;
+  if (r == NULL || endpoint == NULL || strlen(endpoint) >= sizeof(r->endpoint)) return 0;
+  snprintf(r->endpoint, sizeof(r->endpoint), "%s", endpoint);
+  return 1;
+}
+
+void edgekey_tls_endpoint_scope_enter(SSL_CTX *ctx, const char *endpoint) {
+  endpoint_scope.ctx = NULL;
+  if (endpoint == NULL || strlen(endpoint) >= sizeof(endpoint_scope.endpoint)) return;
+  snprintf(endpoint_scope.endpoint, sizeof(endpoint_scope.endpoint), "%s", endpoint);
+  endpoint_scope.ctx = ctx;
+}
+
+void edgekey_tls_endpoint_scope_leave(void) {
+  endpoint_scope.ctx = NULL;
+  endpoint_scope.endpoint[0] = '\0';
+}
+
+static int kept_sessions(SSL_CTX *ctx, int forget) {
+  pthread_once(&index_once, make_indexes);
+  ctx_policy *policy = ctx != NULL ? SSL_CTX_get_ex_data(ctx, ctx_index) : NULL;
+  if (policy == NULL) return 0;
+  int n = 0;
+  pthread_mutex_lock(&policy->lock);
+  for (int i = 0; i < KEPT_PER_CONTEXT; i++) {
+    if (policy->kept[i].session == NULL) continue;
+    n++;
+    if (forget) drop_kept(&policy->kept[i]);
+  }
+  pthread_mutex_unlock(&policy->lock);
+  return n;
+}
+
+int edgekey_tls_forget_sessions(SSL_CTX *ctx) { return kept_sessions(ctx, 1); }
+int edgekey_tls_kept_sessions(SSL_CTX *ctx) { return kept_sessions(ctx, 0); }
+
 static void info_callback(const SSL *ssl, int where, int ret) {
   if ((where & SSL_CB_HANDSHAKE_START) && !SSL_is_server(ssl) && SSL_in_before(ssl)) {
     /* Before the ClientHello is written: the SNI is ours to choose, not the caller's. */
@@ -250,6 +420,7 @@ static void info_callback(const SSL *ssl, int where, int ret) {
     if (policy != NULL) {
       const char *sni = policy->sni[0] != '\0' ? policy->sni : NULL;
       SSL_set_tlsext_host_name((SSL *)ssl, sni);
+      if (policy->resume) offer_kept_session((SSL *)ssl, policy);
     }
   }
   if (where & SSL_CB_HANDSHAKE_DONE) {
@@ -257,7 +428,8 @@ static void info_callback(const SSL *ssl, int where, int ret) {
     if (r != NULL) {
       r->handshake_done = 1;
       r->version = SSL_version(ssl);
-    }
+      r->resumed = SSL_session_reused((SSL *)ssl);
+      }
   }
 
   if ((where & SSL_CB_ALERT) && (where & SSL_CB_READ)) {
@@ -513,6 +685,17 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *cfg, edgekey_tls_statu
     SSL_CTX_free(ctx);
     return NULL;
   }
+  ctx_policy *policy = SSL_CTX_get_ex_data(ctx, ctx_index);
+  policy->resume = cfg->resume_sessions != 0;
+  policy->max_age_ms = cfg->session_max_age_ms > 0 ? cfg->session_max_age_ms : 3600 * 1000LL;
+  if (policy->resume) {
+    /* Kept by us, per endpoint (keep_session), not in OpenSSL's cache: OpenSSL's client cache
+     * is never consulted by SSL_connect anyway. */
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, keep_session);
+  } else {
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  }
   return ctx;
 }
 
@@ -729,6 +912,7 @@ int edgekey_tls_last_connection(SSL_CTX *ctx, edgekey_tls_connection_info *out) 
   out->ticket_received = r.ticket_received;
   out->alert = r.alert_received;
   out->cert_sent = r.cert_sent;
+  out->resumed = r.resumed;
   return 1;
 }
 
@@ -755,6 +939,7 @@ int edgekey_tls_connection_of(SSL *ssl, edgekey_tls_connection_info *out) {
   out->ticket_received = r->ticket_received;
   out->alert = r->alert_received;
   out->cert_sent = r->cert_sent;
+  out->resumed = r->resumed;
   return 1;
 }
 

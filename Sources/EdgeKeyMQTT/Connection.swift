@@ -88,6 +88,12 @@ final class Connection {
 
   /// Connects and serves the connection until it ends, is stopped or is replaced.
   func run() -> ConnectionOutcome {
+    // libmosquitto makes the SSL and starts its handshake inside this thread's calls: the
+    // context keeps and offers this endpoint's sessions (TLSPolicy.resumesSessions).
+    tls.withEndpoint("\(endpoint.host):\(endpoint.port)") { serve() }
+  }
+
+  private func serve() -> ConnectionOutcome {
     let configuration = engine.configuration
     let rc = mosquitto_connect_bind_async(
       mosq, endpoint.host, Int32(endpoint.port), Int32(configuration.keepAlive.components.seconds), nil)
@@ -364,7 +370,9 @@ final class Connection {
   private func didConnect(_ rc: Int32) {
     if rc == 0 {
       connectedAt = ContinuousClock.now
-      engine.connected(endpoint, afterFallback: countsFallback, version: version)
+      let resumed =
+        mosquitto_ssl_get(mosq).flatMap { TLSConnectionSummary.of(ssl: OpaquePointer($0))?.resumed } ?? false
+      engine.connected(endpoint, afterFallback: countsFallback, version: version, resumed: resumed)
     } else {
       refusal = rc
     }

@@ -645,10 +645,11 @@ final class Engine: @unchecked Sendable {
 
   // Called by `Connection` on the network thread.
 
-  func connected(_ endpoint: MQTTEndpoint, afterFallback: Bool, version: MQTTProtocolVersion) {
+  func connected(_ endpoint: MQTTEndpoint, afterFallback: Bool, version: MQTTProtocolVersion, resumed: Bool) {
     let waiters = withShared { s -> [CheckedContinuation<Void, any Error>] in
       s.versionInUse = version
       s.metrics.connections += 1
+      if resumed { s.metrics.resumedConnections += 1 }
       s.lastFailure = nil
       if afterFallback { s.metrics.protocolFallbacks += 1 }
       // Everything we want is subscribed again on a new connection.

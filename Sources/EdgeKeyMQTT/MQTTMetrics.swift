@@ -24,6 +24,9 @@ public struct MQTTMetrics: Sendable, Equatable {
   public var connectAttempts = 0
   /// Connections that reached CONNACK success.
   public var connections = 0
+  /// Of `connections`, those whose TLS handshake resumed a kept session
+  /// (`TLSPolicy.resumesSessions`): no certificate sent, no TPM command.
+  public var resumedConnections = 0
   /// Connections lost after CONNACK.
   public var disconnections = 0
   /// Failed attempts by reason (`network`, `refused`, or the TLS error's code).
@@ -85,6 +88,9 @@ public struct MQTTMetrics: Sendable, Equatable {
       messagesReceivedDropped)
     counter("connect_attempts", "Connection attempts.", connectAttempts)
     counter("connections", "Connections the broker accepted.", connections)
+    counter(
+      "resumed_connections", "Accepted connections whose TLS session was resumed (no TPM signature).",
+      resumedConnections)
     counter("disconnections", "Connections lost after the broker accepted them.", disconnections)
     counters("connect_failures", "Failed connection attempts by reason.", "reason", connectFailures)
     counters("handshake_failures", "Failed TLS handshakes by reason.", "reason", handshakeFailures)

@@ -28,6 +28,17 @@ public struct TLSPolicy: Sendable {
   /// Application protocols offered by ALPN, in order of preference (RFC 7301), e.g.
   /// `["x-amzn-mqtt-ca"]` for AWS IoT Core on port 443. Empty: no ALPN extension.
   public var alpn: [String]
+  /// Resume TLS sessions on reconnect (default: yes). The session tickets a server sends are
+  /// kept in memory, in the context, per endpoint, never on disk; a reconnect to the same
+  /// endpoint offers one (a TLS 1.3 ticket only once), and a resumed handshake sends no certificate, so
+  /// it costs no TPM command. A new credential, trust anchor or CRL is a new context, whose
+  /// cache starts empty: the first connection with it is a full handshake. A server that does
+  /// not accept the ticket (it restarted with a new ticket key) completes a full handshake.
+  public var resumesSessions: Bool
+  /// A kept session is offered for at most this long after the server issued it (default 1
+  /// hour; also at most the server's lifetime hint, and never past the expiry of either
+  /// certificate), so the server's certificate is verified again at least this often.
+  public var maximumSessionAge: Duration
 
   /// How to treat a chain level without a CRL.
   public enum MissingCRL: Sendable, Equatable {
@@ -52,7 +63,8 @@ public struct TLSPolicy: Sendable {
   public init(
     trustAnchorsPEM: String, serverName: String?, crlPEM: String? = nil, missingCRL: MissingCRL = .fail,
     minimumVersion: TLSVersion = .tls12, maximumVersion: TLSVersion = .tls13, requireServerAuth: Bool = true,
-    acceptCMCRA: Bool = false, alpn: [String] = []
+    acceptCMCRA: Bool = false, alpn: [String] = [], resumesSessions: Bool = true,
+    maximumSessionAge: Duration = .seconds(3600)
   ) {
     self.trustAnchorsPEM = trustAnchorsPEM
     self.serverName = serverName
@@ -63,6 +75,8 @@ public struct TLSPolicy: Sendable {
     self.requireServerAuth = requireServerAuth
     self.acceptCMCRA = acceptCMCRA
     self.alpn = alpn
+    self.resumesSessions = resumesSessions
+    self.maximumSessionAge = maximumSessionAge
   }
 }
 
@@ -111,6 +125,9 @@ public final class TLSClientContext: @unchecked Sendable {
   private init(certificateChain: [Certificate], tpmKey key: TPMKey?, softwareKey: OpaquePointer?, policy: TLSPolicy)
     throws(TLSError)
   {
+    guard policy.maximumSessionAge > .zero || !policy.resumesSessions else {
+      throw TLSError(.configuration, .other, "maximumSessionAge must be positive")
+    }
     guard let leaf = certificateChain.first else {
       throw TLSError(.configuration, .badCertificateChain, "no certificate")
     }
@@ -152,6 +169,23 @@ public final class TLSClientContext: @unchecked Sendable {
   }
 
   deinit { SSL_CTX_free(sslContext) }
+
+  /// How many resumable sessions the context keeps, for all endpoints.
+  public var keptSessions: Int { Int(edgekey_tls_kept_sessions(sslContext)) }
+
+  /// Drops every kept session: the next connection to each endpoint is a full handshake.
+  /// Returns how many there were.
+  @discardableResult
+  public func forgetSessions() -> Int { Int(edgekey_tls_forget_sessions(sslContext)) }
+
+  /// Runs `body` with `endpoint` as the calling thread's endpoint for this context: an SSL
+  /// that another library makes from it and starts inside `body` (libmosquitto's) keeps and
+  /// offers that endpoint's sessions.
+  package func withEndpoint<R>(_ endpoint: String, _ body: () throws -> R) rethrows -> R {
+    edgekey_tls_endpoint_scope_enter(sslContext, endpoint)
+    defer { edgekey_tls_endpoint_scope_leave() }
+    return try body()
+  }
 }
 
 extension TLSPolicy {
@@ -162,6 +196,8 @@ extension TLSPolicy {
     config.allow_missing_server_auth_eku = requireServerAuth ? 0 : 1
     config.accept_cmc_ra = acceptCMCRA ? 1 : 0
     config.crl_missing_ok = missingCRL == .allow ? 1 : 0
+    config.resume_sessions = resumesSessions ? 1 : 0
+    config.session_max_age_ms = max(Int(maximumSessionAge.milliseconds), 1)
   }
 
   /// The ALPN list as the C core takes it ("a,b"), nil when empty.

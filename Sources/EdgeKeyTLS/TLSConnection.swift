@@ -33,6 +33,7 @@ public final class TLSConnection {
     }
     self.ssl = ssl
     SSL_set_fd(ssl, fd)
+    _ = edgekey_tls_set_endpoint(ssl, "\(host):\(port)")
     // SNI is the context's: the name it verifies, never an IP literal (edgekey_tls.h).
     ERR_clear_error()
     let rc = SSL_connect(ssl)
@@ -50,6 +51,10 @@ public final class TLSConnection {
     SSL_free(ssl)
     close(fd)
   }
+
+  /// The handshake resumed a session kept from an earlier connection to this endpoint
+  /// (`TLSPolicy.resumesSessions`): no certificate was sent and the TPM signed nothing.
+  public var resumedSession: Bool { SSL_session_reused(ssl) == 1 }
 
   /// "TLSv1.3", "TLSv1.2".
   public var protocolVersion: String { String(cString: SSL_get_version(ssl)) }
@@ -109,7 +114,11 @@ public final class TLSConnection {
 
   private func diagnose(_ rc: Int32) -> TLSError {
     let sslError = SSL_get_error(ssl, rc)
-    if sslError == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK) {
+    // SO_RCVTIMEO/SO_SNDTIMEO ran out: OpenSSL reports the EAGAIN as "want read/write" (or, on
+    // some paths, as a syscall error).
+    if sslError == SSL_ERROR_WANT_READ || sslError == SSL_ERROR_WANT_WRITE
+      || (sslError == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK))
+    {
       ERR_clear_error()
       return TLSError(.network, .timedOut, "the server did not answer in time")
     }

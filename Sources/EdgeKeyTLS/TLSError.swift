@@ -258,9 +258,12 @@ package struct TLSConnectionSummary: Sendable, Equatable {
   package var serverAcceptedUs: Bool
   /// The first alert the server sent, if any.
   package var alert: Int?
+  /// The handshake resumed a kept session: no certificate was sent, nothing was signed.
+  package var resumed: Bool
 
   init(_ info: edgekey_tls_connection_info) {
     handshakeCompleted = info.handshake_done != 0
+    resumed = info.resumed != 0
     serverAcceptedUs = info.handshake_done != 0 && (info.version == 0x0303 || info.ticket_received != 0)
     alert = info.alert >= 0 ? Int(info.alert) : nil
   }

@@ -15,6 +15,7 @@ struct DeliveryReport: CustomStringConvertible {
   var duplicated = 0
   var lost = 0
   var connections = 0
+  var resumed = 0
   var failures: [String: Int] = [:]
   var handshakeFailures: [String: Int] = [:]
   var dropped: [String: Int] = [:]
@@ -24,7 +25,7 @@ struct DeliveryReport: CustomStringConvertible {
       d.isEmpty ? "none" : d.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
     }
     return "fault report: \(fault): sent \(accepted), delivered \(delivered), duplicated \(duplicated), "
-      + "lost \(lost); connections \(connections); failed attempts: \(list(failures)); "
+      + "lost \(lost); connections \(connections) (\(resumed) resumed); failed attempts: \(list(failures)); "
       + "failed handshakes: \(list(handshakeFailures)); dropped: \(list(dropped))"
   }
 }
@@ -40,7 +41,8 @@ struct FaultInjectionTests {
   /// Publishes `batches` × `perBatch` QoS 1 messages through `endpoint` (the broker, or a proxy
   /// before it) while `fault` runs, and counts what an independent subscriber on the broker got.
   func stream(
-    _ name: String, f: Fixture, broker: MosquittoBroker, endpointPort: UInt16, fault: FaultScript
+    _ name: String, f: Fixture, broker: MosquittoBroker, endpointPort: UInt16, tls: TLSClientContext? = nil,
+    fault: FaultScript
   ) async throws -> DeliveryReport {
     // The subscriber: software key, straight to the broker, a session that survives its own
     // reconnects (keepalive long enough not to notice a paused broker).
@@ -58,7 +60,8 @@ struct FaultInjectionTests {
     configuration.keepAlive = .seconds(5)  // libmosquitto's minimum
     configuration.connectTimeout = .seconds(3)
     let publisher = try MQTTClient(
-      configuration, tls: try f.context(serverName: "127.0.0.1"), outbox: try Outbox(path: temporaryPath("outbox.db")),
+      configuration, tls: try tls ?? f.context(serverName: "127.0.0.1"),
+      outbox: try Outbox(path: temporaryPath("outbox.db")),
       logger: ProcessInfo.processInfo.environment["EDGEKEY_TEST_LOG"] == nil
         ? .disabled : Logger(label: name, level: .debug, handler: StandardErrorLogHandler()))
     try await publisher.connect()
@@ -89,7 +92,8 @@ struct FaultInjectionTests {
     await sink.stop()
     let report = DeliveryReport(
       fault: name, accepted: accepted.count, delivered: got.intersection(accepted).count, duplicated: duplicates,
-      lost: accepted.subtracting(got).count, connections: m.connections, failures: m.connectFailures,
+      lost: accepted.subtracting(got).count, connections: m.connections, resumed: m.resumedConnections,
+      failures: m.connectFailures,
       handshakeFailures: m.handshakeFailures, dropped: m.messagesDropped)
     print(report)
     #expect(undelivered == nil, "\(undelivered.map { "\($0)" } ?? "")")
@@ -144,10 +148,16 @@ struct FaultInjectionTests {
       let broker = try f.broker()
       let proxy = try FaultProxy(to: broker.port)
       defer { proxy.stop() }
+      // Loaded first, so that a handshake is one command.
+      _ = try await f.key.sign(digest: [UInt8](repeating: 1, count: 32), hash: .sha256)
+      let before = f.tpm.commandCount
       let report = try await stream("connection-reset", f: f, broker: broker, endpointPort: proxy.port) { batch in
         if batch == 1 || batch == 3 || batch == 5 { proxy.resetAll() }
       }
       #expect(report.connections >= 4)
+      // The first connection signs; every reconnect after a reset resumes its TLS session.
+      #expect(report.resumed == report.connections - 1, "\(report)")
+      #expect(f.tpm.commandCount - before == 1, "TPM commands in the whole stream")
     }
   }
 
@@ -163,9 +173,11 @@ struct FaultInjectionTests {
       let proxy = try FaultProxy(to: broker.port)
       defer { proxy.stop() }
       let port = f.swtpm.port
-      let report = try await stream("tpm-restart", f: f, broker: broker, endpointPort: proxy.port) { batch in
+      let tls = try f.context(serverName: "127.0.0.1")
+      let report = try await stream("tpm-restart", f: f, broker: broker, endpointPort: proxy.port, tls: tls) { batch in
         if batch == 2 {
           f.swtpm.stop()
+          tls.forgetSessions()  // a resumed reconnect would not need the TPM at all
           proxy.resetAll()  // the next connection needs a signature
         }
         if batch > 2 && batch < 5 { try await Task.sleep(nanoseconds: 1_500_000_000) }
@@ -193,9 +205,11 @@ struct FaultInjectionTests {
       let proxy = try FaultProxy(to: broker.port)
       defer { proxy.stop() }
       f.key.tpm.commandTimeout = .seconds(1)
-      let report = try await stream("tpm-hung", f: f, broker: broker, endpointPort: proxy.port) { batch in
+      let tls = try f.context(serverName: "127.0.0.1")
+      let report = try await stream("tpm-hung", f: f, broker: broker, endpointPort: proxy.port, tls: tls) { batch in
         if batch == 2 {
           f.swtpm.pause()
+          tls.forgetSessions()  // a resumed reconnect would not need the TPM at all
           proxy.resetAll()  // the next connection needs a signature from a TPM that answers nothing
         }
         if batch > 2 && batch < 5 { try await Task.sleep(nanoseconds: 1_500_000_000) }

@@ -50,14 +50,28 @@ final class Fixture: @unchecked Sendable {
   func context(
     serverName: String = "localhost", trust: String? = nil, crl: String? = nil,
     missingCRL: TLSPolicy.MissingCRL = .fail, maximumVersion: TLSVersion = .tls13, chainPEM: String? = nil,
-    alpn: [String] = [], requireServerAuth: Bool = true, acceptCMCRA: Bool = false
+    alpn: [String] = [], requireServerAuth: Bool = true, acceptCMCRA: Bool = false, resumesSessions: Bool = true,
+    maximumSessionAge: Duration = .seconds(3600)
   ) throws -> TLSClientContext {
     try TLSClientContext(
       certificateChain: try Certificate.chain(pem: chainPEM ?? clientCertificatePEM), key: key,
       policy: TLSPolicy(
         trustAnchorsPEM: trust ?? ca.certificatePEM, serverName: serverName, crlPEM: crl, missingCRL: missingCRL,
-        maximumVersion: maximumVersion, requireServerAuth: requireServerAuth, acceptCMCRA: acceptCMCRA, alpn: alpn))
+        maximumVersion: maximumVersion, requireServerAuth: requireServerAuth, acceptCMCRA: acceptCMCRA, alpn: alpn,
+        resumesSessions: resumesSessions, maximumSessionAge: maximumSessionAge))
   }
+
+  /// One request to s_server -www, the connection closed before it returns: s_server serves
+  /// one connection at a time, so a connection kept open holds up the next one.
+  func visit(_ context: TLSClientContext, port: UInt16) throws -> (
+    page: String, resumed: Bool, acceptedUs: Bool, serverSubject: String?
+  ) {
+    let (page, connection) = try fetchPage(context, port: port)
+    return (page, connection.resumedSession, connection.acceptedOurCertificate, connection.peerCertificate?.subject)
+  }
+
+  /// Whether one request (as `visit`) resumed a session.
+  func resumes(_ context: TLSClientContext, port: UInt16) throws -> Bool { try visit(context, port: port).resumed }
 
   /// One request to s_server -www; returns the page (which describes our certificate).
   func fetchPage(_ context: TLSClientContext, port: UInt16, host: String = "localhost") throws -> (

@@ -30,7 +30,7 @@ struct HandshakeTests {
   func handshake(_ c: Case) throws {
     let f = try Fixture(c.algorithm, commonName: "device-\(c.algorithm.rawValue)")
     let server = try f.server(c.serverArguments)
-    let context = try f.context()
+    let context = try f.context(resumesSessions: false)  // resumption has a test of its own
     // The first handshake loads the key (SRK + TPM2_Load); every later one is TPM2_Sign alone.
     _ = try f.fetchPage(context, port: server.port)
     for _ in 0..<3 {
@@ -59,7 +59,7 @@ struct HandshakeTests {
     setenv("TCTI_PCAP_FILE", file.path, 1)
     let f = try Fixture(tctiPrefix: "pcap:")
     let server = try f.server([version == .tls13 ? "-tls1_3" : "-tls1_2"])
-    let context = try f.context(maximumVersion: version)
+    let context = try f.context(maximumVersion: version, resumesSessions: false)
     _ = try f.fetchPage(context, port: server.port)  // loads the key
     let before = try PcapRecord.commands(in: file)
     let handshakes = 5
@@ -68,5 +68,123 @@ struct HandshakeTests {
     let during = Array(after.dropFirst(before.count))
     #expect(during.count == handshakes, "commands recorded: \(during.map { String($0, radix: 16) })")
     #expect(during.allSatisfy { $0 == PcapRecord.sign })
+
+    // Resumption on: the first handshake of a new context signs, each resumed one sends nothing
+    // to the TPM at all.
+    let resuming = try f.context(maximumVersion: version)
+    #expect(try !f.resumes(resuming, port: server.port))
+    let resumedBefore = try PcapRecord.commands(in: file)
+    for _ in 0..<handshakes {
+      let visit = try f.visit(resuming, port: server.port)
+      let reused = visit.page.contains("Reused")  // s_server's own word for it
+      #expect(visit.resumed)
+      #expect(reused)
+    }
+    let resumedAfter = try PcapRecord.commands(in: file)
+    #expect(Array(resumedBefore.dropFirst(during.count + before.count)) == [PcapRecord.sign], "the first handshake")
+    #expect(resumedAfter.count == resumedBefore.count, "resumed handshakes sent TPM commands")
+  }
+
+  @Test(
+    "a resumed handshake costs no TPM command; a forgotten session, another endpoint or a new credential is a full one",
+    arguments: [["-tls1_3"], ["-tls1_2"]])
+  func resumption(_ serverArguments: [String]) throws {
+    let f = try Fixture(commonName: "device-0700")
+    let server = try f.server(serverArguments)
+    let context = try f.context()
+    #expect(try !f.resumes(context, port: server.port))  // loads the key and signs
+    #expect(context.keptSessions >= 1, "the server's ticket was kept")
+    for _ in 0..<3 {
+      let before = f.tpm.commandCount
+      let visit = try f.visit(context, port: server.port)
+      #expect(f.tpm.commandCount == before, "TPM commands in a resumed handshake")
+      #expect(visit.resumed)
+      #expect(visit.acceptedUs)
+      // The server still knows who we are: the identity of the session it issued.
+      let named = visit.page.contains("Subject: CN=device-0700")
+      #expect(named)
+      #expect(visit.serverSubject?.contains("localhost") == true)
+    }
+    #expect(context.keptSessions <= 4, "at most four tickets per endpoint")
+
+    // Forgotten: a full handshake, one signature.
+    #expect(context.forgetSessions() >= 1)
+    #expect(context.keptSessions == 0)
+    var before = f.tpm.commandCount
+    #expect(try !f.resumes(context, port: server.port))
+    #expect(f.tpm.commandCount - before == 1)
+
+    // Another endpoint (same name, another port) never gets this endpoint's tickets.
+    let other = try f.server(serverArguments)
+    before = f.tpm.commandCount
+    #expect(try !f.resumes(context, port: other.port))
+    #expect(f.tpm.commandCount - before == 1)
+    before = f.tpm.commandCount
+    #expect(try f.resumes(context, port: other.port))
+    #expect(f.tpm.commandCount == before)
+
+    // A new credential is a new context: its first connection is a full handshake with it.
+    let renewed = try f.ca.issueClient(publicKeyDER: f.key.publicKey.spki, commonName: "device-0700-renewed")
+    let next = try f.context(chainPEM: renewed.certificate)
+    before = f.tpm.commandCount
+    let visit = try f.visit(next, port: server.port)
+    #expect(!visit.resumed)
+    #expect(f.tpm.commandCount - before == 1)
+    let renamed = visit.page.contains("Subject: CN=device-0700-renewed")
+    #expect(renamed)
+
+    // Off: nothing is kept, every handshake signs.
+    let off = try f.context(resumesSessions: false)
+    for _ in 0..<2 {
+      before = f.tpm.commandCount
+      #expect(try !f.resumes(off, port: server.port))
+      #expect(f.tpm.commandCount - before == 1)
+    }
+    #expect(off.keptSessions == 0)
+
+    // Past its age bound a session is dropped, not offered.
+    let brief = try f.context(maximumSessionAge: .milliseconds(50))
+    _ = try f.visit(brief, port: server.port)
+    #expect(brief.keptSessions >= 1)
+    Thread.sleep(forTimeInterval: 0.2)  // the bound itself is what is tested: 4 times over it
+    before = f.tpm.commandCount
+    #expect(try !f.resumes(brief, port: server.port))
+    #expect(f.tpm.commandCount - before == 1)
+  }
+
+  @Test("concurrent handshakes with resumption on: all succeed, tickets are never shared, at most one sign each")
+  func concurrentResumption() async throws {
+    let f = try Fixture()
+    let server = try f.server(["-tls1_3"])
+    let context = try f.context()
+    _ = try f.fetchPage(context, port: server.port)
+    let before = f.tpm.commandCount
+    let results = try await withThrowingTaskGroup(of: (failed: Int, resumed: Int).self) { group in
+      for _ in 0..<8 {
+        group.addTask {
+          var failed = 0
+          var resumed = 0
+          for _ in 0..<5 {
+            do {
+              let visit = try f.visit(context, port: server.port)
+              if !visit.page.contains("Subject: CN=device-0001") { failed += 1 }
+              if visit.resumed { resumed += 1 }
+            } catch {
+              failed += 1
+            }
+          }
+          return (failed, resumed)
+        }
+      }
+      return try await group.reduce(into: (0, 0)) {
+        $0.0 += $1.failed
+        $0.1 += $1.resumed
+      }
+    }
+    #expect(results.0 == 0)
+    #expect(results.1 > 0, "no handshake resumed")
+    // Each full handshake signed once; each resumed one not at all.
+    #expect(f.tpm.commandCount - before == UInt64(40 - results.1))
+    #expect(context.keptSessions <= 4)
   }
 }

@@ -347,6 +347,58 @@ struct MQTTDeliveryTests {
     #expect(client.state == .stopped)
   }
 
+  @Test(
+    "reconnects resume the TLS session (0 TPM commands); after a credential swap one full handshake with the new key")
+  func resumedReconnects() async throws {
+    let f = try Fixture(commonName: "device-0206")
+    let broker = try f.broker()
+    let proxy = try FaultProxy(to: broker.port)
+    defer { proxy.stop() }
+    var configuration = MQTTConfiguration(host: "127.0.0.1", port: proxy.port)
+    configuration.clientID = "device-0206"
+    configuration.reconnect = quickReconnect
+    let tls = try f.context(serverName: "127.0.0.1")
+    let client = try MQTTClient(configuration, tls: tls)
+    try await client.connect()
+    // mosquitto's tickets precede its CONNACK on the wire: kept by the time connect returns.
+    #expect(tls.keptSessions >= 1)
+    /// Resets every connection and waits for the client's `n`th accepted connection.
+    func reconnect(_ n: Int) async {
+      proxy.resetAll()
+      for await state in client.stateChanges {
+        if case .connected = state, client.metrics.connections >= n { break }
+      }
+    }
+    let before = f.tpm.commandCount
+    for n in 2...4 {
+      await reconnect(n)
+      try await client.publish(topic: "devices/device-0206/t", payload: Array("m\(n)".utf8))
+    }
+    #expect(client.metrics.connections == 4)
+    #expect(client.metrics.resumedConnections == 3)
+    #expect(f.tpm.commandCount == before, "TPM commands over three reconnects")
+    #expect(client.metrics.openMetrics().contains("edgekey_mqtt_resumed_connections_total 3"))
+
+    // Renewal: a new key and certificate. The new context has no session: a full handshake, one
+    // TPM2_Sign with the new key; reconnects after that resume the new identity's session.
+    let (newKey, newTLS) = try f.otherDevice("device-0206")
+    // Loaded first, so that a handshake is one command.
+    _ = try await newKey.sign(digest: [UInt8](repeating: 1, count: 32), hash: .sha256)
+    let commandsBefore = f.tpm.commandCount
+    client.replaceCredentials(newTLS)
+    for await state in client.stateChanges {
+      if case .connected = state, client.metrics.connections >= 5 { break }
+    }
+    #expect(client.metrics.resumedConnections == 3, "the swap's connection was a full handshake")
+    #expect(f.tpm.commandCount - commandsBefore == 1, "one TPM2_Sign with the new key")
+    #expect(newTLS.keptSessions >= 1)
+    await reconnect(6)
+    #expect(client.metrics.resumedConnections == 4)
+    #expect(f.tpm.commandCount - commandsBefore == 1)
+    #expect(newKey.loadCount == 1)
+    await client.stop()
+  }
+
   @Test("new credentials take over on the next connection without losing queued messages")
   func credentialSwap() async throws {
     let f = try Fixture(commonName: "device-0204")

@@ -186,6 +186,32 @@ struct NegativeTests {
     #expect(error?.layer == .network)
   }
 
+  @Test("a server that accepts TCP and never answers the ClientHello times out at the network layer")
+  func silentServer() throws {
+    // A listening socket nobody accepts on: the kernel completes the TCP handshake, nothing
+    // answers TLS. (The EAGAIN of the socket timeout reaches us as SSL_ERROR_WANT_READ; it was
+    // reported as "unknown TLS failure" at the TLS layer.)
+    let f = try Fixture()
+    let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(listener) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let bound = withUnsafeMutablePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        bind(listener, $0, length) == 0 && listen(listener, 4) == 0 && getsockname(listener, $0, &length) == 0
+      }
+    }
+    try #require(bound)
+    let port = UInt16(bigEndian: address.sin_port)
+    let error = tlsError {
+      _ = try TLSConnection(context: try f.context(), host: "127.0.0.1", port: port, timeout: .milliseconds(300))
+    }
+    #expect(error?.layer == .network, "\(String(describing: error))")
+    #expect(error?.code == .timedOut, "\(String(describing: error))")
+  }
+
   @Test("configuration errors: no trust anchor, no server name, damaged chain")
   func configuration() throws {
     let f = try Fixture()

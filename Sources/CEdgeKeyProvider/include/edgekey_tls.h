@@ -32,6 +32,8 @@ typedef struct {
                        * its issuer's CRL; 0: a level with no CRL fails the handshake
                        * (X509_V_ERR_UNABLE_TO_GET_CRL), 1: it passes unchecked */
   const char *alpn;   /* ALPN protocols to offer, comma-separated ("x-amzn-mqtt-ca"), or NULL */
+  int resume_sessions;     /* edgekey_tls_client_ctx only: 1 resumes sessions (see below) */
+  long session_max_age_ms; /* a kept session is offered for at most this long (0: 1 hour) */
 } edgekey_tls_config;
 
 /* Why a context could not be made; the first few concern our own certificate. */
@@ -64,6 +66,31 @@ SSL_CTX *edgekey_tls_client_ctx(const edgekey_tls_config *config, edgekey_tls_st
  * is a DNS name, and no server_name extension at all when it is an IP address (literal IPs are
  * not permitted in SNI), whatever the library driving the SSL set (libmosquitto sets its host).
  */
+
+/*
+ * Session resumption (contexts of edgekey_tls_client_ctx with resume_sessions): the session
+ * tickets a server sends are kept in memory, in the context, per endpoint ("host:port"), at most
+ * 4 per endpoint and 16 per context, and never written anywhere. A connection to an endpoint
+ * offers the newest one it has: a TLS 1.3 ticket is taken out (used once, RFC 8446 C.4), a
+ * TLS 1.2 session stays (RFC 5077). A resumed handshake sends no certificate and so costs no
+ * TPM command. A session is offered
+ * only while it is younger than session_max_age_ms and the server's lifetime hint, and while
+ * the server's certificate and ours are within their dates. A new identity, trust anchor or
+ * CRL is a new context: its cache starts empty, so nothing resumed outlives what verified it.
+ * A server that does not accept the ticket completes a full handshake instead.
+ *
+ * The endpoint comes from edgekey_tls_set_endpoint for an SSL the caller made, or from the
+ * calling thread's endpoint scope for an SSL made inside another library (libmosquitto): the
+ * handshake's first step runs on the thread that entered the scope, and the SSL keeps the
+ * endpoint from then on. Without an endpoint nothing is kept or offered.
+ */
+int edgekey_tls_set_endpoint(SSL *ssl, const char *endpoint);
+void edgekey_tls_endpoint_scope_enter(SSL_CTX *ctx, const char *endpoint);
+void edgekey_tls_endpoint_scope_leave(void);
+/* Drops every kept session of `ctx`; returns how many there were. */
+int edgekey_tls_forget_sessions(SSL_CTX *ctx);
+/* How many sessions `ctx` keeps (for all endpoints). */
+int edgekey_tls_kept_sessions(SSL_CTX *ctx);
 
 /*
  * The same policy applied to a context made elsewhere (libcurl's, in its
@@ -110,6 +137,7 @@ typedef struct {
   int ticket_received; /* TLS 1.3: the server sent a session ticket, so it accepted our certificate */
   int alert;           /* the first alert the server sent, or -1 */
   int cert_sent;       /* we sent a non-empty Certificate */
+  int resumed;         /* the handshake resumed a kept session (no certificate, no signature) */
 } edgekey_tls_connection_info;
 
 /* The last connection from `ctx` whose SSL was freed; returns 0 when there is none since the
