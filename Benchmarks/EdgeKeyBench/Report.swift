@@ -11,8 +11,12 @@ final class Report: @unchecked Sendable {
   /// "8.9× less" / "4.57× more".
   func add(_ figure: String, ours: Double, anchorName: String, anchor: Double, unit: String, higherIsBetter: Bool) {
     let ratio: String
-    if anchor <= 0 || ours <= 0 {
+    if !higherIsBetter && ours == 0 && anchor > 0 {
+      ratio = "none needed"
+    } else if anchor <= 0 || ours <= 0 {
       ratio = "-"
+    } else if abs(ours - anchor) <= anchor * 0.005 {
+      ratio = "the same"
     } else if higherIsBetter {
       ratio = String(format: "%.2f×", ours / anchor)
     } else {

@@ -79,14 +79,17 @@ final class TPMDevice {
   let swtpm: SoftwareTPM
 
   /// - Parameter tctiPrefix: in front of swtpm's TCTI, e.g. `"delay:100:"` (a real chip's latency).
-  init(ca: TestCA, commonName: String, tctiPrefix: String = "") throws {
+  /// - Parameter resumesSessions: the context's `TLSPolicy.resumesSessions` (off: every
+  ///   connection is a full handshake).
+  init(ca: TestCA, commonName: String, tctiPrefix: String = "", resumesSessions: Bool = true) throws {
     swtpm = try SoftwareTPM()
     tpm = try TPM.open(tcti: tctiPrefix + swtpm.tcti)
     key = try tpm.loadKey(try tpm.createKey())
     let cert = try ca.issueClient(publicKeyDER: key.publicKey.spki, commonName: commonName)
     context = try TLSClientContext(
       certificateChain: try Certificate.chain(pem: cert.certificate), key: key,
-      policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: "127.0.0.1"))
+      policy: TLSPolicy(
+        trustAnchorsPEM: ca.certificatePEM, serverName: "127.0.0.1", resumesSessions: resumesSessions))
   }
 }
 
@@ -142,9 +145,10 @@ func run() throws {
   if options.only == "mqtt" { return }
   var rows: [Row] = []
 
-  // EdgeKey: TPM key on swtpm, one TLSClientContext reused for every connection.
-  do {
-    let device = try TPMDevice(ca: ca, commonName: "bench-tpm")
+  // EdgeKey: TPM key on swtpm, one TLSClientContext reused for every connection; full
+  // handshakes (session resumption off), then resumed ones.
+  for resumes in [false, true] {
+    let device = try TPMDevice(ca: ca, commonName: "bench-tpm", resumesSessions: resumes)
     let (context, tpm) = (device.context, device.tpm)
     try mqttConnect(try TLSConnection(context: context, host: "127.0.0.1", port: broker.port))  // warm up, load
     let before = tpm.commandCount
@@ -152,7 +156,10 @@ func run() throws {
       try mqttConnect(try TLSConnection(context: context, host: "127.0.0.1", port: broker.port))
     }
     let commands = Double(tpm.commandCount - before) / Double(options.handshakes)
-    rows.append(Row(name: "EdgeKey, TPM key (swtpm)", perSecond: rate, commandsPerHandshake: commands, note: ""))
+    rows.append(
+      Row(
+        name: resumes ? "EdgeKey, TPM key, resumed session" : "EdgeKey, TPM key (swtpm)", perSecond: rate,
+        commandsPerHandshake: commands, note: ""))
   }
 
   // The floor: the same client and policy with a software key.
@@ -166,7 +173,7 @@ func run() throws {
     let cert = try ca.issueClient(publicKeyDER: der, commonName: "bench-software")
     let context = try TLSClientContext(
       certificateChain: try Certificate.chain(pem: cert.certificate), softwareKey: key,
-      policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: "127.0.0.1"))
+      policy: TLSPolicy(trustAnchorsPEM: ca.certificatePEM, serverName: "127.0.0.1", resumesSessions: false))
     try mqttConnect(try TLSConnection(context: context, host: "127.0.0.1", port: broker.port))
     let rate = try measure(options.handshakes) {
       try mqttConnect(try TLSConnection(context: context, host: "127.0.0.1", port: broker.port))
@@ -261,6 +268,11 @@ func run() throws {
     Report.shared.add(
       "TPM commands per handshake", ours: rows.first?.commandsPerHandshake ?? 0, anchorName: "tpm2-openssl",
       anchor: anchor.commandsPerHandshake ?? 0, unit: "", higherIsBetter: false)
+  }
+  if let resumed = rows.first(where: { $0.name == "EdgeKey, TPM key, resumed session" }) {
+    Report.shared.add(
+      "mTLS handshakes/s, TPM key: resumed session vs full handshake", ours: resumed.perSecond,
+      anchorName: "full handshake", anchor: ours, unit: "/s", higherIsBetter: true)
   }
   Report.shared.add(
     "mTLS handshakes/s, TPM key vs software key", ours: ours, anchorName: "software key", anchor: floor, unit: "/s",

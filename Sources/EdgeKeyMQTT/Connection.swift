@@ -29,6 +29,8 @@ final class Connection {
   private var subscribeMids: [Int32: String] = [:]
   private var acked: [Int64] = []
   private var rejected: [(Int64, Int32)] = []
+  /// The broker's Receive Maximum: QoS ≥ 1 messages in flight stay within it.
+  private var receiveMaximum = 65535
 
   /// The first connection in 3.1.1 after the automatic version fell back: counted on CONNACK.
   private let countsFallback: Bool
@@ -43,11 +45,21 @@ final class Connection {
     self.endpoint = endpoint
     self.version = version
     let configuration = engine.configuration
-    guard let m = mosquitto_new(engine.clientID, configuration.cleanSession, nil) else {
-      throw MQTTError(kind: .invalidArgument, reason: "mosquitto_new failed for client id \(engine.clientID)")
+    let clientID = engine.nextClientID
+    // An empty id asks an MQTT 5 broker to assign one (libmosquitto takes it as NULL).
+    guard let m = mosquitto_new(clientID.isEmpty ? nil : clientID, configuration.cleanSession, nil) else {
+      throw MQTTError(kind: .invalidArgument, reason: "mosquitto_new failed for client id \(clientID)")
     }
     mosq = m
     mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, version.level)
+    if version == .v5 {
+      do {
+        try Connection.keepConnectProperties(configuration, in: m)
+      } catch {
+        mosquitto_destroy(m)
+        throw error
+      }
+    }
     mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, 1)
     mosquitto_int_option(m, MOSQ_OPT_SSL_CTX_WITH_DEFAULTS, 0)
     // libmosquitto takes its own reference and drops it in mosquitto_destroy.
@@ -64,7 +76,9 @@ final class Connection {
       }
     }
     mosquitto_user_data_set(m, Unmanaged.passUnretained(self).toOpaque())
-    mosquitto_connect_v5_callback_set(m) { _, obj, rc, _, _ in Connection.from(obj).didConnect(rc) }
+    mosquitto_connect_v5_callback_set(m) { _, obj, rc, flags, properties in
+      Connection.from(obj).didConnect(rc, flags: flags, properties: properties)
+    }
     mosquitto_disconnect_v5_callback_set(m) { _, obj, rc, _ in Connection.from(obj).didDisconnect(rc) }
     mosquitto_publish_v5_callback_set(m) { _, obj, mid, reason, _ in Connection.from(obj).didPublish(mid, reason) }
     mosquitto_subscribe_v5_callback_set(m) { _, obj, mid, count, granted, _ in
@@ -77,6 +91,45 @@ final class Connection {
   }
 
   deinit { mosquitto_destroy(mosq) }
+
+  /// Gives `mosq` the MQTT 5 CONNECT properties that every connect and reconnect sends.
+  ///
+  /// libmosquitto 2.0 has no asynchronous connect that takes properties (upstream issues 1835
+  /// and 2644). `mosquitto_connect_bind_v5` keeps a copy of its properties in the handle before
+  /// it looks at the host, and the asynchronous connect sends the copy: given no host, it keeps
+  /// them and returns MOSQ_ERR_INVAL without connecting. A test reads the CONNECT that reaches
+  /// the broker (`MQTT5SessionTests`), so a libmosquitto that stops doing this fails the suite.
+  private static func keepConnectProperties(
+    _ configuration: MQTTConfiguration, in m: OpaquePointer
+  ) throws(MQTTError) {
+    var properties: OpaquePointer?
+    defer { mosquitto_property_free_all(&properties) }
+    var rc = MOSQ_ERR_SUCCESS.rawValue
+    func add(_ result: Int32) { if rc == MOSQ_ERR_SUCCESS.rawValue { rc = result } }
+    let expiry = configuration.sessionExpirySeconds
+    if expiry > 0 {
+      add(mosquitto_property_add_int32(&properties, Int32(MQTT_PROP_SESSION_EXPIRY_INTERVAL.rawValue), expiry))
+    }
+    if let receiveMaximum = configuration.receiveMaximum {
+      add(mosquitto_property_add_int16(&properties, Int32(MQTT_PROP_RECEIVE_MAXIMUM.rawValue), receiveMaximum))
+    }
+    if let maximumPacketSize = configuration.maximumPacketSize {
+      add(
+        mosquitto_property_add_int32(&properties, Int32(MQTT_PROP_MAXIMUM_PACKET_SIZE.rawValue), maximumPacketSize))
+    }
+    for p in configuration.connectUserProperties {
+      add(mosquitto_property_add_string_pair(&properties, Int32(MQTT_PROP_USER_PROPERTY.rawValue), p.name, p.value))
+    }
+    guard rc == MOSQ_ERR_SUCCESS.rawValue else {
+      throw MQTTError(kind: .invalidArgument, reason: "a CONNECT property was refused: \(describe(rc))")
+    }
+    guard properties != nil else { return }
+    let keepAlive = Int32(configuration.keepAlive.components.seconds)
+    rc = mosquitto_connect_bind_v5(m, nil, 0, keepAlive, nil, properties)
+    guard rc == MOSQ_ERR_INVAL.rawValue else {
+      throw MQTTError(kind: .invalidArgument, reason: "the CONNECT properties were refused: \(describe(rc))")
+    }
+  }
 
   private static func from(_ obj: UnsafeMutableRawPointer?) -> Connection {
     Unmanaged<Connection>.fromOpaque(obj!).takeUnretainedValue()
@@ -297,7 +350,7 @@ final class Connection {
     var sent = atMostOnce.count
     var resent = 0
     if changed { mayHaveMore = true }
-    let window = max(engine.configuration.inflightWindow, 1)
+    let window = max(min(engine.configuration.inflightWindow, receiveMaximum), 1)
     var unsendable: [Int64] = []
     while mayHaveMore && midToID.count < window {
       let wanted = window - midToID.count
@@ -367,15 +420,82 @@ final class Connection {
 
   // MARK: - libmosquitto callbacks (on the network thread, inside loop_read/loop_write)
 
-  private func didConnect(_ rc: Int32) {
+  private func didConnect(_ rc: Int32, flags: Int32, properties: OpaquePointer?) {
     if rc == 0 {
       connectedAt = ContinuousClock.now
       let resumed =
         mosquitto_ssl_get(mosq).flatMap { TLSConnectionSummary.of(ssl: OpaquePointer($0))?.resumed } ?? false
-      engine.connected(endpoint, afterFallback: countsFallback, version: version, resumed: resumed)
+      let connack = readConnack(sessionPresent: flags & 1 != 0, properties: properties)
+      receiveMaximum = connack.receiveMaximum
+      engine.logger.info(
+        "connected to \(endpoint) (MQTT \(version == .v5 ? "5" : "3.1.1"), session "
+          + "\(connack.sessionPresent ? "resumed" : "new")\(resumed ? ", TLS session resumed" : ""))")
+      engine.connected(endpoint, afterFallback: countsFallback, version: version, resumed: resumed, connack: connack)
     } else {
       refusal = rc
     }
+  }
+
+  /// What a successful CONNACK says (MQTT 5 §3.2.2.3), with the protocol's defaults for what
+  /// it leaves out.
+  private func readConnack(sessionPresent: Bool, properties: OpaquePointer?) -> MQTTConnack {
+    let configuration = engine.configuration
+    var connack = MQTTConnack(
+      version: version, sessionPresent: sessionPresent, clientID: engine.nextClientID, assignedClientID: false,
+      sessionExpiry: nil, keepAlive: configuration.keepAlive, receiveMaximum: 65535, maximumQoS: .exactlyOnce,
+      retainAvailable: true, topicAliasMaximum: 0, maximumPacketSize: nil, userProperties: [])
+    guard version == .v5 else { return connack }
+    let sent = configuration.sessionExpirySeconds
+    connack.sessionExpiry = sent > 0 ? .seconds(Int64(sent)) : nil
+    var u32: UInt32 = 0
+    var u16: UInt16 = 0
+    var byte: UInt8 = 0
+    func id(_ p: mqtt5_property) -> Int32 { Int32(p.rawValue) }
+    if mosquitto_property_read_int32(properties, id(MQTT_PROP_SESSION_EXPIRY_INTERVAL), &u32, false) != nil {
+      connack.sessionExpiry = u32 > 0 ? .seconds(Int64(u32)) : nil
+    }
+    var text: UnsafeMutablePointer<CChar>?
+    if mosquitto_property_read_string(properties, id(MQTT_PROP_ASSIGNED_CLIENT_IDENTIFIER), &text, false) != nil,
+      let text
+    {
+      connack.clientID = String(decoding: UnsafeRawBufferPointer(start: text, count: strlen(text)), as: UTF8.self)
+      connack.assignedClientID = true
+      free(text)
+    }
+    if mosquitto_property_read_int16(properties, id(MQTT_PROP_SERVER_KEEP_ALIVE), &u16, false) != nil {
+      connack.keepAlive = .seconds(Int64(u16))
+    }
+    if mosquitto_property_read_int16(properties, id(MQTT_PROP_RECEIVE_MAXIMUM), &u16, false) != nil, u16 > 0 {
+      connack.receiveMaximum = Int(u16)
+    }
+    if mosquitto_property_read_byte(properties, id(MQTT_PROP_MAXIMUM_QOS), &byte, false) != nil {
+      connack.maximumQoS = MQTTQoS(rawValue: Int32(byte)) ?? .atMostOnce
+    }
+    if mosquitto_property_read_byte(properties, id(MQTT_PROP_RETAIN_AVAILABLE), &byte, false) != nil {
+      connack.retainAvailable = byte != 0
+    }
+    if mosquitto_property_read_int16(properties, id(MQTT_PROP_TOPIC_ALIAS_MAXIMUM), &u16, false) != nil {
+      connack.topicAliasMaximum = Int(u16)
+    }
+    if mosquitto_property_read_int32(properties, id(MQTT_PROP_MAXIMUM_PACKET_SIZE), &u32, false) != nil {
+      connack.maximumPacketSize = Int(u32)
+    }
+    var at = properties
+    var first = true
+    while true {
+      var name: UnsafeMutablePointer<CChar>?
+      var value: UnsafeMutablePointer<CChar>?
+      guard let found = mosquitto_property_read_string_pair(at, id(MQTT_PROP_USER_PROPERTY), &name, &value, !first)
+      else { break }
+      if let name, let value {
+        connack.userProperties.append(MQTTUserProperty(String(cString: name), String(cString: value)))
+      }
+      free(name)
+      free(value)
+      at = found
+      first = false
+    }
+    return connack
   }
 
   private func didDisconnect(_ rc: Int32) {

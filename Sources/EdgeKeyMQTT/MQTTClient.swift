@@ -50,6 +50,7 @@ public final class MQTTClient: Sendable {
         kind: .invalidArgument,
         reason: "keepAlive \(configuration.keepAlive.secondsText): zero (off) or 5 to 65535 whole seconds")
     }
+    try configuration.checkConnectProperties()
     self.configuration = configuration
     self.outbox = outbox ?? Outbox.memory()
     guard configuration.receiveBuffer > 0 else {
@@ -71,6 +72,9 @@ public final class MQTTClient: Sendable {
 
   /// The TLS identity the next connection uses.
   public var tls: TLSClientContext { engine.currentTLS }
+  /// What the broker's last CONNACK granted: session present, limits, the client id in use.
+  /// Nil before the first connection.
+  public var connack: MQTTConnack? { engine.withShared { $0.connack } }
   /// Where the connection stands now.
   public var state: MQTTConnectionState { engine.state }
   /// True while the broker has accepted us and the connection is up.
@@ -237,6 +241,13 @@ final class Engine: @unchecked Sendable {
     var lastFailure: (any Error)?
     var versionInUse: MQTTProtocolVersion?
     var lastFailureRecord: MQTTFailure?
+    /// The last CONNACK's grant; its client id is the next connection's.
+    var connack: MQTTConnack?
+  }
+
+  /// The client id the next connection sends: the one the broker assigned, once it did.
+  var nextClientID: String {
+    withShared { s in s.connack.flatMap { $0.assignedClientID ? $0.clientID : nil } } ?? clientID
   }
 
   private static let libraryInit: Void = { mosquitto_lib_init() }()
@@ -645,9 +656,12 @@ final class Engine: @unchecked Sendable {
 
   // Called by `Connection` on the network thread.
 
-  func connected(_ endpoint: MQTTEndpoint, afterFallback: Bool, version: MQTTProtocolVersion, resumed: Bool) {
+  func connected(
+    _ endpoint: MQTTEndpoint, afterFallback: Bool, version: MQTTProtocolVersion, resumed: Bool, connack: MQTTConnack
+  ) {
     let waiters = withShared { s -> [CheckedContinuation<Void, any Error>] in
       s.versionInUse = version
+      s.connack = connack
       s.metrics.connections += 1
       if resumed { s.metrics.resumedConnections += 1 }
       s.lastFailure = nil

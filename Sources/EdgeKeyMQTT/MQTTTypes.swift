@@ -128,21 +128,85 @@ public struct MQTTWill: Sendable, Equatable {
   }
 }
 
+/// An MQTT 5 user property: a name and value pair (MQTT 5 §3.1.2.11.8).
+public struct MQTTUserProperty: Sendable, Equatable {
+  /// The name; it may repeat within a packet.
+  public var name: String
+  /// The value.
+  public var value: String
+
+  /// A property `name` = `value`.
+  public init(_ name: String, _ value: String) {
+    self.name = name
+    self.value = value
+  }
+}
+
+/// What the broker's CONNACK said about the session and its limits (MQTT 5 §3.2.2.3; for MQTT
+/// 3.1.1 only `sessionPresent` comes from the broker and the rest are the protocol's defaults).
+/// The client keeps to them: it never has more messages in flight than `receiveMaximum`; a
+/// message with a QoS above `maximumQoS` or larger than `maximumPacketSize` is dropped as
+/// "unsendable" (its `publish` throws `.dropped`), never retried; a retained message goes
+/// without the retain flag when `retainAvailable` is false (libmosquitto clears it: the broker
+/// would end the connection over it); no topic alias is ever sent, so any
+/// `topicAliasMaximum` is kept to; it pings within `keepAlive`; and its next connection uses
+/// `clientID`.
+public struct MQTTConnack: Sendable, Equatable {
+  /// The protocol version of the connection.
+  public var version: MQTTProtocolVersion
+  /// The broker resumed a session it kept for this client id.
+  public var sessionPresent: Bool
+  /// The client id in use: ours, or the one the broker assigned (`assignedClientID`).
+  public var clientID: String
+  /// The broker assigned `clientID` (we sent an empty one).
+  public var assignedClientID: Bool
+  /// How long the broker keeps the session after the connection ends (MQTT 5; nil when the
+  /// session ends with the connection, 3.1.1 included).
+  public var sessionExpiry: Duration?
+  /// The keep alive in force: the broker's Server Keep Alive if it sent one, else ours.
+  public var keepAlive: Duration
+  /// How many QoS ≥ 1 messages we may have in flight to the broker (65535 when not limited).
+  public var receiveMaximum: Int
+  /// The highest QoS the broker accepts from us.
+  public var maximumQoS: MQTTQoS
+  /// Whether the broker accepts retained messages.
+  public var retainAvailable: Bool
+  /// The highest topic alias the broker accepts (0: none; we use none either way).
+  public var topicAliasMaximum: Int
+  /// The largest packet the broker accepts, when it said.
+  public var maximumPacketSize: Int?
+  /// The broker's user properties, in order.
+  public var userProperties: [MQTTUserProperty]
+}
+
 /// Options for `MQTTClient`.
 public struct MQTTConfiguration: Sendable {
   /// Tried in turn: after a failure the next one is used.
   public var endpoints: [MQTTEndpoint]
-  /// Defaults to the common name of the TLS identity's certificate.
+  /// Defaults to the common name of the TLS identity's certificate. Empty: an MQTT 5 broker
+  /// assigns one (`MQTTConnack.clientID`), which every later connection then sends.
   public var clientID: String?
   /// The MQTT version to speak.
   public var protocolVersion: MQTTProtocolVersion = .automatic
   /// Whole seconds: zero (off) or 5 to 65535 s. A broker silent for 1.5 × keepAlive is given
   /// up on.
   public var keepAlive: Duration = .seconds(60)
-  /// MQTT 3.1.1 clean session / MQTT 5 clean start. A session that outlives the connection
-  /// needs MQTT 3.1.1 for now: libmosquitto's asynchronous connect sends no MQTT 5 session
-  /// expiry interval, so an MQTT 5 session ends with its connection.
+  /// MQTT 3.1.1 clean session / MQTT 5 clean start: true starts every connection with a new,
+  /// empty session. False resumes the broker's session for this client id: its subscriptions,
+  /// and the QoS ≥ 1 messages that arrived for it while it was away.
   public var cleanSession = true
+  /// MQTT 5: how long the broker keeps the session after the connection ends (the Session
+  /// Expiry Interval, whole seconds). Nil: none with `cleanSession` (the session ends with the
+  /// connection), and for as long as the broker allows without it (0xFFFFFFFF: what MQTT 3.1.1's
+  /// clean session false means). The broker may grant less: see `MQTTConnack.sessionExpiry`.
+  public var sessionExpiry: Duration?
+  /// MQTT 5: how many QoS ≥ 1 messages the broker may have in flight to us at once (Receive
+  /// Maximum, 1 to 65535). Nil: libmosquitto's default, 20.
+  public var receiveMaximum: UInt16?
+  /// MQTT 5: the largest packet we accept (Maximum Packet Size, bytes). Nil: no limit sent.
+  public var maximumPacketSize: UInt32?
+  /// MQTT 5: user properties sent with CONNECT, in order (a name may repeat).
+  public var connectUserProperties: [MQTTUserProperty] = []
   /// Published by the broker when the connection ends without a DISCONNECT.
   public var will: MQTTWill?
   /// When to try again after a failed or lost connection.
@@ -199,4 +263,37 @@ public struct MQTTFailure: Sendable, Equatable {
   public var layer: String
   /// What happened, with the certificate's subject, issuer and dates when one was involved.
   public var description: String
+}
+
+extension MQTTConfiguration {
+  /// The Session Expiry Interval CONNECT sends (MQTT 5), in seconds.
+  var sessionExpirySeconds: UInt32 {
+    if let sessionExpiry { return UInt32(clamping: sessionExpiry.components.seconds) }
+    return cleanSession ? 0 : UInt32.max
+  }
+
+  /// Refuses, before any connection, what libmosquitto or the protocol would refuse later.
+  func checkConnectProperties() throws(MQTTError) {
+    if let sessionExpiry {
+      let c = sessionExpiry.components
+      guard c.attoseconds == 0, c.seconds >= 0, c.seconds <= Int64(UInt32.max) else {
+        throw MQTTError(
+          kind: .invalidArgument,
+          reason: "sessionExpiry \(sessionExpiry.secondsText): whole seconds, 0 to \(UInt32.max) (MQTT 5 §3.1.2.11.2)")
+      }
+    }
+    if receiveMaximum == 0 {
+      throw MQTTError(kind: .invalidArgument, reason: "receiveMaximum 0: 1 to 65535 (MQTT 5 §3.1.2.11.3)")
+    }
+    if maximumPacketSize == 0 {
+      throw MQTTError(kind: .invalidArgument, reason: "maximumPacketSize 0: at least 1 (MQTT 5 §3.1.2.11.4)")
+    }
+    for p in connectUserProperties {
+      for text in [p.name, p.value] where text.utf8.count > 65535 || text.utf8.contains(0) {
+        throw MQTTError(
+          kind: .invalidArgument,
+          reason: "user property \"\(p.name.prefix(40))\": a UTF-8 string of at most 65535 bytes without U+0000")
+      }
+    }
+  }
 }

@@ -59,7 +59,7 @@ func brokerPolicy(_ args: Arguments, host: String, caFile: String) -> TLSPolicy 
 }
 
 /// `-V/--protocol-version 5|311|auto` (default auto: MQTT 5, 3.1.1 for a broker that does not
-/// speak 5), `--disable-clean-session`, `--will-topic T [--will-payload P] [--will-qos Q]
+/// speak 5), `--disable-clean-session`, `-x/--session-expiry-interval S`, `--will-topic T [--will-payload P] [--will-qos Q]
 /// [--will-retain]`.
 func applyMQTTOptions(_ args: Arguments, to configuration: inout MQTTConfiguration) {
   switch args.option("protocol-version") {
@@ -68,16 +68,12 @@ func applyMQTTOptions(_ args: Arguments, to configuration: inout MQTTConfigurati
   case "311", "3.1.1", "mqttv311": configuration.protocolVersion = .v311
   case let other?: fail("--protocol-version \(other): 5, 311 or auto", .usage)
   }
-  if args.flag("disable-clean-session") {
-    // libmosquitto 2.0's asynchronous connect sends no MQTT 5 session expiry interval, so an
-    // MQTT 5 session would end with the connection: a persistent session is a 3.1.1 session.
-    if configuration.protocolVersion == .v5 {
-      fail(
-        "--disable-clean-session needs MQTT 3.1.1 (-V 311 or auto): libmosquitto 2.0 cannot send the MQTT 5 "
-          + "session expiry interval on its asynchronous connect", .usage)
+  if args.flag("disable-clean-session") { configuration.cleanSession = false }
+  if let text = args.option("session-expiry-interval") {
+    guard let seconds = UInt32(text) else {
+      fail("--session-expiry-interval \(text): whole seconds, 0 to \(UInt32.max)", .usage)
     }
-    configuration.protocolVersion = .v311
-    configuration.cleanSession = false
+    configuration.sessionExpiry = .seconds(Int64(seconds))
   }
   if let topic = args.option("will-topic") {
     do { try MQTTTopic.checkName(topic) } catch { fail("--will-topic: \(error.reason)", .usage) }

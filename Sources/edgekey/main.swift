@@ -93,7 +93,9 @@ let usage = """
     -i, --id ID     MQTT client id (default: our certificate's common name); doctor: --client-id ID
     -V, --protocol-version 5|311|auto  MQTT version for pub, sub, agent and doctor (default auto:
                     MQTT 5, and 3.1.1 for a broker that shows it does not speak 5)
-    --disable-clean-session  a session that outlives the connection (pub, sub, agent; MQTT 3.1.1)
+    --disable-clean-session  a session that outlives the connection (pub, sub, agent)
+    -x, --session-expiry-interval S  MQTT 5: how long the broker keeps it, in seconds (default
+                    with --disable-clean-session: as long as the broker allows; as mosquitto_sub -x)
     --will-topic T [--will-payload BYTES] [--will-qos Q] [--will-retain]
                     a last will the broker publishes if we vanish (pub, sub, agent)
     --crl FILE      CRLs (PEM) for the server's chain, checked at every level (pub, sub, agent,
@@ -132,7 +134,8 @@ let commandOptions: [String: Set<String>] = {
   let key: Set<String> = ["file", "handle", "auth-env"]
   let serverTLS: Set<String> = ["server-name", "crl", "crl-url", "allow-missing-crl", "alpn"]
   let mqtt: Set<String> = [
-    "protocol-version", "disable-clean-session", "will-topic", "will-payload", "will-qos", "will-retain",
+    "protocol-version", "disable-clean-session", "session-expiry-interval", "will-topic", "will-payload", "will-qos",
+    "will-retain",
   ]
   let est: Set<String> = [
     "state", "server", "cafile", "label", "password-env", "crl", "crl-url", "allow-missing-crl",
@@ -283,6 +286,7 @@ func run(_ argv: [[UInt8]]) throws {
         "-a": "--algorithm", "-o": "--out", "-c": "--handle", "-v": "--verbose", "-h": "--host", "-p": "--port",
         "-t": "--topic", "-m": "--message", "-q": "--qos", "-l": "--stdin-line", "-r": "--retain", "-i": "--id",
         "-f": "--file-message", "-s": "--stdin-file", "-V": "--protocol-version",
+        "-x": "--session-expiry-interval",
       ])
   } catch {
     fail("\(error)\n\(usage)", .usage)

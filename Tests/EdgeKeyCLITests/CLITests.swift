@@ -1195,10 +1195,21 @@ struct CLIInputTests {
     let second = try Command.runCapturing(try edgekeyBinary(), subscribe, environment: f.environment)
     #expect(second.status == 0, "\(second.stderr)")
     #expect(second.stdout == "devices/sess-1/cmd while-away\n")
-    // MQTT 5 cannot keep a session through libmosquitto 2.0's asynchronous connect: refused, not ignored.
-    let pinned = try Command.runCapturing(try edgekeyBinary(), subscribe + ["-V", "5"], environment: f.environment)
-    #expect(pinned.status == 2)
-    #expect(pinned.stderr.contains("needs MQTT 3.1.1"))
+    // The same over MQTT 5, with the session expiry interval mosquitto_sub's -x sends.
+    let v5 = subscribe.map { $0 == "sess-1-sub" ? "sess-1-sub5" : $0 } + ["-V", "5", "-x", "300"]
+    let third = try ChildProcess(try edgekeyBinary(), v5, logPath: f.path("third.log"), environment: f.environment)
+    while !f.broker.log.contains("Sending SUBACK to sess-1-sub5") && Date() < deadline && third.isRunning {
+      usleep(50_000)
+    }
+    #expect(try shell(f, pub(f, "-t devices/sess-1/cmd -q 1 -m v5-first")).status == 0)
+    while third.isRunning && Date() < deadline { usleep(50_000) }
+    #expect(try String(contentsOfFile: f.path("third.log"), encoding: .utf8) == "devices/sess-1/cmd v5-first\n")
+    #expect(try shell(f, pub(f, "-t devices/sess-1/cmd -q 1 -m v5-while-away")).status == 0)
+    let fourth = try Command.runCapturing(try edgekeyBinary(), v5, environment: f.environment)
+    #expect(fourth.status == 0, "\(fourth.stderr)")
+    #expect(fourth.stdout == "devices/sess-1/cmd v5-while-away\n")
+    let bad = try Command.runCapturing(try edgekeyBinary(), v5 + ["-x", "soon"], environment: f.environment)
+    #expect(bad.status == 2)
   }
 }
 
