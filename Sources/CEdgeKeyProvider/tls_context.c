@@ -421,6 +421,8 @@ static void info_callback(const SSL *ssl, int where, int ret) {
       const char *sni = policy->sni[0] != '\0' ? policy->sni : NULL;
       SSL_set_tlsext_host_name((SSL *)ssl, sni);
       if (policy->resume) offer_kept_session((SSL *)ssl, policy);
+      /* Before anything is written: no write of this connection can raise SIGPIPE. */
+      edgekey_ssl_adopt_socket((SSL *)ssl);
     }
   }
   if (where & SSL_CB_HANDSHAKE_DONE) {

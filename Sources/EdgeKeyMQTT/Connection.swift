@@ -47,7 +47,13 @@ final class Connection {
     let configuration = engine.configuration
     let clientID = engine.nextClientID
     // An empty id asks an MQTT 5 broker to assign one (libmosquitto takes it as NULL).
-    guard let m = mosquitto_new(clientID.isEmpty ? nil : clientID, configuration.cleanSession, nil) else {
+    // mosquitto_new ignores SIGPIPE for the whole process; EdgeKey leaves the disposition as the
+    // application set it (every TLS write goes through a MSG_NOSIGNAL BIO, edgekey_tls.h).
+    var disposition = sigaction()
+    sigaction(SIGPIPE, nil, &disposition)
+    let made = mosquitto_new(clientID.isEmpty ? nil : clientID, configuration.cleanSession, nil)
+    sigaction(SIGPIPE, &disposition, nil)
+    guard let m = made else {
       throw MQTTError(kind: .invalidArgument, reason: "mosquitto_new failed for client id \(clientID)")
     }
     mosq = m

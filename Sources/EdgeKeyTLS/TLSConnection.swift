@@ -24,7 +24,6 @@ public final class TLSConnection {
   public init(context: TLSClientContext, host: String, port: UInt16, timeout: Duration = .seconds(10))
     throws(TLSError)
   {
-    TLSConnection.ignoreSIGPIPE
     self.context = context
     fd = try TLSConnection.connectTCP(host: host, port: port, timeout: timeout)
     guard let ssl = SSL_new(context.sslContext) else {
@@ -32,7 +31,13 @@ public final class TLSConnection {
       throw TLSError(.tls, .other, "SSL_new failed")
     }
     self.ssl = ssl
-    SSL_set_fd(ssl, fd)
+    // Writes with MSG_NOSIGNAL: a server that closes mid-write is an error here, never a
+    // SIGPIPE for the process (whose disposition EdgeKey leaves alone).
+    guard edgekey_ssl_set_socket(ssl, fd) == 1 else {
+      SSL_free(ssl)
+      close(fd)
+      throw TLSError(.tls, .other, "no socket BIO")
+    }
     _ = edgekey_tls_set_endpoint(ssl, "\(host):\(port)")
     // SNI is the context's: the name it verifies, never an IP literal (edgekey_tls.h).
     ERR_clear_error()
@@ -126,11 +131,6 @@ public final class TLSConnection {
     edgekey_tls_diagnose(ssl, sslError, &failure)
     return TLSError(failure: failure)
   }
-
-  private static let ignoreSIGPIPE: Void = {
-    // A peer that closes mid-write must produce an error, not kill the process.
-    signal(SIGPIPE, SIG_IGN)
-  }()
 
   /// A TCP connection with a connect timeout; reads and writes then time out after `timeout`.
   static func connectTCP(host: String, port: UInt16, timeout: Duration) throws(TLSError) -> Int32 {

@@ -314,6 +314,9 @@ guard let colon = listen.lastIndex(of: ":"), let port = UInt16(listen[listen.ind
 }
 let host = String(listen[..<colon])
 
+// A server: a write to a client that is gone must not end it. The library's sockets already
+// write with MSG_NOSIGNAL; this covers anything else the process writes (its log, a pipe).
+signal(SIGPIPE, SIG_IGN)
 // Block the stop signals before any thread starts, so that only sigwait below receives them.
 var stopSignals = sigset_t()
 sigemptyset(&stopSignals)

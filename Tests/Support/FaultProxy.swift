@@ -37,6 +37,7 @@ public final class FaultProxy: @unchecked Sendable {
   }
 
   public init(to targetPort: UInt16) throws {
+    harnessIgnoresSIGPIPE
     target = targetPort
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw HarnessError("proxy socket: \(String(cString: strerror(errno)))") }

@@ -20,6 +20,7 @@ public final class LateAcceptProxy: @unchecked Sendable {
   private let overflowsAtStart: Int
 
   public init(to target: UInt16) throws {
+    harnessIgnoresSIGPIPE
     self.target = target
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     var address = LateAcceptProxy.loopback(0)

@@ -255,6 +255,7 @@ public enum PortFinder {
   /// for us can be handed to one of the outgoing connections (thousands, one per TPM command)
   /// before our server binds it.
   public static func free() throws -> UInt16 {
+    harnessIgnoresSIGPIPE
     for _ in 0..<500 {
       let port = UInt16.random(in: range)
       if isFree(port), claim([port]) { return port }

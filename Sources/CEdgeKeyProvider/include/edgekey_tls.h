@@ -93,6 +93,21 @@ int edgekey_tls_forget_sessions(SSL_CTX *ctx);
 int edgekey_tls_kept_sessions(SSL_CTX *ctx);
 
 /*
+ * Sockets without SIGPIPE. OpenSSL's socket BIO writes with write(2), which raises SIGPIPE when
+ * the peer has closed: the process dies unless it ignores the signal. These BIOs write with
+ * send(MSG_NOSIGNAL), so a closed peer is an EPIPE error on that connection whatever the
+ * process's disposition, and EdgeKey's library code never changes it.
+ *
+ * edgekey_ssl_set_socket: as SSL_set_fd, with such a BIO (the fd is never closed by it).
+ * edgekey_ssl_adopt_socket: replaces the plain socket BIO of an SSL that another library made
+ *   (libmosquitto's) by one for the same fd; returns 1 when it did. Connections from contexts
+ *   of edgekey_tls_client_ctx get it before their ClientHello.
+ */
+BIO *edgekey_bio_new_socket(int fd);
+int edgekey_ssl_set_socket(SSL *ssl, int fd);
+int edgekey_ssl_adopt_socket(SSL *ssl);
+
+/*
  * The same policy applied to a context made elsewhere (libcurl's, in its
  * CURLOPT_SSL_CTX_FUNCTION): its certificate store is replaced by `trust_pem`. Here the client
  * identity is optional: with no chain and no key, no client certificate is offered (EST

@@ -155,10 +155,6 @@ public final class HTTPSServer: @unchecked Sendable {
 
   /// Binds `host:port` (port 0: the kernel picks a free one) and starts accepting.
   public func start(host: String = "127.0.0.1", port requested: UInt16 = 0) throws {
-    // A client that vanishes while we write its answer must cost us an EPIPE on that
-    // connection, not the process (SIGPIPE's default): a device killed mid-enrollment killed
-    // the registration authority before this.
-    signal(SIGPIPE, SIG_IGN)
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw HTTPServerError("socket: \(String(cString: strerror(errno)))") }
     var one: Int32 = 1
@@ -288,7 +284,10 @@ public final class HTTPSServer: @unchecked Sendable {
     setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
     guard let ssl = SSL_new(context) else { return }
     defer { SSL_free(ssl) }
-    SSL_set_fd(ssl, fd)
+    // A client that vanishes while we write its answer costs an EPIPE on that connection, not
+    // the process: every write is send(MSG_NOSIGNAL) (a device killed mid-enrollment once
+    // killed the registration authority), and the process's SIGPIPE disposition is left alone.
+    guard edgekey_ssl_set_socket(ssl, fd) == 1 else { return }
     var connection = TLSServerConnection(ssl: ssl, fd: fd, deadline: ContinuousClock.now + limits.requestTimeout)
     guard connection.perform({ SSL_accept($0) }) == 1 else {
       if connection.timedOut {
