@@ -11,6 +11,7 @@
 #include "edgekey_tls.h"
 
 static BIO_METHOD *method;
+static int method_type;
 static pthread_once_t method_once = PTHREAD_ONCE_INIT;
 
 static int write_nosignal(BIO *b, const char *in, int len) {
@@ -29,8 +30,8 @@ static int puts_nosignal(BIO *b, const char *text) { return write_nosignal(b, te
  * and destroy (which closes the fd only under BIO_CLOSE). */
 static void make_method(void) {
   const BIO_METHOD *socket_method = BIO_s_socket();
-  BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR,
-                               "edgekey socket (MSG_NOSIGNAL)");
+  int type = BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR;
+  BIO_METHOD *m = BIO_meth_new(type, "edgekey socket (MSG_NOSIGNAL)");
   if (m == NULL) return;
   if (!BIO_meth_set_write(m, write_nosignal) || !BIO_meth_set_puts(m, puts_nosignal) ||
       !BIO_meth_set_read(m, BIO_meth_get_read(socket_method)) ||
@@ -40,6 +41,7 @@ static void make_method(void) {
     BIO_meth_free(m);
     return;
   }
+  method_type = type;
   method = m;
 }
 
@@ -61,9 +63,16 @@ int edgekey_ssl_set_socket(SSL *ssl, int fd) {
 int edgekey_ssl_adopt_socket(SSL *ssl) {
   BIO *rbio = SSL_get_rbio(ssl);
   if (rbio == NULL || rbio != SSL_get_wbio(ssl) || BIO_method_type(rbio) != BIO_TYPE_SOCKET) return 0;
+  /* A BIO that owns its fd would close it when replaced: left as it is. */
+  if (BIO_get_close(rbio) != BIO_NOCLOSE) return 0;
   int fd = -1;
   if (BIO_get_fd(rbio, &fd) < 0 || fd < 0) return 0;
-  /* The old BIO was made BIO_NOCLOSE by its library (libmosquitto closes its own socket); ours
-   * never closes it either. */
+  /* Its library closes the socket itself (libmosquitto does); ours never closes it either. */
   return edgekey_ssl_set_socket(ssl, fd);
+}
+
+int edgekey_ssl_writes_nosignal(const SSL *ssl) {
+  BIO *wbio = ssl != NULL ? SSL_get_wbio(ssl) : NULL;
+  pthread_once(&method_once, make_method);
+  return wbio != NULL && method != NULL && BIO_method_type(wbio) == method_type;
 }

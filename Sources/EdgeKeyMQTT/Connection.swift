@@ -432,6 +432,8 @@ final class Connection {
       let resumed =
         mosquitto_ssl_get(mosq).flatMap { TLSConnectionSummary.of(ssl: OpaquePointer($0))?.resumed } ?? false
       let connack = readConnack(sessionPresent: flags & 1 != 0, properties: properties)
+      let noSIGPIPE = mosquitto_ssl_get(mosq).map { TLSConnectionSummary.writesWithoutSIGPIPE(ssl: OpaquePointer($0)) }
+      engine.withShared { $0.writesWithoutSIGPIPE = noSIGPIPE ?? false }
       receiveMaximum = connack.receiveMaximum
       engine.logger.info(
         "connected to \(endpoint) (MQTT \(version == .v5 ? "5" : "3.1.1"), session "

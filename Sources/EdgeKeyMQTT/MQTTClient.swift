@@ -75,6 +75,8 @@ public final class MQTTClient: Sendable {
   /// What the broker's last CONNACK granted: session present, limits, the client id in use.
   /// Nil before the first connection.
   public var connack: MQTTConnack? { engine.withShared { $0.connack } }
+  /// Whether the last connection's TLS writes cannot raise SIGPIPE (for the tests).
+  package var writesWithoutSIGPIPE: Bool { engine.withShared { $0.writesWithoutSIGPIPE } }
   /// Where the connection stands now.
   public var state: MQTTConnectionState { engine.state }
   /// True while the broker has accepted us and the connection is up.
@@ -243,6 +245,8 @@ final class Engine: @unchecked Sendable {
     var lastFailureRecord: MQTTFailure?
     /// The last CONNACK's grant; its client id is the next connection's.
     var connack: MQTTConnack?
+    /// The last connection's TLS writes go through EdgeKey's MSG_NOSIGNAL socket BIO.
+    var writesWithoutSIGPIPE = false
   }
 
   /// The client id the next connection sends: the one the broker assigned, once it did.

@@ -275,6 +275,9 @@ package struct TLSConnectionSummary: Sendable, Equatable {
     return TLSConnectionSummary(info)
   }
 
+  /// Whether `ssl` writes with MSG_NOSIGNAL (EdgeKey's socket BIO), so no write raises SIGPIPE.
+  package static func writesWithoutSIGPIPE(ssl: OpaquePointer) -> Bool { edgekey_ssl_writes_nosignal(ssl) == 1 }
+
   /// The last connection of `context` whose SSL was freed, once (each call clears it).
   package static func last(of context: TLSClientContext) -> TLSConnectionSummary? {
     var info = edgekey_tls_connection_info()

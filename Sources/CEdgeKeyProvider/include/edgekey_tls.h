@@ -106,6 +106,8 @@ int edgekey_tls_kept_sessions(SSL_CTX *ctx);
 BIO *edgekey_bio_new_socket(int fd);
 int edgekey_ssl_set_socket(SSL *ssl, int fd);
 int edgekey_ssl_adopt_socket(SSL *ssl);
+/* 1 when `ssl` writes through such a BIO. */
+int edgekey_ssl_writes_nosignal(const SSL *ssl);
 
 /*
  * The same policy applied to a context made elsewhere (libcurl's, in its
