@@ -108,8 +108,10 @@ func agentCommand(_ args: Arguments, logger: Logger) throws {
   // one, every renewal is attested whatever this says.
   policy.attest = args.flag("attest")
   if let text = args.option("renew-at") {
-    guard let share = Double(text), share > 0, share < 1 else { fail("--renew-at takes a share like 0.66", .usage) }
+    guard let share = Double(text), share > 0, share < 1 else { fail("--renew-at takes a share like 0.75", .usage) }
+    // The end of the renewal window; the window keeps its width, within the lifetime.
     policy.renewAfter = share
+    policy.jitter = min(policy.jitter, share / 2)
   }
   let interval = Double(args.option("interval") ?? "0") ?? 0
   let topic = args.option("topic")

@@ -38,7 +38,7 @@ let usage = """
                                               a CSR, the certificate, all kept in the state
                                               directory (crash-safe); one JSON line
     edgekey renew --state DIR --server URL --cafile CA [--force] [--keep-key]
-                                              re-enroll if due (2/3 of the lifetime) or forced,
+                                              re-enroll if due (60-75 % of the lifetime) or forced,
                                               with a new TPM key unless --keep-key; one JSON line
     edgekey provision --state DIR --server URL --cafile CA --subject S -h BROKER [-p P]
                 [--bootstrap-cert PEM --bootstrap-key KEYFILE] [--password-env VAR] [--algorithm A]
@@ -52,7 +52,7 @@ let usage = """
                                               enrollment and every renewal after it
     edgekey agent --state DIR --server URL --cafile CA -h BROKER [-p P] [--broker-cafile CA]
                 [-t TOPIC [--interval S] [-l]] [--outbox DB] [--subject ...] [--password-env VAR]
-                [--renew-at 0.66] [--channel-binding] [--attest]
+                [--renew-at 0.75] [--channel-binding] [--attest]
                                               the long-running device: enrolls if needed, keeps the
                                               MQTT connection, publishes, renews and switches to the
                                               new certificate; SIGTERM stops, SIGHUP reloads;

@@ -98,27 +98,53 @@ struct RenewalTests {
     #expect(try reopened.read(.previous) == nil)
   }
 
-  @Test("renewal moments: 2/3 of the lifetime, moved earlier by at most the jitter; backoff capped by what is left")
+  @Test(
+    "renewal moments: 60 to 75 % of the lifetime, spread over the window; retries above a floor, full jitter, bounded after expiry"
+  )
   func policy() throws {
     let ca = try TestCA()
     var policy = RenewalPolicy()
-    for _ in 0..<20 {
+    var points: [Double] = []
+    for _ in 0..<40 {
       let issued = try ca.issueSoftwareClient(commonName: "d")
       EVP_PKEY_free(issued.key)
       let cert = try Certificate(pem: issued.certificate)
       let lifetime = cert.notAfter.timeIntervalSince(cert.notBefore)
       let at = policy.renewalDate(for: cert).timeIntervalSince(cert.notBefore) / lifetime
-      #expect(at <= 2.0 / 3.0 && at >= 2.0 / 3.0 - policy.jitter)
+      #expect(at <= 0.75 + 1e-9 && at >= 0.60 - 1e-9, "\(at)")
       #expect(policy.renewalDate(for: cert) == policy.renewalDate(for: cert), "the same moment after a restart")
+      points.append(at)
     }
-    policy.initialBackoff = .seconds(10)
-    policy.maximumBackoff = .seconds(3600)
-    #expect(policy.backoff(failures: 1, remaining: .seconds(86400), random: 1) == .seconds(10))
-    #expect(policy.backoff(failures: 4, remaining: .seconds(86400), random: 1) == .seconds(80))
-    #expect(policy.backoff(failures: 30, remaining: .seconds(86400), random: 1) == .seconds(3600))
-    // Two minutes left: never wait more than a third of it.
+    // A batch issued within a second spreads over the window instead of renewing as one: of 40,
+    // some land in each third of it (the chance that one third stays empty is below 1e-6).
+    for third in 0..<3 {
+      let low = 0.60 + Double(third) * 0.05
+      #expect(
+        points.contains { $0 >= low && $0 < low + 0.05 + 1e-9 }, "no renewal in [\(low), \(low + 0.05)): \(points)")
+    }
+
+    // Before expiry: doubling bounds, capped at a third of what is left, never below the floor.
+    let day = Duration.seconds(86400)
+    #expect(policy.backoff(failures: 1, remaining: day, random: 0) == .seconds(30))
+    #expect(policy.backoff(failures: 1, remaining: day, random: 1) == .seconds(30))
+    #expect(policy.backoff(failures: 4, remaining: day, random: 1) == .seconds(240))
+    #expect(policy.backoff(failures: 4, remaining: day, random: 0.5) == .seconds(135))
+    #expect(policy.backoff(failures: 30, remaining: day, random: 1) == .seconds(3600))
+    // Two minutes left: at most a third of it; a few seconds left: the floor, not one a second.
     #expect(policy.backoff(failures: 30, remaining: .seconds(120), random: 1) == .seconds(40))
-    #expect(policy.backoff(failures: 30, remaining: .seconds(120), random: 0) == .seconds(20))
+    #expect(policy.backoff(failures: 30, remaining: .seconds(3), random: 1) == .seconds(30))
+    // Expired, able to enroll again: never more than 45 s apart, so the fleet is back soon
+    // after its RA; unable to: the long waits (only an operator can help).
+    #expect(policy.backoff(failures: 30, remaining: .zero, canEnroll: true, random: 1) == .seconds(45))
+    #expect(policy.backoff(failures: 30, remaining: .seconds(-600), canEnroll: true, random: 0) == .seconds(30))
+    #expect(policy.backoff(failures: 30, remaining: .zero, canEnroll: false, random: 1) == .seconds(3600))
+    // On average during an outage: at least the 30 s the RA can take from each device.
+    var total = Duration.zero
+    for i in 0..<1000 {
+      total += policy.backoff(
+        failures: 1 + i % 8, remaining: .seconds(Double(60 - i % 90)), random: Double(i % 100) / 100)
+    }
+    #expect(total / 1000 >= .seconds(30))
   }
 
   @Test(
@@ -424,6 +450,61 @@ struct RenewalTests {
     #expect(again.certificate?.commonName == "device-77")
     #expect(agent.counters.bootstrapFallbacks == 1)
     #expect(events.all.contains { $0.contains("falling back to the bootstrap credential") })
+  }
+}
+
+@Suite("renewal through an RA outage that outlasts the certificate (issue 21)")
+struct RenewalOutageTests {
+  @Test(
+    "the RA down past the certificate's expiry: retries never faster than the floor, at most expiredBackoff apart once expired, valid again at the first retry after the RA is back"
+  )
+  func outageOutlastsCertificate() async throws {
+    let factory = try TestCA(name: "Factory CA")
+    let f = try EnrollmentFixture(password: nil, bootstrapCA: factory, lifetime: "6s", backdate: "0")
+    let store = try CredentialStore(directory: stateDirectory())
+    try store.write(try f.bootstrapCredential(from: factory, commonName: "device-78"), to: .bootstrap)
+    // The schedule's constants shrunk 30-fold so the outage fits in a test; the defaults are
+    // checked by `policy()` (30 s floor, 45 s after expiry).
+    var policy = RenewalPolicy()
+    policy.minimumBackoff = .seconds(1)
+    policy.initialBackoff = .seconds(1)
+    policy.expiredBackoff = .milliseconds(1500)
+    policy.maximumBackoff = .seconds(120)
+    let (events, sink) = AsyncStream.makeStream(of: RenewalEvent.self)
+    let agent = RenewalAgent(
+      store: store, tpm: f.tpm, settings: try f.settings(), policy: policy,
+      identity: (subject: [("CN", "device-78")], names: []), onEvent: { sink.yield($0) })
+    agent.start()
+    var iterator = events.makeAsyncIterator()
+    func nextRenewal() async -> Bool {
+      while let event = await iterator.next() { if case .renewed = event { return true } }
+      return false
+    }
+    #expect(await nextRenewal(), "the first enrollment")
+    let certificate = try #require(try store.read(.current)?.certificate)
+    f.ra.stop()
+    // Every failed attempt during the outage, and whether the certificate had expired by then.
+    var waits: [(wait: Duration, expired: Bool)] = []
+    while waits.filter(\.expired).count < 4, let event = await iterator.next() {
+      if case .failed(let error, let retryIn?) = event {
+        waits.append((retryIn, certificate.notAfter <= Date()))
+        #expect(error.isTransient, "an RA that is down is transient: \(error)")
+      }
+    }
+    let clock = ContinuousClock()
+    let back = clock.now
+    try f.ra.restart()
+    #expect(await nextRenewal(), "valid again after the RA came back")
+    let recovered = clock.now - back
+    await agent.stop()
+    let valid = try #require(try store.read(.current)?.certificate)
+    #expect(valid.isValid(at: Date()))
+    print(
+      "RA outage past expiry: \(waits.count) failed attempts, waits \(waits.map { "\($0.wait.secondsText)\($0.expired ? "e" : "")" }), "
+        + "valid again \(recovered) after the RA's restart began")
+    #expect(waits.allSatisfy { $0.wait >= policy.minimumBackoff }, "below the floor: \(waits)")
+    #expect(waits.filter(\.expired).allSatisfy { $0.wait <= policy.expiredBackoff }, "after expiry: \(waits)")
+    #expect(!waits.filter(\.expired).isEmpty)
   }
 }
 

@@ -32,17 +32,27 @@ public struct EnrollmentSettings: Sendable {
 
 /// When and how to renew.
 public struct RenewalPolicy: Sendable {
-  /// Renew when this share of the lifetime has passed (2/3: cert-manager's and step's default).
-  public var renewAfter = 2.0 / 3.0
-  /// Renewal is moved earlier by up to this share of the lifetime, by an amount drawn from the
-  /// certificate's fingerprint: a fleet issued at one moment does not renew at one moment, and
-  /// a device renews at the same point after a restart.
-  public var jitter = 0.05
-  /// First retry delay after a failed attempt; doubled per failure up to `maximumBackoff`, and
-  /// never more than a third of the remaining validity (several tries before expiry).
-  public var initialBackoff: Duration = .seconds(10)
+  /// The end of the renewal window: renew by the time this share of the lifetime has passed.
+  public var renewAfter = 0.75
+  /// The width of the renewal window, as a share of the lifetime: each certificate renews at a
+  /// point of [renewAfter − jitter, renewAfter] (by default 60 % to 75 %) drawn from its
+  /// fingerprint, so a batch issued within seconds does not renew as one, and a device renews
+  /// at the same point after a restart.
+  public var jitter = 0.15
+  /// The shortest wait after a failed attempt, whatever the situation: a fleet whose RA is down
+  /// sends it at most one attempt per device per this long.
+  public var minimumBackoff: Duration = .seconds(30)
+  /// The bound on the first wait after a failure; doubled per consecutive failure up to
+  /// `maximumBackoff`. The wait is drawn uniformly between `minimumBackoff` and the bound (full
+  /// jitter), so failed devices do not come back as one.
+  public var initialBackoff: Duration = .seconds(30)
   /// The longest wait between two failed attempts.
   public var maximumBackoff: Duration = .seconds(3600)
+  /// Once the certificate has expired and the device can still enroll (a valid bootstrap
+  /// credential or an enrollment password), the bound on every wait: a fleet whose RA was down
+  /// past its certificates' expiry is valid again within this long of the RA's return. Before
+  /// expiry the bound is a third of the remaining validity (several tries before it).
+  public var expiredBackoff: Duration = .seconds(45)
   /// A new TPM key for each certificate (rotation). Off: the key is kept and only the
   /// certificate renewed.
   public var rotateKeys = true
@@ -67,12 +77,21 @@ public struct RenewalPolicy: Sendable {
     return certificate.notBefore.addingTimeInterval(lifetime * renewAfter - early)
   }
 
-  /// The wait after `failures` consecutive failures, `remaining` before expiry; `random` is
-  /// uniform in [0, 1).
-  public func backoff(failures: Int, remaining: Duration, random: Double) -> Duration {
+  /// The wait after `failures` consecutive failures in the same situation, `remaining` before
+  /// expiry (zero or less: expired), `canEnroll` when an expired device can still enroll with
+  /// a bootstrap credential or password; `random` is uniform in [0, 1).
+  public func backoff(failures: Int, remaining: Duration, canEnroll: Bool = true, random: Double) -> Duration {
     let exponential = min(initialBackoff * Double(1 << min(max(failures - 1, 0), 60)), maximumBackoff)
-    let capped = remaining > .zero ? min(exponential, max(remaining / 3, .seconds(1))) : exponential
-    return capped * (0.5 + random / 2)
+    let bound: Duration
+    if remaining > .zero {
+      bound = min(exponential, remaining / 3)
+    } else if canEnroll {
+      bound = min(exponential, expiredBackoff)
+    } else {
+      bound = exponential  // nothing it can do will work until someone acts: wait long
+    }
+    let floor = minimumBackoff
+    return bound > floor ? floor + (bound - floor) * min(max(random, 0), 1) : floor
   }
 }
 
@@ -609,6 +628,9 @@ public final class RenewalAgent: @unchecked Sendable {
 
   private func run() {
     var failures = 0
+    /// Whether the certificate had expired at the last failure: the count restarts when that
+    /// changes, so an expiry during an outage does not inherit the long waits before it.
+    var failedExpired: Bool?
     var checkedKey: String?
     while !locked({ $0.stopping }) {
       let now = clock()
@@ -627,6 +649,7 @@ public final class RenewalAgent: @unchecked Sendable {
         if due > now && usable {
           if failures == 0 { onEvent(.scheduled(due, certificate: cert.summary)) }
           failures = 0
+          failedExpired = nil
           sleep(until: due)
           continue
         }
@@ -635,12 +658,18 @@ public final class RenewalAgent: @unchecked Sendable {
       do {
         try renew()
         failures = 0
+        failedExpired = nil
         continue
       } catch {
         if error.kind == .cancelled { break }
-        failures += 1
         let remaining = Duration.seconds(current?.certificate?.notAfter.timeIntervalSince(now) ?? 0)
-        wait = policy.backoff(failures: failures, remaining: remaining, random: Double.random(in: 0..<1))
+        let expired = remaining <= .zero
+        failures = failedExpired == expired ? failures + 1 : 1
+        failedExpired = expired
+        let bootstrapValid = (try? store.read(.bootstrap))??.certificate?.isValid(at: now) ?? false
+        wait = policy.backoff(
+          failures: failures, remaining: remaining, canEnroll: settings.password != nil || bootstrapValid,
+          random: Double.random(in: 0..<1))
         // A server that said when to come back (Retry-After) is not asked sooner (RFC 7030 §4.2.3).
         if let asked = error.retryAfter { wait = max(wait, asked) }
         onEvent(.failed(error, retryIn: wait))
