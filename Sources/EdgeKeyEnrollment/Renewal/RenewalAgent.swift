@@ -302,7 +302,15 @@ public final class RenewalAgent: @unchecked Sendable {
   private func renew(cancellation: ESTCancellation) throws(EnrollmentError) -> InstalledCredential {
     locked { $0.counters.attempts += 1 }
     do {
-      let credential = try attempt(cancellation: cancellation)
+      let credential: InstalledCredential
+      do {
+        credential = try attempt(cancellation: cancellation)
+      } catch  where error.kind == .configuration && currentHasExpired() {
+        // The current certificate was valid when the attempt chose it and expired before its
+        // handshake (a renewal at the last moment, or a slow TPM): the same attempt again,
+        // which now falls back to the bootstrap credential or password.
+        credential = try attempt(cancellation: cancellation)
+      }
       locked { $0.lastError = nil }
       return credential
     } catch {
@@ -313,6 +321,14 @@ public final class RenewalAgent: @unchecked Sendable {
       }
       throw error
     }
+  }
+
+  /// Whether the current certificate has expired by now (after an attempt that may have
+  /// chosen it while it was still valid). Without one to fall back to, the second attempt fails
+  /// where the first did, before any network traffic.
+  private func currentHasExpired() -> Bool {
+    guard let cert = (try? store.read(.current))??.certificate else { return false }
+    return !cert.isValid(at: clock())
   }
 
   private func attempt(cancellation: ESTCancellation) throws(EnrollmentError) -> InstalledCredential {
