@@ -9,24 +9,15 @@ public final class AMQTTBroker: @unchecked Sendable {
   private let process: ChildProcess
 
   public init(certificatePEM: String, keyPEM: String, clientCAPEM: String) throws {
-    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-      .deletingLastPathComponent()
-    let python = root.appendingPathComponent(".build-peers/venv/bin/python").path
+    let python = PeerFiles.repository.appendingPathComponent(".build-peers/venv/bin/python").path
     guard FileManager.default.isExecutableFile(atPath: python) else {
       throw HarnessError("amqtt is not installed: run scripts/install-deps (it makes .build-peers/venv)")
     }
-    let script = root.appendingPathComponent("Tests/Support/Peers/amqtt_mtls.py").path
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-amqtt-\(UUID().uuidString)")
+    let files = try PeerFiles(
+      script: "amqtt_mtls.py", prefix: "edgekey-amqtt", certificatePEM: certificatePEM, keyPEM: keyPEM,
+      clientCAPEM: clientCAPEM)
+    let (dir, script, cert, key, ca) = (files.directory, files.script, files.certificate, files.key, files.clientCA)
     directory = dir
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    func write(_ name: String, _ text: String) throws -> String {
-      let url = dir.appendingPathComponent(name)
-      try text.write(to: url, atomically: true, encoding: .utf8)
-      return url.path
-    }
-    let cert = try write("server.pem", certificatePEM)
-    let key = try write("server.key", keyPEM)
-    let ca = try write("client-ca.pem", clientCAPEM)
     let log = dir.appendingPathComponent("amqtt.log")
     var lastLog = ""
     for _ in 0..<5 {
@@ -55,5 +46,33 @@ public final class AMQTTBroker: @unchecked Sendable {
   deinit {
     process.stop()
     try? FileManager.default.removeItem(at: directory)
+  }
+}
+
+/// The files a TLS test peer of ours (`Peers/*.py`) starts from: a fresh directory holding its
+/// certificate, key and client CA, and the path of its script.
+struct PeerFiles {
+  let directory: URL
+  let script: String
+  let certificate: String
+  let key: String
+  let clientCA: String
+
+  static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent()
+
+  init(script name: String, prefix: String, certificatePEM: String, keyPEM: String, clientCAPEM: String) throws {
+    script = PeerFiles.repository.appendingPathComponent("Tests/Support/Peers/\(name)").path
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("\(prefix)-\(UUID().uuidString)")
+    directory = dir
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    func write(_ name: String, _ text: String) throws -> String {
+      let url = dir.appendingPathComponent(name)
+      try text.write(to: url, atomically: true, encoding: .utf8)
+      return url.path
+    }
+    certificate = try write("server.pem", certificatePEM)
+    key = try write("server.key", keyPEM)
+    clientCA = try write("client-ca.pem", clientCAPEM)
   }
 }

@@ -11,20 +11,11 @@ public final class ConnectCapture: @unchecked Sendable {
   private let output: URL
 
   public init(certificatePEM: String, keyPEM: String, clientCAPEM: String) throws {
-    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-      .deletingLastPathComponent()
-    let script = root.appendingPathComponent("Tests/Support/Peers/connect_capture.py").path
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("edgekey-capture-\(UUID().uuidString)")
+    let files = try PeerFiles(
+      script: "connect_capture.py", prefix: "edgekey-capture", certificatePEM: certificatePEM, keyPEM: keyPEM,
+      clientCAPEM: clientCAPEM)
+    let (dir, script, cert, key, ca) = (files.directory, files.script, files.certificate, files.key, files.clientCA)
     directory = dir
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    func write(_ name: String, _ text: String) throws -> String {
-      let url = dir.appendingPathComponent(name)
-      try text.write(to: url, atomically: true, encoding: .utf8)
-      return url.path
-    }
-    let cert = try write("server.pem", certificatePEM)
-    let key = try write("server.key", keyPEM)
-    let ca = try write("client-ca.pem", clientCAPEM)
     output = dir.appendingPathComponent("connect.hex")
     let log = dir.appendingPathComponent("capture.log")
     let port = try PortFinder.free()
