@@ -127,11 +127,7 @@ public final class MQTTClient: Sendable {
   /// runs at once.
   @discardableResult
   public func enqueue(_ messages: [MQTTMessage], expiry: Duration? = nil) async throws(MQTTError) -> [Int64] {
-    let engine = engine
-    guard outbox.commitsWaitForTheDisk else { return try engine.enqueue(messages, expiry: expiry) }
-    return try await BlockingPool.shared.run { () throws(MQTTError) -> [Int64] in
-      try engine.enqueue(messages, expiry: expiry)
-    }
+    try await engine.enqueueAsync(messages, expiry: expiry)
   }
 
   /// Accepts messages into the outbox, as the async `enqueue` does, on the calling thread.
@@ -388,48 +384,79 @@ final class Engine: @unchecked Sendable {
   }
 
   func enqueue(_ messages: [MQTTMessage], expiry: Duration?) throws(MQTTError) -> [Int64] {
-    let result = try accept(try stored(messages, expiry: expiry), waiter: nil)
-    return result.map(\.id)
+    try accept(try stored(messages, expiry: expiry), waiter: nil)
+  }
+
+  /// The async `enqueue`: returns once the messages are stored. A commit that waits for the
+  /// disk (`.powerSafe`) runs on EdgeKey's own thread, shared with the appends that arrive
+  /// meanwhile, and the caller's task is suspended, not blocked; one that does not runs at once.
+  func enqueueAsync(_ messages: [MQTTMessage], expiry: Duration?) async throws(MQTTError) -> [Int64] {
+    let records = try stored(messages, expiry: expiry)
+    guard outbox.commitsWaitForTheDisk else { return try accept(records, waiter: nil) }
+    let result = await withCheckedContinuation { (c: CheckedContinuation<Result<[Int64], MQTTError>, Never>) in
+      outbox.append(records, whileLocked: registered(waiter: nil)) { [self] result in
+        c.resume(returning: result.map { accepted($0, count: records.count) }.mapError { refused($0, records.count) })
+      }
+    }
+    return try result.get()
   }
 
   func publishAndWait(_ message: MQTTMessage, expiry: Duration?) async throws {
     let records = try stored([message], expiry: expiry)
-    // The commit (an fsync under powerSafe, shared with the publishes that arrive meanwhile)
-    // runs on a thread of EdgeKey's own, never on the caller's cooperative thread.
     let waitsForTheDisk = outbox.commitsWaitForTheDisk
+    // Resumed at the broker's acknowledgement (registered as the message is stored), or with
+    // the error that kept it from being stored.
     try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-      let commit: @Sendable () -> Void = { [self] in
+      guard waitsForTheDisk else {
         do {
           _ = try accept(records, waiter: c)
         } catch {
           c.resume(throwing: error)
         }
+        return
       }
-      if waitsForTheDisk { BlockingPool.shared.execute(commit) } else { commit() }
+      outbox.append(records, whileLocked: registered(waiter: c)) { [self] result in
+        switch result {
+        case .success(let r): _ = accepted(r, count: records.count)
+        case .failure(let error): c.resume(throwing: refused(error, records.count))
+        }
+      }
     }
   }
 
   /// Stores messages in the outbox; registers `waiter` for the first before the network
   /// thread can see it.
   private func accept(_ records: [OutboxMessage], waiter: CheckedContinuation<Void, any Error>?) throws(MQTTError)
-    -> [OutboxMessage]
+    -> [Int64]
   {
-    let result: (stored: [OutboxMessage], dropped: [Int64])
-    do {
-      result = try outbox.append(records) { stored in
-        self.withShared { s in
-          if let waiter, let first = stored.first { s.publishWaiters[first.id] = waiter }
-          s.outboxChanged = true
-          s.metrics.messagesQueued += stored.count
-        }
-      }
+    do throws(MQTTError) {
+      return accepted(try outbox.append(records, whileLocked: registered(waiter: waiter)), count: records.count)
     } catch {
-      if error.kind == .outboxFull { withShared { $0.metrics.messagesRefused += records.count } }
-      throw error
+      throw refused(error, records.count)
     }
+  }
+
+  /// What runs as messages are stored, before the network thread can see them.
+  private func registered(waiter: CheckedContinuation<Void, any Error>?) -> ([OutboxMessage]) -> Void {
+    { stored in
+      self.withShared { s in
+        if let waiter, let first = stored.first { s.publishWaiters[first.id] = waiter }
+        s.outboxChanged = true
+        s.metrics.messagesQueued += stored.count
+      }
+    }
+  }
+
+  /// After a successful append: the dropped messages' waiters fail, the network thread wakes.
+  private func accepted(_ result: (stored: [OutboxMessage], dropped: [Int64]), count: Int) -> [Int64] {
     if !result.dropped.isEmpty { dropped(result.dropped, reason: "full") }
     wake()
-    return result.stored
+    return result.stored.map(\.id)
+  }
+
+  private func refused(_ error: MQTTError, _ count: Int) -> MQTTError {
+    if error.kind == .outboxFull { withShared { $0.metrics.messagesRefused += count } }
+    return error
   }
 
   /// Fails the waiters of messages that left the outbox unsent.

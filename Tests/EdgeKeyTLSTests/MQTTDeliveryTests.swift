@@ -6,6 +6,12 @@ import EdgeKeyTestSupport
 import Foundation
 import Testing
 
+/// The calling thread's name (as EdgeKey's threads set it, in /proc/thread-self/comm).
+func currentThreadName() -> String {
+  let text = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "?"
+  return text.trimmingCharacters(in: .whitespacesAndNewlines)
+}
+
 extension Fixture {
   /// A broker with mutual TLS whose certificate comes from the fixture's CA.
   func broker(crl: String? = nil, aclFile: String? = nil, persistent: Bool = false) throws -> MosquittoBroker {
@@ -220,6 +226,47 @@ struct MQTTDeliveryTests {
     #expect(got == expected)
     await client.stop()
     await sink.stop()
+  }
+
+  @Test(
+    "16 tasks enqueue into a powerSafe outbox while a commit holds the disk: none blocks a cooperative thread, the commits run on EdgeKey's, the next takes all that arrived meanwhile"
+  )
+  func enqueueSuspends() async throws {
+    let f = try Fixture(commonName: "device-0290")
+    let outbox = try Outbox(path: temporaryPath("suspend.db"), durability: .powerSafe)
+    let client = try MQTTClient(
+      MQTTConfiguration(host: "127.0.0.1", port: try PortFinder.free()), tls: try f.context(serverName: "127.0.0.1"),
+      outbox: outbox)
+    // The first commit is held (a slow fsync) until every other append is pending: with a
+    // commit on each caller's thread, a cooperative pool of a few threads would be stuck here.
+    // (On a loaded machine all sixteen may be pending before the first commit starts.)
+    let first = Flag()
+    let threads = Locked<Set<String>>([])
+    let groups = Locked<[Int]>([])
+    outbox.onCommit { [weak outbox] n in
+      threads.withLock { $0.insert(currentThreadName()) }
+      groups.withLock { $0.append(n) }
+      guard first.raiseOnce(), let outbox else { return }
+      let deadline = ContinuousClock.now + .seconds(30)
+      while outbox.pendingCount < 16 - n && ContinuousClock.now < deadline { usleep(1000) }
+    }
+    try await withThrowingTaskGroup(of: Void.self) { group in
+      for i in 0..<16 {
+        group.addTask {
+          try await client.enqueue([
+            MQTTMessage(topic: "devices/device-0290/t", payload: Array("m\(i)".utf8), qos: .atLeastOnce)
+          ])
+        }
+      }
+      try await group.waitForAll()
+    }
+    outbox.onCommit(nil)
+    let sizes = groups.withLock { $0 }
+    #expect(sizes.count <= 2, "the first commit, then one for all that arrived during it: \(sizes)")
+    #expect(sizes.reduce(0, +) == 16)
+    #expect(outbox.count == 16, "every enqueue returned after its message was stored")
+    #expect(threads.withLock { $0 } == ["edgekey-work"], "commits ran on EdgeKey's threads: \(threads.withLock { $0 })")
+    await client.stop()
   }
 
   @Test(

@@ -188,6 +188,67 @@ struct MQTTOutboxTests {
     #expect(refused.withLock { $0 } == 6)
   }
 
+  @Test("while a commit holds the store, removals and reads of committed messages go on without waiting for it")
+  func nothingWaitsForACommit() throws {
+    let path = temporaryPath("no-wait.db")
+    do {
+      let outbox = try Outbox(path: path)
+      let first = try outbox.append((0..<4).map { message($0) }).stored
+      // A connection has the first two.
+      #expect(try outbox.next(after: 0, limit: 2).messages.map(\.id) == first.prefix(2).map(\.id))
+      let holding = Locked(false)
+      let held = DispatchSemaphore(value: 0)
+      let release = DispatchSemaphore(value: 0)
+      outbox.onCommit { _ in
+        holding.withLock { $0 = true }
+        held.signal()
+        _ = release.wait(timeout: .now() + 30)
+        holding.withLock { $0 = false }
+      }
+      let appended = DispatchSemaphore(value: 0)
+      Thread.detachNewThread {
+        _ = try? outbox.append([message(9)])
+        appended.signal()
+      }
+      held.wait()  // the commit of message 9 holds the store (as an fsync would) until released
+      try outbox.remove([first[0].id, first[1].id])
+      let next = try outbox.next(after: first[1].id, limit: 10).messages
+      #expect(holding.withLock { $0 }, "remove and next returned while the commit still held the store")
+      #expect(next.map(\.topic) == ["t/2", "t/3"])
+      release.signal()
+      appended.wait()
+      outbox.onCommit(nil)
+      #expect(outbox.removalsNotStored == 0, "the commit stored the removals noted while it ran")
+      #expect(outbox.count == 3)
+      #expect(try outbox.next(after: first[3].id, limit: 10).messages.map(\.topic) == ["t/9"])
+      // With no commit running, a removal is stored at once.
+      try outbox.remove([first[2].id])
+      #expect(outbox.removalsNotStored == 0)
+    }
+    let reopened = try Outbox(path: path)
+    #expect(try reopened.next(after: 0, limit: 10).messages.map(\.topic) == ["t/3", "t/9"])
+  }
+
+  @Test("more than the memory keeps: reads below what it holds come from the store, in order", arguments: kinds)
+  func pastTheTail(_ kind: String) throws {
+    let outbox = try make(kind)
+    let n = 5000  // above the 4096 messages kept in memory
+    let stored = try outbox.append((0..<n).map { message($0) }).stored
+    try outbox.remove([stored[10].id, stored[n - 10].id])
+    var seen: [Int64] = []
+    var after: Int64 = 0
+    while true {
+      let batch = try outbox.next(after: after, limit: 700).messages
+      guard let last = batch.last else { break }
+      seen += batch.map(\.id)
+      after = last.id
+    }
+    let expected = stored.map(\.id).filter { $0 != stored[10].id && $0 != stored[n - 10].id }
+    #expect(seen == expected)
+    // A new connection starts again from the beginning, and the store has everything.
+    #expect(try outbox.next(after: 0, limit: n).messages.map(\.id) == expected)
+  }
+
   @Test("the reconnect policy: full jitter within a growing bound, long waits after refusals")
   func reconnectPolicy() {
     let p = ReconnectPolicy(

@@ -88,9 +88,15 @@ public enum OutboxDurability: Sendable, Equatable {
 ///
 /// `Outbox.memory()` keeps the same rules in memory, for messages that need not survive a
 /// restart.
+///
+/// The network thread never waits for a commit: the messages committed and not yet handed out
+/// are also kept in memory (up to 4096 messages or 4 MiB), and `next` serves them from there;
+/// removals of acknowledged messages are noted at once and stored by the next transaction (the
+/// next commit's, or one of their own as soon as no commit runs).
 public final class Outbox: @unchecked Sendable {
   // @unchecked: the store and the caches are used under `lock`; `pending`, `committing`,
-  // `commits` and `commitHook` under `commit`.
+  // `commits` and `commitHook` under `commit`; `tail`, `tailBytes`, `tailFloor` and `removals`
+  // under `quick`, which is never held across a store call.
   /// How large it may grow.
   public let limits: OutboxLimits
   /// The database file, or nil for an in-memory outbox.
@@ -106,21 +112,41 @@ public final class Outbox: @unchecked Sendable {
   private let commit = Condition()
   private var pending: [AppendRequest] = []
   private var committing = false
+  /// A drain job (committing asynchronous appends) is scheduled or running.
+  private var draining = false
   private var commits = 0
   private var commitHook: (@Sendable (Int) -> Void)?
+  private let quick = Lock()
+  /// Committed messages with ids above `tailFloor`, in order: every stored message above the
+  /// floor is here (until it is handed out past, or removed).
+  private var tail: [OutboxMessage] = []
+  private var tailBytes = 0
+  private var tailFloor: Int64 = 0
+  /// Ids removed but not yet deleted from the store.
+  private var removals: [Int64] = []
+  static let tailLimit = (messages: 4096, bytes: 4 << 20)
 
   /// One caller's append, waiting for a commit.
   private final class AppendRequest {
     let messages: [OutboxMessage]
     let size: Int
     let whileLocked: ([OutboxMessage]) -> Void
-    var result: Result<(stored: [OutboxMessage], dropped: [Int64]), MQTTError>?
-    init(_ messages: [OutboxMessage], size: Int, whileLocked: @escaping ([OutboxMessage]) -> Void) {
+    /// For an asynchronous append: called with the result once it is committed.
+    let done: ((AppendResult) -> Void)?
+    var result: AppendResult?
+    init(
+      _ messages: [OutboxMessage], size: Int, whileLocked: @escaping ([OutboxMessage]) -> Void,
+      done: ((AppendResult) -> Void)? = nil
+    ) {
       self.messages = messages
       self.size = size
       self.whileLocked = whileLocked
+      self.done = done
     }
   }
+
+  /// What an append gives: the stored messages and those dropped to make room.
+  package typealias AppendResult = Result<(stored: [OutboxMessage], dropped: [Int64]), MQTTError>
 
   /// An outbox in the SQLite database at `path` (created 0600, in a directory created 0700).
   public init(path: String, limits: OutboxLimits = OutboxLimits(), durability: OutboxDurability = .powerSafe)
@@ -132,6 +158,7 @@ public final class Outbox: @unchecked Sendable {
     let db = try SQLiteOutboxStorage(path: path, durability: durability)
     store = db
     (countCache, bytesCache) = try db.totals()
+    tailFloor = try db.lastID()
   }
 
   private init(memoryWith limits: OutboxLimits) {
@@ -144,16 +171,115 @@ public final class Outbox: @unchecked Sendable {
   /// An outbox that lives only as long as the process.
   public static func memory(limits: OutboxLimits = OutboxLimits()) -> Outbox { Outbox(memoryWith: limits) }
 
+  deinit {
+    lock.lock()
+    _ = flushRemovalsLocked()
+    lock.unlock()
+  }
+
   private func locked<R>(_ body: () throws(MQTTError) -> R) throws(MQTTError) -> R {
     lock.lock()
-    defer { lock.unlock() }
+    defer { unlockFlushing() }
     return try body()
   }
 
+  /// Releases `lock`, storing first the removals noted while it was held. A removal noted by a
+  /// thread that found `lock` taken is stored by the holder here, so none waits for a later
+  /// transaction that may never come.
+  private func unlockFlushing() {
+    while flushRemovalsLocked() == nil {
+      lock.unlock()
+      guard quick.withLock({ !removals.isEmpty }), lock.tryLock() else { return }
+    }
+    lock.unlock()
+  }
+
+  /// Deletes the noted removals from the store (under `lock`); on failure they stay noted.
+  private func flushRemovalsLocked() -> MQTTError? {
+    let ids = takeRemovals()
+    guard !ids.isEmpty else { return nil }
+    do {
+      let removed = try store.remove(ids, durable: false)
+      countCache -= removed.count
+      bytesCache -= removed.size
+      return nil
+    } catch {
+      restoreRemovals(ids)
+      return error
+    }
+  }
+
+  private func takeRemovals() -> [Int64] {
+    quick.withLock {
+      defer { removals = [] }
+      return removals
+    }
+  }
+
+  private func restoreRemovals(_ ids: [Int64]) {
+    quick.withLock { removals.insert(contentsOf: ids, at: 0) }
+  }
+
+  /// Appends to the store (under `lock`), deleting the noted removals in the same transaction.
+  private func storeAppending(_ messages: [OutboxMessage]) throws(MQTTError) -> [OutboxMessage] {
+    let ids = takeRemovals()
+    do {
+      let result = try store.append(messages, removing: ids)
+      countCache -= result.removed.count
+      bytesCache -= result.removed.size
+      return result.stored
+    } catch {
+      restoreRemovals(ids)
+      throw error
+    }
+  }
+
+  /// Makes committed messages visible to `next` (under `lock`, after their waiters are registered).
+  private func addToTail(_ stored: [OutboxMessage]) {
+    quick.withLock {
+      tail.append(contentsOf: stored)
+      tailBytes += stored.reduce(0) { $0 + $1.size }
+      var drop = 0
+      var dropBytes = 0
+      while drop < tail.count
+        && (tail.count - drop > Self.tailLimit.messages || tailBytes - dropBytes > Self.tailLimit.bytes)
+      {
+        dropBytes += tail[drop].size
+        drop += 1
+      }
+      if drop > 0 {
+        tailFloor = tail[drop - 1].id
+        tail.removeFirst(drop)
+        tailBytes -= dropBytes
+      }
+    }
+  }
+
+  /// Forgets removed messages in the tail (under `quick`).
+  private func dropFromTailQuick(_ ids: [Int64]) {
+    guard let first = tail.first?.id, let last = ids.max(), last >= first else { return }
+    let gone = Set(ids)
+    tail.removeAll { m in
+      guard gone.contains(m.id) else { return false }
+      tailBytes -= m.size
+      return true
+    }
+  }
+
   /// Messages waiting (accepted, not acknowledged).
-  public var count: Int { lock.withLock { countCache } }
+  public var count: Int {
+    lock.lock()
+    _ = flushRemovalsLocked()
+    defer { unlockFlushing() }
+    return countCache
+  }
   /// Their topics and payloads, in bytes.
-  public var bytes: Int { lock.withLock { bytesCache } }
+  public var bytes: Int {
+    lock.lock()
+    _ = flushRemovalsLocked()
+    defer { unlockFlushing() }
+    return bytesCache
+  }
 
   /// Appends in order. Returns the stored messages and those dropped (oldest first) to make
   /// room under `.dropOldest`. Under `.refuseNew` a batch that does not fit is refused whole.
@@ -168,12 +294,7 @@ public final class Outbox: @unchecked Sendable {
     stored: [OutboxMessage], dropped: [Int64]
   ) {
     guard !messages.isEmpty else { return ([], []) }
-    let size = messages.reduce(0) { $0 + $1.size }
-    if messages.count > limits.maximumMessages || size > limits.maximumBytes {
-      throw MQTTError(
-        kind: .outboxFull,
-        reason: "\(messages.count) message(s) of \(size) bytes exceed the outbox's limits on their own")
-    }
+    let size = try checkedSize(messages)
     let request = AppendRequest(messages, size: size, whileLocked: whileLocked)
     commit.lock()
     pending.append(request)
@@ -184,31 +305,91 @@ public final class Outbox: @unchecked Sendable {
         commit.wait()
         continue
       }
-      committing = true
-      let group = pending
-      pending = []
-      commits += 1
-      let hook = commitHook
-      commit.unlock()
-      hook?(group.count)
-      let results = commitGroup(group)
-      commit.lock()
-      // Results are handed over under `commit`, where the waiters read them.
-      for (r, result) in zip(group, results) { r.result = result }
-      committing = false
-      commit.broadcast()
+      commitPendingLocked()
     }
     commit.unlock()
     return try request.result!.get()
   }
 
+  /// Appends without waiting: `done` gets the result once the messages are committed (on the
+  /// thread that commits them; it must not wait). The commits run on EdgeKey's own threads, one
+  /// after another while appends keep coming, each storing every append that arrived while the
+  /// previous one ran: so a caller's thread never blocks, and the only thread that waits for the
+  /// disk is the one committing.
+  package func append(
+    _ messages: [OutboxMessage], whileLocked: @escaping ([OutboxMessage]) -> Void,
+    done: @escaping @Sendable (AppendResult) -> Void
+  ) {
+    guard !messages.isEmpty else { return done(.success(([], []))) }
+    let size: Int
+    do {
+      size = try checkedSize(messages)
+    } catch {
+      return done(.failure(error))
+    }
+    commit.lock()
+    pending.append(AppendRequest(messages, size: size, whileLocked: whileLocked, done: done))
+    let start = !committing && !draining
+    if start { draining = true }
+    commit.unlock()
+    if start { BlockingPool.shared.execute { self.drain() } }
+  }
+
+  /// Commits until nothing is pending (a running commit's holder leaves the rest here).
+  private func drain() {
+    commit.lock()
+    while !pending.isEmpty {
+      if committing {
+        commit.wait()
+        continue
+      }
+      commitPendingLocked()
+    }
+    draining = false
+    commit.unlock()
+  }
+
+  /// Commits everything pending (called and returning with `commit` held, which it lets go
+  /// during the commit). Asynchronous appends that arrive meanwhile are left for a drain job.
+  private func commitPendingLocked() {
+    committing = true
+    let group = pending
+    pending = []
+    commits += 1
+    let hook = commitHook
+    commit.unlock()
+    let results = commitGroup(group, hook: hook)
+    for (r, result) in zip(group, results) { r.done?(result) }
+    commit.lock()
+    // Results are handed over under `commit`, where the waiters read them.
+    for (r, result) in zip(group, results) { r.result = result }
+    committing = false
+    commit.broadcast()
+    if !draining, pending.contains(where: { $0.done != nil }) {
+      draining = true
+      BlockingPool.shared.execute { self.drain() }
+    }
+  }
+
+  private func checkedSize(_ messages: [OutboxMessage]) throws(MQTTError) -> Int {
+    let size = messages.reduce(0) { $0 + $1.size }
+    if messages.count > limits.maximumMessages || size > limits.maximumBytes {
+      throw MQTTError(
+        kind: .outboxFull,
+        reason: "\(messages.count) message(s) of \(size) bytes exceed the outbox's limits on their own")
+    }
+    return size
+  }
+
   /// Commits (stored in the order of `group`) every request of `group`: in one transaction when
   /// together they fit the limits, else one by one (a full outbox refuses or makes room per
   /// request, as for a caller alone).
-  private func commitGroup(_ group: [AppendRequest]) -> [Result<(stored: [OutboxMessage], dropped: [Int64]), MQTTError>]
-  {
+  private func commitGroup(_ group: [AppendRequest], hook: (@Sendable (Int) -> Void)?) -> [Result<
+    (stored: [OutboxMessage], dropped: [Int64]), MQTTError
+  >] {
     lock.lock()
-    defer { lock.unlock() }
+    defer { unlockFlushing() }
+    hook?(group.count)
     let count = group.reduce(0) { $0 + $1.messages.count }
     let size = group.reduce(0) { $0 + $1.size }
     guard group.count > 1, countCache + count <= limits.maximumMessages, bytesCache + size <= limits.maximumBytes
@@ -219,7 +400,7 @@ public final class Outbox: @unchecked Sendable {
     }
     let stored: [OutboxMessage]
     do {
-      stored = try store.append(group.flatMap(\.messages))
+      stored = try storeAppending(group.flatMap(\.messages))
     } catch {
       return group.map { _ in .failure(error) }
     }
@@ -233,6 +414,7 @@ public final class Outbox: @unchecked Sendable {
       r.whileLocked(part)
       results.append(.success((part, [])))
     }
+    addToTail(stored)
     return results
   }
 
@@ -241,8 +423,14 @@ public final class Outbox: @unchecked Sendable {
     throws(MQTTError) -> (stored: [OutboxMessage], dropped: [Int64])
   {
     var dropped: [Int64] = []
-    let overCount = countCache + messages.count - limits.maximumMessages
-    let overBytes = bytesCache + size - limits.maximumBytes
+    var overCount = countCache + messages.count - limits.maximumMessages
+    var overBytes = bytesCache + size - limits.maximumBytes
+    if overCount > 0 || overBytes > 0 {
+      // Acknowledged messages not yet deleted make room first (and are never dropped as oldest).
+      if let failure = flushRemovalsLocked() { throw failure }
+      overCount = countCache + messages.count - limits.maximumMessages
+      overBytes = bytesCache + size - limits.maximumBytes
+    }
     if overCount > 0 || overBytes > 0 {
       guard limits.whenFull == .dropOldest else {
         throw MQTTError(
@@ -256,11 +444,13 @@ public final class Outbox: @unchecked Sendable {
       countCache -= victims.count
       bytesCache -= victims.reduce(0) { $0 + $1.size }
       dropped = victims.map(\.id)
+      quick.withLock { dropFromTailQuick(dropped) }
     }
-    let stored = try store.append(messages)
+    let stored = try storeAppending(messages)
     countCache += stored.count
     bytesCache += size
     whileLocked(stored)
+    addToTail(stored)
     return (stored, dropped)
   }
 
@@ -271,13 +461,17 @@ public final class Outbox: @unchecked Sendable {
     return commits
   }
 
-  /// Called by each committing caller, before its commit, with the number of appends in it
-  /// (tests hold a commit there to see the next one gather the appends that arrive meanwhile).
+  /// Called by each committing caller, before its commit and holding the store as the commit
+  /// does, with the number of appends in it (tests hold a commit there to see the next one gather
+  /// the appends that arrive meanwhile, and `remove` and `next` go on without waiting).
   package func onCommit(_ hook: (@Sendable (Int) -> Void)?) {
     commit.lock()
     commitHook = hook
     commit.unlock()
   }
+
+  /// Removals noted and not yet deleted from the store.
+  package var removalsNotStored: Int { quick.withLock { removals.count } }
 
   /// Appends waiting for a commit.
   package var pendingCount: Int {
@@ -291,7 +485,15 @@ public final class Outbox: @unchecked Sendable {
   public func next(after id: Int64, limit: Int, now: Date = Date()) throws(MQTTError) -> (
     messages: [OutboxMessage], expired: [Int64]
   ) {
-    try locked { () throws(MQTTError) -> ([OutboxMessage], [Int64]) in
+    if let recent = fromTail(after: id, limit: limit, now: now) {
+      if !recent.expired.isEmpty, lock.tryLock() {
+        _ = flushRemovalsLocked()
+        unlockFlushing()
+      }
+      return recent
+    }
+    return try locked { () throws(MQTTError) -> ([OutboxMessage], [Int64]) in
+      if let failure = flushRemovalsLocked() { throw failure }
       var found: [OutboxMessage] = []
       var expired: [OutboxMessage] = []
       var after = id
@@ -307,25 +509,64 @@ public final class Outbox: @unchecked Sendable {
         try store.remove(expired.map(\.id), durable: false)
         countCache -= expired.count
         bytesCache -= expired.reduce(0) { $0 + $1.size }
+        quick.withLock { dropFromTailQuick(expired.map(\.id)) }
       }
       return (found, expired.map(\.id))
     }
   }
 
+  /// `next` from memory, when every stored message above `id` is in the tail; nil otherwise.
+  /// Messages at or below `id` leave the tail: the caller has them, and a new connection starts
+  /// again from the store.
+  private func fromTail(after id: Int64, limit: Int, now: Date) -> (messages: [OutboxMessage], expired: [Int64])? {
+    quick.lock()
+    defer { quick.unlock() }
+    guard id >= tailFloor else { return nil }
+    var handed = 0
+    var handedBytes = 0
+    while handed < tail.count && tail[handed].id <= id {
+      handedBytes += tail[handed].size
+      handed += 1
+    }
+    tail.removeFirst(handed)
+    tailBytes -= handedBytes
+    tailFloor = id
+    var found: [OutboxMessage] = []
+    var expired: [Int64] = []
+    for m in tail {
+      if found.count >= limit { break }
+      if let e = m.expires, e <= now { expired.append(m.id) } else { found.append(m) }
+    }
+    if !expired.isEmpty {
+      removals.append(contentsOf: expired)
+      dropFromTailQuick(expired)
+    }
+    return (found, expired)
+  }
+
   /// Forgets acknowledged messages (ids not present are ignored).
+  ///
+  /// Never waits for a commit: the ids are noted at once and deleted by the running commit's
+  /// holder when it finishes, or here when none runs. `count`, `bytes` and `next` see them gone.
   public func remove(_ ids: [Int64]) throws(MQTTError) {
     guard !ids.isEmpty else { return }
-    try locked { () throws(MQTTError) in
-      let removed = try store.remove(ids, durable: false)
-      countCache -= removed.count
-      bytesCache -= removed.size
+    quick.withLock {
+      removals.append(contentsOf: ids)
+      dropFromTailQuick(ids)
     }
+    guard lock.tryLock() else { return }
+    let failure = flushRemovalsLocked()
+    unlockFlushing()
+    if let failure { throw failure }
   }
 }
 
 /// The storage behind an `Outbox`; called under the outbox's lock.
 protocol OutboxStorage: AnyObject {
-  func append(_ messages: [OutboxMessage]) throws(MQTTError) -> [OutboxMessage]
+  /// Deletes `ids` and appends `messages` in one transaction.
+  func append(_ messages: [OutboxMessage], removing ids: [Int64]) throws(MQTTError) -> (
+    stored: [OutboxMessage], removed: (count: Int, size: Int)
+  )
   func next(after id: Int64, limit: Int) throws(MQTTError) -> [OutboxMessage]
   /// The oldest messages that together free at least `count` messages and `bytes` bytes.
   func oldest(freeing count: Int, bytes: Int) throws(MQTTError) -> [OutboxMessage]
@@ -339,8 +580,11 @@ final class MemoryOutboxStorage: OutboxStorage {
   private var order: [Int64] = []  // increasing; may hold removed ids until compacted
   private var lastID: Int64 = 0
 
-  func append(_ batch: [OutboxMessage]) -> [OutboxMessage] {
-    batch.map { m in
+  func append(_ batch: [OutboxMessage], removing ids: [Int64]) -> (
+    stored: [OutboxMessage], removed: (count: Int, size: Int)
+  ) {
+    let removed = remove(ids, durable: true)
+    let stored = batch.map { m in
       var m = m
       lastID += 1
       m.id = lastID
@@ -348,6 +592,7 @@ final class MemoryOutboxStorage: OutboxStorage {
       order.append(m.id)
       return m
     }
+    return (stored, removed)
   }
 
   func next(after id: Int64, limit: Int) -> [OutboxMessage] {

@@ -38,8 +38,20 @@ final class SQLiteOutboxStorage: OutboxStorage {
     }
   }
 
-  func append(_ messages: [OutboxMessage]) throws(MQTTError) -> [OutboxMessage] {
-    try transaction(durable: true, "storing a message") { () throws(SQLiteError) -> [OutboxMessage] in
+  func lastID() throws(MQTTError) -> Int64 {
+    do {
+      return try db.query("SELECT coalesce(max(id), 0) FROM outbox").first?[0].integer ?? 0
+    } catch {
+      throw failure(error, "reading the outbox")
+    }
+  }
+
+  func append(_ messages: [OutboxMessage], removing ids: [Int64]) throws(MQTTError) -> (
+    stored: [OutboxMessage], removed: (count: Int, size: Int)
+  ) {
+    try transaction(durable: true, "storing a message") {
+      () throws(SQLiteError) -> ([OutboxMessage], (count: Int, size: Int)) in
+      let removed = try delete(ids)
       var stored: [OutboxMessage] = []
       for var m in messages {
         try db.query(
@@ -51,7 +63,7 @@ final class SQLiteOutboxStorage: OutboxStorage {
         m.id = db.lastInsertRowID
         stored.append(m)
       }
-      return stored
+      return (stored, removed)
     }
   }
 
@@ -91,19 +103,22 @@ final class SQLiteOutboxStorage: OutboxStorage {
 
   @discardableResult
   func remove(_ ids: [Int64], durable: Bool) throws(MQTTError) -> (count: Int, size: Int) {
-    try transaction(durable: durable, "removing an acknowledged message") { () throws(SQLiteError) -> (Int, Int) in
-      var count = 0
-      var size = 0
-      for id in ids {
-        for row in try db.query(
-          "DELETE FROM outbox WHERE id = ? RETURNING length(CAST(topic AS BLOB)) + length(payload)", [.integer(id)])
-        {
-          count += 1
-          size += Int(row[0].integer ?? 0)
-        }
+    try transaction(durable: durable, "removing an acknowledged message") { () throws(SQLiteError) in try delete(ids) }
+  }
+
+  /// Deletes the rows of `ids` (inside a transaction); how many there were and their size.
+  private func delete(_ ids: [Int64]) throws(SQLiteError) -> (count: Int, size: Int) {
+    var count = 0
+    var size = 0
+    for id in ids {
+      for row in try db.query(
+        "DELETE FROM outbox WHERE id = ? RETURNING length(CAST(topic AS BLOB)) + length(payload)", [.integer(id)])
+      {
+        count += 1
+        size += Int(row[0].integer ?? 0)
       }
-      return (count, size)
     }
+    return (count, size)
   }
 
   /// One transaction; a non-durable one is committed without an fsync (WAL, synchronous=OFF).
